@@ -1,0 +1,9 @@
+"""sfworkflow: durable workflows for SalesFlow.
+
+RabbitMQ events in, one explicit state machine per workflow instance persisted in PostgreSQL,
+commands and compensation commands out through a transactional outbox.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

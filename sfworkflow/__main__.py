@@ -1,0 +1,3 @@
+from sfworkflow.cli import main
+
+raise SystemExit(main())

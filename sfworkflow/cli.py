@@ -1,0 +1,102 @@
+"""Command line: `sfworkflow run | migrate | demo | inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from sfworkflow.errors import SfworkflowError
+from sfworkflow.settings import Settings, SettingsError
+
+
+def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
+    if settings.use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:
+            pass
+    return asyncio.run(coro)
+
+
+async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.service import Service
+
+    await Service(settings).run_until_signal()
+    return 0
+
+
+async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from sfworkflow import db, migrate
+
+    created = await db.ensure_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate.migrate(conn)
+    finally:
+        await conn.close()
+    if created:
+        print("created the database")
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.demo import run_demo
+
+    return await run_demo(settings, args)
+
+
+async def _cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.inspect import inspect_instance
+
+    return await inspect_instance(settings, args.instance, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sfworkflow", description="Durable workflows for SalesFlow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
+    sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
+    d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")
+    d.add_argument("--enrollments", type=int, default=300, help="sequence enrollments to drive (default 300)")
+    d.add_argument("--steps", type=int, default=3, help="steps per sequence (default 3)")
+    d.add_argument("--failure-rate", type=float, default=0.08, help="share of sends that fail retryably")
+    d.add_argument("--fatal-rate", type=float, default=0.01, help="share of sends that fail for good")
+    d.add_argument("--consent-rate", type=float, default=0.02, help="share of sends failing consent_missing")
+    d.add_argument("--duplicate-rate", type=float, default=0.05, help="share of events published twice")
+    d.add_argument("--reply-rate", type=float, default=0.05, help="share of enrollments whose lead replies")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every instance to end")
+    d.add_argument("--seed", type=int, default=7)
+    i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
+    i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+COMMANDS = {"run": _cmd_run, "migrate": _cmd_migrate, "demo": _cmd_demo, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"sfworkflow: {exc}", file=sys.stderr)
+        return 2
+    from sfworkflow import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        return _run(COMMANDS[args.command](settings, args), settings)
+    except SfworkflowError as exc:
+        print(f"sfworkflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,101 @@
+"""PostgreSQL plumbing: the connection pool with its codecs, named SQL queries, database creation."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from sfworkflow.errors import StoreUnavailable
+from sfworkflow.settings import redact_url
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+_BLOCK = re.compile(r"^-- (?P<name>[a-z_]+) --\n(?P<body>.*?)(?=^-- [a-z_]+ --\n|\Z)", re.S | re.M)
+
+# Errors after which the same work may succeed if retried (connection lost, server restarting, lock cycle).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.PostgresConnectionError,
+    TimeoutError,
+)
+
+
+@lru_cache(maxsize=1)
+def queries() -> dict[str, str]:
+    """Named blocks of sql/queries.sql: `-- name --`, a comment line describing it, then the SQL."""
+    text = (SQL_DIR / "queries.sql").read_text()
+    out = {m["name"]: m["body"].strip() for m in _BLOCK.finditer(text)}
+    if not out:
+        raise RuntimeError(f"no queries found in {SQL_DIR / 'queries.sql'}")
+    return out
+
+
+def q(name: str) -> str:
+    return queries()[name]
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb as Python objects through orjson; uuid as plain lower-case strings."""
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+    await conn.set_type_codec("uuid", encoder=str, decoder=str, schema="pg_catalog", format="text")
+
+
+async def create_pool(url: str, size: int) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=size,
+            init=init_connection,
+            command_timeout=30,
+            statement_cache_size=256,
+            server_settings={"application_name": "sfworkflow"},
+        )
+    except TRANSIENT_ERRORS as exc:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}") from exc
+    assert pool is not None
+    return pool
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in `url` when it does not exist; True when it was created."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name:
+        return False
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.exceptions.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    admin = urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, parts.fragment))
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name.replace(chr(34), "")}"')
+    except asyncpg.exceptions.DuplicateDatabaseError:
+        return False
+    finally:
+        await conn.close()
+    return True

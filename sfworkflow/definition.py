@@ -1,0 +1,258 @@
+"""The data a workflow definition is made of, and the `Step` its actions write their decision to.
+
+A definition is a table: states, the events that start an instance, transitions
+(trigger, source states, destination, guard conditions, one action). Actions and conditions are
+pure functions of a `Step`: they read the event and the instance context and record commands,
+compensations, timers and notes on it. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+# Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
+ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
+
+ANY_ACTIVE = "*"  # source wildcard: every non-terminal state except the initial one
+
+Condition = Callable[["Step"], bool]
+Action = Callable[["Step"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of a workflow's transition table."""
+
+    trigger: str
+    source: str | Sequence[str]
+    dest: str
+    conditions: Sequence[Condition] = ()
+    action: Action | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with deterministic jitter; attempts count the first try."""
+
+    max_attempts: int = 3
+    base_s: float = 1.0
+    cap_s: float = 60.0
+
+    def delay_s(self, attempt: int, seed: str) -> float:
+        """Seconds to wait before attempt `attempt + 1`: base·2^(attempt-1), capped, jittered ±20 %."""
+        raw = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        digest = hashlib.blake2b(f"{seed}/{attempt}".encode(), digest_size=2).digest()
+        jitter = 0.8 + 0.4 * (int.from_bytes(digest, "big") / 65535)
+        return min(self.cap_s, raw * jitter)
+
+
+@dataclass(frozen=True)
+class WorkflowDefinition:
+    """Everything the engine needs to know about one version of one workflow."""
+
+    name: str
+    version: int
+    states: type[StrEnum]
+    initial: str
+    terminal: frozenset[str]
+    start_events: frozenset[str]
+    transitions: tuple[Transition, ...]
+    events: frozenset[str]  # external event names (without the `<workflow>.` prefix)
+    commands: frozenset[str]  # command names published to sfworkflow.commands.<workflow>
+    compensations: frozenset[str]  # command names published to sfworkflow.compensations.<workflow>
+    internal_events: frozenset[str] = frozenset()  # triggers sfworkflow raises itself (timers, feedback)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Returns a reason when an event refers to the past (an older step or attempt): it is then
+    # recorded as ignored instead of parked.
+    stale: Callable[[Step], str | None] | None = None
+    description: str = ""
+
+    def event_type(self, name: str) -> str:
+        return f"{self.name}.{name}"
+
+
+@dataclass(slots=True)
+class EngineEvent:
+    """One event as the engine sees it: external (from RabbitMQ) or internal (timer, feedback)."""
+
+    event_id: str
+    name: str  # trigger name, e.g. "step_sent" or "timer_step_due"
+    data: Mapping[str, Any]
+    timestamp: datetime
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    internal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKey:
+    tenant_id: str
+    workflow: str
+    entity_id: str
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.workflow}/{self.entity_id}"
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """The persisted part of an instance the engine reads: state, context, transition count."""
+
+    key: InstanceKey
+    state: str
+    context: dict[str, Any]
+    version: int  # number of applied transitions so far
+    definition_version: int
+    correlation_id: str | None = None
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    """A command, compensation or lifecycle event the decision asks to publish."""
+
+    kind: str  # "command" | "compensation" | "lifecycle"
+    message_id: str
+    routing_key: str
+    body: dict[str, Any]
+    effect_key: str | None = None  # unique in PostgreSQL: a second request is suppressed
+
+
+@dataclass(slots=True)
+class TimerRequest:
+    name: str
+    due_at: datetime
+    payload: dict[str, Any]
+
+
+class Step:
+    """What an action sees and writes: the event, a copy of the context, and the decision so far."""
+
+    __slots__ = (
+        "key", "event", "context", "now", "seq", "definition", "correlation_id", "from_state",
+        "outgoing", "timers_set", "timers_cancelled", "cancel_all_timers", "notes", "_n",
+    )
+
+    def __init__(
+        self,
+        definition: WorkflowDefinition,
+        key: InstanceKey,
+        event: EngineEvent,
+        context: dict[str, Any],
+        seq: int,
+        now: datetime,
+        correlation_id: str | None,
+        from_state: str = "",
+    ) -> None:
+        self.definition = definition
+        self.from_state = from_state  # the state this transition leaves
+        self.key = key
+        self.event = event
+        self.context = context
+        self.seq = seq  # the version this transition will give the instance
+        self.now = now
+        self.correlation_id = correlation_id
+        self.outgoing: list[OutgoingMessage] = []
+        self.timers_set: list[TimerRequest] = []
+        self.timers_cancelled: list[str] = []
+        self.cancel_all_timers = False
+        self.notes: dict[str, Any] = {}
+        self._n = 0
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        return self.event.data
+
+    def _derive_id(self, what: str) -> str:
+        self._n += 1
+        return str(uuid.uuid5(ID_NAMESPACE, f"{self.key}/{self.seq}/{self._n}/{what}"))
+
+    def command(
+        self,
+        name: str,
+        data: dict[str, Any],
+        *,
+        idempotency_key: str,
+        attempt: int = 1,
+        effect_key: str | None = None,
+        compensation: bool = False,
+    ) -> None:
+        """Ask for a command (or compensation command) to be published once this step commits."""
+        command_type = f"{self.definition.name}.{name}"
+        kind = "compensation" if compensation else "command"
+        command_id = self._derive_id(command_type)
+        self.outgoing.append(
+            OutgoingMessage(
+                kind=kind,
+                message_id=command_id,
+                routing_key=command_type,
+                effect_key=effect_key,
+                body={
+                    "command_id": command_id,
+                    "command_type": command_type,
+                    "kind": kind,
+                    "tenant_id": self.key.tenant_id,
+                    "entity_id": self.key.entity_id,
+                    "workflow": self.definition.name,
+                    "causation_id": self.event.event_id,
+                    "correlation_id": self.correlation_id,
+                    "idempotency_key": idempotency_key,
+                    "issued_at": self.now.isoformat(),
+                    "attempt": attempt,
+                    "data": data,
+                },
+            )
+        )
+
+    def compensate(self, name: str, data: dict[str, Any], *, idempotency_key: str) -> None:
+        self.command(name, data, idempotency_key=idempotency_key, compensation=True)
+
+    def lifecycle(self, event_type: str, state: str, data: dict[str, Any]) -> None:
+        """Publish a `workflow.*` lifecycle event to sfworkflow.lifecycle."""
+        event_id = self._derive_id(event_type)
+        self.outgoing.append(
+            OutgoingMessage(
+                kind="lifecycle",
+                message_id=event_id,
+                routing_key=f"{event_type}.{self.definition.name}",
+                body={
+                    "event_id": event_id,
+                    "event_type": event_type,
+                    "spec_version": "1.0",
+                    "tenant_id": self.key.tenant_id,
+                    "entity_id": self.key.entity_id,
+                    "workflow": self.definition.name,
+                    "definition_version": self.definition.version,
+                    "state": state,
+                    "correlation_id": self.correlation_id,
+                    "causation_id": self.event.event_id,
+                    "timestamp": self.now.isoformat(),
+                    "data": data,
+                },
+            )
+        )
+
+    def set_timer(self, name: str, due_at: datetime, payload: dict[str, Any] | None = None) -> None:
+        """Schedule (or move) the instance's timer `name`; it fires trigger `timer_<name>`."""
+        self.timers_set = [t for t in self.timers_set if t.name != name]
+        self.timers_set.append(TimerRequest(name, due_at, payload or {}))
+
+    def set_timer_in(self, name: str, seconds: float, payload: dict[str, Any] | None = None) -> None:
+        self.set_timer(name, self.now + timedelta(seconds=seconds), payload)
+
+    def cancel_timer(self, name: str) -> None:
+        self.timers_set = [t for t in self.timers_set if t.name != name]
+        self.timers_cancelled.append(name)
+
+    def cancel_timers(self) -> None:
+        self.timers_set = []
+        self.cancel_all_timers = True
+
+    def note(self, **detail: Any) -> None:
+        """Add facts to this transition's history entry."""
+        self.notes.update(detail)

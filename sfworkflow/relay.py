@@ -1,0 +1,173 @@
+"""The outbox relay: publishes committed outbox rows with publisher confirms, then marks them.
+
+Woken by NOTIFY sfworkflow_outbox (and in-process after each commit), with a polling fallback.
+Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side. A crash
+after publishing and before marking republishes the same rows with the same message ids, which
+consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
+with backoff; `last_error` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from sfworkflow.db import TRANSIENT_ERRORS, init_connection, q
+from sfworkflow.faults import fault_point
+from sfworkflow.metrics import Metrics
+from sfworkflow.settings import Settings
+
+log = structlog.get_logger("sfworkflow.relay")
+
+NOTIFY_CHANNEL = "sfworkflow_outbox"
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 60.0
+
+
+class Relay:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, connection: AbstractRobustConnection, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.connection = connection
+        self.metrics = metrics
+        self.wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    async def start(self) -> None:
+        self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._task = asyncio.create_task(self._run(), name="sfworkflow-relay")
+        self._listen_task = asyncio.create_task(self._listen(), name="sfworkflow-relay-listen")
+
+    async def stop(self, timeout: float) -> None:
+        """Flush what is committed (within `timeout`), then stop."""
+        self._stop.set()
+        self.wake.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        if self._listen_task:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listen_task
+        if self._channel and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+    async def _listen(self) -> None:
+        """Keep one connection LISTENing; reconnect when it drops (polling covers the gap)."""
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.settings.database_url)
+                await init_connection(conn)
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake.set())
+                while not self._stop.is_set() and not conn.is_closed():
+                    await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(1.0)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    async def _run(self) -> None:
+        poll = self.settings.relay_poll_ms / 1000.0
+        backoff = 0.2
+        while True:
+            self.wake.clear()
+            try:
+                n = await self.publish_round()
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except TRANSIENT_ERRORS as exc:
+                log.warning("relay round failed; retrying", error=type(exc).__name__)
+                n = 0
+                if self._stop.is_set():
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            except Exception as exc:
+                log.error("relay round failed", error=repr(exc)[:300])
+                n = 0
+                if self._stop.is_set():
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            if n >= self.settings.relay_batch:
+                continue  # more is waiting
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), poll)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        assert self._channel is not None
+        if name == "":
+            return self._channel.default_exchange
+        ex = self._exchanges.get(name)
+        if ex is None:
+            ex = await self._channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = ex
+        return ex
+
+    async def publish_round(self) -> int:
+        """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("claim_outbox"), self.settings.relay_batch)
+            if not rows:
+                return 0
+            if self._channel is None or self._channel.is_closed:
+                raise ConnectionError("relay channel is closed")
+            results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+            fault_point("after_publish_before_mark")
+            ok, failed = [], []
+            for r, res in zip(rows, results, strict=True):
+                if isinstance(res, BaseException):
+                    delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(r["publish_attempts"], 6))
+                    failed.append((r["id"], f"{type(res).__name__}: {str(res)[:300]}", delay))
+                    self.metrics.publish_failures.labels(r["kind"]).inc()
+                else:
+                    ok.append(r["id"])
+                    self.metrics.published.labels(r["kind"]).inc()
+            if ok:
+                await conn.execute(q("mark_published"), ok)
+            if failed:
+                log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])
+                await conn.execute(q("mark_publish_failed"), *[list(c) for c in zip(*failed, strict=True)])
+            return len(rows)
+
+    async def _publish(self, r: asyncpg.Record) -> Any:
+        headers: dict[str, Any] = r["headers"] or {}
+        content_type = "application/json"
+        if r["kind"] == "dead_letter":
+            content_type = headers.get("x-sfworkflow-original-content-type") or "application/octet-stream"
+        message = aio_pika.Message(
+            body=r["body"],
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=r["message_id"],
+            type=r["routing_key"] if r["kind"] != "dead_letter" else None,
+            headers=headers or None,
+            app_id="sfworkflow",
+        )
+        exchange = await self._exchange(r["exchange"])
+        return await exchange.publish(message, routing_key=r["routing_key"], mandatory=r["mandatory"])

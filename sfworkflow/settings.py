@@ -1,0 +1,109 @@
+"""Configuration: one typed settings object read from `SFWORKFLOW_*` environment variables.
+
+Every default works against this machine's local PostgreSQL and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit, urlunsplit
+
+PREFIX = "SFWORKFLOW_"
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sfworkflow"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_PREFETCH = 256  # deliveries in flight per consumer channel
+DEFAULT_CONSUMERS = 2  # consumer channels, each applying one micro-batch at a time
+DEFAULT_BATCH_SIZE = 128  # events per transaction at most
+DEFAULT_BATCH_LINGER_MS = 2.0  # milliseconds a batch waits for more deliveries
+DEFAULT_POOL_SIZE = 8  # PostgreSQL connections
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024  # bytes; larger bodies are dead-lettered `too_large`
+DEFAULT_PARK_TIMEOUT_S = 3600.0  # seconds an out-of-place event waits before dead-lettering
+DEFAULT_TIMER_POLL_MS = 200.0  # milliseconds between due-timer polls
+DEFAULT_RELAY_POLL_MS = 500.0  # milliseconds between outbox polls when no NOTIFY arrives
+DEFAULT_RELAY_BATCH = 500  # outbox rows claimed per relay round
+DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0  # seconds to drain on SIGTERM before giving up
+DEFAULT_QUEUE_TYPE = "quorum"  # or "classic"
+
+
+class SettingsError(ValueError):
+    """A SFWORKFLOW_* variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    http_host: str = "0.0.0.0"
+    http_port: int = DEFAULT_HTTP_PORT
+    prefetch: int = DEFAULT_PREFETCH
+    consumers: int = DEFAULT_CONSUMERS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_linger_ms: float = DEFAULT_BATCH_LINGER_MS
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    park_timeout_s: float = DEFAULT_PARK_TIMEOUT_S
+    timer_poll_ms: float = DEFAULT_TIMER_POLL_MS
+    relay_poll_ms: float = DEFAULT_RELAY_POLL_MS
+    relay_batch: int = DEFAULT_RELAY_BATCH
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    queue_type: str = DEFAULT_QUEUE_TYPE
+    log_level: str = "info"
+    log_format: str = "json"  # or "console"
+    use_uvloop: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read every field from `SFWORKFLOW_<FIELD>`; explicit overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, f.type, raw)
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.queue_type not in ("quorum", "classic"):
+            raise SettingsError(
+                f"SFWORKFLOW_QUEUE_TYPE={self.queue_type!r}: use 'quorum' (default) or 'classic'"
+            )
+        for name in ("prefetch", "consumers", "batch_size", "pool_size", "max_message_bytes", "relay_batch"):
+            if int(getattr(self, name)) < 1:
+                raise SettingsError(f"SFWORKFLOW_{name.upper()} must be at least 1")
+        if self.batch_size > self.prefetch:
+            raise SettingsError("SFWORKFLOW_BATCH_SIZE must not exceed SFWORKFLOW_PREFETCH")
+
+
+def _convert(name: str, type_name: object, raw: str) -> object:
+    t = str(type_name)
+    try:
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {t}") from exc
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***`, safe for logs, errors and /readyz."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{netloc}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,166 @@
+-- Every query sfworkflow runs, by name. Each block: `-- name --`, one line saying what it does, the SQL.
+-- Batch statements take parallel arrays and unnest them, so a micro-batch costs a constant number
+-- of round trips whatever its size.
+
+-- insert_inbox --
+-- Record events as received; returns the ones not seen before (the rest are duplicates).
+INSERT INTO sfworkflow.inbox (tenant_id, event_id, event_type, entity_id)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])
+ON CONFLICT DO NOTHING
+RETURNING tenant_id, event_id
+
+-- create_instances --
+-- Create instances for start events (in their initial state, version 0) unless they exist.
+INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, correlation_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[])
+ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
+
+-- lock_instances --
+-- Lock the instances of a batch in id order (a fixed order, so concurrent batches cannot deadlock).
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id
+FROM sfworkflow.instance i
+JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
+  USING (tenant_id, workflow, entity_id)
+ORDER BY i.id
+FOR UPDATE OF i
+
+-- load_parked --
+-- Parked events of some instances, oldest first, locked so the expiry sweep cannot take them too.
+SELECT p.id, p.tenant_id, p.workflow, p.entity_id, p.event_id, p.body, p.headers, p.deadline
+FROM sfworkflow.parked p
+JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
+  USING (tenant_id, workflow, entity_id)
+ORDER BY p.id
+FOR UPDATE OF p
+
+-- update_instances --
+-- Write back state, context and version of the instances a batch changed.
+UPDATE sfworkflow.instance AS i
+SET state = u.state,
+    context = u.context,
+    version = u.version,
+    terminal = u.terminal,
+    parked_count = u.parked_count,
+    last_event_id = u.last_event_id,
+    last_event_type = u.last_event_type,
+    state_entered_at = CASE WHEN i.state <> u.state THEN now() ELSE i.state_entered_at END,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::bigint[], $5::bool[], $6::int[], $7::uuid[], $8::text[])
+     AS u(id, state, context, version, terminal, parked_count, last_event_id, last_event_type)
+WHERE i.id = u.id
+
+-- delete_unstarted --
+-- Remove instances created for a start event that could not be applied (still at version 0).
+DELETE FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) AND version = 0
+
+-- insert_history --
+-- Append history entries.
+INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[])
+
+-- delete_timers --
+-- Cancel timers: every timer of some instances, and named timers of others.
+DELETE FROM sfworkflow.timer t
+WHERE t.instance_id = ANY($1::bigint[])
+   OR (t.instance_id, t.name) IN (SELECT * FROM unnest($2::bigint[], $3::text[]))
+
+-- upsert_timers --
+-- Schedule or move timers.
+INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::jsonb[])
+ON CONFLICT (instance_id, name) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+    created_at = now()
+
+-- insert_effects --
+-- Claim effect keys; returns the keys claimed now (the others were claimed before: suppressed).
+INSERT INTO sfworkflow.effect (effect_key, tenant_id, instance_id, command_id, idempotency_key)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[])
+ON CONFLICT (effect_key) DO NOTHING
+RETURNING effect_key
+
+-- insert_parked --
+-- Park events that are not allowed yet.
+INSERT INTO sfworkflow.parked (tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, deadline)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::bytea[], $7::jsonb[],
+                     $8::text[], $9::timestamptz[])
+ON CONFLICT ON CONSTRAINT parked_event DO NOTHING
+
+-- delete_parked --
+-- Remove parked events that were applied or ignored.
+DELETE FROM sfworkflow.parked WHERE id = ANY($1::bigint[])
+
+-- insert_outbox --
+-- Queue messages for the relay (a message id already queued is skipped) and wake relays by NOTIFY.
+WITH ins AS (
+    INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[],
+                         $7::jsonb[], $8::bool[])
+    ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) AS inserted, CASE WHEN count(*) > 0 THEN pg_notify('sfworkflow_outbox', '') END AS notified
+FROM ins
+
+-- lock_due_timer_instances --
+-- Instances with a due timer that no other process holds, oldest due first.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id
+FROM sfworkflow.instance i
+WHERE i.id IN (SELECT t.instance_id FROM sfworkflow.timer t WHERE t.due_at <= now()
+               ORDER BY t.due_at LIMIT $1)
+ORDER BY i.id
+FOR UPDATE OF i SKIP LOCKED
+
+-- take_due_timers --
+-- Remove and return the due timers of instances this process has locked.
+DELETE FROM sfworkflow.timer
+WHERE instance_id = ANY($1::bigint[]) AND due_at <= now()
+RETURNING instance_id, name, due_at, payload
+
+-- next_timer_due --
+-- Seconds until the next timer is due (NULL when there is none).
+SELECT EXTRACT(EPOCH FROM (min(due_at) - now()))::float8 FROM sfworkflow.timer
+
+-- take_expired_parked --
+-- Remove parked events past their deadline (skipping rows another transaction holds).
+DELETE FROM sfworkflow.parked
+WHERE id IN (SELECT id FROM sfworkflow.parked WHERE deadline <= now() ORDER BY deadline LIMIT $1
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, parked_at, deadline
+
+-- claim_outbox --
+-- Unpublished messages due for a publish attempt, in order, skipping rows another relay holds.
+SELECT id, message_id, kind, exchange, routing_key, body, headers, mandatory, publish_attempts
+FROM sfworkflow.outbox
+WHERE published_at IS NULL AND next_attempt_at <= now()
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+
+-- mark_published --
+-- Mark messages the broker confirmed.
+UPDATE sfworkflow.outbox SET published_at = now(), publish_attempts = publish_attempts + 1, last_error = NULL
+WHERE id = ANY($1::bigint[])
+
+-- mark_publish_failed --
+-- Record a failed publish attempt and when to try again.
+UPDATE sfworkflow.outbox AS o
+SET publish_attempts = o.publish_attempts + 1,
+    last_error = f.error,
+    next_attempt_at = now() + make_interval(secs => f.delay_s)
+FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay_s)
+WHERE o.id = f.id
+
+-- outbox_backlog --
+-- Unpublished messages and the age in seconds of the oldest.
+SELECT count(*) AS backlog, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_s
+FROM sfworkflow.outbox WHERE published_at IS NULL
+
+-- instances_by_state --
+-- Instances per workflow and state.
+SELECT workflow, state, count(*) AS n FROM sfworkflow.instance GROUP BY workflow, state
+
+-- parked_count --
+-- Events waiting in the parked table.
+SELECT count(*) FROM sfworkflow.parked

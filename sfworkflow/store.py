@@ -1,0 +1,634 @@
+"""Applying events to instances in PostgreSQL: one transaction per micro-batch, constant round trips.
+
+For a batch of deliveries (or of due timers) one transaction does, in this order:
+
+    inbox insert (dedupe on tenant_id, event_id)     -> duplicates are dropped here
+    create instances for start events, lock every instance of the batch in id order
+    load parked events of instances that may have some
+    engine steps, in delivery order per instance     -> pure, in memory
+      after each transition: fire timers already due, retry parked events
+    claim effect keys; a key claimed before means the command is suppressed and the instance
+      is told so (internal event `effect_suppressed`), which may claim more keys
+    write instances, history, timers, parked events, outbox rows (+ NOTIFY)
+
+Every bad message of the batch becomes a dead-letter outbox row in the same transaction, so
+acking the whole batch after commit loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from sfworkflow.db import q
+from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
+from sfworkflow.engine import CompiledWorkflow, Decision, Engine, Outcome
+from sfworkflow.envelope import IncomingEvent, event_from_body
+from sfworkflow.errors import DeadReason, Rejection
+
+log = structlog.get_logger("sfworkflow.store")
+
+EXCHANGE_COMMANDS = "sfworkflow.commands"
+EXCHANGE_COMPENSATIONS = "sfworkflow.compensations"
+EXCHANGE_LIFECYCLE = "sfworkflow.lifecycle"
+DEAD_LETTER_QUEUE = "sfworkflow.dead"
+MAX_STEPS_PER_INSTANCE = 1000  # per batch: a guard against a definition that loops on itself
+
+_EXCHANGE_OF_KIND = {
+    "command": EXCHANGE_COMMANDS,
+    "compensation": EXCHANGE_COMPENSATIONS,
+    "lifecycle": EXCHANGE_LIFECYCLE,
+}
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as it came from RabbitMQ, with what the parser made of it."""
+
+    parsed: IncomingEvent | Rejection
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = ""
+    exchange: str = ""
+    content_type: str | None = None
+    message_id: str | None = None
+
+
+@dataclass
+class BatchReport:
+    """What a batch did, for metrics and logs. Keys are (workflow, outcome) etc.; never tenant ids."""
+
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (workflow, outcome)
+    transitions: Counter[str] = field(default_factory=Counter)  # workflow
+    queued: Counter[tuple[str, str]] = field(default_factory=Counter)  # (workflow, kind)
+    suppressed: Counter[str] = field(default_factory=Counter)  # workflow
+    dead: Counter[str] = field(default_factory=Counter)  # reason
+    unparked: Counter[str] = field(default_factory=Counter)  # workflow
+    timers_fired: int = 0
+    outbox_rows: int = 0
+
+
+@dataclass(slots=True)
+class _Parked:
+    event: IncomingEvent
+    body: bytes
+    headers: dict[str, Any]
+    db_id: int | None = None  # None: parked in this batch, not stored yet
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Run:
+    """One instance during one batch."""
+
+    key: InstanceKey
+    compiled: CompiledWorkflow
+    row_id: int | None = None
+    view: InstanceView | None = None
+    loaded_version: int = 0
+    loaded_parked_count: int = 0
+    parked: list[_Parked] = field(default_factory=list)
+    outgoing: list[OutgoingMessage] = field(default_factory=list)
+    pending_effects: list[OutgoingMessage] = field(default_factory=list)
+    timer_ops: dict[str, TimerRequest | None] = field(default_factory=dict)
+    cancel_all: bool = False
+    history: list[tuple[Any, ...]] = field(default_factory=list)
+    changed: bool = False
+    terminal: bool = False
+    last_event: tuple[str | None, str | None] = (None, None)
+    steps: int = 0
+
+
+def dead_letter_row(
+    body: bytes,
+    headers: dict[str, Any],
+    reason: DeadReason,
+    detail: str,
+    *,
+    message_id_seed: str,
+    routing_key: str = "",
+    exchange: str = "",
+    content_type: str | None = None,
+) -> tuple[Any, ...]:
+    """An outbox row that publishes the original body to sfworkflow.dead with the reason headers."""
+    h = dict(headers)
+    h["x-sfworkflow-reason"] = str(reason)
+    h["x-sfworkflow-detail"] = detail[:1000]
+    h["x-sfworkflow-original-routing-key"] = routing_key
+    h["x-sfworkflow-original-exchange"] = exchange
+    h["x-sfworkflow-dead-lettered-at"] = datetime.now(UTC).isoformat()
+    if content_type:
+        h["x-sfworkflow-original-content-type"] = content_type
+    digest = hashlib.sha256(body).hexdigest()
+    message_id = str(uuid.uuid5(ID_NAMESPACE, f"dead/{reason}/{message_id_seed}/{digest}"))
+    return (message_id, "dead_letter", "", DEAD_LETTER_QUEUE, None, body, h, True)
+
+
+class Store:
+    """Applies batches of deliveries and due timers; the only writer of instance state."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        engine: Engine,
+        park_timeout_s: float,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.engine = engine
+        self.park_timeout = timedelta(seconds=park_timeout_s)
+        self.on_commit = on_commit  # called after a commit that queued outbox rows (wakes the relay)
+
+    def _committed(self, report: BatchReport) -> BatchReport:
+        if report.outbox_rows and self.on_commit is not None:
+            self.on_commit()
+        return report
+
+    async def apply_deliveries(self, deliveries: Sequence[Delivery]) -> BatchReport:
+        """Apply a micro-batch in one transaction. Raises only when the transaction failed as a whole."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            batch = _Batch(conn, self.engine, self.park_timeout)
+            await batch.take_deliveries(deliveries)
+            await batch.finish()
+        return self._committed(batch.report)
+
+    async def fire_due_timers(self, limit: int = 256) -> BatchReport:
+        """Fire due timers of instances no other process holds; `timers_fired` says how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("lock_due_timer_instances"), limit)
+            if not rows:
+                return BatchReport()
+            timers = await conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
+            batch = _Batch(conn, self.engine, self.park_timeout)
+            await batch.take_timers(rows, timers)
+            await batch.finish()
+        return self._committed(batch.report)
+
+    async def expire_parked(self, limit: int = 500) -> int:
+        """Dead-letter parked events past their deadline with reason `transition_not_allowed`."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("take_expired_parked"), limit)
+            if not rows:
+                return 0
+            out = []
+            for r in rows:
+                detail = (
+                    f"{r['event_type']} was parked at {r['parked_at'].isoformat()} ({r['reason']}) and did not "
+                    f"become applicable before its deadline {r['deadline'].isoformat()}"
+                )
+                out.append(
+                    dead_letter_row(
+                        r["body"],
+                        r["headers"],
+                        DeadReason.TRANSITION_NOT_ALLOWED,
+                        detail,
+                        message_id_seed=f"parked/{r['tenant_id']}/{r['event_id']}",
+                        routing_key=r["event_type"],
+                        exchange="sfworkflow.events",
+                        content_type="application/json",
+                    )
+                )
+                log.warning(
+                    "parked event expired",
+                    tenant_id=r["tenant_id"],
+                    workflow=r["workflow"],
+                    entity_id=r["entity_id"],
+                    event_id=r["event_id"],
+                    event_type=r["event_type"],
+                    reason=str(DeadReason.TRANSITION_NOT_ALLOWED),
+                )
+            await conn.fetch(q("insert_outbox"), *_columns(out, 8))
+        self._committed(BatchReport(outbox_rows=len(out)))
+        return len(rows)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(c) for c in zip(*rows, strict=True)]
+
+
+class _Batch:
+    """The work of one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, engine: Engine, park_timeout: timedelta) -> None:
+        self.conn = conn
+        self.engine = engine
+        self.now = datetime.now(UTC)
+        self.deadline = self.now + park_timeout
+        self.runs: dict[InstanceKey, _Run] = {}
+        self.dead: list[tuple[Any, ...]] = []
+        self.created: list[int] = []
+        self.report = BatchReport()
+
+    # ---- intake --------------------------------------------------------------------------------
+    async def take_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        fresh: list[Delivery] = []
+        seen: set[tuple[str, str]] = set()
+        for d in deliveries:
+            p = d.parsed
+            if isinstance(p, Rejection):
+                self._dead_letter(d, p.reason, p.detail)
+                continue
+            ident = (p.tenant_id, p.event_id)
+            if ident in seen:
+                self.report.events[(p.workflow, "duplicate")] += 1
+                continue
+            seen.add(ident)
+            fresh.append(d)
+        if not fresh:
+            return
+        events = [d.parsed for d in fresh]
+        inserted = await self.conn.fetch(
+            q("insert_inbox"),
+            [e.tenant_id for e in events],  # type: ignore[union-attr]
+            [e.event_id for e in events],  # type: ignore[union-attr]
+            [e.event_type for e in events],  # type: ignore[union-attr]
+            [e.entity_id for e in events],  # type: ignore[union-attr]
+        )
+        new_ids = {(r["tenant_id"], r["event_id"]) for r in inserted}
+        work: list[Delivery] = []
+        for d in fresh:
+            e = d.parsed
+            assert isinstance(e, IncomingEvent)
+            if (e.tenant_id, e.event_id) in new_ids:
+                work.append(d)
+            else:
+                self.report.events[(e.workflow, "duplicate")] += 1
+        if not work:
+            return
+        await self._load([d.parsed for d in work])  # type: ignore[misc]
+        for d in work:
+            e = d.parsed
+            assert isinstance(e, IncomingEvent)
+            run = self.runs[InstanceKey(e.tenant_id, e.workflow, e.entity_id)]
+            self._offer_external(run, e, d)
+
+    async def take_timers(self, rows: Sequence[asyncpg.Record], timers: Sequence[asyncpg.Record]) -> None:
+        by_id: dict[int, _Run] = {}
+        for r in rows:
+            run = self._run_from_row(r)
+            if run is not None:
+                by_id[r["id"]] = run
+        await self._load_parked([run for run in by_id.values() if run.loaded_parked_count > 0])
+        for t in timers:
+            run = by_id.get(t["instance_id"])
+            if run is None or run.view is None:
+                continue
+            self.report.timers_fired += 1
+            self._fire_timer(run, t["name"], t["due_at"], t["payload"])
+            self._settle(run)
+
+    async def _load(self, events: Sequence[IncomingEvent]) -> None:
+        """Create instances for start events, lock all instances of the batch, load their parked events."""
+        keys: dict[InstanceKey, IncomingEvent] = {}
+        creating: dict[InstanceKey, tuple[CompiledWorkflow, IncomingEvent]] = {}
+        for e in events:
+            key = InstanceKey(e.tenant_id, e.workflow, e.entity_id)
+            keys.setdefault(key, e)
+            compiled = self.engine.workflow(e.workflow)
+            if compiled is not None and e.name in compiled.definition.start_events and key not in creating:
+                creating[key] = (compiled, e)
+        if creating:
+            ks = list(creating)
+            await self.conn.execute(
+                q("create_instances"),
+                [k.tenant_id for k in ks],
+                [k.workflow for k in ks],
+                [k.entity_id for k in ks],
+                [creating[k][0].definition.version for k in ks],
+                [creating[k][0].initial for k in ks],
+                [creating[k][1].correlation_id for k in ks],
+            )
+        ks = list(keys)
+        rows = await self.conn.fetch(
+            q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
+        )
+        for r in rows:
+            run = self._run_from_row(r)
+            if run is not None and r["version"] == 0:
+                self.created.append(r["id"])
+        for key in ks:
+            if key not in self.runs:  # no instance yet: its events will be parked
+                compiled = self.engine.workflow(key.workflow)
+                assert compiled is not None  # the parser only admits event types of loaded workflows
+                self.runs[key] = _Run(key=key, compiled=compiled)
+        await self._load_parked(
+            [run for run in self.runs.values() if run.row_id is not None
+             and (run.loaded_parked_count > 0 or run.loaded_version == 0)]
+        )
+
+    def _run_from_row(self, r: asyncpg.Record) -> _Run | None:
+        key = InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])
+        compiled = self.engine.workflow(r["workflow"], r["definition_version"])
+        if compiled is None:
+            log.error(
+                "instance is on a definition version that is not loaded",
+                tenant_id=key.tenant_id, workflow=key.workflow, entity_id=key.entity_id,
+                definition_version=r["definition_version"],
+            )
+            return None
+        view = None
+        if r["version"] > 0:
+            view = InstanceView(
+                key, r["state"], r["context"], r["version"], r["definition_version"], r["correlation_id"]
+            )
+        run = _Run(
+            key=key,
+            compiled=compiled,
+            row_id=r["id"],
+            view=view,
+            loaded_version=r["version"],
+            loaded_parked_count=r["parked_count"],
+            terminal=r["state"] in compiled.definition.terminal,
+        )
+        self.runs[key] = run
+        return run
+
+    async def _load_parked(self, runs: Sequence[_Run]) -> None:
+        if not runs:
+            return
+        rows = await self.conn.fetch(
+            q("load_parked"),
+            [r.key.tenant_id for r in runs],
+            [r.key.workflow for r in runs],
+            [r.key.entity_id for r in runs],
+        )
+        for r in rows:
+            run = self.runs[InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])]
+            try:
+                event = event_from_body(r["body"])
+            except Exception:  # stored before a schema change; leave it for the expiry sweep
+                log.exception("parked event cannot be read", event_id=r["event_id"])
+                continue
+            run.parked.append(_Parked(event, r["body"], r["headers"], db_id=r["id"]))
+
+    # ---- engine --------------------------------------------------------------------------------
+    def _step(self, run: _Run, event: EngineEvent) -> Decision | None:
+        run.steps += 1
+        if run.steps > MAX_STEPS_PER_INSTANCE:
+            raise RuntimeError(f"more than {MAX_STEPS_PER_INSTANCE} steps for {run.key} in one batch")
+        return self.engine.step(run.compiled, run.key, run.view, event, self.now)
+
+    def _offer_external(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        workflow = run.key.workflow
+        try:
+            decision = self._step(run, _engine_event(e))
+        except Exception as exc:
+            self._engine_failed(run, e, d.body, d.headers, exc)
+            return
+        assert decision is not None
+        if decision.outcome is Outcome.APPLIED:
+            self._absorb(run, decision, e.event_id, e.event_type)
+            self._settle(run)
+        elif decision.outcome is Outcome.IGNORED:
+            self._ignored(run, decision, e)
+        else:
+            run.parked.append(_Parked(e, d.body, d.headers))
+        self.report.events[(workflow, str(decision.outcome))] += 1
+
+    def _ignored(self, run: _Run, decision: Decision, e: IncomingEvent) -> None:
+        if run.row_id is not None:
+            run.history.append(
+                (run.row_id, decision.version, e.event_id, e.event_type, "ignored",
+                 decision.from_state, decision.to_state, {"reason": decision.reason})
+            )
+
+    def _engine_failed(
+        self, run: _Run, e: IncomingEvent, body: bytes, headers: dict[str, Any], exc: Exception
+    ) -> None:
+        detail = f"applying {e.event_type} raised {type(exc).__name__}: {str(exc)[:300]}"
+        log.error(
+            "engine step failed; event dead-lettered",
+            tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id,
+            event_type=e.event_type, error=detail, traceback=traceback.format_exc(limit=8),
+        )
+        self.dead.append(
+            dead_letter_row(body, headers, DeadReason.INTERNAL_ERROR, detail,
+                            message_id_seed=f"{e.tenant_id}/{e.event_id}", routing_key=e.event_type,
+                            exchange="sfworkflow.events", content_type="application/json")
+        )
+        self.report.events[(e.workflow, "dead_lettered")] += 1
+        self.report.dead[str(DeadReason.INTERNAL_ERROR)] += 1
+
+    def _absorb(self, run: _Run, d: Decision, event_id: str | None, event_type: str) -> None:
+        run.view = InstanceView(
+            run.key, d.to_state, d.context, d.version, run.compiled.definition.version,
+            run.view.correlation_id if run.view else None,
+        )
+        run.changed = True
+        run.terminal = d.terminal
+        if event_id is not None:
+            run.last_event = (event_id, event_type)
+        detail = dict(d.notes) if d.notes else None
+        run.history.append(
+            (run.row_id, d.version, event_id, event_type, "applied", d.from_state, d.to_state, detail)
+        )
+        if d.cancel_all_timers:
+            run.timer_ops.clear()
+            run.cancel_all = True
+        for name in d.timers_cancelled:
+            run.timer_ops[name] = None
+        for t in d.timers_set:
+            run.timer_ops[t.name] = t
+        for m in d.outgoing:
+            run.outgoing.append(m)
+            if m.effect_key is not None:
+                run.pending_effects.append(m)
+        self.report.transitions[run.key.workflow] += 1
+
+    def _fire_timer(self, run: _Run, name: str, due_at: datetime, payload: dict[str, Any]) -> None:
+        event_id = str(uuid.uuid5(ID_NAMESPACE, f"timer/{run.key}/{name}/{due_at.isoformat()}"))
+        event = EngineEvent(event_id, f"timer_{name}", payload, due_at, internal=True)
+        decision = self._step(run, event)
+        assert decision is not None
+        if decision.outcome is Outcome.APPLIED:
+            self._absorb(run, decision, None, f"{run.key.workflow}.timer.{name}")
+
+    def _settle(self, run: _Run) -> None:
+        """After a transition: fire timers that are already due, then retry parked events, until quiet."""
+        while True:
+            due = [t for t in run.timer_ops.values() if t is not None and t.due_at <= self.now]
+            if due and not run.terminal:
+                t = min(due, key=lambda x: x.due_at)
+                run.timer_ops[t.name] = None
+                self._fire_timer(run, t.name, t.due_at, t.payload)
+                continue
+            progressed = False
+            for p in run.parked:
+                if p.done:
+                    continue
+                try:
+                    decision = self._step(run, _engine_event(p.event))
+                except Exception as exc:
+                    p.done = True
+                    self._engine_failed(run, p.event, p.body, p.headers, exc)
+                    continue
+                assert decision is not None
+                if decision.outcome is Outcome.APPLIED:
+                    p.done = True
+                    self._absorb(run, decision, p.event.event_id, p.event.event_type)
+                    run.history[-1] = run.history[-1][:7] + ({**(run.history[-1][7] or {}), "unparked": True},)
+                    if p.db_id is not None:
+                        self.report.unparked[run.key.workflow] += 1
+                    progressed = True
+                    break
+                if decision.outcome is Outcome.IGNORED:
+                    p.done = True
+                    self._ignored(run, decision, p.event)
+            if not progressed:
+                return
+
+    async def _resolve_effects(self) -> None:
+        """Claim effect keys; tell instances whose key was taken before that their command is suppressed."""
+        while True:
+            pending = [(run, m) for run in self.runs.values() for m in run.pending_effects]
+            if not pending:
+                return
+            for run in self.runs.values():
+                run.pending_effects = []
+            first: dict[str, tuple[_Run, OutgoingMessage]] = {}
+            losers: list[tuple[_Run, OutgoingMessage]] = []
+            for run, m in pending:
+                assert m.effect_key is not None
+                if m.effect_key in first:
+                    losers.append((run, m))
+                else:
+                    first[m.effect_key] = (run, m)
+            keys = list(first)
+            claimed = {
+                r["effect_key"]
+                for r in await self.conn.fetch(
+                    q("insert_effects"),
+                    keys,
+                    [first[k][0].key.tenant_id for k in keys],
+                    [first[k][0].row_id for k in keys],
+                    [first[k][1].message_id for k in keys],
+                    [first[k][1].body["idempotency_key"] for k in keys],
+                )
+            }
+            losers += [first[k] for k in keys if k not in claimed]
+            for run, m in losers:
+                self._suppress(run, m)
+
+    def _suppress(self, run: _Run, m: OutgoingMessage) -> None:
+        run.outgoing = [o for o in run.outgoing if o is not m]
+        assert run.view is not None
+        run.history.append(
+            (run.row_id, run.view.version, None, m.routing_key, "suppressed", run.view.state, run.view.state,
+             {"effect_key": m.effect_key, "command_id": m.message_id,
+              "idempotency_key": m.body["idempotency_key"]})
+        )
+        self.report.suppressed[run.key.workflow] += 1
+        event = EngineEvent(
+            str(uuid.uuid5(ID_NAMESPACE, f"suppressed/{m.message_id}")),
+            "effect_suppressed",
+            {"effect_key": m.effect_key, "command_type": m.routing_key, "command_id": m.message_id},
+            self.now,
+            internal=True,
+        )
+        decision = self._step(run, event)
+        assert decision is not None
+        if decision.outcome is Outcome.APPLIED:
+            self._absorb(run, decision, None, f"{run.key.workflow}.effect_suppressed")
+            self._settle(run)
+
+    # ---- output --------------------------------------------------------------------------------
+    def _dead_letter(self, d: Delivery, reason: DeadReason, detail: str) -> None:
+        self.dead.append(
+            dead_letter_row(d.body, d.headers, reason, detail, message_id_seed=d.message_id or "",
+                            routing_key=d.routing_key, exchange=d.exchange, content_type=d.content_type)
+        )
+        workflow = d.routing_key.partition(".")[0] if isinstance(d.parsed, Rejection) else "unknown"
+        self.report.events[(_metric_workflow(workflow, self.engine), "dead_lettered")] += 1
+        self.report.dead[str(reason)] += 1
+
+    async def finish(self) -> None:
+        await self._resolve_effects()
+        conn = self.conn
+        upd, history, parked_new, parked_done = [], [], [], []
+        cancel_all_ids, cancel_ids, cancel_names, timers = [], [], [], []
+        outbox: list[tuple[Any, ...]] = list(self.dead)
+        for run in self.runs.values():
+            for p in run.parked:
+                if p.done and p.db_id is not None:
+                    parked_done.append(p.db_id)
+                elif not p.done and p.db_id is None:
+                    parked_new.append(p)
+            if run.row_id is None:
+                continue
+            parked_count = sum(1 for p in run.parked if not p.done)
+            if run.changed or parked_count != run.loaded_parked_count:
+                v = run.view
+                if v is not None:
+                    upd.append((run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
+                                run.last_event[0], run.last_event[1]))
+            history.extend(run.history)
+            if run.cancel_all:
+                cancel_all_ids.append(run.row_id)
+            for name, t in run.timer_ops.items():
+                if t is None:
+                    if not run.cancel_all:
+                        cancel_ids.append(run.row_id)
+                        cancel_names.append(name)
+                else:
+                    timers.append((run.row_id, name, t.due_at, t.payload))
+            for m in run.outgoing:
+                outbox.append(
+                    (m.message_id, m.kind, _EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
+                     orjson.dumps(m.body), {}, m.kind != "lifecycle")
+                )
+                self.report.queued[(run.key.workflow, m.kind)] += 1
+        if upd:
+            await conn.execute(q("update_instances"), *_columns(upd, 8))
+        changed_ids = {r.row_id for r in self.runs.values() if r.changed}
+        unstarted = [i for i in self.created if i not in changed_ids]
+        if unstarted:
+            await conn.execute(q("delete_unstarted"), unstarted)
+        if history:
+            await conn.execute(q("insert_history"), *_columns(history, 8))
+        if cancel_all_ids or cancel_ids:
+            await conn.execute(q("delete_timers"), cancel_all_ids, cancel_ids, cancel_names)
+        if timers:
+            await conn.execute(q("upsert_timers"), *_columns(timers, 4))
+        if parked_new:
+            await conn.execute(
+                q("insert_parked"),
+                [p.event.tenant_id for p in parked_new],
+                [p.event.workflow for p in parked_new],
+                [p.event.entity_id for p in parked_new],
+                [p.event.event_id for p in parked_new],
+                [p.event.event_type for p in parked_new],
+                [p.body for p in parked_new],
+                [p.headers for p in parked_new],
+                [f"{p.event.name} not allowed yet" for p in parked_new],
+                [self.deadline] * len(parked_new),
+            )
+        if parked_done:
+            await conn.execute(q("delete_parked"), parked_done)
+        if outbox:
+            await conn.fetch(q("insert_outbox"), *_columns(outbox, 8))
+            self.report.outbox_rows = len(outbox)
+
+
+def _engine_event(e: IncomingEvent) -> EngineEvent:
+    return EngineEvent(e.event_id, e.name, e.data, e.timestamp, e.correlation_id, e.causation_id)
+
+
+def _metric_workflow(name: str, engine: Engine) -> str:
+    """A workflow label value that cannot grow without bound: known names, else 'unknown'."""
+    return name if name in engine.latest else "unknown"
+
+
+def instance_keys(events: Iterable[IncomingEvent]) -> set[InstanceKey]:
+    return {InstanceKey(e.tenant_id, e.workflow, e.entity_id) for e in events}

@@ -1,0 +1,75 @@
+"""The timer loop: fires due timers as internal events and dead-letters expired parked events.
+
+Timers are rows (sfworkflow.timer); any replica may fire them, claiming their instances with
+FOR UPDATE SKIP LOCKED. No in-memory sleep holds workflow state: a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+from sfworkflow.consumer import Health
+from sfworkflow.db import TRANSIENT_ERRORS
+from sfworkflow.metrics import Metrics
+from sfworkflow.store import Store
+
+log = structlog.get_logger("sfworkflow.timers")
+
+TIMER_BATCH = 256  # timers fired per transaction
+PARKED_SWEEP_S = 5.0  # seconds between sweeps for expired parked events
+
+
+class TimerLoop:
+    def __init__(self, store: Store, metrics: Metrics, health: Health, poll_ms: float) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.health = health
+        self.poll = poll_ms / 1000.0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sfworkflow-timers")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, 5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def _run(self) -> None:
+        next_sweep = 0.0
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                report = await self.store.fire_due_timers(TIMER_BATCH)
+                fired = report.timers_fired
+                if fired:
+                    self.metrics.record(report)
+                if time.monotonic() >= next_sweep:
+                    expired = await self.store.expire_parked()
+                    if expired:
+                        self.metrics.dead.labels("transition_not_allowed").inc(expired)
+                    next_sweep = time.monotonic() + PARKED_SWEEP_S
+                backoff = 0.2
+                if fired >= TIMER_BATCH:
+                    continue
+            except TRANSIENT_ERRORS as exc:
+                self.health.db_failed(exc)
+                log.warning("timer round failed; retrying", error=type(exc).__name__, retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            except Exception as exc:
+                log.error("timer round failed", error=repr(exc)[:300])
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.poll)

@@ -1,0 +1,296 @@
+"""`sequence`: multi-step outreach (WhatsApp, email, SMS) for one enrollment (entity = enrollment id).
+
+    new ──enrolled──> waiting ──timer_step_due──> sending ──step_sent──> waiting … ──> completed
+                                                   │  └─effect_suppressed (already sent today)──> next step
+                                                   ├─step_failed (retryable, attempt < 3)──> retry_wait
+                                                   │      retry_wait ──timer_retry_due──> sending (attempt + 1)
+                                                   ├─step_failed consent_missing──> next step (skipped)
+                                                   └─step_failed otherwise / retries exhausted──> compensated
+    replied | unsubscribed ──> stopped;  cancelled ──> cancelled;  paused ⇄ resumed
+
+Context: sequence_id, lead_id, recipient, steps, cursor (current step), attempt (of the current
+send), due_at (when the current step falls due), paused_from, and counters sent/skipped/suppressed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sfworkflow.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+
+NAME = "sequence"
+CONSENT_MISSING = "consent_missing"
+
+
+class S(StrEnum):
+    NEW = "new"
+    WAITING = "waiting"  # the current step's timer is pending
+    SENDING = "sending"  # send_step was issued; waiting for step_sent / step_failed
+    RETRY_WAIT = "retry_wait"  # a retryable failure; the retry timer is pending
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    STOPPED = "stopped"  # the lead replied or unsubscribed
+    CANCELLED = "cancelled"
+    COMPENSATED = "compensated"  # failed; disable_sequence and raise_alert were published
+
+
+RETRY = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=60.0)
+
+
+# ---- conditions -------------------------------------------------------------------------------
+def is_current_step(step: Step) -> bool:
+    return step.data.get("step") == step.context["cursor"]
+
+
+def has_next_step(step: Step) -> bool:
+    return step.context["cursor"] + 1 < len(step.context["steps"])
+
+
+def is_last_step(step: Step) -> bool:
+    return not has_next_step(step)
+
+
+def current_and_has_next(step: Step) -> bool:
+    return is_current_step(step) and has_next_step(step)
+
+
+def current_and_last(step: Step) -> bool:
+    return is_current_step(step) and is_last_step(step)
+
+
+def may_retry(step: Step) -> bool:
+    return (
+        is_current_step(step)
+        and bool(step.data.get("retryable"))
+        and step.context["attempt"] < RETRY.max_attempts
+    )
+
+
+def consent_missing_has_next(step: Step) -> bool:
+    return is_current_step(step) and step.data.get("error_code") == CONSENT_MISSING and has_next_step(step)
+
+
+def consent_missing_last(step: Step) -> bool:
+    return is_current_step(step) and step.data.get("error_code") == CONSENT_MISSING and is_last_step(step)
+
+
+def was_waiting(step: Step) -> bool:
+    return step.context.get("paused_from") == S.WAITING
+
+
+def was_sending(step: Step) -> bool:
+    return step.context.get("paused_from") == S.SENDING
+
+
+def was_retry_wait(step: Step) -> bool:
+    return step.context.get("paused_from") == S.RETRY_WAIT
+
+
+# ---- actions ----------------------------------------------------------------------------------
+def _idempotency_key(step: Step) -> str:
+    k = step.key
+    return f"{k.tenant_id}:{NAME}:{k.entity_id}:step:{step.context['cursor']}"
+
+
+def _schedule_current(step: Step, start: datetime) -> None:
+    delay = step.context["steps"][step.context["cursor"]]["delay_seconds"]
+    due = start + timedelta(seconds=delay)
+    step.context["due_at"] = due.isoformat()
+    step.set_timer("step_due", due)
+
+
+def start(step: Step) -> None:
+    d = step.data
+    step.context.update(
+        sequence_id=d["sequence_id"],
+        lead_id=d["lead_id"],
+        recipient=dict(d["recipient"]),
+        steps=[dict(s) for s in d["steps"]],
+        cursor=0,
+        attempt=0,
+        sent=0,
+        skipped=0,
+        suppressed=0,
+        retries=0,
+    )
+    _schedule_current(step, step.event.timestamp)
+
+
+def issue_send(step: Step) -> None:
+    """The step fell due: publish send_step once per (tenant, template, recipient, UTC day)."""
+    ctx = step.context
+    template_id = ctx["steps"][ctx["cursor"]]["template_id"]
+    recipient = ctx["recipient"]
+    ctx["attempt"] = 1
+    effect_key = (
+        f"{NAME}.send_step:{step.key.tenant_id}:{template_id}:"
+        f"{recipient['address']}:{step.now.date().isoformat()}"
+    )
+    step.command(
+        "send_step",
+        _send_data(ctx),
+        idempotency_key=_idempotency_key(step),
+        attempt=1,
+        effect_key=effect_key,
+    )
+
+
+def _send_data(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": ctx["cursor"],
+        "template_id": ctx["steps"][ctx["cursor"]]["template_id"],
+        "recipient": ctx["recipient"],
+        "sequence_id": ctx["sequence_id"],
+        "lead_id": ctx["lead_id"],
+    }
+
+
+def reissue_send(step: Step) -> None:
+    """Retry timer fired: the same command again, same idempotency key, attempt + 1."""
+    ctx = step.context
+    ctx["attempt"] = ctx["attempt"] + 1
+    ctx["retries"] = ctx.get("retries", 0) + 1
+    step.command("send_step", _send_data(ctx), idempotency_key=_idempotency_key(step), attempt=ctx["attempt"])
+    step.note(retry_attempt=ctx["attempt"])
+
+
+def advance(step: Step) -> None:
+    """The current step is done (sent, skipped or suppressed): schedule the next one."""
+    ctx = step.context
+    _count(step)
+    ctx["cursor"] = ctx["cursor"] + 1
+    ctx["attempt"] = 0
+    _schedule_current(step, step.now)
+
+
+def finish(step: Step) -> None:
+    _count(step)
+    step.context["attempt"] = 0
+
+
+def _count(step: Step) -> None:
+    ctx = step.context
+    name = step.event.name
+    if name == "step_sent":
+        ctx["sent"] = ctx.get("sent", 0) + 1
+    elif name == "effect_suppressed":
+        ctx["suppressed"] = ctx.get("suppressed", 0) + 1
+        step.note(suppressed_step=ctx["cursor"], effect_key=step.data.get("effect_key"))
+    elif name == "step_failed":
+        ctx["skipped"] = ctx.get("skipped", 0) + 1
+        step.note(skipped_step=ctx["cursor"], error_code=step.data.get("error_code"))
+
+
+def schedule_retry(step: Step) -> None:
+    ctx = step.context
+    delay = RETRY.delay_s(ctx["attempt"], _idempotency_key(step))
+    step.set_timer_in("retry_due", delay)
+    ctx["due_at"] = (step.now + timedelta(seconds=delay)).isoformat()
+    step.note(error_code=step.data.get("error_code"), retry_in_s=round(delay, 3))
+
+
+def compensate(step: Step) -> None:
+    """A failure nothing will fix: disable the sequence and alert, then end compensated."""
+    ctx = step.context
+    error_code = str(step.data.get("error_code", "unknown"))
+    exhausted = bool(step.data.get("retryable"))
+    reason = (
+        f"step {ctx['cursor']} failed after {ctx['attempt']} attempts ({error_code})"
+        if exhausted
+        else f"step {ctx['cursor']} failed: {error_code}"
+    )
+    key = f"{step.key.tenant_id}:{NAME}:{step.key.entity_id}:compensate"
+    step.compensate("disable_sequence", {"sequence_id": ctx["sequence_id"], "reason": reason}, idempotency_key=key)
+    step.compensate(
+        "raise_alert",
+        {"severity": "warning", "message": f"sequence {ctx['sequence_id']} disabled: {reason}",
+         "error_code": error_code, "step": ctx["cursor"]},
+        idempotency_key=key,
+    )
+    step.lifecycle("workflow.failed", S.COMPENSATED, {"reason": reason, "error_code": error_code})
+    step.lifecycle(
+        "workflow.compensated",
+        S.COMPENSATED,
+        {"compensations": [f"{NAME}.disable_sequence", f"{NAME}.raise_alert"]},
+    )
+    step.note(failure=reason)
+
+
+def pause(step: Step) -> None:
+    """Suspend: timers are cancelled; `resumed` returns to the state paused here."""
+    step.context["paused_from"] = step.from_state
+    step.cancel_timers()
+
+
+def resume_timer(step: Step) -> None:
+    """Resume into a waiting state: the pending timer fires at its old due time, or now if passed."""
+    ctx = step.context
+    from_state = ctx.pop("paused_from", S.WAITING)
+    due = max(datetime.fromisoformat(ctx["due_at"]), step.now)
+    step.set_timer("step_due" if from_state == S.WAITING else "retry_due", due)
+
+
+def resume_sending(step: Step) -> None:
+    step.context.pop("paused_from", None)
+
+
+def record_stop(step: Step) -> None:
+    step.note(stopped_by=step.event.name)
+
+
+def stale(step: Step) -> str | None:
+    """A report about an older step or attempt than the current one is ignored, not parked."""
+    data = step.data
+    if step.event.name in ("step_sent", "step_failed"):
+        cursor = step.context.get("cursor")
+        if cursor is None:
+            return None
+        if data.get("step", cursor) < cursor:
+            return f"step {data.get('step')} is already done (current step {cursor})"
+        attempt = data.get("attempt")
+        if attempt is not None and data.get("step") == cursor and attempt < step.context.get("attempt", 0):
+            return f"attempt {attempt} of step {cursor} was superseded by attempt {step.context['attempt']}"
+    return None
+
+
+W, SE, R, P = S.WAITING, S.SENDING, S.RETRY_WAIT, S.PAUSED
+
+DEFINITION = WorkflowDefinition(
+    name=NAME,
+    version=1,
+    states=S,
+    initial=S.NEW,
+    terminal=frozenset({S.COMPLETED, S.STOPPED, S.CANCELLED, S.COMPENSATED}),
+    start_events=frozenset({"enrolled"}),
+    events=frozenset(
+        {"enrolled", "step_sent", "step_failed", "replied", "unsubscribed", "paused", "resumed", "cancelled"}
+    ),
+    internal_events=frozenset({"timer_step_due", "timer_retry_due", "effect_suppressed"}),
+    commands=frozenset({"send_step"}),
+    compensations=frozenset({"disable_sequence", "raise_alert"}),
+    retry=RETRY,
+    stale=stale,
+    description="Multi-step outreach (WhatsApp, email, SMS) for one enrollment.",
+    transitions=(
+        Transition("enrolled", S.NEW, W, action=start),
+        Transition("timer_step_due", W, SE, action=issue_send),
+        Transition("effect_suppressed", SE, W, [has_next_step], action=advance),
+        Transition("effect_suppressed", SE, S.COMPLETED, [is_last_step], action=finish),
+        Transition("step_sent", [SE, R], W, [current_and_has_next], action=advance),
+        Transition("step_sent", [SE, R], S.COMPLETED, [current_and_last], action=finish),
+        Transition("step_failed", SE, R, [may_retry], action=schedule_retry),
+        Transition("step_failed", SE, W, [consent_missing_has_next], action=advance),
+        Transition("step_failed", SE, S.COMPLETED, [consent_missing_last], action=finish),
+        Transition("step_failed", SE, S.COMPENSATED, [is_current_step], action=compensate),
+        Transition("timer_retry_due", R, SE, action=reissue_send),
+        Transition("replied", ANY_ACTIVE, S.STOPPED, action=record_stop),
+        Transition("unsubscribed", ANY_ACTIVE, S.STOPPED, action=record_stop),
+        Transition("cancelled", ANY_ACTIVE, S.CANCELLED, action=record_stop),
+        Transition("paused", [W, SE, R], P, action=pause),
+        Transition("resumed", P, W, [was_waiting], action=resume_timer),
+        Transition("resumed", P, R, [was_retry_wait], action=resume_timer),
+        Transition("resumed", P, SE, [was_sending], action=resume_sending),
+    ),
+)
