@@ -10,13 +10,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from sfworkflow.service import Service
+else:
+    Service = object
 
 READY_CHECK_TIMEOUT_S = 2.0
+SERVICE: web.AppKey[Service] = web.AppKey("service")
 
 
 def build_app(service: Service) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
-    app["service"] = service
+    app[SERVICE] = service
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -28,7 +31,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    service: Service = request.app["service"]
+    service: Service = request.app[SERVICE]
     checks = await service.readiness(READY_CHECK_TIMEOUT_S)
     ready = all(c["ok"] for c in checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks}
@@ -38,6 +41,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    service: Service = request.app["service"]
+    service: Service = request.app[SERVICE]
     body = await asyncio.to_thread(service.metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

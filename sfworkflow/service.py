@@ -63,6 +63,7 @@ class Service:
         self._runner: web.AppRunner | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
+        self.http_port: int | None = None
 
     async def start(self, consume: bool = True) -> None:
         s = self.settings
@@ -93,6 +94,7 @@ class Service:
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.http_host, s.http_port)
             await site.start()
+            self.http_port = self._runner.addresses[0][1]  # the bound port (SFWORKFLOW_HTTP_PORT=0: any free one)
         log.info(
             "sfworkflow started",
             database=redact_url(s.database_url),

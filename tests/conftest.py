@@ -1,0 +1,121 @@
+"""Shared fixtures. Integration tests run against the real local PostgreSQL and RabbitMQ:
+
+- each test gets its own database, cloned from a template migrated once per session;
+- each test gets its own RabbitMQ vhost (created with rabbitmqctl), so queues never leak between tests.
+
+Connection targets come from SFWORKFLOW_TEST_PG (server URL without database) and
+SFWORKFLOW_TEST_AMQP (server URL without vhost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+
+from sfworkflow import db, migrate
+from sfworkflow.settings import PREFIX, Settings
+
+PG_SERVER = os.environ.get("SFWORKFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+AMQP_SERVER = os.environ.get("SFWORKFLOW_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+TEMPLATE_DB = f"sfw_template_{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's SFWORKFLOW_* settings."""
+    for k in list(os.environ):
+        if k.startswith(PREFIX) and not k.startswith(PREFIX + "TEST_"):
+            monkeypatch.delenv(k)
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_db() -> Iterator[str]:
+    async def create() -> None:
+        await _admin(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"')
+        await _admin(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        conn = await asyncpg.connect(f"{PG_SERVER}/{TEMPLATE_DB}")
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield TEMPLATE_DB
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"'))
+
+
+@pytest.fixture
+async def database_url(template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    name = f"sfw_t_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield f"{PG_SERVER}/{name}"
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost for this test."""
+    vhost = f"sfw-t-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"{AMQP_SERVER}/{quote(vhost, safe='')}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def settings(database_url: str, amqp_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        http_host="127.0.0.1",
+        http_port=0,
+        timer_poll_ms=50,
+        relay_poll_ms=100,
+        queue_type="classic",
+        batch_linger_ms=1.0,
+    )
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's database, for asserting on rows."""
+    conn = await asyncpg.connect(database_url)
+    await db.init_connection(conn)
+    yield conn
+    await conn.close()
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll `check` until it returns something truthy; fail the test with `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while loop.time() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
