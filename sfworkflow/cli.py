@@ -54,7 +54,7 @@ async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
-    from sfworkflow.inspect import inspect_instance
+    from sfworkflow.inspection import inspect_instance
 
     return await inspect_instance(settings, args.instance, as_json=args.json)
 

@@ -41,8 +41,13 @@ class WorkerStats:
     duplicate_commands: int = 0  # same command_id delivered again (deduped here)
     answers: Counter[str] = field(default_factory=Counter)
     compensations: Counter[str] = field(default_factory=Counter)
-    effect_keys: dict[str, set[str]] = field(default_factory=dict)  # idempotency key -> command ids
+    # (tenant, command type, template, recipient address, UTC day) -> idempotency keys seen for it:
+    # more than one key means the same effect was asked for twice as different decisions.
+    sends: dict[tuple[str, ...], set[str]] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
+
+    def sends_twice(self) -> int:
+        return sum(1 for keys in self.sends.values() if len(keys) > 1)
 
 
 def _roll(seed: int, *parts: Any) -> float:
@@ -96,7 +101,10 @@ class SimulatedWorker:
             return
         s.seen.add(cmd["command_id"])
         s.commands[cmd["command_type"]] += 1
-        s.effect_keys.setdefault(cmd["idempotency_key"], set()).add(cmd["command_id"])
+        data = cmd["data"]
+        effect = (cmd["tenant_id"], cmd["command_type"], str(data.get("template_id")),
+                  str((data.get("recipient") or {}).get("address")), cmd["issued_at"][:10])
+        s.sends.setdefault(effect, set()).add(cmd["idempotency_key"])
         if self.profile.silent:
             return
         task = asyncio.create_task(self._answer(cmd))
