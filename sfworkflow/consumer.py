@@ -14,13 +14,14 @@ import asyncio
 import base64
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from sfworkflow.db import TRANSIENT_ERRORS
-from sfworkflow.envelope import EventParser
+from sfworkflow.envelope import EventParser, IncomingEvent
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.faults import fault_point
 from sfworkflow.metrics import Metrics
@@ -154,9 +155,14 @@ class Consumer:
         if not ok:
             return
         fault_point("after_commit_before_ack")
+        committed = datetime.now(UTC)
         await _ack(batch)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
+        observe = self.metrics.event_age.observe
+        for d in deliveries:
+            if isinstance(d.parsed, IncomingEvent):
+                observe(max(0.0, (committed - d.parsed.timestamp).total_seconds()))
 
     async def _apply_with_retry(self, deliveries: list[Delivery], batch: Sequence[AbstractIncomingMessage]) -> bool:
         delay = BACKOFF_START_S

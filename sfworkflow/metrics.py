@@ -59,6 +59,13 @@ class Metrics:
             "sfworkflow_batch_size", "Deliveries per micro-batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
         )
+        self.event_age = Histogram(
+            "sfworkflow_event_age_at_commit_seconds",
+            "From an event's envelope timestamp (set by its producer) to the commit that recorded it.",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3,
+                     0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
+            registry=r,
+        )
         self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=r)
         self.outbox_oldest = Gauge(
             "sfworkflow_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row.", registry=r

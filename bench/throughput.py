@@ -1,0 +1,361 @@
+"""Throughput and latency of sfworkflow, end to end, on this machine. Prints one JSON line.
+
+    python bench/throughput.py                       # closed loop: as fast as it goes
+    python bench/throughput.py --rate 1000           # open loop: ~1,000 events/s offered, for latency
+
+What runs (each its own process, all on the same cores as PostgreSQL and RabbitMQ):
+  * the service, `python -m sfworkflow run`, against a fresh database and a fresh vhost;
+  * a publisher process: enrollments (3 steps, no delays), ~5 % published twice, ~2 % preceded by an
+    out-of-order `paused` (parked until its enrollment arrives) and followed by `resumed`;
+  * this process: the simulated SalesFlow worker answering every send_step with step_sent (~5 % of
+    answers published twice), and the sampler of the service's /metrics and CPU.
+
+Figures: events applied per second in the steady state (middle 60 % of the run), event age at
+commit p50/p99 (envelope timestamp -> commit, from the service's histogram), share committed within
+100 ms, service CPU %, the pure engine step rate, and the invariant checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sfworkflow.producer import EventPublisher, build_event  # noqa: E402
+from sfworkflow.simulator import SimulatedWorker, WorkerProfile  # noqa: E402
+
+PG_SERVER = os.environ.get("SFWORKFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+DB_NAME = "sfw_bench"
+VHOST = "sfw-bench"
+STEPS = 3
+HTTP_PORT = int(os.environ.get("SFWORKFLOW_BENCH_HTTP_PORT", "8097"))
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True, timeout=60)
+
+
+async def _reset_database() -> str:
+    conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    finally:
+        await conn.close()
+    return f"{PG_SERVER}/{DB_NAME}"
+
+
+def _reset_vhost() -> str:
+    _rabbitmqctl("delete_vhost", VHOST)
+    _rabbitmqctl("add_vhost", VHOST)
+    _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    return f"{AMQP_SERVER}/{VHOST}"
+
+
+# ---- publisher process ------------------------------------------------------------------------
+def plan(n: int, tenant: str, seed: int, dup_rate: float, ooo_rate: float) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, event) in publish order; kind 'dup' marks a second delivery of the same event."""
+    rnd = random.Random(seed)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i in range(n):
+        entity = f"enr-{i}"
+        data = {
+            "sequence_id": f"seq-{i % 11}",
+            "lead_id": f"lead-{i}",
+            "recipient": {"channel": "email", "address": f"lead{i}@bench.example"},
+            "steps": [{"template_id": f"tpl-{s}", "delay_seconds": 0} for s in range(STEPS)],
+        }
+        ooo = rnd.random() < ooo_rate
+        if ooo:
+            out.append(("event", {"event_type": "sequence.paused", "entity_id": entity, "data": {}}))
+        out.append(("event", {"event_type": "sequence.enrolled", "entity_id": entity, "data": data}))
+        if rnd.random() < dup_rate:
+            out.append(("dup", {}))
+        if ooo:
+            out.append(("event", {"event_type": "sequence.resumed", "entity_id": entity, "data": {}}))
+    return out
+
+
+async def publisher_main(args: argparse.Namespace) -> None:
+    items = plan(args.enrollments, args.tenant, args.seed, args.dup_rate, args.ooo_rate)
+    pub = await EventPublisher.connect(args.amqp_url)
+    # Pace: the publisher's own events are 1 + ~ (dup + 2·ooo) per enrollment; the worker adds STEPS
+    # answers per enrollment, so the offered total is about (STEPS + 1.1) x the enrollment rate.
+    per_enrollment = STEPS + 1 + args.dup_rate + 2 * args.ooo_rate
+    interval = per_enrollment / args.rate if args.rate else 0.0
+    start = time.monotonic()
+    sent = 0
+    last: dict[str, Any] | None = None
+    inflight: list[asyncio.Future[Any]] = []
+    enrollments = 0
+    for kind, spec in items:
+        if kind == "dup":
+            assert last is not None
+            ev = last
+        else:
+            ev = build_event(spec["event_type"], tenant_id=args.tenant, entity_id=spec["entity_id"],
+                             data=spec["data"], source="bench.publisher")
+            if spec["event_type"] == "sequence.enrolled":
+                enrollments += 1
+                last = ev
+                if interval:
+                    delay = start + enrollments * interval - time.monotonic()
+                    if delay > 0:
+                        if inflight:
+                            await asyncio.gather(*inflight)
+                            inflight.clear()
+                        await asyncio.sleep(delay)
+        inflight.append(asyncio.ensure_future(pub.publish(ev, validate=False)))
+        sent += 1
+        if len(inflight) >= 200:
+            await asyncio.gather(*inflight)
+            inflight.clear()
+    await asyncio.gather(*inflight)
+    await pub.close()
+    print(json.dumps({"published": sent}), flush=True)
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+async def scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def metric(m: dict[str, float], name: str, **labels: str) -> float:
+    total = 0.0
+    for key, v in m.items():
+        if not key.startswith(name):
+            continue
+        rest = key[len(name):]
+        if rest and not rest.startswith("{"):
+            continue
+        if all(f'{k}="{val}"' in rest for k, val in labels.items()):
+            total += v
+    return total
+
+
+def quantile_from_buckets(m: dict[str, float], name: str, q: float) -> float | None:
+    buckets = []
+    for key, v in m.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), v))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    target = q * total
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= target:
+            if le == float("inf"):
+                return prev_le
+            frac = (target - prev_n) / (n - prev_n) if n > prev_n else 0.0
+            return prev_le + (le - prev_le) * frac
+        prev_le, prev_n = le, n
+    return None
+
+
+def share_within(m: dict[str, float], name: str, le: str) -> float | None:
+    total = metric(m, name + "_count")
+    if not total:
+        return None
+    return metric(m, name + "_bucket", le=le) / total
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode} before it was ready")
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("service not ready in time")
+
+
+def engine_rate(seconds: float = 1.5) -> float:
+    from bench.engine_step import measure
+
+    return measure(seconds)["events_per_s"]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    db_url = await _reset_database()
+    amqp_url = _reset_vhost()
+    tenant = str(uuid.uuid4())
+    env = dict(os.environ)
+    env.update(
+        SFWORKFLOW_DATABASE_URL=db_url,
+        SFWORKFLOW_AMQP_URL=amqp_url,
+        SFWORKFLOW_HTTP_PORT=str(HTTP_PORT),
+        SFWORKFLOW_QUEUE_TYPE=args.queue_type,
+        SFWORKFLOW_LOG_LEVEL="warning",
+    )
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-service.log", "wb")
+    service = subprocess.Popen([sys.executable, "-m", "sfworkflow", "run"], env=env, stdout=log, stderr=log,
+                               cwd=ROOT)
+    worker: SimulatedWorker | None = None
+    try:
+        await wait_ready(HTTP_PORT, service)
+        worker = SimulatedWorker(amqp_url, WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed))
+        await worker.start()
+        sproc = psutil.Process(service.pid)
+        sproc.cpu_percent(None)
+        publisher = subprocess.Popen(
+            [sys.executable, __file__, "--role", "publisher", "--amqp-url", amqp_url, "--tenant", tenant,
+             "--enrollments", str(args.enrollments), "--rate", str(args.rate), "--seed", str(args.seed),
+             "--dup-rate", str(args.dup_rate), "--ooo-rate", str(args.ooo_rate)],
+            stdout=subprocess.PIPE, cwd=ROOT,
+        )
+        samples: list[tuple[float, float, float]] = []  # (t, applied total, service cpu seconds)
+        t0 = time.monotonic()
+        expected_instances = args.enrollments
+        pg = await asyncpg.connect(db_url)
+        async with aiohttp.ClientSession() as http:
+            done_at = None
+            while time.monotonic() - t0 < args.timeout:
+                m = await scrape(http, HTTP_PORT)
+                ct = sproc.cpu_times()
+                samples.append((time.monotonic() - t0, metric(m, "sfworkflow_events_total", outcome="applied"),
+                                ct.user + ct.system))
+                if publisher.poll() is not None:
+                    finished = await pg.fetchval(
+                        "SELECT count(*) FROM sfworkflow.instance WHERE terminal")
+                    backlog = await pg.fetchval(
+                        "SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
+                    if finished >= expected_instances and backlog == 0:
+                        done_at = time.monotonic() - t0
+                        break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # the last answers and duplicates arrive and are counted
+            final = await scrape(http, HTTP_PORT)
+        pub_out = json.loads((publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()[-1])
+        checks = await invariants(pg, final, pub_out.get("published", 0), worker, expected_instances)
+        await pg.close()
+    finally:
+        if worker:
+            await worker.stop()
+        service.terminate()
+        try:
+            service.wait(15)
+        except subprocess.TimeoutExpired:
+            service.kill()
+        log.close()
+
+    # Steady state: the middle 60 % of the applied events.
+    total = samples[-1][1] if samples else 0
+    lo, hi = 0.2 * total, 0.8 * total
+    a = next((s for s in samples if s[1] >= lo), None)
+    b = next((s for s in samples if s[1] >= hi), None)
+    steady = (b[1] - a[1]) / (b[0] - a[0]) if a and b and b[0] > a[0] else None
+    cpu = (b[2] - a[2]) / (b[0] - a[0]) * 100 if a and b and b[0] > a[0] else None
+    age = "sfworkflow_event_age_at_commit_seconds"
+    return {
+        "bench": "sfworkflow throughput",
+        "mode": f"open loop, {args.rate:.0f} events/s offered" if args.rate else "closed loop",
+        "queue_type": args.queue_type,
+        "enrollments": args.enrollments,
+        "events_applied": int(metric(final, "sfworkflow_events_total", outcome="applied")),
+        "events_applied_per_s_steady": round(steady, 1) if steady else None,
+        "wall_s": round(done_at, 2) if done_at else None,
+        "event_age_at_commit_p50_ms": _ms(quantile_from_buckets(final, age, 0.50)),
+        "event_age_at_commit_p99_ms": _ms(quantile_from_buckets(final, age, 0.99)),
+        "share_committed_within_100ms": _round(share_within(final, age, "0.1"), 4),
+        "service_cpu_pct_steady": round(cpu, 1) if cpu is not None else None,
+        "mean_batch_size": _round(metric(final, "sfworkflow_batch_size_sum")
+                                  / max(1.0, metric(final, "sfworkflow_batch_size_count")), 1),
+        "engine_step_events_per_s": round(engine_rate()),
+        "checks": checks,
+        "cores": psutil.cpu_count(),
+    }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+def _round(v: float | None, n: int) -> float | None:
+    return None if v is None else round(v, n)
+
+
+async def invariants(pg: asyncpg.Connection, m: dict[str, float], publisher_sent: int, worker: SimulatedWorker,
+                     expected_instances: int) -> dict[str, Any]:
+    outcomes = {o: int(metric(m, "sfworkflow_events_total", outcome=o))
+                for o in ("applied", "duplicate", "parked", "ignored", "dead_lettered")}
+    worker_sent = sum(worker.stats.answers.values())
+    published = publisher_sent + worker_sent
+    accounted = sum(outcomes.values())
+    inbox = await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox")
+    distinct_published = published - outcomes["duplicate"]
+    parked_left = await pg.fetchval("SELECT count(*) FROM sfworkflow.parked")
+    unpublished = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
+    completed = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance WHERE state = 'completed'")
+    return {
+        "published": published,
+        **outcomes,
+        "published_eq_accounted": published == accounted,
+        "inbox_rows_eq_distinct_events": inbox == distinct_published,
+        "parked_left": parked_left,
+        "outbox_unpublished": unpublished,
+        "instances_completed": completed,
+        "all_instances_completed": completed == expected_instances,
+        "same_send_under_two_decisions": worker.stats.sends_twice(),
+        "duplicate_commands_seen_by_worker": worker.stats.duplicate_commands,
+        "ok": published == accounted and inbox == distinct_published and parked_left == 0
+        and unpublished == 0 and completed == expected_instances and worker.stats.sends_twice() == 0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", default="main", choices=("main", "publisher"))
+    p.add_argument("--enrollments", type=int, default=4000)
+    p.add_argument("--rate", type=float, default=0.0, help="offered events/s (0: as fast as possible)")
+    p.add_argument("--dup-rate", type=float, default=0.05)
+    p.add_argument("--ooo-rate", type=float, default=0.02)
+    p.add_argument("--queue-type", default="classic", choices=("classic", "quorum"))
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--amqp-url", default="")
+    p.add_argument("--tenant", default="")
+    args = p.parse_args()
+    if args.role == "publisher":
+        asyncio.run(publisher_main(args))
+        return
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
