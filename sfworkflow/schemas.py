@@ -27,7 +27,7 @@ def schema_dir() -> Path:
     env = os.environ.get("SFWORKFLOW_SCHEMA_DIR")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent
-    candidates += [here / "schemas", here.parent / "schemas"]
+    candidates += [here / "_schemas", here.parent / "schemas"]
     for c in candidates:
         if (c / "envelope" / "event.v1.json").is_file():
             return c

@@ -248,7 +248,8 @@ class _Batch:
             fresh.append(d)
         if not fresh:
             return
-        events = [d.parsed for d in fresh]
+        # Sorted, so concurrent batches take the inbox's index locks in one order (no deadlock cycle).
+        events = sorted((d.parsed for d in fresh), key=lambda e: (e.tenant_id, e.event_id))  # type: ignore[union-attr]
         inserted = await self.conn.fetch(
             q("insert_inbox"),
             [e.tenant_id for e in events],  # type: ignore[union-attr]
@@ -300,7 +301,7 @@ class _Batch:
             if compiled is not None and e.name in compiled.definition.start_events and key not in creating:
                 creating[key] = (compiled, e)
         if creating:
-            ks = list(creating)
+            ks = sorted(creating, key=lambda k: (k.tenant_id, k.workflow, k.entity_id))
             await self.conn.execute(
                 q("create_instances"),
                 [k.tenant_id for k in ks],
@@ -396,6 +397,11 @@ class _Batch:
         else:
             run.parked.append(_Parked(e, d.body, d.headers))
         self.report.events[(workflow, str(decision.outcome))] += 1
+        log.debug(
+            "event " + str(decision.outcome), tenant_id=e.tenant_id, workflow=workflow, entity_id=e.entity_id,
+            event_id=e.event_id, event_type=e.event_type, from_state=decision.from_state,
+            to_state=decision.to_state, reason=decision.reason,
+        )
 
     def _ignored(self, run: _Run, decision: Decision, e: IncomingEvent) -> None:
         if run.row_id is not None:
