@@ -149,6 +149,13 @@ def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
             raise DefinitionError(f"{d.name} v{d.version}: terminal state {s!r} is not a state")
     triggers = d.events | d.internal_events
     for t in d.transitions:
+        if t.source != ANY_ACTIVE:
+            sources = [t.source] if isinstance(t.source, str) else list(t.source)
+            for src in sources:
+                if str(src) not in known:
+                    raise DefinitionError(
+                        f"{d.name} v{d.version}: transition {t.trigger!r} from unknown state {src!r}"
+                    )
         if t.trigger not in triggers:
             raise DefinitionError(
                 f"{d.name} v{d.version}: transition trigger {t.trigger!r} is neither an event nor an internal event"
@@ -200,6 +207,10 @@ class Engine:
             return Decision(Outcome.IGNORED, state, state, version, context, "instance already started", trigger)
 
         step = Step(d, key, event, dict(context), version + 1, now, correlation, state)
+        # A report about the past (an older step or attempt) is ignored before any transition may match it.
+        stale = d.stale(step) if d.stale and instance is not None else None
+        if stale is not None:
+            return Decision(Outcome.IGNORED, state, state, version, context, stale, trigger)
         if trigger in compiled.triggers_by_state[state]:
             cursor = compiled.cursor
             cursor.state = state
@@ -211,9 +222,8 @@ class Engine:
         else:
             moved = False
         if not moved:
-            stale = d.stale(step) if d.stale else None
-            if stale is not None or event.internal:
-                reason = stale or f"{trigger} does not apply in state {state}"
+            if event.internal:
+                reason = f"{trigger} does not apply in state {state}"
                 return Decision(Outcome.IGNORED, state, state, version, context, reason, trigger)
             return Decision(
                 Outcome.PARKED, state, state, version, context, f"{trigger} is not allowed in state {state}", trigger

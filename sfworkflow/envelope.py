@@ -35,6 +35,13 @@ class IncomingEvent:
     data: dict[str, Any]
 
 
+def parse_timestamp(text: str) -> datetime:
+    """RFC 3339 as the schema admits it (Python 3.11's fromisoformat refuses a lower-case `z`)."""
+    if text[-1:] in ("z", "Z"):
+        text = text[:-1] + "+00:00"
+    return datetime.fromisoformat(text)
+
+
 class EventParser:
     """Validates bodies against the schema set for the event types the engine knows."""
 
@@ -87,7 +94,7 @@ class EventParser:
             errors = self.schemas.errors("events", event_type, data, version)
             return Rejection(DeadReason.SCHEMA_VIOLATION, f"data of {event_type}: " + "; ".join(errors))
         try:
-            timestamp = datetime.fromisoformat(doc["timestamp"])
+            timestamp = parse_timestamp(doc["timestamp"])
         except ValueError:
             return Rejection(DeadReason.SCHEMA_VIOLATION, f"timestamp {doc['timestamp'][:40]!r} is not RFC 3339")
         workflow, _, name = event_type.partition(".")
@@ -117,7 +124,7 @@ def event_from_body(body: bytes) -> IncomingEvent:
         name=name,
         tenant_id=doc["tenant_id"].lower(),
         entity_id=doc["entity_id"],
-        timestamp=datetime.fromisoformat(doc["timestamp"]),
+        timestamp=parse_timestamp(doc["timestamp"]),
         correlation_id=doc.get("correlation_id"),
         causation_id=doc.get("causation_id"),
         schema_version=doc["schema_version"],

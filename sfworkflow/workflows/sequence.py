@@ -241,8 +241,15 @@ def record_stop(step: Step) -> None:
 
 
 def stale(step: Step) -> str | None:
-    """A report about an older step or attempt than the current one is ignored, not parked."""
+    """Events that refer to the past are ignored, not parked: a report about an older step or
+    attempt, a `resumed` for a sequence that is not paused, a `paused` for one already paused.
+    (Parking those would let them act later on an unrelated pause.)"""
     data = step.data
+    name = step.event.name
+    if name == "resumed" and step.from_state in (S.WAITING, S.SENDING, S.RETRY_WAIT):
+        return f"not paused (state {step.from_state})"
+    if name == "paused" and step.from_state == S.PAUSED:
+        return "already paused"
     if step.event.name in ("step_sent", "step_failed"):
         cursor = step.context.get("cursor")
         if cursor is None:

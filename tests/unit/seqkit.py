@@ -22,7 +22,9 @@ KEY = InstanceKey(TENANT, "sequence", ENTITY)
 CORRELATION = "corr-enrollment-42"
 T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 
-EXTERNAL = ("enrolled", "step_sent", "step_failed", "replied", "unsubscribed", "paused", "resumed", "cancelled")
+EXTERNAL = (
+    "enrolled", "step_sent", "step_failed", "replied", "unsubscribed", "paused", "resumed", "cancelled",
+)
 INTERNAL = ("timer_step_due", "timer_retry_due", "effect_suppressed")
 TRIGGERS = EXTERNAL + INTERNAL
 
@@ -50,7 +52,9 @@ def sent(step: int, attempt: int | None = None) -> dict[str, Any]:
     return d
 
 
-def failed(step: int, code: str = "provider_timeout", retryable: bool = True, attempt: int | None = None) -> dict:
+def failed(
+    step: int, code: str = "provider_timeout", retryable: bool = True, attempt: int | None = None
+) -> dict[str, Any]:
     d: dict[str, Any] = {"step": step, "error_code": code, "retryable": retryable}
     if attempt is not None:
         d["attempt"] = attempt
@@ -190,7 +194,8 @@ def schema_errors(m: OutgoingMessage) -> list[str]:
     if m.kind in ("command", "compensation"):
         return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
     assert m.kind == "lifecycle", m.kind
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
+    data_errors = s.errors("lifecycle", m.body["event_type"], m.body["data"])
+    return s.errors("envelope", "lifecycle", m.body) + data_errors
 
 
 def by_kind(d: Decision, kind: str) -> list[OutgoingMessage]:
