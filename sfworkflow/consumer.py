@@ -71,14 +71,14 @@ class Consumer:
         self.metrics = metrics
         self.health = health
         self._channels: list[tuple[AbstractChannel, AbstractQueue, str]] = []
-        self._buffers: list[asyncio.Queue[AbstractIncomingMessage]] = []
+        self._buffers: list[asyncio.Queue[AbstractIncomingMessage | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.idle = asyncio.Event()
 
     async def start(self) -> None:
         for i in range(self.settings.consumers):
-            buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
             channel = await self.connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             queue = await channel.get_queue(EVENTS_QUEUE, ensure=True)
@@ -98,6 +98,8 @@ class Consumer:
             except Exception as exc:  # channel already gone: its deliveries come back to the queue
                 log.info("cancel failed", error=type(exc).__name__)
         self._stopping.set()
+        for buffer in self._buffers:
+            buffer.put_nowait(None)  # after cancel-ok nothing more arrives: this is the end of the buffer
         deadline = time.monotonic() + timeout
         for task in self._tasks:
             try:
@@ -111,30 +113,36 @@ class Consumer:
                 except Exception:
                     pass
 
-    async def _batch_loop(self, buffer: asyncio.Queue[AbstractIncomingMessage]) -> None:
+    async def _batch_loop(self, buffer: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+        """Take what is buffered (up to a batch), linger briefly for more, apply; until the stop sentinel."""
         size = self.settings.batch_size
         linger = self.settings.batch_linger_ms / 1000.0
-        while True:
-            if self._stopping.is_set() and buffer.empty():
-                return
-            try:
-                first = await asyncio.wait_for(buffer.get(), 0.2) if self._stopping.is_set() else await buffer.get()
-            except TimeoutError:
+        ended = False
+        while not ended:
+            first = await buffer.get()
+            if first is None:
                 return
             batch = [first]
-            self._drain(buffer, batch, size)
-            if len(batch) < size and linger > 0:
+            ended = self._drain(buffer, batch, size)
+            if not ended and len(batch) < size and linger > 0:
                 await asyncio.sleep(linger)
-                self._drain(buffer, batch, size)
+                ended = self._drain(buffer, batch, size)
             await self._process(batch)
 
     @staticmethod
-    def _drain(buffer: asyncio.Queue[AbstractIncomingMessage], batch: list[AbstractIncomingMessage], size: int) -> None:
+    def _drain(
+        buffer: asyncio.Queue[AbstractIncomingMessage | None], batch: list[AbstractIncomingMessage], size: int
+    ) -> bool:
+        """Move buffered deliveries into `batch`; True when the stop sentinel was reached."""
         while len(batch) < size:
             try:
-                batch.append(buffer.get_nowait())
+                m = buffer.get_nowait()
             except asyncio.QueueEmpty:
-                return
+                return False
+            if m is None:
+                return True
+            batch.append(m)
+        return False
 
     def _delivery(self, m: AbstractIncomingMessage) -> Delivery:
         parsed = self.parser.parse(m.body, m.content_type)

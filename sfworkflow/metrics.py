@@ -5,13 +5,21 @@ Tenant, entity and event ids never appear in labels (cardinality); they are in t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from sfworkflow.errors import DeadReason
 from sfworkflow.store import BatchReport
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered")
+KINDS = ("command", "compensation", "lifecycle", "dead_letter")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, workflows: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter(
             "sfworkflow_events", "Events received, by outcome: applied, duplicate, parked, ignored, dead_lettered.",
@@ -78,6 +86,23 @@ class Metrics:
             "sfworkflow_dependency_up", "1 when the dependency answers: postgres, rabbitmq.", ["dependency"],
             registry=r,
         )
+
+        # Every known series exists from the start (at 0), so rates and alerts work before the first event.
+        for w in workflows:
+            for o in OUTCOMES:
+                self.events.labels(w, o)
+            self.transitions.labels(w)
+            self.suppressed.labels(w)
+            self.unparked.labels(w)
+            for k in KINDS[:3]:
+                self.queued.labels(w, k)
+        for k in KINDS:
+            self.published.labels(k)
+            self.publish_failures.labels(k)
+        for reason in DeadReason:
+            self.dead.labels(str(reason))
+        for dep in ("postgres", "rabbitmq"):
+            self.up.labels(dep)
 
     def record(self, report: BatchReport) -> None:
         for (workflow, outcome), n in report.events.items():

@@ -50,7 +50,7 @@ class Service:
         self.settings = settings
         self.http_enabled = http
         self.engine = Engine(DEFINITIONS)
-        self.metrics = Metrics()
+        self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}))
         self.health = Health()
         self.schemas = schemas.default()
         self.parser = EventParser(self.schemas, known_event_types(self.engine), settings.max_message_bytes)
