@@ -96,17 +96,11 @@ class Relay:
                 backoff = 0.2
             except asyncio.CancelledError:
                 raise
-            except TRANSIENT_ERRORS as exc:
-                log.warning("relay round failed; retrying", error=type(exc).__name__)
-                n = 0
-                if self._stop.is_set():
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
-                continue
             except Exception as exc:
-                log.error("relay round failed", error=repr(exc)[:300])
-                n = 0
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    log.warning("relay round failed; retrying", error=type(exc).__name__)
+                else:
+                    log.error("relay round failed; retrying", error=repr(exc)[:300])
                 if self._stop.is_set():
                     return
                 await asyncio.sleep(backoff)
@@ -115,7 +109,9 @@ class Relay:
             if n >= self.settings.relay_batch:
                 continue  # more is waiting
             if self._stop.is_set():
-                return
+                if n == 0:
+                    return
+                continue  # stopping: flush until a round finds nothing (rows may have been committed meanwhile)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
 

@@ -312,9 +312,28 @@ class _Batch:
                 [creating[k][1].correlation_id for k in ks],
             )
         ks = list(keys)
-        rows = await self.conn.fetch(
+        rows = list(await self.conn.fetch(
             q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
-        )
+        ))
+        missing = set(ks) - {InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"]) for r in rows}
+        if missing:
+            # An instance may be being created by a concurrent batch that has not committed yet: inserting
+            # its key waits for that batch, so the event is applied to it instead of being parked unseen.
+            # If no one else creates it, the placeholder row (version 0) is removed before commit.
+            ms = sorted(missing, key=lambda k: (k.tenant_id, k.workflow, k.entity_id))
+            compiled_of = {k: self.engine.workflow(k.workflow) for k in ms}
+            await self.conn.execute(
+                q("create_instances"),
+                [k.tenant_id for k in ms],
+                [k.workflow for k in ms],
+                [k.entity_id for k in ms],
+                [compiled_of[k].definition.version for k in ms],  # type: ignore[union-attr]
+                [compiled_of[k].initial for k in ms],  # type: ignore[union-attr]
+                [None] * len(ms),
+            )
+            rows += await self.conn.fetch(
+                q("lock_instances"), [k.tenant_id for k in ms], [k.workflow for k in ms], [k.entity_id for k in ms]
+            )
         for r in rows:
             run = self._run_from_row(r)
             if run is not None and r["version"] == 0:

@@ -58,6 +58,8 @@ class TimerLoop:
                         self.metrics.dead.labels("transition_not_allowed").inc(expired)
                     next_sweep = time.monotonic() + PARKED_SWEEP_S
                 backoff = 0.2
+                if not self.health.db_ok:
+                    self.health.db_recovered()
                 if fired >= TIMER_BATCH:
                     continue
             except TRANSIENT_ERRORS as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import aio_pika
@@ -10,7 +11,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from sfworkflow.service import Service
+from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.support import TENANT, Amqp, history, instance, state_of
 
@@ -38,19 +39,25 @@ class Inbox:
         return [orjson.loads(m.body) for m in self.messages]
 
     async def wait(self, n: int, timeout: float = 15.0, what: str | None = None) -> list[dict[str, Any]]:
-        """Wait until at least `n` messages arrived in total; return every body so far."""
+        """Wait until at least `n` messages arrived in total; return every (JSON) body so far."""
+        await self.wait_raw(n, timeout, what)
+        return self.bodies
 
+    async def wait_raw(self, n: int, timeout: float = 15.0, what: str | None = None) -> list[AbstractIncomingMessage]:
         async def enough() -> bool:
             return len(await self.poll()) >= n
 
         await wait_for(enough, timeout=timeout, what=what or f"{n} message(s) in {self.queue}")
-        return self.bodies
+        return self.messages
 
     async def settle(self, quiet_s: float = 0.5) -> list[dict[str, Any]]:
-        """Give late messages `quiet_s` to arrive, then return every body so far."""
-        await asyncio.sleep(quiet_s)
-        await self.poll()
+        """Give late messages `quiet_s` to arrive, then return every (JSON) body so far."""
+        await self.settle_raw(quiet_s)
         return self.bodies
+
+    async def settle_raw(self, quiet_s: float = 0.5) -> list[AbstractIncomingMessage]:
+        await asyncio.sleep(quiet_s)
+        return await self.poll()
 
 
 async def queue_depth(url: str, queue: str) -> tuple[int, int]:
@@ -121,6 +128,10 @@ async def outcomes(pg: asyncpg.Connection, entity: str, tenant: str = TENANT) ->
             for h in await history(pg, entity, tenant)]
 
 
-async def wait_idle(service: Service, pg: asyncpg.Connection, timeout: float = 15.0) -> None:
-    """Every outbox row published (the relay caught up)."""
-    await wait_all_published(pg, timeout)
+def quick(settings: Settings, **overrides: Any) -> Settings:
+    """The test settings with a short shutdown budget, so a stop that hangs fails fast.
+
+    Every test waits for the outbox to drain before stopping, so nothing is cut short.
+    """
+    return dataclasses.replace(settings, **{"shutdown_timeout_s": 2.0, **overrides})
+

@@ -14,6 +14,7 @@ from tests.integration.helpers_extra import (
     counter,
     history_for_event,
     outcomes,
+    quick,
     state_of,
     wait_all_published,
     wait_state,
@@ -26,7 +27,7 @@ async def _inbox_rows(pg: asyncpg.Connection, event_id: str) -> int:
 
 
 async def test_same_event_published_twice_is_applied_once(settings: Settings, pg: asyncpg.Connection) -> None:
-    async with running_service(settings) as service, Amqp(settings.amqp_url) as mq:
+    async with running_service(quick(settings)) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         ev = event("sequence.enrolled", "dup-1", enrolled_data(steps=1))
         await mq.publish(ev)
@@ -49,7 +50,7 @@ async def test_same_event_published_twice_is_applied_once(settings: Settings, pg
 
 
 async def test_same_event_in_a_quick_burst_is_applied_once(settings: Settings, pg: asyncpg.Connection) -> None:
-    async with running_service(settings) as service, Amqp(settings.amqp_url) as mq:
+    async with running_service(quick(settings)) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         ev = event("sequence.enrolled", "burst-1", enrolled_data(steps=1))
         await asyncio.gather(*(mq.publish(ev) for _ in range(5)))
@@ -82,7 +83,7 @@ async def _metric_at_least(service: object, outcome: str, n: int) -> bool:
 async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: asyncpg.Connection) -> None:
     """Two enrollments, same recipient, same templates: each template is sent once per day."""
     address = "same-person@example.com"
-    async with running_service(settings) as service, Amqp(settings.amqp_url) as mq:
+    async with running_service(quick(settings)) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "enr-a", enrolled_data(steps=2, address=address)))
         await wait_state(pg, "enr-a", "sending")
@@ -130,3 +131,33 @@ async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: 
     assert await pg.fetchval(
         "SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'command'"
     ) == 2
+
+
+async def test_same_send_in_one_batch_is_suppressed(settings: Settings, pg: asyncpg.Connection) -> None:
+    """Both enrollments in one batch (queued before the consumer starts): one send per template."""
+    address = "batch-person@example.com"
+    async with running_service(quick(settings, consumers=1), consume=False) as service, \
+            Amqp(settings.amqp_url) as mq:
+        commands = Inbox(mq, COMMANDS_Q)
+        await mq.publish(event("sequence.enrolled", "one-a", enrolled_data(steps=1, address=address)))
+        await mq.publish(event("sequence.enrolled", "one-b", enrolled_data(steps=1, address=address)))
+        assert service.consumer is not None
+        await service.consumer.start()
+        await wait_for(lambda: _states(pg, {"one-a": "sending", "one-b": "completed"}), what="a sending, b completed")
+        await wait_all_published(pg)
+        bodies = await commands.settle(0.3)
+        suppressed = counter(service.metrics.suppressed, "sequence")
+
+    assert [c["entity_id"] for c in bodies] == ["one-a"]
+    assert suppressed == 1
+    assert (await instance(pg, "one-b"))["context"]["suppressed"] == 1
+    assert await outcomes(pg, "one-b") == [
+        ("sequence.enrolled", "applied", "new", "waiting"),
+        ("sequence.timer.step_due", "applied", "waiting", "sending"),
+        ("sequence.send_step", "suppressed", "sending", "sending"),
+        ("sequence.effect_suppressed", "applied", "sending", "completed"),
+    ]
+
+
+async def _states(pg: asyncpg.Connection, want: dict[str, str]) -> bool:
+    return all([await state_of(pg, e) == s for e, s in want.items()])
