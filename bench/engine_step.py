@@ -18,9 +18,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView  # noqa: E402
-from sfworkflow.engine import Engine, Outcome  # noqa: E402
-from sfworkflow.workflows import DEFINITIONS  # noqa: E402
+from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
+from sfworkflow.engine import Engine, Outcome
+from sfworkflow.workflows import DEFINITIONS
 
 TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 STEPS = 3
@@ -28,7 +28,8 @@ STEPS = 3
 
 def _script(i: int) -> list[tuple[str, dict[str, Any], bool]]:
     data = {
-        "sequence_id": "s", "lead_id": f"l{i}",
+        "sequence_id": "s",
+        "lead_id": f"l{i}",
         "recipient": {"channel": "email", "address": f"l{i}@x.example"},
         "steps": [{"template_id": f"t{s}", "delay_seconds": 0} for s in range(STEPS)],
     }
@@ -64,8 +65,13 @@ def measure(seconds: float = 3.0) -> dict[str, Any]:
         assert view is not None and view.state == "completed"
         i += 1
     elapsed = time.perf_counter() - start
-    return {"bench": "engine step (pure)", "events_per_s": round(steps / elapsed), "steps": steps,
-            "instances": i, "seconds": round(elapsed, 2)}
+    return {
+        "bench": "engine step (pure)",
+        "events_per_s": round(steps / elapsed),
+        "steps": steps,
+        "instances": i,
+        "seconds": round(elapsed, 2),
+    }
 
 
 if __name__ == "__main__":

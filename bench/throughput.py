@@ -109,8 +109,13 @@ async def publisher_main(args: argparse.Namespace) -> None:
             assert last is not None
             ev = last
         else:
-            ev = build_event(spec["event_type"], tenant_id=args.tenant, entity_id=spec["entity_id"],
-                             data=spec["data"], source="bench.publisher")
+            ev = build_event(
+                spec["event_type"],
+                tenant_id=args.tenant,
+                entity_id=spec["entity_id"],
+                data=spec["data"],
+                source="bench.publisher",
+            )
             if spec["event_type"] == "sequence.enrolled":
                 enrollments += 1
                 last = ev
@@ -152,7 +157,7 @@ def metric(m: dict[str, float], name: str, **labels: str) -> float:
     for key, v in m.items():
         if not key.startswith(name):
             continue
-        rest = key[len(name):]
+        rest = key[len(name) :]
         if rest and not rest.startswith("{"):
             continue
         if all(f'{k}="{val}"' in rest for k, val in labels.items()):
@@ -224,8 +229,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         SFWORKFLOW_LOG_LEVEL="warning",
     )
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-service.log", "wb")
-    service = subprocess.Popen([sys.executable, "-m", "sfworkflow", "run"], env=env, stdout=log, stderr=log,
-                               cwd=ROOT)
+    service = subprocess.Popen([sys.executable, "-m", "sfworkflow", "run"], env=env, stdout=log, stderr=log, cwd=ROOT)
     worker: SimulatedWorker | None = None
     try:
         await wait_ready(HTTP_PORT, service)
@@ -234,10 +238,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sproc = psutil.Process(service.pid)
         sproc.cpu_percent(None)
         publisher = subprocess.Popen(
-            [sys.executable, __file__, "--role", "publisher", "--amqp-url", amqp_url, "--tenant", tenant,
-             "--enrollments", str(args.enrollments), "--rate", str(args.rate), "--seed", str(args.seed),
-             "--dup-rate", str(args.dup_rate), "--ooo-rate", str(args.ooo_rate)],
-            stdout=subprocess.PIPE, cwd=ROOT,
+            [
+                sys.executable,
+                __file__,
+                "--role",
+                "publisher",
+                "--amqp-url",
+                amqp_url,
+                "--tenant",
+                tenant,
+                "--enrollments",
+                str(args.enrollments),
+                "--rate",
+                str(args.rate),
+                "--seed",
+                str(args.seed),
+                "--dup-rate",
+                str(args.dup_rate),
+                "--ooo-rate",
+                str(args.ooo_rate),
+            ],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
         )
         samples: list[tuple[float, float, float]] = []  # (t, applied total, service cpu seconds)
         t0 = time.monotonic()
@@ -248,13 +270,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             while time.monotonic() - t0 < args.timeout:
                 m = await scrape(http, HTTP_PORT)
                 ct = sproc.cpu_times()
-                samples.append((time.monotonic() - t0, metric(m, "sfworkflow_events_total", outcome="applied"),
-                                ct.user + ct.system))
+                samples.append(
+                    (
+                        time.monotonic() - t0,
+                        metric(m, "sfworkflow_events_total", outcome="applied"),
+                        ct.user + ct.system,
+                    )
+                )
                 if publisher.poll() is not None:
-                    finished = await pg.fetchval(
-                        "SELECT count(*) FROM sfworkflow.instance WHERE terminal")
-                    backlog = await pg.fetchval(
-                        "SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
+                    finished = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance WHERE terminal")
+                    backlog = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
                     if finished >= expected_instances and backlog == 0:
                         done_at = time.monotonic() - t0
                         break
@@ -294,8 +319,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "event_age_at_commit_p99_ms": _ms(quantile_from_buckets(final, age, 0.99)),
         "share_committed_within_100ms": _round(share_within(final, age, "0.1"), 4),
         "service_cpu_pct_steady": round(cpu, 1) if cpu is not None else None,
-        "mean_batch_size": _round(metric(final, "sfworkflow_batch_size_sum")
-                                  / max(1.0, metric(final, "sfworkflow_batch_size_count")), 1),
+        "mean_batch_size": _round(
+            metric(final, "sfworkflow_batch_size_sum") / max(1.0, metric(final, "sfworkflow_batch_size_count")), 1
+        ),
         "engine_step_events_per_s": round(engine_rate()),
         "checks": checks,
         "cores": psutil.cpu_count(),
@@ -310,10 +336,13 @@ def _round(v: float | None, n: int) -> float | None:
     return None if v is None else round(v, n)
 
 
-async def invariants(pg: asyncpg.Connection, m: dict[str, float], publisher_sent: int, worker: SimulatedWorker,
-                     expected_instances: int) -> dict[str, Any]:
-    outcomes = {o: int(metric(m, "sfworkflow_events_total", outcome=o))
-                for o in ("applied", "duplicate", "parked", "ignored", "dead_lettered")}
+async def invariants(
+    pg: asyncpg.Connection, m: dict[str, float], publisher_sent: int, worker: SimulatedWorker, expected_instances: int
+) -> dict[str, Any]:
+    outcomes = {
+        o: int(metric(m, "sfworkflow_events_total", outcome=o))
+        for o in ("applied", "duplicate", "parked", "ignored", "dead_lettered")
+    }
     worker_sent = sum(worker.stats.answers.values())
     published = publisher_sent + worker_sent
     accounted = sum(outcomes.values())
@@ -333,8 +362,12 @@ async def invariants(pg: asyncpg.Connection, m: dict[str, float], publisher_sent
         "all_instances_completed": completed == expected_instances,
         "same_send_under_two_decisions": worker.stats.sends_twice(),
         "duplicate_commands_seen_by_worker": worker.stats.duplicate_commands,
-        "ok": published == accounted and inbox == distinct_published and parked_left == 0
-        and unpublished == 0 and completed == expected_instances and worker.stats.sends_twice() == 0,
+        "ok": published == accounted
+        and inbox == distinct_published
+        and parked_left == 0
+        and unpublished == 0
+        and completed == expected_instances
+        and worker.stats.sends_twice() == 0,
     }
 
 

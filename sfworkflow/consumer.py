@@ -92,7 +92,7 @@ class Consumer:
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries, apply and ack what was already delivered, then close the channels."""
         self.health.consuming = False
-        for channel, queue, tag in self._channels:
+        for _channel, queue, tag in self._channels:
             try:
                 await queue.cancel(tag)
             except Exception as exc:  # channel already gone: its deliveries come back to the queue
@@ -180,8 +180,13 @@ class Consumer:
             except TRANSIENT_ERRORS as exc:
                 self.health.db_failed(exc)
                 self.metrics.batch_retries.inc()
-                log.warning("batch not applied; retrying", error=type(exc).__name__, detail=str(exc)[:200],
-                            retry_in_s=round(delay, 2), batch=len(deliveries))
+                log.warning(
+                    "batch not applied; retrying",
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    retry_in_s=round(delay, 2),
+                    batch=len(deliveries),
+                )
                 if self._stopping.is_set() and delay >= BACKOFF_CAP_S:
                     return False  # shutting down with the database gone: leave the batch to redelivery
                 await asyncio.sleep(delay)
@@ -221,8 +226,15 @@ class Consumer:
                     continue
                 detail = f"applying this message failed: {type(exc).__name__}: {str(exc)[:300]}"
                 log.error("message dead-lettered after an internal error", error=detail)
-                d = Delivery(Rejection(DeadReason.INTERNAL_ERROR, detail), d.body, d.headers, d.routing_key,
-                             d.exchange, d.content_type, d.message_id)
+                d = Delivery(
+                    Rejection(DeadReason.INTERNAL_ERROR, detail),
+                    d.body,
+                    d.headers,
+                    d.routing_key,
+                    d.exchange,
+                    d.content_type,
+                    d.message_id,
+                )
 
 
 async def _ack(batch: Sequence[AbstractIncomingMessage]) -> None:

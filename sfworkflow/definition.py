@@ -134,8 +134,20 @@ class Step:
     """What an action sees and writes: the event, a copy of the context, and the decision so far."""
 
     __slots__ = (
-        "key", "event", "context", "now", "seq", "definition", "correlation_id", "from_state",
-        "outgoing", "timers_set", "timers_cancelled", "cancel_all_timers", "notes", "_n",
+        "_n",
+        "cancel_all_timers",
+        "context",
+        "correlation_id",
+        "definition",
+        "event",
+        "from_state",
+        "key",
+        "notes",
+        "now",
+        "outgoing",
+        "seq",
+        "timers_cancelled",
+        "timers_set",
     )
 
     def __init__(

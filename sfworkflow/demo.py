@@ -79,8 +79,14 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     try:
         entities = [f"enrollment-{i}" for i in range(args.enrollments)]
         for entity, data in zip(entities, _enrollments(args, rnd), strict=True):
-            ev = build_event("sequence.enrolled", tenant_id=tenant, entity_id=entity, data=data,
-                             source="sfworkflow.demo", correlation_id=f"demo-{entity}")
+            ev = build_event(
+                "sequence.enrolled",
+                tenant_id=tenant,
+                entity_id=entity,
+                data=data,
+                source="sfworkflow.demo",
+                correlation_id=f"demo-{entity}",
+            )
             await publisher.publish(ev)
             published["sequence.enrolled"] += 1
             if rnd.random() < args.duplicate_rate:
@@ -89,8 +95,15 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         repliers = [e for e in entities if rnd.random() < args.reply_rate]
         await asyncio.sleep(0.5)
         for entity in repliers:
-            await publisher.publish(build_event("sequence.replied", tenant_id=tenant, entity_id=entity,
-                                                data={"channel": "email"}, source="sfworkflow.demo"))
+            await publisher.publish(
+                build_event(
+                    "sequence.replied",
+                    tenant_id=tenant,
+                    entity_id=entity,
+                    data={"channel": "email"},
+                    source="sfworkflow.demo",
+                )
+            )
             published["sequence.replied"] += 1
         ok = await _wait_until_done(settings, tenant, args.enrollments, args.timeout)
         elapsed = time.monotonic() - started
@@ -114,7 +127,9 @@ async def _print_stuck(settings: Settings, tenant: str) -> None:
     try:
         rows = await conn.fetch(
             "SELECT entity_id, state, updated_at FROM sfworkflow.instance WHERE tenant_id = $1 AND NOT terminal "
-            "ORDER BY updated_at LIMIT 20", uuid.UUID(tenant))
+            "ORDER BY updated_at LIMIT 20",
+            uuid.UUID(tenant),
+        )
     finally:
         await conn.close()
     print("instances that did not end (first 20):")
@@ -243,14 +258,18 @@ def _print_summary(
     print(f"  {'retries':<14}{s['retries']:>8}   (same idempotency key, attempt + 1)")
     comp = sum(worker.stats.compensations.values())
     print(f"compensations received by the worker: {comp} ({dict(worker.stats.compensations)})")
-    print(f"commands received by the worker: {sum(worker.stats.commands.values())}, "
-          f"redelivered copies deduped on command_id: {worker.stats.duplicate_commands}")
+    print(
+        f"commands received by the worker: {sum(worker.stats.commands.values())}, "
+        f"redelivered copies deduped on command_id: {worker.stats.duplicate_commands}"
+    )
     print(f"outbox rows by kind: {s['outbox']}")
     print(f"published by the demo: {dict(published)}")
     print(f"same send (template, recipient, day) received by the worker under two decisions: {s['sends_twice']}")
     print(f"idempotency keys with two commands for one attempt: {s['commands_per_idempotency_over_attempts']}")
-    print(f"elapsed {elapsed:.1f} s, {applied / elapsed if elapsed else 0:.0f} events applied/s "
-          "(paced by step delays and retry backoff, not a benchmark: see bench/throughput.py)")
+    print(
+        f"elapsed {elapsed:.1f} s, {applied / elapsed if elapsed else 0:.0f} events applied/s "
+        "(paced by step delays and retry backoff, not a benchmark: see bench/throughput.py)"
+    )
     if service.http_port:
         print(f"metrics were at http://127.0.0.1:{service.http_port}/metrics")
     print("look at one instance:  sfworkflow inspect " + tenant + "/sequence/enrollment-0")

@@ -69,7 +69,7 @@ class _Cursor:
 
 def _wrap_condition(cond: Any) -> Any:
     def check(event_data: EventData) -> bool:
-        return bool(cond(event_data.model.step))
+        return bool(cond(event_data.model.step))  # type: ignore[attr-defined]
 
     check.__name__ = getattr(cond, "__name__", "condition")
     return check
@@ -77,7 +77,7 @@ def _wrap_condition(cond: Any) -> Any:
 
 def _wrap_action(action: Any) -> Any:
     def run(event_data: EventData) -> None:
-        action(event_data.model.step)
+        action(event_data.model.step)  # type: ignore[attr-defined]
 
     run.__name__ = getattr(action, "__name__", "action")
     return run
@@ -91,13 +91,15 @@ class CompiledWorkflow:
         states = [str(s.value) for s in definition.states]
         check_definition(definition, states)
         active = [s for s in states if s not in definition.terminal and s != definition.initial]
-        table = []
+        table: list[dict[str, Any]] = []
         for t in definition.transitions:
             # Plain strings, never Enum members: `transitions` names Enum states by member name.
             sources = (
                 active
                 if t.source == ANY_ACTIVE
-                else [str(t.source)] if isinstance(t.source, str) else [str(x) for x in t.source]
+                else [str(t.source)]
+                if isinstance(t.source, str)
+                else [str(x) for x in t.source]
             )
             table.append(
                 {
@@ -121,9 +123,7 @@ class CompiledWorkflow:
             model_attribute="state",
         )
         self.events = self.machine.events
-        self.triggers_by_state: dict[str, frozenset[str]] = {
-            s: frozenset(self.machine.get_triggers(s)) for s in states
-        }
+        self.triggers_by_state: dict[str, frozenset[str]] = {s: frozenset(self.machine.get_triggers(s)) for s in states}
         self.table = table
 
     def mermaid(self) -> str:
@@ -153,9 +153,7 @@ def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
             sources = [t.source] if isinstance(t.source, str) else list(t.source)
             for src in sources:
                 if str(src) not in known:
-                    raise DefinitionError(
-                        f"{d.name} v{d.version}: transition {t.trigger!r} from unknown state {src!r}"
-                    )
+                    raise DefinitionError(f"{d.name} v{d.version}: transition {t.trigger!r} from unknown state {src!r}")
         if t.trigger not in triggers:
             raise DefinitionError(
                 f"{d.name} v{d.version}: transition trigger {t.trigger!r} is neither an event nor an internal event"

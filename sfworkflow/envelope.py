@@ -61,9 +61,7 @@ class EventParser:
 
     def parse(self, body: bytes, content_type: str | None = None) -> IncomingEvent | Rejection:
         if len(body) > self.max_bytes:
-            return Rejection(
-                DeadReason.TOO_LARGE, f"body is {len(body)} bytes; the limit is {self.max_bytes} bytes"
-            )
+            return Rejection(DeadReason.TOO_LARGE, f"body is {len(body)} bytes; the limit is {self.max_bytes} bytes")
         if content_type and content_type.split(";", 1)[0].strip().lower() not in JSON_CONTENT_TYPES:
             return Rejection(
                 DeadReason.UNSUPPORTED_CONTENT_TYPE,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,7 +34,7 @@ async def readyz(request: web.Request) -> web.Response:
     service: Service = request.app[SERVICE]
     checks = await service.readiness(READY_CHECK_TIMEOUT_S)
     ready = all(c["ok"] for c in checks.values())
-    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
     if not ready:
         body["failed"] = sorted(k for k, c in checks.items() if not c["ok"])
     return web.json_response(body, status=200 if ready else 503)

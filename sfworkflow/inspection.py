@@ -14,13 +14,17 @@ from sfworkflow.settings import Settings
 async def load_instance(conn: asyncpg.Connection, tenant: str, workflow: str, entity: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(
         "SELECT * FROM sfworkflow.instance WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3",
-        tenant.lower(), workflow, entity,
+        tenant.lower(),
+        workflow,
+        entity,
     )
     if row is None:
         parked = await conn.fetch(
             "SELECT event_id, event_type, reason, parked_at, deadline FROM sfworkflow.parked "
             "WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id",
-            tenant.lower(), workflow, entity,
+            tenant.lower(),
+            workflow,
+            entity,
         )
         if not parked:
             return None
@@ -28,16 +32,24 @@ async def load_instance(conn: asyncpg.Connection, tenant: str, workflow: str, en
     iid = row["id"]
     history = await conn.fetch(
         "SELECT seq, event_id, event_type, outcome, from_state, to_state, detail, created_at "
-        "FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id", iid)
+        "FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id",
+        iid,
+    )
     timers = await conn.fetch(
-        "SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at", iid)
+        "SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at", iid
+    )
     outbox = await conn.fetch(
         "SELECT message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, body "
-        "FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id", iid)
+        "FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id",
+        iid,
+    )
     parked = await conn.fetch(
         "SELECT event_id, event_type, reason, parked_at, deadline FROM sfworkflow.parked "
         "WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id",
-        row["tenant_id"], workflow, entity)
+        row["tenant_id"],
+        workflow,
+        entity,
+    )
     return {
         "instance": {k: row[k] for k in row.keys()},
         "history": [dict(r) for r in history],
@@ -68,24 +80,33 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
     if inst is None:
         print(f"{ref}: no instance yet; parked events waiting for it:")
     else:
-        print(f"{ref}  state={inst['state']}  version={inst['version']}  definition=v{inst['definition_version']}"
-              f"  terminal={inst['terminal']}  updated={inst['updated_at']:%Y-%m-%d %H:%M:%S}")
+        print(
+            f"{ref}  state={inst['state']}  version={inst['version']}  definition=v{inst['definition_version']}"
+            f"  terminal={inst['terminal']}  updated={inst['updated_at']:%Y-%m-%d %H:%M:%S}"
+        )
         print("context: " + orjson.dumps(inst["context"]).decode())
         print("history:")
         for h in found["history"]:
             detail = orjson.dumps(h["detail"]).decode() if h["detail"] else ""
-            print(f"  {h['created_at']:%H:%M:%S.%f}  #{h['seq']:<3} {h['outcome']:<10} {h['event_type']:<28} "
-                  f"{h['from_state'] or '':>12} -> {h['to_state'] or '':<12} {detail}")
+            print(
+                f"  {h['created_at']:%H:%M:%S.%f}  #{h['seq']:<3} {h['outcome']:<10} {h['event_type']:<28} "
+                f"{h['from_state'] or '':>12} -> {h['to_state'] or '':<12} {detail}"
+            )
         print("timers:" + ("" if found["timers"] else " none"))
         for t in found["timers"]:
             print(f"  {t['name']:<12} due {t['due_at']:%Y-%m-%d %H:%M:%S}")
         print("outbox:")
         for o in found["outbox"]:
-            status = f"published {o['published_at']:%H:%M:%S}" if o["published_at"] else (
-                f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})")
+            status = (
+                f"published {o['published_at']:%H:%M:%S}"
+                if o["published_at"]
+                else (f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})")
+            )
             attempt = o["body"].get("attempt")
-            print(f"  {o['kind']:<12} {o['routing_key']:<32} {status}"
-                  + (f"  attempt={attempt} key={o['body'].get('idempotency_key')}" if attempt else ""))
+            print(
+                f"  {o['kind']:<12} {o['routing_key']:<32} {status}"
+                + (f"  attempt={attempt} key={o['body'].get('idempotency_key')}" if attempt else "")
+            )
     print("parked:" + ("" if found["parked"] else " none"))
     for p in found["parked"]:
         print(f"  {p['event_type']:<28} {p['reason']}  deadline {p['deadline']:%Y-%m-%d %H:%M:%S}")

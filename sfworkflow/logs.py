@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
@@ -14,9 +15,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure(level: str = "info", fmt: str = "json") -> None:
     lvl = _LEVELS.get(level.lower(), logging.INFO)
     renderer: structlog.typing.Processor
+    logger_factory: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        factory: structlog.typing.WrapperClass | None = None
         logger_factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from sfworkflow.errors import DeadReason
 from sfworkflow.store import BatchReport
@@ -22,36 +29,52 @@ class Metrics:
     def __init__(self, workflows: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter(
-            "sfworkflow_events", "Events received, by outcome: applied, duplicate, parked, ignored, dead_lettered.",
-            ["workflow", "outcome"], registry=r,
+            "sfworkflow_events",
+            "Events received, by outcome: applied, duplicate, parked, ignored, dead_lettered.",
+            ["workflow", "outcome"],
+            registry=r,
         )
         self.transitions = Counter(
-            "sfworkflow_transitions", "State transitions applied (external, timer and internal events).",
-            ["workflow"], registry=r,
+            "sfworkflow_transitions",
+            "State transitions applied (external, timer and internal events).",
+            ["workflow"],
+            registry=r,
         )
         self.queued = Counter(
-            "sfworkflow_outbox_queued", "Messages written to the outbox, by kind: command, compensation, lifecycle.",
-            ["workflow", "kind"], registry=r,
+            "sfworkflow_outbox_queued",
+            "Messages written to the outbox, by kind: command, compensation, lifecycle.",
+            ["workflow", "kind"],
+            registry=r,
         )
         self.published = Counter(
-            "sfworkflow_published", "Messages the broker confirmed, by kind: command, compensation, lifecycle, dead_letter.",
-            ["kind"], registry=r,
+            "sfworkflow_published",
+            "Messages the broker confirmed, by kind: command, compensation, lifecycle, dead_letter.",
+            ["kind"],
+            registry=r,
         )
         self.publish_failures = Counter(
-            "sfworkflow_publish_failures", "Publish attempts that failed (unroutable, nacked, connection lost).",
-            ["kind"], registry=r,
+            "sfworkflow_publish_failures",
+            "Publish attempts that failed (unroutable, nacked, connection lost).",
+            ["kind"],
+            registry=r,
         )
         self.suppressed = Counter(
-            "sfworkflow_effects_suppressed", "Commands not published because their effect key was already claimed.",
-            ["workflow"], registry=r,
+            "sfworkflow_effects_suppressed",
+            "Commands not published because their effect key was already claimed.",
+            ["workflow"],
+            registry=r,
         )
         self.dead = Counter(
-            "sfworkflow_dead_letters", "Messages dead-lettered to sfworkflow.dead, by reason code.",
-            ["reason"], registry=r,
+            "sfworkflow_dead_letters",
+            "Messages dead-lettered to sfworkflow.dead, by reason code.",
+            ["reason"],
+            registry=r,
         )
         self.unparked = Counter(
-            "sfworkflow_unparked", "Parked events applied after a later transition of their instance.",
-            ["workflow"], registry=r,
+            "sfworkflow_unparked",
+            "Parked events applied after a later transition of their instance.",
+            ["workflow"],
+            registry=r,
         )
         self.timers_fired = Counter("sfworkflow_timers_fired", "Durable timers fired by the timer loop.", registry=r)
         self.batch_retries = Counter(
@@ -64,14 +87,37 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "sfworkflow_batch_size", "Deliveries per micro-batch.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+            "sfworkflow_batch_size",
+            "Deliveries per micro-batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
         )
         self.event_age = Histogram(
             "sfworkflow_event_age_at_commit_seconds",
             "From an event's envelope timestamp (set by its producer) to the commit that recorded it.",
-            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3,
-                     0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
+            buckets=(
+                0.005,
+                0.01,
+                0.02,
+                0.03,
+                0.04,
+                0.05,
+                0.06,
+                0.07,
+                0.08,
+                0.09,
+                0.1,
+                0.125,
+                0.15,
+                0.2,
+                0.3,
+                0.5,
+                1.0,
+                2.5,
+                5.0,
+                10.0,
+                60.0,
+            ),
             registry=r,
         )
         self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=r)
@@ -83,7 +129,9 @@ class Metrics:
         )
         self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=r)
         self.up = Gauge(
-            "sfworkflow_dependency_up", "1 when the dependency answers: postgres, rabbitmq.", ["dependency"],
+            "sfworkflow_dependency_up",
+            "1 when the dependency answers: postgres, rabbitmq.",
+            ["dependency"],
             registry=r,
         )
 

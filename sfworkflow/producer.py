@@ -1,8 +1,8 @@
 """A small producer for SalesFlow code: build a valid event envelope, validate it, publish with confirms.
 
-    async with EventPublisher.connect("amqp://guest:guest@127.0.0.1:5672/") as pub:
-        await pub.publish(build_event("sequence.enrolled", tenant_id=..., entity_id="enrollment-42",
-                                      data={...}, source="salesflow.sequences"))
+async with EventPublisher.connect("amqp://guest:guest@127.0.0.1:5672/") as pub:
+    await pub.publish(build_event("sequence.enrolled", tenant_id=..., entity_id="enrollment-42",
+                                  data={...}, source="salesflow.sequences"))
 """
 
 from __future__ import annotations

@@ -75,8 +75,11 @@ class Relay:
                 conn = await asyncpg.connect(self.settings.database_url)
                 await init_connection(conn)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake.set())
-                while not self._stop.is_set() and not conn.is_closed():
-                    await asyncio.sleep(1.0)
+                while not conn.is_closed():  # checked each second: asyncpg does not signal a dropped LISTEN
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), 1.0)
+                    if self._stop.is_set():
+                        return
             except asyncio.CancelledError:
                 raise
             except Exception:

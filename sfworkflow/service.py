@@ -1,9 +1,9 @@
 """The sfworkflow process: consumer, outbox relay, timer loop, stats and HTTP, with one lifecycle.
 
-    start: create database if missing -> migrate -> pool -> RabbitMQ (robust) -> declare topology
-           -> relay, timers, consumer, stats, HTTP
-    stop (SIGTERM/SIGINT): stop consuming, apply and ack what was delivered, flush the relay,
-           stop timers, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
+start: create database if missing -> migrate -> pool -> RabbitMQ (robust) -> declare topology
+       -> relay, timers, consumer, stats, HTTP
+stop (SIGTERM/SIGINT): stop consuming, apply and ack what was delivered, flush the relay,
+       stop timers, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ STARTUP_RETRY_S = 30.0  # seconds start-up keeps retrying a dependency that is n
 
 
 def known_event_types(engine: Engine) -> set[str]:
-    return {
-        cw.definition.event_type(e) for cw in engine.compiled.values() for e in cw.definition.events
-    }
+    return {cw.definition.event_type(e) for cw in engine.compiled.values() for e in cw.definition.events}
 
 
 class Service:
@@ -78,8 +76,9 @@ class Service:
         self.health.migrations_ok = True
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: aio_pika.connect_robust(s.amqp_url))
-        await topology.declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}),
-                               s.queue_type)
+        await topology.declare(
+            self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type
+        )
         self.relay = Relay(s, self.pool, self.amqp, self.metrics)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)
@@ -155,9 +154,7 @@ class Service:
         amqp_ok = self.amqp is not None and not self.amqp.is_closed and self.amqp.connected.is_set()
         checks["rabbitmq"] = {"ok": amqp_ok} if amqp_ok else {"ok": False, "error": "not connected"}
         self.metrics.up.labels("rabbitmq").set(1 if amqp_ok else 0)
-        checks["consumer"] = (
-            {"ok": True} if self.health.consuming else {"ok": False, "error": "not consuming"}
-        )
+        checks["consumer"] = {"ok": True} if self.health.consuming else {"ok": False, "error": "not consuming"}
         if self.health.consuming and not self.health.db_ok:
             checks["consumer"] = {"ok": False, "error": f"batches failing: {self.health.db_error}"}
         checks["migrations"] = {"ok": self.health.migrations_ok}
@@ -189,8 +186,12 @@ async def _retry(what: str, url: str, fn: Any) -> Any:
     while True:
         try:
             return await fn()
-        except (OSError, ConnectionError, asyncpg.exceptions.CannotConnectNowError,
-                aio_pika.exceptions.AMQPConnectionError) as exc:
+        except (
+            OSError,
+            ConnectionError,
+            asyncpg.exceptions.CannotConnectNowError,
+            aio_pika.exceptions.AMQPConnectionError,
+        ) as exc:
             if time.monotonic() >= deadline:
                 raise StoreUnavailable(
                     f"{what} at {redact_url(url)} is not reachable ({type(exc).__name__}); "

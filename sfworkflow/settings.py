@@ -72,9 +72,7 @@ class Settings:
 
     def check(self) -> None:
         if self.queue_type not in ("quorum", "classic"):
-            raise SettingsError(
-                f"SFWORKFLOW_QUEUE_TYPE={self.queue_type!r}: use 'quorum' (default) or 'classic'"
-            )
+            raise SettingsError(f"SFWORKFLOW_QUEUE_TYPE={self.queue_type!r}: use 'quorum' (default) or 'classic'")
         for name in ("prefetch", "consumers", "batch_size", "pool_size", "max_message_bytes", "relay_batch"):
             if int(getattr(self, name)) < 1:
                 raise SettingsError(f"SFWORKFLOW_{name.upper()} must be at least 1")

@@ -102,8 +102,13 @@ class SimulatedWorker:
         s.seen.add(cmd["command_id"])
         s.commands[cmd["command_type"]] += 1
         data = cmd["data"]
-        effect = (cmd["tenant_id"], cmd["command_type"], str(data.get("template_id")),
-                  str((data.get("recipient") or {}).get("address")), cmd["issued_at"][:10])
+        effect = (
+            cmd["tenant_id"],
+            cmd["command_type"],
+            str(data.get("template_id")),
+            str((data.get("recipient") or {}).get("address")),
+            cmd["issued_at"][:10],
+        )
         s.sends.setdefault(effect, set()).add(cmd["idempotency_key"])
         if self.profile.silent:
             return

@@ -31,7 +31,14 @@ import orjson
 import structlog
 
 from sfworkflow.db import q
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
+from sfworkflow.definition import (
+    ID_NAMESPACE,
+    EngineEvent,
+    InstanceKey,
+    InstanceView,
+    OutgoingMessage,
+    TimerRequest,
+)
 from sfworkflow.engine import CompiledWorkflow, Decision, Engine, Outcome
 from sfworkflow.envelope import IncomingEvent, event_from_body
 from sfworkflow.errors import DeadReason, Rejection
@@ -312,9 +319,11 @@ class _Batch:
                 [creating[k][1].correlation_id for k in ks],
             )
         ks = list(keys)
-        rows = list(await self.conn.fetch(
-            q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
-        ))
+        rows = list(
+            await self.conn.fetch(
+                q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
+            )
+        )
         missing = set(ks) - {InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"]) for r in rows}
         if missing:
             # An instance may be being created by a concurrent batch that has not committed yet: inserting
@@ -344,8 +353,11 @@ class _Batch:
                 assert compiled is not None  # the parser only admits event types of loaded workflows
                 self.runs[key] = _Run(key=key, compiled=compiled)
         await self._load_parked(
-            [run for run in self.runs.values() if run.row_id is not None
-             and (run.loaded_parked_count > 0 or run.loaded_version == 0)]
+            [
+                run
+                for run in self.runs.values()
+                if run.row_id is not None and (run.loaded_parked_count > 0 or run.loaded_version == 0)
+            ]
         )
 
     def _run_from_row(self, r: asyncpg.Record) -> _Run | None:
@@ -354,7 +366,9 @@ class _Batch:
         if compiled is None:
             log.error(
                 "instance is on a definition version that is not loaded",
-                tenant_id=key.tenant_id, workflow=key.workflow, entity_id=key.entity_id,
+                tenant_id=key.tenant_id,
+                workflow=key.workflow,
+                entity_id=key.entity_id,
                 definition_version=r["definition_version"],
             )
             return None
@@ -417,38 +431,66 @@ class _Batch:
             run.parked.append(_Parked(e, d.body, d.headers))
         self.report.events[(workflow, str(decision.outcome))] += 1
         log.debug(
-            "event " + str(decision.outcome), tenant_id=e.tenant_id, workflow=workflow, entity_id=e.entity_id,
-            event_id=e.event_id, event_type=e.event_type, from_state=decision.from_state,
-            to_state=decision.to_state, reason=decision.reason,
+            "event " + str(decision.outcome),
+            tenant_id=e.tenant_id,
+            workflow=workflow,
+            entity_id=e.entity_id,
+            event_id=e.event_id,
+            event_type=e.event_type,
+            from_state=decision.from_state,
+            to_state=decision.to_state,
+            reason=decision.reason,
         )
 
     def _ignored(self, run: _Run, decision: Decision, e: IncomingEvent) -> None:
         if run.row_id is not None:
             run.history.append(
-                (run.row_id, decision.version, e.event_id, e.event_type, "ignored",
-                 decision.from_state, decision.to_state, {"reason": decision.reason})
+                (
+                    run.row_id,
+                    decision.version,
+                    e.event_id,
+                    e.event_type,
+                    "ignored",
+                    decision.from_state,
+                    decision.to_state,
+                    {"reason": decision.reason},
+                )
             )
 
-    def _engine_failed(
-        self, run: _Run, e: IncomingEvent, body: bytes, headers: dict[str, Any], exc: Exception
-    ) -> None:
+    def _engine_failed(self, run: _Run, e: IncomingEvent, body: bytes, headers: dict[str, Any], exc: Exception) -> None:
         detail = f"applying {e.event_type} raised {type(exc).__name__}: {str(exc)[:300]}"
         log.error(
             "engine step failed; event dead-lettered",
-            tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id,
-            event_type=e.event_type, error=detail, traceback=traceback.format_exc(limit=8),
+            tenant_id=e.tenant_id,
+            workflow=e.workflow,
+            entity_id=e.entity_id,
+            event_id=e.event_id,
+            event_type=e.event_type,
+            error=detail,
+            traceback=traceback.format_exc(limit=8),
         )
         self.dead.append(
-            dead_letter_row(body, headers, DeadReason.INTERNAL_ERROR, detail,
-                            message_id_seed=f"{e.tenant_id}/{e.event_id}", routing_key=e.event_type,
-                            exchange="sfworkflow.events", content_type="application/json")
+            dead_letter_row(
+                body,
+                headers,
+                DeadReason.INTERNAL_ERROR,
+                detail,
+                message_id_seed=f"{e.tenant_id}/{e.event_id}",
+                routing_key=e.event_type,
+                exchange="sfworkflow.events",
+                content_type="application/json",
+            )
         )
         self.report.events[(e.workflow, "dead_lettered")] += 1
         self.report.dead[str(DeadReason.INTERNAL_ERROR)] += 1
 
     def _absorb(self, run: _Run, d: Decision, event_id: str | None, event_type: str) -> None:
         run.view = InstanceView(
-            run.key, d.to_state, d.context, d.version, run.compiled.definition.version,
+            run.key,
+            d.to_state,
+            d.context,
+            d.version,
+            run.compiled.definition.version,
             run.view.correlation_id if run.view else None,
         )
         run.changed = True
@@ -456,9 +498,7 @@ class _Batch:
         if event_id is not None:
             run.last_event = (event_id, event_type)
         detail = dict(d.notes) if d.notes else None
-        run.history.append(
-            (run.row_id, d.version, event_id, event_type, "applied", d.from_state, d.to_state, detail)
-        )
+        run.history.append((run.row_id, d.version, event_id, event_type, "applied", d.from_state, d.to_state, detail))
         if d.cancel_all_timers:
             run.timer_ops.clear()
             run.cancel_all = True
@@ -503,7 +543,7 @@ class _Batch:
                 if decision.outcome is Outcome.APPLIED:
                     p.done = True
                     self._absorb(run, decision, p.event.event_id, p.event.event_type)
-                    run.history[-1] = run.history[-1][:7] + ({**(run.history[-1][7] or {}), "unparked": True},)
+                    run.history[-1] = (*run.history[-1][:7], {**(run.history[-1][7] or {}), "unparked": True})
                     if p.db_id is not None:
                         self.report.unparked[run.key.workflow] += 1
                     progressed = True
@@ -550,9 +590,16 @@ class _Batch:
         run.outgoing = [o for o in run.outgoing if o is not m]
         assert run.view is not None
         run.history.append(
-            (run.row_id, run.view.version, None, m.routing_key, "suppressed", run.view.state, run.view.state,
-             {"effect_key": m.effect_key, "command_id": m.message_id,
-              "idempotency_key": m.body["idempotency_key"]})
+            (
+                run.row_id,
+                run.view.version,
+                None,
+                m.routing_key,
+                "suppressed",
+                run.view.state,
+                run.view.state,
+                {"effect_key": m.effect_key, "command_id": m.message_id, "idempotency_key": m.body["idempotency_key"]},
+            )
         )
         self.report.suppressed[run.key.workflow] += 1
         event = EngineEvent(
@@ -571,8 +618,16 @@ class _Batch:
     # ---- output --------------------------------------------------------------------------------
     def _dead_letter(self, d: Delivery, reason: DeadReason, detail: str) -> None:
         self.dead.append(
-            dead_letter_row(d.body, d.headers, reason, detail, message_id_seed=d.message_id or "",
-                            routing_key=d.routing_key, exchange=d.exchange, content_type=d.content_type)
+            dead_letter_row(
+                d.body,
+                d.headers,
+                reason,
+                detail,
+                message_id_seed=d.message_id or "",
+                routing_key=d.routing_key,
+                exchange=d.exchange,
+                content_type=d.content_type,
+            )
         )
         workflow = d.routing_key.partition(".")[0] if isinstance(d.parsed, Rejection) else "unknown"
         self.report.events[(_metric_workflow(workflow, self.engine), "dead_lettered")] += 1
@@ -596,8 +651,18 @@ class _Batch:
             if run.changed or parked_count != run.loaded_parked_count:
                 v = run.view
                 if v is not None:
-                    upd.append((run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
-                                run.last_event[0], run.last_event[1]))
+                    upd.append(
+                        (
+                            run.row_id,
+                            v.state,
+                            v.context,
+                            v.version,
+                            run.terminal,
+                            parked_count,
+                            run.last_event[0],
+                            run.last_event[1],
+                        )
+                    )
             history.extend(run.history)
             if run.cancel_all:
                 cancel_all_ids.append(run.row_id)
@@ -610,8 +675,16 @@ class _Batch:
                     timers.append((run.row_id, name, t.due_at, t.payload))
             for m in run.outgoing:
                 outbox.append(
-                    (m.message_id, m.kind, _EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
-                     orjson.dumps(m.body), {}, m.kind != "lifecycle")
+                    (
+                        m.message_id,
+                        m.kind,
+                        _EXCHANGE_OF_KIND[m.kind],
+                        m.routing_key,
+                        run.row_id,
+                        orjson.dumps(m.body),
+                        {},
+                        m.kind != "lifecycle",
+                    )
                 )
                 self.report.queued[(run.key.workflow, m.kind)] += 1
         if upd:

@@ -1,15 +1,16 @@
 """The RabbitMQ topology sfworkflow owns, declared idempotently at start-up.
 
-    exchange sfworkflow.events        (topic)  -> queue sfworkflow.events                      binding '#'
-    exchange sfworkflow.commands      (topic)  -> queue sfworkflow.commands.<workflow>         binding '<workflow>.#'
-    exchange sfworkflow.compensations (topic)  -> queue sfworkflow.compensations.<workflow>    binding '<workflow>.#'
-    exchange sfworkflow.lifecycle     (topic)     routing key '<workflow.event>.<workflow>', no queue of ours
-    queue sfworkflow.dead                         dead letters, published through the default exchange
+exchange sfworkflow.events        (topic)  -> queue sfworkflow.events                      binding '#'
+exchange sfworkflow.commands      (topic)  -> queue sfworkflow.commands.<workflow>         binding '<workflow>.#'
+exchange sfworkflow.compensations (topic)  -> queue sfworkflow.compensations.<workflow>    binding '<workflow>.#'
+exchange sfworkflow.lifecycle     (topic)     routing key '<workflow.event>.<workflow>', no queue of ours
+queue sfworkflow.dead                         dead letters, published through the default exchange
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -33,7 +34,7 @@ def compensations_queue(workflow: str) -> str:
     return f"sfworkflow.compensations.{workflow}"
 
 
-def queue_arguments(queue_type: str) -> dict[str, str]:
+def queue_arguments(queue_type: str) -> dict[str, Any]:
     return {"x-queue-type": queue_type}
 
 

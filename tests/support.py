@@ -41,8 +41,9 @@ def enrolled_data(
     }
 
 
-def event(event_type: str, entity_id: str, data: dict[str, Any] | None = None, tenant: str = TENANT,
-          **kw: Any) -> dict[str, Any]:
+def event(
+    event_type: str, entity_id: str, data: dict[str, Any] | None = None, tenant: str = TENANT, **kw: Any
+) -> dict[str, Any]:
     return build_event(event_type, tenant_id=tenant, entity_id=entity_id, data=data or {}, source="tests", **kw)
 
 
@@ -93,11 +94,14 @@ class Amqp:
         return [orjson.loads(m.body) for m in await self.drain(queue)]
 
 
-async def instance(pg: asyncpg.Connection, entity_id: str, tenant: str = TENANT,
-                   workflow: str = "sequence") -> asyncpg.Record | None:
+async def instance(
+    pg: asyncpg.Connection, entity_id: str, tenant: str = TENANT, workflow: str = "sequence"
+) -> asyncpg.Record | None:
     return await pg.fetchrow(
         "SELECT * FROM sfworkflow.instance WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3",
-        tenant, workflow, entity_id,
+        tenant,
+        workflow,
+        entity_id,
     )
 
 
@@ -110,20 +114,31 @@ async def history(pg: asyncpg.Connection, entity_id: str, tenant: str = TENANT) 
     return await pg.fetch(
         "SELECT h.* FROM sfworkflow.history h JOIN sfworkflow.instance i ON i.id = h.instance_id "
         "WHERE i.tenant_id = $1 AND i.entity_id = $2 ORDER BY h.id",
-        tenant, entity_id,
+        tenant,
+        entity_id,
     )
 
 
-async def outbox(pg: asyncpg.Connection, entity_id: str, kind: str | None = None,
-                 tenant: str = TENANT) -> list[dict[str, Any]]:
+async def outbox(
+    pg: asyncpg.Connection, entity_id: str, kind: str | None = None, tenant: str = TENANT
+) -> list[dict[str, Any]]:
     rows = await pg.fetch(
         "SELECT o.kind, o.routing_key, o.body, o.published_at FROM sfworkflow.outbox o "
         "JOIN sfworkflow.instance i ON i.id = o.instance_id "
         "WHERE i.tenant_id = $1 AND i.entity_id = $2 AND ($3::text IS NULL OR o.kind = $3) ORDER BY o.id",
-        tenant, entity_id, kind,
+        tenant,
+        entity_id,
+        kind,
     )
-    return [{"kind": r["kind"], "routing_key": r["routing_key"], "body": orjson.loads(r["body"]),
-             "published": r["published_at"] is not None} for r in rows]
+    return [
+        {
+            "kind": r["kind"],
+            "routing_key": r["routing_key"],
+            "body": orjson.loads(r["body"]),
+            "published": r["published_at"] is not None,
+        }
+        for r in rows
+    ]
 
 
 async def all_published(pg: asyncpg.Connection) -> bool:

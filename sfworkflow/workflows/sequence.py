@@ -61,11 +61,7 @@ def current_and_last(step: Step) -> bool:
 
 
 def may_retry(step: Step) -> bool:
-    return (
-        is_current_step(step)
-        and bool(step.data.get("retryable"))
-        and step.context["attempt"] < RETRY.max_attempts
-    )
+    return is_current_step(step) and bool(step.data.get("retryable")) and step.context["attempt"] < RETRY.max_attempts
 
 
 def consent_missing_has_next(step: Step) -> bool:
@@ -125,8 +121,7 @@ def issue_send(step: Step) -> None:
     recipient = ctx["recipient"]
     ctx["attempt"] = 1
     effect_key = (
-        f"{NAME}.send_step:{step.key.tenant_id}:{template_id}:"
-        f"{recipient['address']}:{step.now.date().isoformat()}"
+        f"{NAME}.send_step:{step.key.tenant_id}:{template_id}:{recipient['address']}:{step.now.date().isoformat()}"
     )
     step.command(
         "send_step",
@@ -205,8 +200,12 @@ def compensate(step: Step) -> None:
     step.compensate("disable_sequence", {"sequence_id": ctx["sequence_id"], "reason": reason}, idempotency_key=key)
     step.compensate(
         "raise_alert",
-        {"severity": "warning", "message": f"sequence {ctx['sequence_id']} disabled: {reason}",
-         "error_code": error_code, "step": ctx["cursor"]},
+        {
+            "severity": "warning",
+            "message": f"sequence {ctx['sequence_id']} disabled: {reason}",
+            "error_code": error_code,
+            "step": ctx["cursor"],
+        },
         idempotency_key=key,
     )
     step.lifecycle("workflow.failed", S.COMPENSATED, {"reason": reason, "error_code": error_code})

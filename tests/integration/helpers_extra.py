@@ -93,10 +93,10 @@ async def state_is(pg: asyncpg.Connection, entity: str, state: str, tenant: str 
     return await state_of(pg, entity, tenant) == state
 
 
-async def wait_state(pg: asyncpg.Connection, entity: str, state: str, tenant: str = TENANT,
-                     timeout: float = 15.0) -> None:
-    await wait_for(lambda: state_is(pg, entity, state, tenant), timeout=timeout,
-                   what=f"{entity} in state {state!r}")
+async def wait_state(
+    pg: asyncpg.Connection, entity: str, state: str, tenant: str = TENANT, timeout: float = 15.0
+) -> None:
+    await wait_for(lambda: state_is(pg, entity, state, tenant), timeout=timeout, what=f"{entity} in state {state!r}")
 
 
 async def all_published(pg: asyncpg.Connection) -> bool:
@@ -124,8 +124,7 @@ async def timers_of(pg: asyncpg.Connection, entity: str, tenant: str = TENANT) -
 
 async def outcomes(pg: asyncpg.Connection, entity: str, tenant: str = TENANT) -> list[tuple[str, str, str, str]]:
     """(event_type, outcome, from_state, to_state) of each history row of an instance, in order."""
-    return [(h["event_type"], h["outcome"], h["from_state"], h["to_state"])
-            for h in await history(pg, entity, tenant)]
+    return [(h["event_type"], h["outcome"], h["from_state"], h["to_state"]) for h in await history(pg, entity, tenant)]
 
 
 def quick(settings: Settings, **overrides: Any) -> Settings:
@@ -134,4 +133,3 @@ def quick(settings: Settings, **overrides: Any) -> Settings:
     Every test waits for the outbox to drain before stopping, so nothing is cut short.
     """
     return dataclasses.replace(settings, **{"shutdown_timeout_s": 2.0, **overrides})
-

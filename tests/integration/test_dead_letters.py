@@ -60,22 +60,46 @@ CASES = [
     ("invalid_utf8", b"\xff\xfe", {}, "invalid_json", {}, "not valid UTF-8 JSON"),
     ("not_an_object", b"[1,2]", {}, "not_an_object", {}, "list"),
     ("too_large", _too_large(), {}, "too_large", {"max_message_bytes": 1024}, "limit is 1024"),
-    ("unsupported_content_type", orjson.dumps(_enrolled()), {"content_type": "text/plain"},
-     "unsupported_content_type", {}, "text/plain"),
+    (
+        "unsupported_content_type",
+        orjson.dumps(_enrolled()),
+        {"content_type": "text/plain"},
+        "unsupported_content_type",
+        {},
+        "text/plain",
+    ),
     ("schema_violation_envelope", _without_tenant(), {}, "schema_violation", {}, "tenant_id"),
     ("schema_violation_data", _invalid_data(), {}, "schema_violation", {}, "data of sequence.enrolled"),
-    ("unknown_event_type", orjson.dumps(_enrolled(event_type="sequence.exploded")),
-     {"routing_key": "sequence.exploded"}, "unknown_event_type", {}, "sequence.exploded"),
-    ("unsupported_schema_version", orjson.dumps(_enrolled(schema_version=2)), {},
-     "unsupported_schema_version", {}, "version 2"),
+    (
+        "unknown_event_type",
+        orjson.dumps(_enrolled(event_type="sequence.exploded")),
+        {"routing_key": "sequence.exploded"},
+        "unknown_event_type",
+        {},
+        "sequence.exploded",
+    ),
+    (
+        "unsupported_schema_version",
+        orjson.dumps(_enrolled(schema_version=2)),
+        {},
+        "unsupported_schema_version",
+        {},
+        "version 2",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "kwargs", "reason", "overrides", "fragment"),
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("body", "kwargs", "reason", "overrides", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 async def test_bad_message_is_dead_lettered(
-    settings: Settings, pg: asyncpg.Connection, body: bytes, kwargs: dict[str, Any], reason: str,
-    overrides: dict[str, Any], fragment: str,
+    settings: Settings,
+    pg: asyncpg.Connection,
+    body: bytes,
+    kwargs: dict[str, Any],
+    reason: str,
+    overrides: dict[str, Any],
+    fragment: str,
 ) -> None:
     s = quick(settings, **overrides)
     headers = {"x-producer": "tests", "x-attempt": 1}
@@ -110,9 +134,12 @@ async def test_bad_message_is_dead_lettered(
     assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox") == 1  # only the good event
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.instance") == 1
-    assert await pg.fetchval(
-        "SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'dead_letter' AND published_at IS NOT NULL"
-    ) == 1
+    assert (
+        await pg.fetchval(
+            "SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'dead_letter' AND published_at IS NOT NULL"
+        )
+        == 1
+    )
 
 
 async def test_many_bad_messages_in_one_batch_do_not_block_good_ones(

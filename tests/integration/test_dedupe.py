@@ -112,7 +112,10 @@ async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: 
     hist_b = await outcomes(pg, "enr-b")
     assert ("sequence.send_step", "suppressed", "sending", "sending") in hist_b
     assert hist_b[hist_b.index(("sequence.send_step", "suppressed", "sending", "sending")) + 1] == (
-        "sequence.effect_suppressed", "applied", "sending", "waiting"
+        "sequence.effect_suppressed",
+        "applied",
+        "sending",
+        "waiting",
     )
     b_row = await instance(pg, "enr-b")
     assert b_row["context"]["cursor"] == 1 and b_row["context"]["suppressed"] == 1
@@ -128,16 +131,13 @@ async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: 
     keys = [r["detail"]["effect_key"] for r in suppressed_rows]
     assert len(keys) == 2 and "tpl-0" in keys[0] and "tpl-1" in keys[1] and all(address in k for k in keys)
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.effect") == 2  # tpl-0 by A, tpl-1 by B
-    assert await pg.fetchval(
-        "SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'command'"
-    ) == 2
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'command'") == 2
 
 
 async def test_same_send_in_one_batch_is_suppressed(settings: Settings, pg: asyncpg.Connection) -> None:
     """Both enrollments in one batch (queued before the consumer starts): one send per template."""
     address = "batch-person@example.com"
-    async with running_service(quick(settings, consumers=1), consume=False) as service, \
-            Amqp(settings.amqp_url) as mq:
+    async with running_service(quick(settings, consumers=1), consume=False) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "one-a", enrolled_data(steps=1, address=address)))
         await mq.publish(event("sequence.enrolled", "one-b", enrolled_data(steps=1, address=address)))

@@ -141,7 +141,9 @@ async def test_non_retryable_failure_compensates_at_once(settings: Settings, pg:
     assert disable == {"sequence_id": "seq-1", "reason": "step 0 failed: template_rejected"}
     assert (await outcomes(pg, "fatal-1"))[-1] == ("sequence.step_failed", "applied", "sending", "compensated")
     assert [r["body"]["event_type"] for r in await outbox(pg, "fatal-1", "lifecycle")] == [
-        "workflow.started", "workflow.failed", "workflow.compensated"
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
     ]
 
 
@@ -169,5 +171,6 @@ async def test_consent_missing_skips_the_step(settings: Settings, pg: asyncpg.Co
     ctx = (await instance(pg, "consent-1"))["context"]
     assert ctx["skipped"] == 2 and ctx["sent"] == 0
     assert [r["body"]["event_type"] for r in await outbox(pg, "consent-1", "lifecycle")] == [
-        "workflow.started", "workflow.completed"
+        "workflow.started",
+        "workflow.completed",
     ]

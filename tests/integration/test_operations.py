@@ -43,8 +43,9 @@ async def test_same_entity_under_two_tenants_is_two_instances(settings: Settings
     async with running_service(quick(settings)), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "shared-1", enrolled_data(steps=2, address=address)))
-        await mq.publish(event("sequence.enrolled", "shared-1", enrolled_data(steps=2, address=address),
-                               tenant=OTHER_TENANT))
+        await mq.publish(
+            event("sequence.enrolled", "shared-1", enrolled_data(steps=2, address=address), tenant=OTHER_TENANT)
+        )
         sends = await commands.wait(2)
         assert sorted(c["tenant_id"] for c in sends) == sorted([TENANT, OTHER_TENANT])
         await wait_state(pg, "shared-1", "sending", TENANT)
@@ -52,8 +53,9 @@ async def test_same_entity_under_two_tenants_is_two_instances(settings: Settings
         a_before = await instance(pg, "shared-1", TENANT)
 
         # Tenant B's events never touch tenant A's instance.
-        await mq.publish(event("sequence.step_sent", "shared-1", {"step": 0, "provider_message_id": "b0"},
-                               tenant=OTHER_TENANT))
+        await mq.publish(
+            event("sequence.step_sent", "shared-1", {"step": 0, "provider_message_id": "b0"}, tenant=OTHER_TENANT)
+        )
         await wait_for(lambda: _cursor_is(pg, OTHER_TENANT, 1), what="tenant B on step 1")
         await mq.publish(event("sequence.cancelled", "shared-1", {}, tenant=OTHER_TENANT))
         await wait_state(pg, "shared-1", "cancelled", OTHER_TENANT)
@@ -74,9 +76,11 @@ async def test_same_entity_under_two_tenants_is_two_instances(settings: Settings
     assert a["id"] != b["id"]
     assert (a["state"], b["state"]) == ("completed", "cancelled")
     assert a["context"]["sent"] == 2 and b["context"]["sent"] == 1
-    assert [(c["tenant_id"], c["data"]["step"]) for c in sends if c["tenant_id"] == TENANT] == [(TENANT, 0), (TENANT, 1)]
+    mine = [(c["tenant_id"], c["data"]["step"]) for c in sends if c["tenant_id"] == TENANT]
+    assert mine == [(TENANT, 0), (TENANT, 1)]
     assert [(c["tenant_id"], c["data"]["step"]) for c in sends if c["tenant_id"] == OTHER_TENANT] == [
-        (OTHER_TENANT, 0), (OTHER_TENANT, 1)
+        (OTHER_TENANT, 0),
+        (OTHER_TENANT, 1),
     ]
     assert all(h[1] == "applied" for h in await outcomes(pg, "shared-1", TENANT))
     assert [h[0] for h in await outcomes(pg, "shared-1", OTHER_TENANT)][-1] == "sequence.cancelled"
@@ -89,9 +93,7 @@ async def _cursor_is(pg: asyncpg.Connection, tenant: str, cursor: int) -> bool:
 
 
 # ---- outbox --------------------------------------------------------------------------------------
-async def test_every_outbox_row_is_published_with_amqp_properties(
-    settings: Settings, pg: asyncpg.Connection
-) -> None:
+async def test_every_outbox_row_is_published_with_amqp_properties(settings: Settings, pg: asyncpg.Connection) -> None:
     async with running_service(quick(settings)), Amqp(settings.amqp_url) as mq:
         await bind_capture_queue(settings.amqp_url, LIFECYCLE_EXCHANGE, "test.lifecycle")
         commands = Inbox(mq, COMMANDS_Q)
@@ -102,8 +104,9 @@ async def test_every_outbox_row_is_published_with_amqp_properties(
         await mq.publish(event("sequence.enrolled", "bad-1", enrolled_data(steps=1)))
         await commands.wait(2)
         await mq.publish(event("sequence.step_sent", "ok-1", {"step": 0, "provider_message_id": "p"}))
-        await mq.publish(event("sequence.step_failed", "bad-1",
-                               {"step": 0, "error_code": "template_rejected", "retryable": False}))
+        await mq.publish(
+            event("sequence.step_failed", "bad-1", {"step": 0, "error_code": "template_rejected", "retryable": False})
+        )
         await mq.publish_raw(b"{not json")
         await wait_state(pg, "ok-1", "completed")
         await wait_state(pg, "bad-1", "compensated")
@@ -121,11 +124,16 @@ async def test_every_outbox_row_is_published_with_amqp_properties(
     )
     assert all(r["published_at"] is not None for r in rows)
     assert all(r["publish_attempts"] == 1 and r["last_error"] is None for r in rows)
-    ids_by_kind = {k: {str(r["message_id"]) for r in rows if r["kind"] == k} for k in
-                   ("command", "compensation", "lifecycle", "dead_letter")}
+    ids_by_kind = {
+        k: {str(r["message_id"]) for r in rows if r["kind"] == k}
+        for k in ("command", "compensation", "lifecycle", "dead_letter")
+    }
 
-    for kind, box, id_field in (("command", commands, "command_id"), ("compensation", compensations, "command_id"),
-                                ("lifecycle", lifecycle, "event_id")):
+    for kind, box, id_field in (
+        ("command", commands, "command_id"),
+        ("compensation", compensations, "command_id"),
+        ("lifecycle", lifecycle, "event_id"),
+    ):
         assert len(box.messages) == len(ids_by_kind[kind])
         for m, body in zip(box.messages, box.bodies, strict=True):
             assert m.message_id == body[id_field]
@@ -162,11 +170,19 @@ async def test_http_health_readiness_and_metrics(settings: Settings, pg: asyncpg
 
     assert ready["status"] == "ready"
     assert {k: v["ok"] for k, v in ready["checks"].items()} == {
-        "postgres": True, "rabbitmq": True, "consumer": True, "migrations": True
+        "postgres": True,
+        "rabbitmq": True,
+        "consumer": True,
+        "migrations": True,
     }
     assert "failed" not in ready
-    for name in ("sfworkflow_events_total", "sfworkflow_transitions_total", "sfworkflow_batch_processing_seconds_bucket",
-                 "sfworkflow_outbox_backlog", "sfworkflow_instances"):
+    for name in (
+        "sfworkflow_events_total",
+        "sfworkflow_transitions_total",
+        "sfworkflow_batch_processing_seconds_bucket",
+        "sfworkflow_outbox_backlog",
+        "sfworkflow_instances",
+    ):
         assert name in text, name
     assert 'sfworkflow_events_total{outcome="applied",workflow="sequence"} 1.0' in text
     assert 'sfworkflow_transitions_total{workflow="sequence"} 2.0' in text
@@ -175,15 +191,22 @@ async def test_http_health_readiness_and_metrics(settings: Settings, pg: asyncpg
     if promtool is None:
         pytest.skip("promtool is not on PATH: the exposition format was not linted (the rest of the test passed)")
     proc = await asyncio.to_thread(
-        subprocess.run, [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30,
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        timeout=30,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
 async def test_readyz_reports_a_stopped_consumer(settings: Settings) -> None:
-    async with running_service(quick(settings), consume=False) as service, aiohttp.ClientSession() as http, \
-            http.get(f"http://127.0.0.1:{service.http_port}/readyz") as r:
+    async with (
+        running_service(quick(settings), consume=False) as service,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.http_port}/readyz") as r,
+    ):
         body = await r.json()
         assert r.status == 503
     assert body["failed"] == ["consumer"]
@@ -308,15 +331,19 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
             sys.executable, "-m", "sfworkflow", "run", cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
-            await wait_for(lambda: _consuming(settings.amqp_url), timeout=20, interval=0.1,
-                           what="the subprocess consuming sfworkflow.events")
+            await wait_for(
+                lambda: _consuming(settings.amqp_url),
+                timeout=20,
+                interval=0.1,
+                what="the subprocess consuming sfworkflow.events",
+            )
             async with Amqp(settings.amqp_url) as mq:
                 for ev in events[: n // 2]:
                     await mq.publish(ev)
                 applied_at_term = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance")
                 proc.send_signal(signal.SIGTERM)
                 terminated = time.monotonic()
-                for ev in events[n // 2:]:
+                for ev in events[n // 2 :]:
                     await mq.publish(ev)
             rc = await asyncio.wait_for(proc.wait(), 10)
             took = time.monotonic() - terminated
@@ -337,8 +364,11 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
 
     async with running_service(quick(settings)), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
-        await wait_for(lambda: _count(pg, "SELECT count(*) FROM sfworkflow.instance WHERE state = 'sending'", n),
-                       timeout=30, what=f"{n} instances sending")
+        await wait_for(
+            lambda: _count(pg, "SELECT count(*) FROM sfworkflow.instance WHERE state = 'sending'", n),
+            timeout=30,
+            what=f"{n} instances sending",
+        )
         await wait_all_published(pg)
         await commands.wait(n, timeout=15)
         sends = await commands.settle(0.5)
@@ -349,15 +379,20 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
     assert set(await pg.fetchval("SELECT array_agg(event_id::text) FROM sfworkflow.inbox")) == {
         e["event_id"] for e in events
     }
-    assert await pg.fetch(
-        "SELECT event_id, count(*) FROM sfworkflow.history WHERE event_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1"
-    ) == []
+    assert (
+        await pg.fetch(
+            "SELECT event_id, count(*) FROM sfworkflow.history WHERE event_id IS NOT NULL "
+            "GROUP BY 1 HAVING count(*) > 1"
+        )
+        == []
+    )
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.history WHERE event_type = 'sequence.enrolled'") == n
     assert len(sends) == n and len({c["entity_id"] for c in sends}) == n  # each enrollment sent exactly once
-    print(f"instances at SIGTERM: {applied_at_term}; applied before exit: {applied_at_exit}; "
-          f"left in queue: {left_in_queue}; outbox rows left unpublished: {unflushed}; exit took {took:.2f}s")
+    print(
+        f"instances at SIGTERM: {applied_at_term}; applied before exit: {applied_at_exit}; "
+        f"left in queue: {left_in_queue}; outbox rows left unpublished: {unflushed}; exit took {took:.2f}s"
+    )
 
 
 async def _count(pg: asyncpg.Connection, sql: str, n: int) -> bool:
     return await pg.fetchval(sql) == n
-

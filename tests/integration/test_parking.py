@@ -7,7 +7,6 @@ import asyncio
 
 import asyncpg
 import orjson
-import pytest
 
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
@@ -201,16 +200,16 @@ async def test_events_after_cancel_are_ignored_and_timers_deleted(settings: Sett
     assert [(r["outcome"], r["from_state"], r["to_state"]) for r in rows] == [("ignored", "cancelled", "cancelled")]
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.timer") == 0
     assert [(h["event_type"], h["outcome"]) for h in await history(pg, "cxl-1")] == [
-        ("sequence.enrolled", "applied"), ("sequence.cancelled", "applied"), ("sequence.step_sent", "ignored"),
+        ("sequence.enrolled", "applied"),
+        ("sequence.cancelled", "applied"),
+        ("sequence.step_sent", "ignored"),
     ]
     lifecycle = await outbox(pg, "cxl-1", "lifecycle")
     assert [m["body"]["event_type"] for m in lifecycle] == ["workflow.started", "workflow.completed"]
     assert lifecycle[1]["body"]["data"] == {"final_state": "cancelled"}
 
 
-async def test_report_during_a_pause_while_sending_waits_for_resume(
-    settings: Settings, pg: asyncpg.Connection
-) -> None:
+async def test_report_during_a_pause_while_sending_waits_for_resume(settings: Settings, pg: asyncpg.Connection) -> None:
     async with running_service(quick(settings)), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "psend-1", enrolled_data(steps=2)))
@@ -280,7 +279,8 @@ async def test_pause_holds_the_timer_and_resume_fires_it(settings: Settings, pg:
 async def _waiting_on_lock(pg: asyncpg.Connection, statement: str) -> int:
     return await pg.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-        "AND query LIKE $1", f"%{statement}%",
+        "AND query LIKE $1",
+        f"%{statement}%",
     )
 
 
@@ -304,13 +304,17 @@ async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
             await tx.start()
             await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
             await mq.publish(event("sequence.enrolled", "race-1", enrolled_data(steps=1, delay_s=1)))
-            await wait_for(lambda: _waiting_on_lock(pg, "INSERT INTO sfworkflow.outbox"), timeout=5,
-                           what="the enrollment's batch waiting at its outbox insert")
+            await wait_for(
+                lambda: _waiting_on_lock(pg, "INSERT INTO sfworkflow.outbox"),
+                timeout=5,
+                what="the enrollment's batch waiting at its outbox insert",
+            )
             await mq.publish(event("sequence.cancelled", "race-1", {"reason": "enrolled by mistake"}))
             # Round robin hands the cancellation to the other channel: it parks it (bug) or waits for the
             # enrollment's insert (fixed).
-            await wait_for(lambda: _parked_or_waiting(pg), timeout=5,
-                           what="the cancellation taken by the second consumer channel")
+            await wait_for(
+                lambda: _parked_or_waiting(pg), timeout=5, what="the cancellation taken by the second consumer channel"
+            )
             await tx.rollback()
         finally:
             await locker.close()

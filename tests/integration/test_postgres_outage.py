@@ -45,9 +45,22 @@ def _queue_messages(amqp_url: str, queue: str) -> tuple[int, int, int]:
     """(messages, ready, unacked) of a queue, as RabbitMQ counts them."""
     vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) or "/"
     out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages", "messages_ready",
-         "messages_unacknowledged", "--no-table-headers"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "messages",
+            "messages_ready",
+            "messages_unacknowledged",
+            "--no-table-headers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     for line in out.splitlines():
         parts = line.split("\t")
@@ -57,9 +70,10 @@ def _queue_messages(amqp_url: str, queue: str) -> tuple[int, int, int]:
 
 
 async def _readyz(port: int | None) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(
-        f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=10)
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=10)) as r,
+    ):
         return r.status, await r.json()
 
 
@@ -117,11 +131,13 @@ async def test_postgres_outage_loses_nothing(settings: Settings, database_url: s
 
         for ev in after:
             await mq.publish(ev)
-        await wait_for(lambda: _is(_count(database_url, sending), 3 * N), timeout=30,
-                       what=f"{3 * N} instances after the outage")
-        await wait_for(lambda: _is(_count(database_url, "SELECT count(*) FROM sfworkflow.outbox "
-                                                        "WHERE published_at IS NULL"), 0),
-                       what="outbox drained")
+        await wait_for(
+            lambda: _is(_count(database_url, sending), 3 * N), timeout=30, what=f"{3 * N} instances after the outage"
+        )
+        await wait_for(
+            lambda: _is(_count(database_url, "SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL"), 0),
+            what="outbox drained",
+        )
         await wait_for(lambda: _is_ready(port), timeout=30, interval=0.2, what="/readyz 200 after the outage")
         await commands.wait(3 * N)
         sends = await commands.settle(0.5)
@@ -133,13 +149,17 @@ async def test_postgres_outage_loses_nothing(settings: Settings, database_url: s
         inbox = {str(r["event_id"]) for r in await conn.fetch("SELECT event_id FROM sfworkflow.inbox")}
         assert inbox == ids
         assert await conn.fetchval("SELECT count(*) FROM sfworkflow.instance") == 3 * N
-        assert await conn.fetch(
-            "SELECT event_id, count(*) FROM sfworkflow.history WHERE event_id IS NOT NULL "
-            "GROUP BY 1 HAVING count(*) > 1"
-        ) == []
-        assert await conn.fetchval(
-            "SELECT count(*) FROM sfworkflow.history WHERE event_type = 'sequence.enrolled'"
-        ) == 3 * N
+        assert (
+            await conn.fetch(
+                "SELECT event_id, count(*) FROM sfworkflow.history WHERE event_id IS NOT NULL "
+                "GROUP BY 1 HAVING count(*) > 1"
+            )
+            == []
+        )
+        assert (
+            await conn.fetchval("SELECT count(*) FROM sfworkflow.history WHERE event_type = 'sequence.enrolled'")
+            == 3 * N
+        )
     finally:
         await conn.close()
     # The relay is at-least-once (a publish whose mark was cut off by the outage is repeated with the same

@@ -46,7 +46,8 @@ async def test_service_survives_rabbitmq_restart(settings: Settings, pg: asyncpg
             await wait_for(lambda: _count(pg, "sending", 60), timeout=30, what="60 instances sending")
             await wait_for(
                 lambda: pg.fetchval("SELECT count(*) = 0 FROM sfworkflow.outbox WHERE published_at IS NULL"),
-                timeout=30, what="outbox drained after the restart",
+                timeout=30,
+                what="outbox drained after the restart",
             )
             commands = await wait_for(lambda: mq.drain_json("sfworkflow.commands.sequence"), what="commands")
     entities = {c["entity_id"] for c in commands}

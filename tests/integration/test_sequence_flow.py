@@ -26,8 +26,11 @@ async def test_happy_path_reaches_completed(settings: Settings, pg: asyncpg.Conn
 
     transitions = [(h["from_state"], h["to_state"]) for h in await history(pg, "enr-1")]
     assert transitions == [
-        ("new", "waiting"), ("waiting", "sending"), ("sending", "waiting"),
-        ("waiting", "sending"), ("sending", "completed"),
+        ("new", "waiting"),
+        ("waiting", "sending"),
+        ("sending", "waiting"),
+        ("waiting", "sending"),
+        ("sending", "completed"),
     ]
     lifecycle = [m["body"]["event_type"] for m in await outbox(pg, "enr-1", "lifecycle")]
     assert lifecycle == ["workflow.started", "workflow.completed"]

@@ -23,7 +23,14 @@ CORRELATION = "corr-enrollment-42"
 T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 
 EXTERNAL = (
-    "enrolled", "step_sent", "step_failed", "replied", "unsubscribed", "paused", "resumed", "cancelled",
+    "enrolled",
+    "step_sent",
+    "step_failed",
+    "replied",
+    "unsubscribed",
+    "paused",
+    "resumed",
+    "cancelled",
 )
 INTERNAL = ("timer_step_due", "timer_retry_due", "effect_suppressed")
 TRIGGERS = EXTERNAL + INTERNAL
@@ -86,8 +93,9 @@ class Run:
     def state(self) -> str:
         return self.view.state if self.view else ""
 
-    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None,
-             at: datetime | None = None) -> Decision:
+    def step(
+        self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None, at: datetime | None = None
+    ) -> Decision:
         if now is not None:
             self.now = now
         d = ENGINE.step(SEQ, KEY, self.view, event(name, data, at or self.now), self.now)

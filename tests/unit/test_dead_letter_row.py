@@ -14,15 +14,21 @@ BODY = b'{"event_type": "sequence.exploded", "x": "\xc3\xa9"}'
 HEADERS = {"x-trace": "abc", "x-retry": 3}
 
 
-def row(body: bytes = BODY, headers: dict | None = None, reason: DeadReason = DeadReason.SCHEMA_VIOLATION,
-        detail: str = "envelope: <root>: 'tenant_id' is a required property", seed: str = "tenant/event-1",
-        **kw: object) -> tuple:
-    return dead_letter_row(body, dict(HEADERS) if headers is None else headers, reason, detail,
-                           message_id_seed=seed, **kw)
+def row(
+    body: bytes = BODY,
+    headers: dict | None = None,
+    reason: DeadReason = DeadReason.SCHEMA_VIOLATION,
+    detail: str = "envelope: <root>: 'tenant_id' is a required property",
+    seed: str = "tenant/event-1",
+    **kw: object,
+) -> tuple:
+    return dead_letter_row(
+        body, dict(HEADERS) if headers is None else headers, reason, detail, message_id_seed=seed, **kw
+    )
 
 
 def test_row_targets_the_dead_letter_queue_through_the_default_exchange() -> None:
-    message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory = row()
+    message_id, kind, exchange, routing_key, instance_id, body, _headers, mandatory = row()
     assert uuid.UUID(message_id)
     assert (kind, exchange, routing_key) == ("dead_letter", "", "sfworkflow.dead")
     assert (instance_id, mandatory) == (None, True)
@@ -39,8 +45,9 @@ def test_headers_carry_reason_and_detail(reason: DeadReason) -> None:
 
 def test_original_headers_are_kept_and_not_mutated() -> None:
     original = {"x-trace": "abc", "x-retry": 3}
-    headers = row(headers=original, routing_key="sequence.exploded", exchange="sfworkflow.events",
-                  content_type="application/json")[6]
+    headers = row(
+        headers=original, routing_key="sequence.exploded", exchange="sfworkflow.events", content_type="application/json"
+    )[6]
     assert original == {"x-trace": "abc", "x-retry": 3}
     assert headers["x-trace"] == "abc" and headers["x-retry"] == 3
     assert headers["x-sfworkflow-original-routing-key"] == "sequence.exploded"

@@ -20,7 +20,7 @@ class T(StrEnum):
     DONE = "done"
 
 
-def is_ready(step) -> bool:  # noqa: ANN001 (a guard; never called here)
+def is_ready(step) -> bool:
     return True
 
 
@@ -114,7 +114,12 @@ def test_valid_toy_compiles_and_latest_version_wins() -> None:
         ({"terminal": frozenset({T.DONE, "gone"})}, "terminal state 'gone'"),
     ],
     ids=[
-        "unknown-dest", "unknown-trigger", "start-not-event", "start-internal", "bad-initial", "bad-terminal",
+        "unknown-dest",
+        "unknown-trigger",
+        "start-not-event",
+        "start-internal",
+        "bad-initial",
+        "bad-terminal",
     ],
 )
 def test_engine_rejects_inconsistent_definitions(changes: dict, message: str) -> None:

@@ -83,9 +83,7 @@ def test_a_body_of_exactly_max_bytes_is_not_too_large() -> None:
     assert isinstance(PARSER.parse(padded), IncomingEvent)
 
 
-@pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/xml", "application/octet-stream", "text/html"]
-)
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "application/octet-stream", "text/html"])
 def test_unsupported_content_type(content_type: str) -> None:
     r = rejected(body(), content_type)
     assert r.reason is DeadReason.UNSUPPORTED_CONTENT_TYPE
@@ -94,10 +92,28 @@ def test_unsupported_content_type(content_type: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"garbage", b"{", b"", b"\xff\xfe", b'{"a": "\xff"}', b"[" * 10_000 + b"]" * 10_000,
-     b'{"a":' * 10_000 + b"1" + b"}" * 10_000, b"{'single': 'quotes'}", b"NaN"],
-    ids=["garbage", "truncated", "empty", "bad-utf8", "bad-utf8-in-string", "deep-list", "deep-object",
-         "single-quotes", "nan"],
+    [
+        b"garbage",
+        b"{",
+        b"",
+        b"\xff\xfe",
+        b'{"a": "\xff"}',
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+        b"{'single': 'quotes'}",
+        b"NaN",
+    ],
+    ids=[
+        "garbage",
+        "truncated",
+        "empty",
+        "bad-utf8",
+        "bad-utf8-in-string",
+        "deep-list",
+        "deep-object",
+        "single-quotes",
+        "nan",
+    ],
 )
 def test_invalid_json(raw: bytes) -> None:
     assert rejected(raw).reason is DeadReason.INVALID_JSON
@@ -172,8 +188,15 @@ def test_unsupported_schema_version(version: int) -> None:
 # ---- valid events --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "content_type",
-    [None, "", "application/json", "application/json; charset=utf-8", "Application/JSON", "text/json",
-     "application/cloudevents+json"],
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "text/json",
+        "application/cloudevents+json",
+    ],
 )
 def test_valid_event_parses(content_type: str | None) -> None:
     e = PARSER.parse(body(event_id=EVENT_ID.upper(), tenant_id=TENANT.upper()), content_type)

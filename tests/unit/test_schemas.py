@@ -44,11 +44,7 @@ def test_schema_file_compiles_and_is_loaded(path: Path) -> None:
     assert SET.validator(path.parent.name, m[1], int(m[2])) is not None
 
 
-EXAMPLES = [
-    (path, i, ex)
-    for path in FILES
-    for i, ex in enumerate(orjson.loads(path.read_bytes()).get("examples", []))
-]
+EXAMPLES = [(path, i, ex) for path in FILES for i, ex in enumerate(orjson.loads(path.read_bytes()).get("examples", []))]
 
 
 @pytest.mark.parametrize("path", FILES, ids=_rel)
@@ -70,11 +66,10 @@ ENVELOPE_EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize(("envelope", "i", "example"), ENVELOPE_EXAMPLES,
-                         ids=[f"{n}#{i}" for n, i, _ in ENVELOPE_EXAMPLES])
-def test_envelope_example_data_validates_against_its_data_schema(
-    envelope: str, i: int, example: dict
-) -> None:
+@pytest.mark.parametrize(
+    ("envelope", "i", "example"), ENVELOPE_EXAMPLES, ids=[f"{n}#{i}" for n, i, _ in ENVELOPE_EXAMPLES]
+)
+def test_envelope_example_data_validates_against_its_data_schema(envelope: str, i: int, example: dict) -> None:
     kind = {"event": "events", "command": "commands", "lifecycle": "lifecycle"}[envelope]
     type_ = example["command_type"] if envelope == "command" else example["event_type"]
     version = example.get("schema_version", 1)
@@ -127,8 +122,14 @@ ENROLLED = {
 
 
 def _enrolled(**kw: object) -> dict:
-    return build_event("sequence.enrolled", tenant_id=TENANT, entity_id="enrollment-42", data=dict(ENROLLED),
-                       source="salesflow.sequences", **kw)
+    return build_event(
+        "sequence.enrolled",
+        tenant_id=TENANT,
+        entity_id="enrollment-42",
+        data=dict(ENROLLED),
+        source="salesflow.sequences",
+        **kw,
+    )
 
 
 def test_build_event_is_valid() -> None:

@@ -13,7 +13,6 @@ import pytest
 from sfworkflow.definition import InstanceKey, TimerRequest
 from sfworkflow.engine import Outcome
 from sfworkflow.workflows.sequence import DEFINITION, S
-
 from tests.unit.seqkit import (
     BUILDERS,
     CORRELATION,
@@ -47,28 +46,56 @@ ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
     S.NEW: {"enrolled": (A, S.WAITING), **{t: (P, None) for t in TRIGGERS if t != "enrolled"}},
     S.WAITING: {
-        "enrolled": (I, None), "step_sent": (P, None), "step_failed": (P, None),
-        "replied": (A, S.STOPPED), "unsubscribed": (A, S.STOPPED), "paused": (A, S.PAUSED),
-        "resumed": (I, None), "cancelled": (A, S.CANCELLED),
-        "timer_step_due": (A, S.SENDING), "timer_retry_due": (I, None), "effect_suppressed": (I, None),
+        "enrolled": (I, None),
+        "step_sent": (P, None),
+        "step_failed": (P, None),
+        "replied": (A, S.STOPPED),
+        "unsubscribed": (A, S.STOPPED),
+        "paused": (A, S.PAUSED),
+        "resumed": (I, None),
+        "cancelled": (A, S.CANCELLED),
+        "timer_step_due": (A, S.SENDING),
+        "timer_retry_due": (I, None),
+        "effect_suppressed": (I, None),
     },
     S.SENDING: {
-        "enrolled": (I, None), "step_sent": (A, S.WAITING), "step_failed": (A, S.RETRY_WAIT),
-        "replied": (A, S.STOPPED), "unsubscribed": (A, S.STOPPED), "paused": (A, S.PAUSED),
-        "resumed": (I, None), "cancelled": (A, S.CANCELLED),
-        "timer_step_due": (I, None), "timer_retry_due": (I, None), "effect_suppressed": (A, S.WAITING),
+        "enrolled": (I, None),
+        "step_sent": (A, S.WAITING),
+        "step_failed": (A, S.RETRY_WAIT),
+        "replied": (A, S.STOPPED),
+        "unsubscribed": (A, S.STOPPED),
+        "paused": (A, S.PAUSED),
+        "resumed": (I, None),
+        "cancelled": (A, S.CANCELLED),
+        "timer_step_due": (I, None),
+        "timer_retry_due": (I, None),
+        "effect_suppressed": (A, S.WAITING),
     },
     S.RETRY_WAIT: {
-        "enrolled": (I, None), "step_sent": (A, S.WAITING), "step_failed": (P, None),
-        "replied": (A, S.STOPPED), "unsubscribed": (A, S.STOPPED), "paused": (A, S.PAUSED),
-        "resumed": (I, None), "cancelled": (A, S.CANCELLED),
-        "timer_step_due": (I, None), "timer_retry_due": (A, S.SENDING), "effect_suppressed": (I, None),
+        "enrolled": (I, None),
+        "step_sent": (A, S.WAITING),
+        "step_failed": (P, None),
+        "replied": (A, S.STOPPED),
+        "unsubscribed": (A, S.STOPPED),
+        "paused": (A, S.PAUSED),
+        "resumed": (I, None),
+        "cancelled": (A, S.CANCELLED),
+        "timer_step_due": (I, None),
+        "timer_retry_due": (A, S.SENDING),
+        "effect_suppressed": (I, None),
     },
     S.PAUSED: {
-        "enrolled": (I, None), "step_sent": (P, None), "step_failed": (P, None),
-        "replied": (A, S.STOPPED), "unsubscribed": (A, S.STOPPED), "paused": (I, None),
-        "resumed": (A, S.WAITING), "cancelled": (A, S.CANCELLED),
-        "timer_step_due": (I, None), "timer_retry_due": (I, None), "effect_suppressed": (I, None),
+        "enrolled": (I, None),
+        "step_sent": (P, None),
+        "step_failed": (P, None),
+        "replied": (A, S.STOPPED),
+        "unsubscribed": (A, S.STOPPED),
+        "paused": (I, None),
+        "resumed": (A, S.WAITING),
+        "cancelled": (A, S.CANCELLED),
+        "timer_step_due": (I, None),
+        "timer_retry_due": (I, None),
+        "effect_suppressed": (I, None),
     },
     S.COMPLETED: ALL_IGNORED,
     S.STOPPED: ALL_IGNORED,
@@ -155,7 +182,10 @@ def test_enrolled_schedules_first_step_from_event_timestamp(delay: int, timestam
     assert datetime.fromisoformat(ctx["due_at"]) == due
     assert (ctx["cursor"], ctx["attempt"], ctx["sent"], ctx["skipped"], ctx["suppressed"]) == (0, 0, 0, 0, 0)
     assert (ctx["sequence_id"], ctx["lead_id"], ctx["recipient"], ctx["steps"]) == (
-        "seq-onboarding-7", "lead-1093", {"channel": "whatsapp", "address": "+5511987654321"}, steps,
+        "seq-onboarding-7",
+        "lead-1093",
+        {"channel": "whatsapp", "address": "+5511987654321"},
+        steps,
     )
 
 

@@ -9,7 +9,6 @@ import pytest
 from sfworkflow.definition import RetryPolicy, TimerRequest
 from sfworkflow.engine import Outcome
 from sfworkflow.workflows.sequence import RETRY, S
-
 from tests.unit.seqkit import (
     BUILDERS,
     ENTITY,
@@ -107,9 +106,7 @@ def test_retries_exhausted_compensates() -> None:
     assert alert.body["data"]["step"] == 0
     assert "seq-onboarding-7" in alert.body["data"]["message"]
     assert failed_ev.body["data"]["error_code"] == "provider_timeout"
-    assert compensated.body["data"] == {
-        "compensations": ["sequence.disable_sequence", "sequence.raise_alert"]
-    }
+    assert compensated.body["data"] == {"compensations": ["sequence.disable_sequence", "sequence.raise_alert"]}
     assert failed_ev.body["state"] == compensated.body["state"] == "compensated"
     for m in d.outgoing:
         assert schema_errors(m) == [], m.routing_key

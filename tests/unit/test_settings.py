@@ -14,18 +14,20 @@ def test_empty_env_gives_the_defaults() -> None:
 
 
 def test_env_values_are_read_and_converted() -> None:
-    s = Settings.from_env({
-        "SFWORKFLOW_DATABASE_URL": "postgresql://app@db:5432/wf",
-        "SFWORKFLOW_AMQP_URL": "amqp://u:p@mq:5672/vh",
-        "SFWORKFLOW_HTTP_PORT": "9090",
-        "SFWORKFLOW_PREFETCH": "512",
-        "SFWORKFLOW_BATCH_SIZE": "64",
-        "SFWORKFLOW_BATCH_LINGER_MS": "0.5",
-        "SFWORKFLOW_PARK_TIMEOUT_S": "120",
-        "SFWORKFLOW_QUEUE_TYPE": "classic",
-        "SFWORKFLOW_LOG_LEVEL": "debug",
-        "SFWORKFLOW_USE_UVLOOP": "false",
-    })
+    s = Settings.from_env(
+        {
+            "SFWORKFLOW_DATABASE_URL": "postgresql://app@db:5432/wf",
+            "SFWORKFLOW_AMQP_URL": "amqp://u:p@mq:5672/vh",
+            "SFWORKFLOW_HTTP_PORT": "9090",
+            "SFWORKFLOW_PREFETCH": "512",
+            "SFWORKFLOW_BATCH_SIZE": "64",
+            "SFWORKFLOW_BATCH_LINGER_MS": "0.5",
+            "SFWORKFLOW_PARK_TIMEOUT_S": "120",
+            "SFWORKFLOW_QUEUE_TYPE": "classic",
+            "SFWORKFLOW_LOG_LEVEL": "debug",
+            "SFWORKFLOW_USE_UVLOOP": "false",
+        }
+    )
     assert (s.database_url, s.amqp_url) == ("postgresql://app@db:5432/wf", "amqp://u:p@mq:5672/vh")
     assert s.http_port == 9090 and isinstance(s.http_port, int)
     assert (s.prefetch, s.batch_size) == (512, 64)
@@ -36,8 +38,18 @@ def test_env_values_are_read_and_converted() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("1", True), ("true", True), ("TRUE", True), (" yes ", True), ("on", True),
-     ("0", False), ("false", False), ("no", False), ("off", False), ("nonsense", False)],
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("nonsense", False),
+    ],
 )
 def test_bool_conversion(raw: str, expected: bool) -> None:
     assert Settings.from_env({"SFWORKFLOW_USE_UVLOOP": raw}).use_uvloop is expected
@@ -55,8 +67,13 @@ def test_overrides_win_over_env() -> None:
 
 @pytest.mark.parametrize(
     ("var", "raw"),
-    [("HTTP_PORT", "eighty"), ("PREFETCH", "1.5"), ("POOL_SIZE", ""), ("BATCH_LINGER_MS", "fast"),
-     ("RELAY_BATCH", "10k")],
+    [
+        ("HTTP_PORT", "eighty"),
+        ("PREFETCH", "1.5"),
+        ("POOL_SIZE", ""),
+        ("BATCH_LINGER_MS", "fast"),
+        ("RELAY_BATCH", "10k"),
+    ],
 )
 def test_bad_numbers_are_rejected(var: str, raw: str) -> None:
     if raw == "":
@@ -73,8 +90,9 @@ def test_bad_queue_type_is_rejected(queue_type: str) -> None:
         Settings.from_env({"SFWORKFLOW_QUEUE_TYPE": queue_type})
 
 
-@pytest.mark.parametrize("var", ["PREFETCH", "CONSUMERS", "BATCH_SIZE", "POOL_SIZE", "MAX_MESSAGE_BYTES",
-                                 "RELAY_BATCH"])
+@pytest.mark.parametrize(
+    "var", ["PREFETCH", "CONSUMERS", "BATCH_SIZE", "POOL_SIZE", "MAX_MESSAGE_BYTES", "RELAY_BATCH"]
+)
 def test_counts_must_be_positive(var: str) -> None:
     with pytest.raises(SettingsError, match=f"SFWORKFLOW_{var} must be at least 1"):
         Settings.from_env({f"SFWORKFLOW_{var}": "0"})
