@@ -31,7 +31,7 @@ class Transition:
 
     trigger: str
     source: str | Sequence[str]
-    dest: str
+    dest: str | None  # None: an internal transition (the action runs, the state stays)
     conditions: Sequence[Condition] = ()
     action: Action | None = None
 

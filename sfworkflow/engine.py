@@ -105,7 +105,7 @@ class CompiledWorkflow:
                 {
                     "trigger": t.trigger,
                     "source": sources,
-                    "dest": str(t.dest),
+                    "dest": None if t.dest is None else str(t.dest),
                     "conditions": [_wrap_condition(c) for c in t.conditions],
                     "after": [_wrap_action(t.action)] if t.action else [],
                 }
@@ -134,7 +134,7 @@ class CompiledWorkflow:
             for src in row["source"]:
                 guard = ",".join(c.__name__ for c in row["conditions"])
                 label = row["trigger"] + (f" [{guard}]" if guard else "")
-                lines.append(f"    {src} --> {row['dest']}: {label}")
+                lines.append(f"    {src} --> {row['dest'] or src}: {label}")
         for s in sorted(d.terminal):
             lines.append(f"    {s} --> [*]")
         return "\n".join(lines) + "\n"
@@ -158,7 +158,7 @@ def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
             raise DefinitionError(
                 f"{d.name} v{d.version}: transition trigger {t.trigger!r} is neither an event nor an internal event"
             )
-        if t.dest not in known:
+        if t.dest is not None and t.dest not in known:
             raise DefinitionError(f"{d.name} v{d.version}: transition to unknown state {t.dest!r}")
     for e in d.start_events:
         if e not in d.events:

@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-import aio_pika
+import aiormq.abc
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pamqp.commands import Basic
 
 from sfworkflow.db import TRANSIENT_ERRORS, init_connection, q
 from sfworkflow.faults import fault_point
@@ -28,6 +29,7 @@ log = structlog.get_logger("sfworkflow.relay")
 NOTIFY_CHANNEL = "sfworkflow_outbox"
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
+PERSISTENT = 2  # AMQP delivery mode
 
 
 class Relay:
@@ -43,7 +45,6 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
 
     async def start(self) -> None:
         self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -118,16 +119,6 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        assert self._channel is not None
-        if name == "":
-            return self._channel.default_exchange
-        ex = self._exchanges.get(name)
-        if ex is None:
-            ex = await self._channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = ex
-        return ex
-
     async def publish_round(self) -> int:
         """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -136,7 +127,10 @@ class Relay:
                 return 0
             if self._channel is None or self._channel.is_closed:
                 raise ConnectionError("relay channel is closed")
-            results = await asyncio.gather(*(self._publish(r) for r in rows), return_exceptions=True)
+            # The aiormq channel under the (robust) aio-pika channel: publishing on it directly skips
+            # building an aio_pika.Message per row, which was a tenth of the service's CPU.
+            underlay = await self._channel.get_underlay_channel()
+            results = await asyncio.gather(*(_publish(underlay, r) for r in rows), return_exceptions=True)
             fault_point("after_publish_before_mark")
             ok, failed = [], []
             for r, res in zip(rows, results, strict=True):
@@ -154,19 +148,27 @@ class Relay:
                 await conn.execute(q("mark_publish_failed"), *[list(c) for c in zip(*failed, strict=True)])
             return len(rows)
 
-    async def _publish(self, r: asyncpg.Record) -> Any:
-        headers: dict[str, Any] = r["headers"] or {}
+
+async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> Any:
+    """Publish one outbox row: persistent, message_id = the row's id; confirms and returns raise."""
+    headers: dict[str, Any] = r["headers"] or {}
+    kind = r["kind"]
+    if kind == "dead_letter":
+        content_type = headers.get("x-sfworkflow-original-content-type") or "application/octet-stream"
+    else:
         content_type = "application/json"
-        if r["kind"] == "dead_letter":
-            content_type = headers.get("x-sfworkflow-original-content-type") or "application/octet-stream"
-        message = aio_pika.Message(
-            body=r["body"],
-            content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=r["message_id"],
-            type=r["routing_key"] if r["kind"] != "dead_letter" else None,
-            headers=headers or None,
-            app_id="sfworkflow",
-        )
-        exchange = await self._exchange(r["exchange"])
-        return await exchange.publish(message, routing_key=r["routing_key"], mandatory=r["mandatory"])
+    properties = Basic.Properties(
+        content_type=content_type,
+        delivery_mode=PERSISTENT,
+        message_id=r["message_id"],
+        message_type=r["routing_key"] if kind != "dead_letter" else None,
+        headers=headers or None,
+        app_id="sfworkflow",
+    )
+    return await channel.basic_publish(
+        r["body"],
+        exchange=r["exchange"],
+        routing_key=r["routing_key"],
+        properties=properties,
+        mandatory=r["mandatory"],
+    )

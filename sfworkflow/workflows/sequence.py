@@ -6,7 +6,8 @@
                                                    │      retry_wait ──timer_retry_due──> sending (attempt + 1)
                                                    ├─step_failed consent_missing──> next step (skipped)
                                                    └─step_failed otherwise / retries exhausted──> compensated
-    replied | unsubscribed ──> stopped;  cancelled ──> cancelled;  paused ⇄ resumed
+    replied | unsubscribed ──> stopped;  cancelled ──> cancelled;  paused ⇄ resumed (last writer wins
+    by event timestamp: a resumed while running is remembered, a paused older than it is ignored)
 
 Context: sequence_id, lead_id, recipient, steps, cursor (current step), attempt (of the current
 send), due_at (when the current step falls due), paused_from, and counters sent/skipped/suppressed.
@@ -220,19 +221,37 @@ def compensate(step: Step) -> None:
 def pause(step: Step) -> None:
     """Suspend: timers are cancelled; `resumed` returns to the state paused here."""
     step.context["paused_from"] = step.from_state
+    step.context["paused_at"] = step.event.timestamp.isoformat()
     step.cancel_timers()
+
+
+def note_resume(step: Step) -> None:
+    """A `resumed` while running changes nothing now, but a `paused` older than it must not apply later."""
+    _remember_resume(step)
+    step.note(resumed_while_running=True)
+
+
+def _remember_resume(step: Step) -> None:
+    ctx = step.context
+    ts = step.event.timestamp
+    if "resumed_at" not in ctx or ts > datetime.fromisoformat(ctx["resumed_at"]):
+        ctx["resumed_at"] = ts.isoformat()
 
 
 def resume_timer(step: Step) -> None:
     """Resume into a waiting state: the pending timer fires at its old due time, or now if passed."""
     ctx = step.context
     from_state = ctx.pop("paused_from", S.WAITING)
+    ctx.pop("paused_at", None)
+    _remember_resume(step)
     due = max(datetime.fromisoformat(ctx["due_at"]), step.now)
     step.set_timer("step_due" if from_state == S.WAITING else "retry_due", due)
 
 
 def resume_sending(step: Step) -> None:
     step.context.pop("paused_from", None)
+    step.context.pop("paused_at", None)
+    _remember_resume(step)
 
 
 def record_stop(step: Step) -> None:
@@ -241,23 +260,31 @@ def record_stop(step: Step) -> None:
 
 def stale(step: Step) -> str | None:
     """Events that refer to the past are ignored, not parked: a report about an older step or
-    attempt, a `resumed` for a sequence that is not paused, a `paused` for one already paused.
-    (Parking those would let them act later on an unrelated pause.)"""
+    attempt, a `paused` older than the last `resumed`, a `resumed` older than the pause it would end.
+
+    Pause and resume are last-writer-wins by event timestamp, so they may arrive in any order
+    (across consumers) and the newest intent holds; parking them instead would let a stray
+    `resumed` end an unrelated later pause."""
     data = step.data
     name = step.event.name
-    if name == "resumed" and step.from_state in (S.WAITING, S.SENDING, S.RETRY_WAIT):
-        return f"not paused (state {step.from_state})"
-    if name == "paused" and step.from_state == S.PAUSED:
-        return "already paused"
-    if step.event.name in ("step_sent", "step_failed"):
-        cursor = step.context.get("cursor")
+    ctx = step.context
+    if name == "paused":
+        if step.from_state == S.PAUSED:
+            return "already paused"
+        if "resumed_at" in ctx and step.event.timestamp <= datetime.fromisoformat(ctx["resumed_at"]):
+            return f"older than the resumed of {ctx['resumed_at']}"
+    if name == "resumed" and step.from_state == S.PAUSED:
+        if step.event.timestamp < datetime.fromisoformat(ctx["paused_at"]):
+            return f"older than the pause of {ctx['paused_at']}"
+    if name in ("step_sent", "step_failed"):
+        cursor = ctx.get("cursor")
         if cursor is None:
             return None
         if data.get("step", cursor) < cursor:
             return f"step {data.get('step')} is already done (current step {cursor})"
         attempt = data.get("attempt")
-        if attempt is not None and data.get("step") == cursor and attempt < step.context.get("attempt", 0):
-            return f"attempt {attempt} of step {cursor} was superseded by attempt {step.context['attempt']}"
+        if attempt is not None and data.get("step") == cursor and attempt < ctx.get("attempt", 0):
+            return f"attempt {attempt} of step {cursor} was superseded by attempt {ctx['attempt']}"
     return None
 
 
@@ -298,5 +325,6 @@ DEFINITION = WorkflowDefinition(
         Transition("resumed", P, W, [was_waiting], action=resume_timer),
         Transition("resumed", P, R, [was_retry_wait], action=resume_timer),
         Transition("resumed", P, SE, [was_sending], action=resume_sending),
+        Transition("resumed", [W, SE, R], None, action=note_resume),
     ),
 )

@@ -76,7 +76,8 @@ async def test_events_before_their_instance_exists_wait_for_enrolled(
         # A step report before the enrollment: parked too.
         sent = event("sequence.step_sent", "early-sent", {"step": 0, "provider_message_id": "p0"})
         await mq.publish(sent)
-        # A resume before the enrollment: parked, then ignored (the sequence was never paused).
+        # A resume before the enrollment: parked, then noted (the sequence was not paused; a pause older
+        # than this resume must not apply later).
         resumed = event("sequence.resumed", "early-resume", {})
         await mq.publish(resumed)
         await wait_for(lambda: _parked_count_is(pg, 3), what="three events parked")
@@ -110,7 +111,7 @@ async def test_events_before_their_instance_exists_wait_for_enrolled(
     assert (await history_for_event(pg, sent["event_id"]))[0]["detail"]["unparked"] is True
     assert await outcomes(pg, "early-resume") == [
         ("sequence.enrolled", "applied", "new", "waiting"),
-        ("sequence.resumed", "ignored", "waiting", "waiting"),
+        ("sequence.resumed", "applied", "waiting", "waiting"),
     ]
     assert (await instance(pg, "early-resume"))["state"] == "waiting"
     for entity in ("early-pause", "early-sent", "early-resume"):

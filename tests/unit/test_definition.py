@@ -57,7 +57,8 @@ def _expected_lines(d: WorkflowDefinition) -> set[str]:
         sources = active if t.source == ANY_ACTIVE else [t.source] if isinstance(t.source, str) else t.source
         guard = ",".join(c.__name__ for c in t.conditions)
         for src in sources:
-            lines.add(f"    {src} --> {t.dest}: {t.trigger}" + (f" [{guard}]" if guard else ""))
+            dest = t.dest if t.dest is not None else src  # an internal transition is drawn as a self-loop
+            lines.add(f"    {src} --> {dest}: {t.trigger}" + (f" [{guard}]" if guard else ""))
     return lines
 
 

@@ -293,3 +293,36 @@ def test_reports_while_paused_are_parked(state: S, trigger: str) -> None:
     data = sent(0, 1) if trigger == "step_sent" else failed(0, attempt=1)
     d = run.step(trigger, data)
     assert (d.outcome, d.to_state) == (Outcome.PARKED, S.PAUSED)
+
+
+# ---- pause and resume are last-writer-wins by event timestamp ---------------------------------
+def test_resume_while_running_is_remembered_and_an_older_pause_is_ignored() -> None:
+    run = in_waiting()
+    t = run.now
+    noted = run.do("resumed", {}, at=t + timedelta(seconds=30))
+    assert (noted.from_state, noted.to_state) == (S.WAITING, S.WAITING)
+    assert noted.timers_set == [] and not noted.cancel_all_timers
+    older_pause = run.step("paused", {}, at=t + timedelta(seconds=10))
+    assert older_pause.outcome is Outcome.IGNORED
+    assert "older than the resumed" in (older_pause.reason or "")
+    assert run.state == S.WAITING
+    newer_pause = run.step("paused", {}, at=t + timedelta(seconds=40))
+    assert (newer_pause.outcome, newer_pause.to_state) == (Outcome.APPLIED, S.PAUSED)
+
+
+def test_resume_older_than_the_pause_is_ignored() -> None:
+    run = in_waiting()
+    t = run.now
+    run.do("paused", {}, at=t + timedelta(seconds=20))
+    stale = run.step("resumed", {}, at=t + timedelta(seconds=5))
+    assert stale.outcome is Outcome.IGNORED and "older than the pause" in (stale.reason or "")
+    assert run.state == S.PAUSED
+    fresh = run.step("resumed", {}, at=t + timedelta(seconds=25))
+    assert (fresh.outcome, fresh.to_state) == (Outcome.APPLIED, S.WAITING)
+
+
+def test_second_pause_while_paused_is_ignored() -> None:
+    run = in_waiting()
+    run.do("paused", {})
+    again = run.step("paused", {}, at=run.now + timedelta(seconds=1))
+    assert (again.outcome, again.reason) == (Outcome.IGNORED, "already paused")
