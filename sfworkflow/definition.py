@@ -130,6 +130,27 @@ class TimerRequest:
     payload: dict[str, Any]
 
 
+@dataclass(slots=True)
+class Requests:
+    """What a step asks the store to resolve in the same transaction, besides messages and timers.
+
+    claims:   unique keys held by this instance (sfworkflow.claim); a key another instance holds
+              comes back as internal event `claim_refused` {key, holder_entity_id, holder_workflow}.
+    releases: keys this instance gives up.
+    lookups:  (name, key) read from sfworkflow.register; answered by internal event
+              `lookup_result` {name, key, value} (value None when unset).
+    remember: key -> value written to sfworkflow.register.
+    """
+
+    claims: list[str] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
+    lookups: list[tuple[str, str]] = field(default_factory=list)
+    remember: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.claims or self.releases or self.lookups or self.remember)
+
+
 class Step:
     """What an action sees and writes: the event, a copy of the context, and the decision so far."""
 
@@ -145,6 +166,7 @@ class Step:
         "notes",
         "now",
         "outgoing",
+        "requests",
         "seq",
         "timers_cancelled",
         "timers_set",
@@ -174,6 +196,7 @@ class Step:
         self.timers_cancelled: list[str] = []
         self.cancel_all_timers = False
         self.notes: dict[str, Any] = {}
+        self.requests = Requests()
         self._n = 0
 
     @property
@@ -264,6 +287,21 @@ class Step:
     def cancel_timers(self) -> None:
         self.timers_set = []
         self.cancel_all_timers = True
+
+    def claim(self, key: str) -> None:
+        """Hold `key` for this instance; if another instance holds it, `claim_refused` follows."""
+        self.requests.claims.append(key)
+
+    def release(self, key: str) -> None:
+        self.requests.releases.append(key)
+
+    def lookup(self, name: str, key: str) -> None:
+        """Read register `key`; the answer arrives as internal event `lookup_result` {name, key, value}."""
+        self.requests.lookups.append((name, key))
+
+    def remember(self, key: str, value: Any) -> None:
+        """Write register `key` (a value shared across instances, e.g. a tenant's last good eval)."""
+        self.requests.remember[key] = value
 
     def note(self, **detail: Any) -> None:
         """Add facts to this transition's history entry."""

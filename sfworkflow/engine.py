@@ -22,6 +22,7 @@ from sfworkflow.definition import (
     InstanceKey,
     InstanceView,
     OutgoingMessage,
+    Requests,
     Step,
     TimerRequest,
     WorkflowDefinition,
@@ -54,6 +55,7 @@ class Decision:
     cancel_all_timers: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
     terminal: bool = False
+    requests: Requests = field(default_factory=Requests)
 
 
 class _Cursor:
@@ -248,4 +250,5 @@ class Engine:
             cancel_all_timers=step.cancel_all_timers,
             notes=step.notes,
             terminal=terminal,
+            requests=step.requests,
         )

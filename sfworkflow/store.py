@@ -107,6 +107,8 @@ class _Run:
     parked: list[_Parked] = field(default_factory=list)
     outgoing: list[OutgoingMessage] = field(default_factory=list)
     pending_effects: list[OutgoingMessage] = field(default_factory=list)
+    pending_claims: list[str] = field(default_factory=list)
+    pending_lookups: list[tuple[str, str]] = field(default_factory=list)
     timer_ops: dict[str, TimerRequest | None] = field(default_factory=dict)
     cancel_all: bool = False
     history: list[tuple[Any, ...]] = field(default_factory=list)
@@ -237,6 +239,9 @@ class _Batch:
         self.dead: list[tuple[Any, ...]] = []
         self.created: list[int] = []
         self.report = BatchReport()
+        self.releases: list[tuple[str, int | None]] = []  # (claim key, instance id) given up in this batch
+        self.claimed_here: dict[str, _Run] = {}  # claim keys taken in this batch
+        self.registers: dict[str, tuple[Any, _Run]] = {}  # register writes of this batch (last wins)
 
     # ---- intake --------------------------------------------------------------------------------
     async def take_deliveries(self, deliveries: Sequence[Delivery]) -> None:
@@ -510,6 +515,15 @@ class _Batch:
             run.outgoing.append(m)
             if m.effect_key is not None:
                 run.pending_effects.append(m)
+        if d.requests:
+            r = d.requests
+            for key in r.releases:
+                self.releases.append((key, run.row_id))
+                self.claimed_here.pop(key, None)
+            run.pending_claims.extend(r.claims)
+            run.pending_lookups.extend(r.lookups)
+            for key, value in r.remember.items():
+                self.registers[key] = (value, run)
         self.report.transitions[run.key.workflow] += 1
 
     def _fire_timer(self, run: _Run, name: str, due_at: datetime, payload: dict[str, Any]) -> None:
@@ -554,37 +568,127 @@ class _Batch:
             if not progressed:
                 return
 
-    async def _resolve_effects(self) -> None:
-        """Claim effect keys; tell instances whose key was taken before that their command is suppressed."""
+    async def _resolve_requests(self) -> None:
+        """Resolve what steps asked of the database, feeding answers back, until nothing is pending."""
         while True:
-            pending = [(run, m) for run in self.runs.values() for m in run.pending_effects]
-            if not pending:
+            progressed = await self._resolve_effects()
+            progressed = await self._resolve_claims() or progressed
+            progressed = await self._resolve_lookups() or progressed
+            if not progressed:
                 return
-            for run in self.runs.values():
-                run.pending_effects = []
-            first: dict[str, tuple[_Run, OutgoingMessage]] = {}
-            losers: list[tuple[_Run, OutgoingMessage]] = []
-            for run, m in pending:
-                assert m.effect_key is not None
-                if m.effect_key in first:
-                    losers.append((run, m))
-                else:
-                    first[m.effect_key] = (run, m)
-            keys = list(first)
-            claimed = {
-                r["effect_key"]
-                for r in await self.conn.fetch(
-                    q("insert_effects"),
-                    keys,
-                    [first[k][0].key.tenant_id for k in keys],
-                    [first[k][0].row_id for k in keys],
-                    [first[k][1].message_id for k in keys],
-                    [first[k][1].body["idempotency_key"] for k in keys],
-                )
-            }
-            losers += [first[k] for k in keys if k not in claimed]
-            for run, m in losers:
-                self._suppress(run, m)
+
+    async def _resolve_claims(self) -> bool:
+        """Hold claim keys; an instance whose key another instance holds gets `claim_refused`."""
+        pending = [(run, k) for run in self.runs.values() for k in run.pending_claims]
+        if not pending:
+            return False
+        for run in self.runs.values():
+            run.pending_claims = []
+        if self.releases:  # give up keys before taking new ones: a key may pass from one instance to another
+            await self.conn.execute(q("delete_claims"), [k for k, _ in self.releases], [i for _, i in self.releases])
+            self.releases = []
+        first: dict[str, _Run] = {}
+        refused: list[tuple[_Run, str, _Run | None]] = []
+        for run, key in pending:
+            holder = self.claimed_here.get(key) or first.get(key)
+            if holder is None:
+                first[key] = run
+            elif holder is not run:
+                refused.append((run, key, holder))
+        keys = list(first)
+        taken = {
+            r["claim_key"]
+            for r in await self.conn.fetch(
+                q("insert_claims"),
+                keys,
+                [first[k].key.tenant_id for k in keys],
+                [first[k].key.workflow for k in keys],
+                [first[k].key.entity_id for k in keys],
+                [first[k].row_id for k in keys],
+            )
+        }
+        others = [k for k in keys if k not in taken]
+        holders = {}
+        if others:
+            holders = {r["claim_key"]: r for r in await self.conn.fetch(q("claim_holders"), others)}
+        for k in keys:
+            run = first[k]
+            if k in taken:
+                self.claimed_here[k] = run
+                continue
+            h = holders.get(k)
+            if h is not None and h["instance_id"] == run.row_id:
+                self.claimed_here[k] = run  # held already by this very instance
+                continue
+            # Held by another instance (or released by one that has not committed yet: refused too).
+            self._refuse(run, k, h["entity_id"] if h else "", h["workflow"] if h else "")
+        for run, key, holder in refused:
+            if holder is not None:
+                self._refuse(run, key, holder.key.entity_id, holder.key.workflow)
+        return True
+
+    def _refuse(self, run: _Run, key: str, holder_entity: str, holder_workflow: str) -> None:
+        data = {"key": key, "holder_entity_id": holder_entity, "holder_workflow": holder_workflow}
+        self._feedback(run, "claim_refused", data, f"claim/{key}/{run.key}")
+
+    async def _resolve_lookups(self) -> bool:
+        """Answer register reads with `lookup_result` {name, key, value}; this batch's writes come first."""
+        pending = [(run, name, key) for run in self.runs.values() for name, key in run.pending_lookups]
+        if not pending:
+            return False
+        for run in self.runs.values():
+            run.pending_lookups = []
+        missing = sorted({key for _r, _n, key in pending if key not in self.registers})
+        stored = {}
+        if missing:
+            stored = {r["key"]: r["value"] for r in await self.conn.fetch(q("read_registers"), missing)}
+        for run, name, key in pending:
+            value = self.registers[key][0] if key in self.registers else stored.get(key)
+            self._feedback(run, "lookup_result", {"name": name, "key": key, "value": value}, f"lookup/{key}/{run.key}")
+        return True
+
+    def _feedback(self, run: _Run, trigger: str, data: dict[str, Any], seed: str) -> None:
+        """Step an internal event carrying the database's answer, then settle the instance."""
+        if run.view is None:
+            return
+        event_id = str(uuid.uuid5(ID_NAMESPACE, f"{seed}/{run.view.version}"))
+        decision = self._step(run, EngineEvent(event_id, trigger, data, self.now, internal=True))
+        assert decision is not None
+        if decision.outcome is Outcome.APPLIED:
+            self._absorb(run, decision, None, f"{run.key.workflow}.{trigger}")
+            self._settle(run)
+
+    async def _resolve_effects(self) -> bool:
+        """Claim effect keys; tell instances whose key was taken before that their command is suppressed."""
+        pending = [(run, m) for run in self.runs.values() for m in run.pending_effects]
+        if not pending:
+            return False
+        for run in self.runs.values():
+            run.pending_effects = []
+        first: dict[str, tuple[_Run, OutgoingMessage]] = {}
+        losers: list[tuple[_Run, OutgoingMessage]] = []
+        for run, m in pending:
+            assert m.effect_key is not None
+            if m.effect_key in first:
+                losers.append((run, m))
+            else:
+                first[m.effect_key] = (run, m)
+        keys = list(first)
+        claimed = {
+            r["effect_key"]
+            for r in await self.conn.fetch(
+                q("insert_effects"),
+                keys,
+                [first[k][0].key.tenant_id for k in keys],
+                [first[k][0].row_id for k in keys],
+                [first[k][1].message_id for k in keys],
+                [first[k][1].body["idempotency_key"] for k in keys],
+            )
+        }
+        losers += [first[k] for k in keys if k not in claimed]
+        for run, m in losers:
+            self._suppress(run, m)
+        return True
 
     def _suppress(self, run: _Run, m: OutgoingMessage) -> None:
         run.outgoing = [o for o in run.outgoing if o is not m]
@@ -602,18 +706,8 @@ class _Batch:
             )
         )
         self.report.suppressed[run.key.workflow] += 1
-        event = EngineEvent(
-            str(uuid.uuid5(ID_NAMESPACE, f"suppressed/{m.message_id}")),
-            "effect_suppressed",
-            {"effect_key": m.effect_key, "command_type": m.routing_key, "command_id": m.message_id},
-            self.now,
-            internal=True,
-        )
-        decision = self._step(run, event)
-        assert decision is not None
-        if decision.outcome is Outcome.APPLIED:
-            self._absorb(run, decision, None, f"{run.key.workflow}.effect_suppressed")
-            self._settle(run)
+        data = {"effect_key": m.effect_key, "command_type": m.routing_key, "command_id": m.message_id}
+        self._feedback(run, "effect_suppressed", data, f"suppressed/{m.message_id}")
 
     # ---- output --------------------------------------------------------------------------------
     def _dead_letter(self, d: Delivery, reason: DeadReason, detail: str) -> None:
@@ -634,7 +728,7 @@ class _Batch:
         self.report.dead[str(reason)] += 1
 
     async def finish(self) -> None:
-        await self._resolve_effects()
+        await self._resolve_requests()
         conn = self.conn
         upd, history, parked_new, parked_done = [], [], [], []
         cancel_all_ids, cancel_ids, cancel_names, timers = [], [], [], []
@@ -714,6 +808,17 @@ class _Batch:
             )
         if parked_done:
             await conn.execute(q("delete_parked"), parked_done)
+        if self.releases:
+            await conn.execute(q("delete_claims"), [k for k, _ in self.releases], [i for _, i in self.releases])
+        if self.registers:
+            keys = sorted(self.registers)
+            await conn.execute(
+                q("upsert_registers"),
+                keys,
+                [self.registers[k][0] for k in keys],
+                [self.registers[k][1].key.tenant_id for k in keys],
+                [self.registers[k][1].row_id for k in keys],
+            )
         if outbox:
             await conn.fetch(q("insert_outbox"), *_columns(outbox, 8))
             self.report.outbox_rows = len(outbox)

@@ -164,3 +164,31 @@ SELECT workflow, state, count(*) AS n FROM sfworkflow.instance GROUP BY workflow
 -- parked_count --
 -- Events waiting in the parked table.
 SELECT count(*) FROM sfworkflow.parked
+
+-- insert_claims --
+-- Hold claim keys; returns the keys taken now (the others are held already, by someone).
+INSERT INTO sfworkflow.claim (claim_key, tenant_id, workflow, entity_id, instance_id)
+SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::bigint[])
+ON CONFLICT (claim_key) DO NOTHING
+RETURNING claim_key
+
+-- claim_holders --
+-- Who holds these claim keys.
+SELECT claim_key, instance_id, workflow, entity_id FROM sfworkflow.claim WHERE claim_key = ANY($1::text[])
+
+-- delete_claims --
+-- Give up claim keys (only those held by the instance giving them up).
+DELETE FROM sfworkflow.claim c
+USING unnest($1::text[], $2::bigint[]) AS r(claim_key, instance_id)
+WHERE c.claim_key = r.claim_key AND c.instance_id = r.instance_id
+
+-- read_registers --
+-- Current values of registers.
+SELECT key, value FROM sfworkflow.register WHERE key = ANY($1::text[])
+
+-- upsert_registers --
+-- Write registers (the last writer wins).
+INSERT INTO sfworkflow.register (key, value, tenant_id, instance_id)
+SELECT * FROM unnest($1::text[], $2::jsonb[], $3::uuid[], $4::bigint[])
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, tenant_id = EXCLUDED.tenant_id,
+    instance_id = EXCLUDED.instance_id, updated_at = now()
