@@ -322,7 +322,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sproc = psutil.Process(service.pid)
         await wait_ready(HTTP_PORT, service)
         if args.mode == "live":
-            worker = SimulatedWorker(amqp_url, WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed))
+            worker = SimulatedWorker(
+                amqp_url, WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed), workflows=("sequence",)
+            )
             await worker.start()
             publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         assert publisher is not None

@@ -65,13 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
     sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
     d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")
-    d.add_argument("--enrollments", type=int, default=300, help="sequence enrollments to drive (default 300)")
-    d.add_argument("--steps", type=int, default=3, help="steps per sequence (default 3)")
+    d.add_argument("--instances", type=int, default=300, help="workflow instances to drive (default 300)")
+    d.add_argument(
+        "--workflow", action="append", help="only this workflow (repeatable; default: every workflow in the mix)"
+    )
     d.add_argument("--failure-rate", type=float, default=0.08, help="share of sends that fail retryably")
     d.add_argument("--fatal-rate", type=float, default=0.01, help="share of sends that fail for good")
     d.add_argument("--consent-rate", type=float, default=0.02, help="share of sends failing consent_missing")
     d.add_argument("--duplicate-rate", type=float, default=0.05, help="share of events published twice")
-    d.add_argument("--reply-rate", type=float, default=0.05, help="share of enrollments whose lead replies")
+    d.add_argument("--reply-rate", type=float, default=0.05, help="share of instances ended by people (replies)")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every instance to end")
     d.add_argument("--seed", type=int, default=7)
     i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")

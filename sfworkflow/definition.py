@@ -68,6 +68,9 @@ class WorkflowDefinition:
     compensations: frozenset[str]  # command names published to sfworkflow.compensations.<workflow>
     internal_events: frozenset[str] = frozenset()  # triggers sfworkflow raises itself (timers, feedback)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Non-terminal states in which an instance waits for a person (an operator's decision), not for
+    # the system: the demo counts them as settled; `stuck` reporting treats them on their own terms.
+    waits_for_operator: frozenset[str] = frozenset()
     # Returns a reason when an event refers to the past (an older step or attempt): it is then
     # recorded as ignored instead of parked.
     stale: Callable[[Step], str | None] | None = None

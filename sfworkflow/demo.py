@@ -1,8 +1,10 @@
-"""`sfworkflow demo`: the real service plus a simulated SalesFlow worker and a few hundred enrollments.
+"""`sfworkflow demo`: the real service, a simulated SalesFlow worker, and a few hundred instances.
 
 Runs against the configured PostgreSQL and RabbitMQ (the local ones by default), under a fresh
-tenant id, so each run's figures are its own. Prints a summary and exits 0 when every instance
-reached a terminal state and the invariants hold; 1 otherwise, naming what is stuck.
+tenant id, so each run's figures are its own. Every workflow with a module in sfworkflow/simulation/
+gets its share of instances. Prints a summary and exits 0 when every instance has settled (reached
+a terminal state, or a state that waits for an operator) and no send was asked for twice; 1
+otherwise, naming what did not settle.
 """
 
 from __future__ import annotations
@@ -13,42 +15,34 @@ import random
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import structlog
 
-from sfworkflow import db
+from sfworkflow import db, simulation
 from sfworkflow.producer import EventPublisher, build_event
 from sfworkflow.service import Service
 from sfworkflow.settings import Settings
-from sfworkflow.simulator import SimulatedWorker, WorkerProfile
+from sfworkflow.simulation import Profile, Traffic
+from sfworkflow.simulator import SimulatedWorker
 
 log = structlog.get_logger("sfworkflow.demo")
 
-TEMPLATES = ("welcome", "case-study", "check-in", "last-call")
 
-
-def _enrollments(args: argparse.Namespace, rnd: random.Random) -> list[dict[str, Any]]:
-    """Enrollment data; about 3 % share a recipient with another one, to show effect suppression."""
-    out = []
-    for i in range(args.enrollments):
-        steps = [
-            {"template_id": TEMPLATES[s % len(TEMPLATES)], "delay_seconds": 0 if s == 0 else rnd.choice((0, 1))}
-            for s in range(args.steps)
-        ]
-        address = f"lead{i}@example.com"
-        if i > 0 and rnd.random() < 0.03:
-            address = f"lead{rnd.randrange(i)}@example.com"
-        out.append(
-            {
-                "sequence_id": f"seq-{i % 7}",
-                "lead_id": f"lead-{i}",
-                "recipient": {"channel": rnd.choice(("email", "whatsapp", "sms")), "address": address},
-                "steps": steps,
-            }
-        )
-    return out
+def plan(total: int, rnd: random.Random, workflows: list[str] | None = None) -> list[Traffic]:
+    """The demo's traffic: each workflow's share of `total` instances, interleaved."""
+    modules = simulation.modules()
+    names = [w for w in modules if workflows is None or w in workflows]
+    weight = sum(modules[w].SHARE for w in names)
+    counts = {w: max(1, round(total * modules[w].SHARE / weight)) for w in names}
+    starts: list[list[Traffic]] = []
+    for w in names:
+        for i in range(counts[w]):
+            starts.append(modules[w].start(i, rnd))
+    rnd.shuffle(starts)
+    return [t for group in starts for t in group]
 
 
 async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -60,90 +54,91 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:  # the HTTP port is taken: the demo still runs, on any free port
         log.warning("HTTP port busy; using a free one", port=settings.http_port, error=str(exc))
         await service.stop()
-        from dataclasses import replace
-
         service = Service(replace(settings, http_port=0))
         await service.start()
-    profile = WorkerProfile(
+    profile = Profile(
         failure_rate=args.failure_rate,
         fatal_rate=args.fatal_rate,
         consent_rate=args.consent_rate,
         duplicate_rate=args.duplicate_rate,
+        reply_rate=args.reply_rate,
         seed=args.seed,
     )
-    worker = SimulatedWorker(settings.amqp_url, profile)
+    workflows = args.workflow or None
+    worker = SimulatedWorker(settings.amqp_url, profile, workflows)
     await worker.start()
     publisher = await EventPublisher.connect(settings.amqp_url)
+    traffic = plan(args.instances, rnd, workflows)
+    instances = {(t.event_type.partition(".")[0], t.entity_id) for t in traffic}
     started = time.monotonic()
     published = Counter[str]()
+    pending: set[asyncio.Task[None]] = set()
     try:
-        entities = [f"enrollment-{i}" for i in range(args.enrollments)]
-        for entity, data in zip(entities, _enrollments(args, rnd), strict=True):
+        for t in traffic:
             ev = build_event(
-                "sequence.enrolled",
+                t.event_type,
                 tenant_id=tenant,
-                entity_id=entity,
-                data=data,
+                entity_id=t.entity_id,
+                data=t.data,
                 source="sfworkflow.demo",
-                correlation_id=f"demo-{entity}",
+                correlation_id=f"demo-{t.entity_id}",
             )
+            if t.delay_s:
+                task = asyncio.create_task(_publish_later(publisher, ev, t.delay_s, published))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                continue
             await publisher.publish(ev)
-            published["sequence.enrolled"] += 1
+            published[t.event_type] += 1
             if rnd.random() < args.duplicate_rate:
                 await publisher.publish(ev)
                 published["duplicate deliveries"] += 1
-        repliers = [e for e in entities if rnd.random() < args.reply_rate]
-        await asyncio.sleep(0.5)
-        for entity in repliers:
-            await publisher.publish(
-                build_event(
-                    "sequence.replied",
-                    tenant_id=tenant,
-                    entity_id=entity,
-                    data={"channel": "email"},
-                    source="sfworkflow.demo",
-                )
-            )
-            published["sequence.replied"] += 1
-        ok = await _wait_until_done(settings, tenant, args.enrollments, args.timeout)
+        if pending:
+            await asyncio.gather(*pending)
+        ok = await _wait_until_settled(settings, tenant, len(instances), service, args.timeout)
         elapsed = time.monotonic() - started
         await _wait_outbox_empty(settings, 10.0)
         await asyncio.sleep(0.5)  # let the worker take the last compensation commands
         summary = await _summary(settings, tenant)
     finally:
+        for task in pending:
+            task.cancel()
         await publisher.close()
         await worker.stop()
         await service.stop()
     summary["sends_twice"] = worker.stats.sends_twice()
-    _print_summary(summary, service, worker, published, elapsed, args, tenant, ok)
-    bad = summary["sends_twice"] or summary["commands_per_idempotency_over_attempts"]
+    _print_summary(summary, service, worker, published, elapsed, len(instances), tenant, ok)
     if not ok:
-        await _print_stuck(settings, tenant)
+        await _print_unsettled(settings, tenant, service)
+    bad = summary["sends_twice"] or summary["commands_per_idempotency_over_attempts"]
     return 0 if ok and not bad else 1
 
 
-async def _print_stuck(settings: Settings, tenant: str) -> None:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT entity_id, state, updated_at FROM sfworkflow.instance WHERE tenant_id = $1 AND NOT terminal "
-            "ORDER BY updated_at LIMIT 20",
-            uuid.UUID(tenant),
-        )
-    finally:
-        await conn.close()
-    print("instances that did not end (first 20):")
-    for r in rows:
-        print(f"  {tenant}/sequence/{r['entity_id']}  state={r['state']}  since {r['updated_at']:%H:%M:%S}")
+async def _publish_later(publisher: EventPublisher, ev: dict[str, Any], delay: float, published: Counter[str]) -> None:
+    await asyncio.sleep(delay)
+    await publisher.publish(ev)
+    published[ev["event_type"]] += 1
 
 
-async def _wait_until_done(settings: Settings, tenant: str, expected: int, timeout: float) -> bool:
+def _settled_sql(service: Service) -> tuple[str, list[str], list[str]]:
+    """SQL condition for 'settled': terminal, or in a state where the definition waits for an operator."""
+    pairs = [
+        (cw.definition.name, str(s))
+        for cw in service.engine.compiled.values()
+        for s in cw.definition.waits_for_operator
+    ]
+    cond = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($2::text[], $3::text[])))"
+    return cond, [w for w, _ in pairs], [s for _, s in pairs]
+
+
+async def _wait_until_settled(settings: Settings, tenant: str, expected: int, service: Service, timeout: float) -> bool:
+    cond, ws, ss = _settled_sql(service)
     conn = await asyncpg.connect(settings.database_url)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             done = await conn.fetchval(
-                "SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND terminal", uuid.UUID(tenant)
+                f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND {cond}", uuid.UUID(tenant), ws, ss
             )
             if done >= expected:
                 return True
@@ -169,24 +164,13 @@ async def _summary(settings: Settings, tenant: str) -> dict[str, Any]:
     conn = await asyncpg.connect(settings.database_url)
     await db.init_connection(conn)
     try:
-        states = {
-            r["state"]: r["n"]
-            for r in await conn.fetch(
-                "SELECT state, count(*) AS n FROM sfworkflow.instance WHERE tenant_id = $1 GROUP BY state "
-                "ORDER BY state",
-                tenant,
-            )
-        }
-        totals = await conn.fetchrow(
-            """
-            SELECT coalesce(sum((context->>'sent')::int), 0) AS sent,
-                   coalesce(sum((context->>'skipped')::int), 0) AS skipped,
-                   coalesce(sum((context->>'suppressed')::int), 0) AS suppressed,
-                   coalesce(sum((context->>'retries')::int), 0) AS retries
-            FROM sfworkflow.instance WHERE tenant_id = $1
-            """,
+        states: dict[str, dict[str, int]] = {}
+        for r in await conn.fetch(
+            "SELECT workflow, state, count(*) AS n FROM sfworkflow.instance WHERE tenant_id = $1 "
+            "GROUP BY workflow, state ORDER BY workflow, n DESC",
             tenant,
-        )
+        ):
+            states.setdefault(r["workflow"], {})[r["state"]] = r["n"]
         # Each idempotency key may carry one command per attempt, never two for the same attempt.
         over = await conn.fetchval(
             """
@@ -199,6 +183,14 @@ async def _summary(settings: Settings, tenant: str) -> dict[str, Any]:
             """,
             tenant,
         )
+        retries = await conn.fetchval(
+            """
+            SELECT count(*) FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
+            WHERE i.tenant_id = $1 AND o.kind = 'command'
+              AND (convert_from(o.body, 'UTF8')::jsonb->>'attempt')::int > 1
+            """,
+            tenant,
+        )
         outbox = {
             r["kind"]: r["n"]
             for r in await conn.fetch(
@@ -207,17 +199,27 @@ async def _summary(settings: Settings, tenant: str) -> dict[str, Any]:
                 tenant,
             )
         }
-        return {
-            "states": states,
-            "sent": totals["sent"],
-            "skipped": totals["skipped"],
-            "suppressed": totals["suppressed"],
-            "retries": totals["retries"],
-            "commands_per_idempotency_over_attempts": over,
-            "outbox": outbox,
-        }
+        return {"states": states, "retries": retries, "commands_per_idempotency_over_attempts": over, "outbox": outbox}
     finally:
         await conn.close()
+
+
+async def _print_unsettled(settings: Settings, tenant: str, service: Service) -> None:
+    cond, ws, ss = _settled_sql(service)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch(
+            f"SELECT workflow, entity_id, state, updated_at FROM sfworkflow.instance WHERE tenant_id = $1 "
+            f"AND NOT {cond} ORDER BY updated_at LIMIT 20",
+            uuid.UUID(tenant),
+            ws,
+            ss,
+        )
+    finally:
+        await conn.close()
+    print("instances that did not settle (first 20):")
+    for r in rows:
+        print(f"  {tenant}/{r['workflow']}/{r['entity_id']}  state={r['state']}  since {r['updated_at']:%H:%M:%S}")
 
 
 def _metric(service: Service, name: str, **labels: str) -> float:
@@ -235,36 +237,36 @@ def _print_summary(
     worker: SimulatedWorker,
     published: Counter[str],
     elapsed: float,
-    args: argparse.Namespace,
+    instances: int,
     tenant: str,
     ok: bool,
 ) -> None:
     applied = _metric(service, "sfworkflow_events_total", outcome="applied")
-    line = "-" * 64
+    line = "-" * 72
     print(line)
-    print(f"sfworkflow demo: {args.enrollments} enrollments x {args.steps} steps, tenant {tenant}")
+    print(f"sfworkflow demo: {instances} instances, tenant {tenant}")
     print(line)
-    print("instances by final state:")
-    for state, n in s["states"].items():
-        print(f"  {state:<14}{n:>8}")
+    print("instances by workflow and final state:")
+    for workflow, states in s["states"].items():
+        print(f"  {workflow:<18}" + ", ".join(f"{state} {n}" for state, n in states.items()))
     print("events:")
     for outcome in ("applied", "duplicate", "parked", "ignored", "dead_lettered"):
-        print(f"  {outcome:<14}{int(_metric(service, 'sfworkflow_events_total', outcome=outcome)):>8}")
-    print(f"  {'unparked':<14}{int(_metric(service, 'sfworkflow_unparked_total')):>8}   (parked, applied later)")
-    print("sends:")
-    print(f"  {'sent':<14}{s['sent']:>8}")
-    print(f"  {'suppressed':<14}{s['suppressed']:>8}   (same template, recipient and day: not sent twice)")
-    print(f"  {'skipped':<14}{s['skipped']:>8}   (consent_missing)")
-    print(f"  {'retries':<14}{s['retries']:>8}   (same idempotency key, attempt + 1)")
+        print(f"  {outcome:<18}{int(_metric(service, 'sfworkflow_events_total', outcome=outcome)):>8}")
+    print(f"  {'unparked':<18}{int(_metric(service, 'sfworkflow_unparked_total')):>8}   (parked, applied later)")
+    suppressed = int(_metric(service, "sfworkflow_effects_suppressed_total"))
+    print(f"effects suppressed (same effect key, not published twice): {suppressed}")
+    print(f"retries (same idempotency key, attempt + 1): {s['retries']}")
     comp = sum(worker.stats.compensations.values())
-    print(f"compensations received by the worker: {comp} ({dict(worker.stats.compensations)})")
+    print(f"compensations received by the worker: {comp}")
+    for k, n in sorted(worker.stats.compensations.items()):
+        print(f"  {k:<44}{n:>6}")
     print(
         f"commands received by the worker: {sum(worker.stats.commands.values())}, "
         f"redelivered copies deduped on command_id: {worker.stats.duplicate_commands}"
     )
     print(f"outbox rows by kind: {s['outbox']}")
-    print(f"published by the demo: {dict(published)}")
-    print(f"same send (template, recipient, day) received by the worker under two decisions: {s['sends_twice']}")
+    print(f"published by the demo: {sum(published.values())} ({published['duplicate deliveries']} duplicates)")
+    print(f"same send (template, recipient, day) received under two decisions: {s['sends_twice']}")
     print(f"idempotency keys with two commands for one attempt: {s['commands_per_idempotency_over_attempts']}")
     print(
         f"elapsed {elapsed:.1f} s, {applied / elapsed if elapsed else 0:.0f} events applied/s "
@@ -274,4 +276,4 @@ def _print_summary(
         print(f"metrics were at http://127.0.0.1:{service.http_port}/metrics")
     print("look at one instance:  sfworkflow inspect " + tenant + "/sequence/enrollment-0")
     print(line)
-    print("result: " + ("every instance ended; invariants hold" if ok else "NOT every instance ended (see above)"))
+    print("result: " + ("every instance settled; invariants hold" if ok else "NOT every instance settled (see below)"))
