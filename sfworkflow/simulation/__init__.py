@@ -80,6 +80,8 @@ def modules() -> dict[str, ModuleType]:
     """Workflow name -> its simulation module."""
     out = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         out[module.WORKFLOW] = module
     return out

@@ -15,6 +15,8 @@ from sfworkflow.definition import WorkflowDefinition
 def _discover() -> tuple[WorkflowDefinition, ...]:
     found: list[WorkflowDefinition] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # drafts and helpers are not workflows
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         found.extend(getattr(module, "DEFINITIONS", ()))
         if hasattr(module, "DEFINITION"):
