@@ -53,6 +53,28 @@ async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return await run_demo(settings, args)
 
 
+async def _cmd_diagram(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow import diagrams
+    from sfworkflow.engine import Engine
+    from sfworkflow.workflows import DEFINITIONS
+
+    engine = Engine(DEFINITIONS)
+    if args.write_docs:
+        diagrams.DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        diagrams.DOCS_PATH.write_text(diagrams.workflows_doc(engine))
+        print(f"wrote {diagrams.DOCS_PATH}")
+        return 0
+    if not args.workflow:
+        print("sfworkflow diagram: name a workflow (one of: " + ", ".join(sorted(engine.latest)) + ")")
+        return 2
+    compiled = engine.workflow(args.workflow, args.version)
+    if compiled is None:
+        print(f"sfworkflow diagram: no workflow {args.workflow!r} (known: {', '.join(sorted(engine.latest))})")
+        return 2
+    print(diagrams.render(compiled, args.format), end="")
+    return 0
+
+
 async def _cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from sfworkflow.inspection import inspect_instance
 
@@ -76,13 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reply-rate", type=float, default=0.05, help="share of instances ended by people (replies)")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every instance to end")
     d.add_argument("--seed", type=int, default=7)
+    g = sub.add_parser("diagram", help="print a workflow's state machine as Mermaid or Graphviz DOT")
+    g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
+    g.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    g.add_argument("--version", type=int, default=None, help="definition version (default: the latest)")
+    g.add_argument("--write-docs", action="store_true", help="regenerate docs/workflows.md from every definition")
     i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
     i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
-COMMANDS = {"run": _cmd_run, "migrate": _cmd_migrate, "demo": _cmd_demo, "inspect": _cmd_inspect}
+COMMANDS = {
+    "run": _cmd_run,
+    "migrate": _cmd_migrate,
+    "demo": _cmd_demo,
+    "diagram": _cmd_diagram,
+    "inspect": _cmd_inspect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

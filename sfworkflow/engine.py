@@ -141,6 +141,23 @@ class CompiledWorkflow:
             lines.append(f"    {s} --> [*]")
         return "\n".join(lines) + "\n"
 
+    def dot(self) -> str:
+        """The transition table as a Graphviz DOT digraph (terminal states double-circled)."""
+        d = self.definition
+        lines = [f'digraph "{d.name}_v{d.version}" {{', "    rankdir=LR;", "    node [shape=circle, fontsize=10];"]
+        lines.append('    "__start" [shape=point];')
+        for s in self.machine.states:
+            shape = "doublecircle" if s in d.terminal else ("octagon" if s in d.waits_for_operator else "circle")
+            lines.append(f'    "{s}" [shape={shape}];')
+        lines.append(f'    "__start" -> "{self.initial}";')
+        for row in self.table:
+            for src in row["source"]:
+                guard = ",".join(c.__name__ for c in row["conditions"])
+                label = row["trigger"] + (f" [{guard}]" if guard else "")
+                lines.append(f'    "{src}" -> "{row["dest"] or src}" [label="{label}", fontsize=8];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
 
 def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
     known = set(states)
