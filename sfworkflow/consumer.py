@@ -14,13 +14,14 @@ import asyncio
 import base64
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from sfworkflow.db import TRANSIENT_ERRORS
+from sfworkflow.db import is_connection_error, is_transient
 from sfworkflow.envelope import EventParser, IncomingEvent
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.faults import fault_point
@@ -127,7 +128,10 @@ class Consumer:
             if not ended and len(batch) < size and linger > 0:
                 await asyncio.sleep(linger)
                 ended = self._drain(buffer, batch, size)
-            await self._process(batch)
+            if not await self._process(batch):
+                # Not applied (stopping while PostgreSQL is down): acking any later batch with
+                # multiple=True would ack this one too. Stop here; the broker redelivers the rest.
+                return
 
     @staticmethod
     def _drain(
@@ -156,12 +160,12 @@ class Consumer:
             message_id=m.message_id,
         )
 
-    async def _process(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def _process(self, batch: list[AbstractIncomingMessage]) -> bool:
+        """Apply a batch and ack it after commit; False when it could not be applied (nothing acked)."""
         started = time.perf_counter()
         deliveries = [self._delivery(m) for m in batch]
-        ok = await self._apply_with_retry(deliveries, batch)
-        if not ok:
-            return
+        if not await self._apply_with_retry(deliveries):
+            return False
         fault_point("after_commit_before_ack")
         committed = datetime.now(UTC)
         await _ack(batch)
@@ -171,35 +175,34 @@ class Consumer:
         for d in deliveries:
             if isinstance(d.parsed, IncomingEvent):
                 observe(max(0.0, (committed - d.parsed.timestamp).total_seconds()))
+        return True
 
-    async def _apply_with_retry(self, deliveries: list[Delivery], batch: Sequence[AbstractIncomingMessage]) -> bool:
+    async def _backoff(self, exc: BaseException, delay: float, what: str, size: int) -> bool:
+        """Record a transient failure and wait; False when stopping (the caller gives the work up)."""
+        if is_connection_error(exc):
+            self.health.db_failed(exc)
+        self.metrics.batch_retries.inc()
+        log.warning(what, error=type(exc).__name__, detail=str(exc)[:200], retry_in_s=round(delay, 2), batch=size)
+        if self._stopping.is_set():
+            return False  # shutting down with the database failing: leave the work to redelivery
+        await asyncio.sleep(delay)
+        return True
+
+    async def _apply_with_retry(self, deliveries: list[Delivery]) -> bool:
         delay = BACKOFF_START_S
         while True:
             try:
                 report = await self.store.apply_deliveries(deliveries)
-            except TRANSIENT_ERRORS as exc:
-                self.health.db_failed(exc)
-                self.metrics.batch_retries.inc()
-                log.warning(
-                    "batch not applied; retrying",
-                    error=type(exc).__name__,
-                    detail=str(exc)[:200],
-                    retry_in_s=round(delay, 2),
-                    batch=len(deliveries),
-                )
-                if self._stopping.is_set() and delay >= BACKOFF_CAP_S:
-                    return False  # shutting down with the database gone: leave the batch to redelivery
-                await asyncio.sleep(delay)
-                delay = min(BACKOFF_CAP_S, delay * 2)
-                continue
             except Exception as exc:
-                if len(deliveries) > 1:
-                    log.error("batch failed; applying its messages one by one", error=repr(exc)[:300])
-                    for d in deliveries:
-                        await self._apply_alone(d)
-                    self.health.db_recovered()
-                    return True
-                await self._apply_alone(deliveries[0])
+                if is_transient(exc):
+                    if not await self._backoff(exc, delay, "batch not applied; retrying", len(deliveries)):
+                        return False
+                    delay = min(BACKOFF_CAP_S, delay * 2)
+                    continue
+                log.error("batch failed; applying its messages one by one", error=repr(exc)[:300])
+                for d in deliveries:
+                    if not await self._apply_alone(d):
+                        return False
                 return True
             if not self.health.db_ok:
                 log.info("database reachable again")
@@ -207,34 +210,50 @@ class Consumer:
             self.metrics.record(report)
             return True
 
-    async def _apply_alone(self, d: Delivery) -> None:
-        """One message the batch path could not apply: apply it alone, or dead-letter it."""
+    async def _apply_alone(self, d: Delivery) -> bool:
+        """One message the batch path could not apply: apply it alone, or dead-letter it.
+
+        A message that fails alone for a reason that is not transient is dead-lettered
+        `internal_error`; if even its dead letter cannot be written, it is written without its headers
+        (they are what a producer controls beyond the body, which is stored as bytes)."""
         delay = BACKOFF_START_S
+        ctx = _context_of(d)
         while True:
             try:
-                report = await self.store.apply_deliveries([d])
+                with structlog.contextvars.bound_contextvars(**ctx):
+                    report = await self.store.apply_deliveries([d])
                 self.metrics.record(report)
-                return
-            except TRANSIENT_ERRORS:
-                await asyncio.sleep(delay)
-                delay = min(BACKOFF_CAP_S, delay * 2)
+                return True
             except Exception as exc:
-                if isinstance(d.parsed, Rejection):  # even the dead letter cannot be written: keep trying
-                    log.error("dead letter cannot be written; retrying", error=repr(exc)[:300])
-                    await asyncio.sleep(delay)
+                if is_transient(exc):
+                    if not await self._backoff(exc, delay, "message not applied; retrying", 1):
+                        return False
+                    delay = min(BACKOFF_CAP_S, delay * 2)
+                    continue
+                if isinstance(d.parsed, Rejection):
+                    if d.headers:
+                        log.error(
+                            "dead letter cannot be written; retrying without headers", error=repr(exc)[:300], **ctx
+                        )
+                        dropped = {"x-sfworkflow-headers-dropped": f"could not be stored: {type(exc).__name__}"}
+                        d = replace(d, headers=dropped)
+                        continue
+                    log.error("dead letter cannot be written; retrying", error=repr(exc)[:300], **ctx)
+                    if not await self._backoff(exc, delay, "dead letter not written; retrying", 1):
+                        return False
                     delay = min(BACKOFF_CAP_S, delay * 2)
                     continue
                 detail = f"applying this message failed: {type(exc).__name__}: {str(exc)[:300]}"
-                log.error("message dead-lettered after an internal error", error=detail)
-                d = Delivery(
-                    Rejection(DeadReason.INTERNAL_ERROR, detail),
-                    d.body,
-                    d.headers,
-                    d.routing_key,
-                    d.exchange,
-                    d.content_type,
-                    d.message_id,
-                )
+                log.error("message dead-lettered after an internal error", error=detail, **ctx)
+                d = replace(d, parsed=Rejection(DeadReason.INTERNAL_ERROR, detail))
+
+
+def _context_of(d: Delivery) -> dict[str, str]:
+    """The ids bound to every log line about this message."""
+    e = d.parsed
+    if isinstance(e, IncomingEvent):
+        return {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
+    return {"message_id": d.message_id or "", "routing_key": d.routing_key[:200]}
 
 
 async def _ack(batch: Sequence[AbstractIncomingMessage]) -> None:
@@ -256,10 +275,14 @@ def json_safe_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     """AMQP headers as JSON-able values (bytes become text or base64), bounded in size."""
     if not headers:
         return {}
-    out = {str(k)[:200]: _safe(v, 0) for k, v in list(headers.items())[:64]}
+    out = {_key(k): _safe(v, 0) for k, v in list(headers.items())[:64]}
     if len(repr(out)) > MAX_HEADER_BYTES:
         return {"x-sfworkflow-headers-dropped": f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}
     return out
+
+
+def _key(k: Any) -> str:
+    return str(k)[:200].replace("\x00", "\ufffd")
 
 
 def _safe(v: Any, depth: int) -> Any:
@@ -268,15 +291,15 @@ def _safe(v: Any, depth: int) -> Any:
     if v is None or isinstance(v, bool | int | float):
         return v
     if isinstance(v, str):
-        return v[:2000]
+        return v[:2000].replace("\x00", "\ufffd")  # PostgreSQL jsonb cannot hold NUL
     if isinstance(v, bytes | bytearray | memoryview):
         b = bytes(v)[:2000]
         try:
-            return b.decode()
+            return b.decode().replace("\x00", "\ufffd")
         except UnicodeDecodeError:
             return "base64:" + base64.b64encode(b).decode()
     if isinstance(v, dict):
-        return {str(k)[:200]: _safe(x, depth + 1) for k, x in list(v.items())[:64]}
+        return {_key(k): _safe(x, depth + 1) for k, x in list(v.items())[:64]}
     if isinstance(v, list | tuple):
         return [_safe(x, depth + 1) for x in list(v)[:64]]
-    return str(v)[:200]
+    return str(v)[:200].replace("\x00", "\ufffd")

@@ -16,23 +16,31 @@ from sfworkflow.settings import redact_url
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 _BLOCK = re.compile(r"^-- (?P<name>[a-z_]+) --\n(?P<body>.*?)(?=^-- [a-z_]+ --\n|\Z)", re.S | re.M)
 
-# Errors after which the same work may succeed if retried (connection lost, server restarting, lock cycle).
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    ConnectionError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.QueryCanceledError,
-    asyncpg.exceptions.PostgresConnectionError,
-    TimeoutError,
-)
+# SQLSTATE classes after which the same work may succeed when retried: connection exceptions (08),
+# transaction rollback: deadlock, serialization (40), insufficient resources: disk full, too many
+# connections (53), operator intervention: shutdown, restart, cancel (57); plus 25006, a read-only
+# transaction (a standby during failover).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+_TRANSIENT_SQLSTATES = ("25006",)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same transaction later may succeed (the database, not the data, failed)."""
+    if isinstance(exc, asyncpg.exceptions.DataError):  # client-side encoding of a value: deterministic
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError))
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when PostgreSQL itself is unreachable or going away (what /readyz reports), not a lock conflict."""
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in ("08", "57") or exc.sqlstate in _TRANSIENT_SQLSTATES
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError))
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +79,9 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
             statement_cache_size=256,
             server_settings={"application_name": "sfworkflow"},
         )
-    except TRANSIENT_ERRORS as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}") from exc
     assert pool is not None
     return pool

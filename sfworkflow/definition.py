@@ -140,6 +140,8 @@ class Requests:
     claims:   unique keys held by this instance (sfworkflow.claim); a key another instance holds
               comes back as internal event `claim_refused` {key, holder_entity_id, holder_workflow}.
     releases: keys this instance gives up.
+    release_effects: effect keys of commands of this instance whose effect did not happen (a send
+              that failed for good), so a later request for the same effect is not suppressed.
     lookups:  (name, key) read from sfworkflow.register; answered by internal event
               `lookup_result` {name, key, value} (value None when unset).
     remember: key -> value written to sfworkflow.register.
@@ -147,11 +149,12 @@ class Requests:
 
     claims: list[str] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
+    release_effects: list[str] = field(default_factory=list)
     lookups: list[tuple[str, str]] = field(default_factory=list)
     remember: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.claims or self.releases or self.lookups or self.remember)
+        return bool(self.claims or self.releases or self.release_effects or self.lookups or self.remember)
 
 
 class Step:
@@ -297,6 +300,10 @@ class Step:
 
     def release(self, key: str) -> None:
         self.requests.releases.append(key)
+
+    def release_effect(self, effect_key: str) -> None:
+        """The effect behind `effect_key` did not happen after all: free the key for a later request."""
+        self.requests.release_effects.append(effect_key)
 
     def lookup(self, name: str, key: str) -> None:
         """Read register `key`; the answer arrives as internal event `lookup_result` {name, key, value}."""

@@ -83,7 +83,8 @@ class EventPublisher:
     @classmethod
     async def connect(cls, amqp_url: str) -> EventPublisher:
         connection = await aio_pika.connect_robust(amqp_url)
-        channel = await connection.channel(publisher_confirms=True)
+        # Confirms, and a returned (unroutable) event raises instead of being confirmed and lost.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         return cls(connection, channel, exchange)
 
@@ -111,6 +112,7 @@ class EventPublisher:
                 headers=headers,
             ),
             routing_key=routing_key,
+            mandatory=True,
         )
 
     async def close(self) -> None:

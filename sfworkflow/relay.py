@@ -19,7 +19,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from sfworkflow.db import TRANSIENT_ERRORS, init_connection, q
+from sfworkflow.db import init_connection, is_transient, q
 from sfworkflow.faults import fault_point
 from sfworkflow.metrics import Metrics
 from sfworkflow.settings import Settings
@@ -101,7 +101,7 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if isinstance(exc, TRANSIENT_ERRORS):
+                if is_transient(exc):
                     log.warning("relay round failed; retrying", error=type(exc).__name__)
                 else:
                     log.error("relay round failed; retrying", error=repr(exc)[:300])

@@ -106,14 +106,18 @@ class Service:
     async def stop(self) -> None:
         """Graceful stop: drain the consumer, flush the relay, close connections."""
         started = time.monotonic()
-        budget = self.settings.shutdown_timeout_s
+        deadline = started + self.settings.shutdown_timeout_s  # one budget for every step below
+
+        def left(share: float = 1.0) -> float:
+            return max(0.1, (deadline - time.monotonic()) * share)
+
         log.info("stopping")
         if self.consumer:
-            await self.consumer.stop(timeout=budget * 0.5)
+            await self.consumer.stop(timeout=left(0.5))
         if self.timers:
-            await self.timers.stop()
+            await self.timers.stop(timeout=left(0.2))
         if self.relay:
-            await self.relay.stop(timeout=max(0.5, budget - (time.monotonic() - started) - 1.0))
+            await self.relay.stop(timeout=left(0.7))
         if self._stats_task:
             self._stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,10 +126,12 @@ class Service:
             await self._runner.cleanup()
         if self.amqp:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.amqp.close(), 2.0)
+                await asyncio.wait_for(self.amqp.close(), left(0.5))
         if self.pool:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), 2.0)
+                await asyncio.wait_for(self.pool.close(), left())
+            if not self.pool.is_closing():
+                self.pool.terminate()
         log.info("stopped", seconds=round(time.monotonic() - started, 2))
         self.stopped.set()
 
@@ -157,7 +163,13 @@ class Service:
         checks["consumer"] = {"ok": True} if self.health.consuming else {"ok": False, "error": "not consuming"}
         if self.health.consuming and not self.health.db_ok:
             checks["consumer"] = {"ok": False, "error": f"batches failing: {self.health.db_error}"}
-        checks["migrations"] = {"ok": self.health.migrations_ok}
+        try:
+            assert self.pool is not None
+            async with asyncio.timeout(timeout), self.pool.acquire() as conn:
+                pending = await migrate.pending(conn)
+            checks["migrations"] = {"ok": not pending} if not pending else {"ok": False, "pending": pending}
+        except Exception as exc:
+            checks["migrations"] = {"ok": False, "error": type(exc).__name__}
         return checks
 
     async def _stats(self) -> None:

@@ -50,6 +50,7 @@ EXCHANGE_COMPENSATIONS = "sfworkflow.compensations"
 EXCHANGE_LIFECYCLE = "sfworkflow.lifecycle"
 DEAD_LETTER_QUEUE = "sfworkflow.dead"
 MAX_STEPS_PER_INSTANCE = 1000  # per batch: a guard against a definition that loops on itself
+RETRY_FAILED_TIMER = timedelta(seconds=60)  # a timer whose step raised fires again this much later
 
 _EXCHANGE_OF_KIND = {
     "command": EXCHANGE_COMMANDS,
@@ -175,6 +176,9 @@ class Store:
         """Fire due timers of instances no other process holds; `timers_fired` says how many."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(q("lock_due_timer_instances"), limit)
+            # Only instances on a definition version this process has loaded (in a rolling deploy the
+            # other version's replicas fire the rest).
+            rows = [r for r in rows if self.engine.workflow(r["workflow"], r["definition_version"]) is not None]
             if not rows:
                 return BatchReport()
             timers = await conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
@@ -242,6 +246,7 @@ class _Batch:
         self.releases: list[tuple[str, int | None]] = []  # (claim key, instance id) given up in this batch
         self.claimed_here: dict[str, _Run] = {}  # claim keys taken in this batch
         self.registers: dict[str, tuple[Any, _Run]] = {}  # register writes of this batch (last wins)
+        self.released_effects: list[tuple[str, int | None]] = []  # effects that did not happen after all
 
     # ---- intake --------------------------------------------------------------------------------
     async def take_deliveries(self, deliveries: Sequence[Delivery]) -> None:
@@ -299,8 +304,22 @@ class _Batch:
             if run is None or run.view is None:
                 continue
             self.report.timers_fired += 1
-            self._fire_timer(run, t["name"], t["due_at"], t["payload"])
-            self._settle(run)
+            try:
+                self._fire_timer(run, t["name"], t["due_at"], t["payload"])
+                self._settle(run)
+            except Exception as exc:
+                # One instance's failure must not hold back the others' timers: put its timer back a
+                # minute later (it stays visible, and fires again once the definition is fixed).
+                log.error(
+                    "timer failed; retried in 60 s", tenant_id=run.key.tenant_id, workflow=run.key.workflow,
+                    entity_id=run.key.entity_id, timer=t["name"], error=repr(exc)[:300],
+                    traceback=traceback.format_exc(limit=8),
+                )  # fmt: skip
+                run.timer_ops[t["name"]] = TimerRequest(t["name"], self.now + RETRY_FAILED_TIMER, t["payload"])
+                run.history.append(
+                    (run.row_id, run.view.version, None, f"{run.key.workflow}.timer.{t['name']}", "failed",
+                     run.view.state, run.view.state, {"error": repr(exc)[:300]})
+                )  # fmt: skip
 
     async def _load(self, events: Sequence[IncomingEvent]) -> None:
         """Create instances for start events, lock all instances of the batch, load their parked events."""
@@ -420,6 +439,12 @@ class _Batch:
         return self.engine.step(run.compiled, run.key, run.view, event, self.now)
 
     def _offer_external(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        with structlog.contextvars.bound_contextvars(
+            tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id
+        ):
+            self._offer_bound(run, e, d)
+
+    def _offer_bound(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
         workflow = run.key.workflow
         try:
             decision = self._step(run, _engine_event(e))
@@ -520,6 +545,8 @@ class _Batch:
             for key in r.releases:
                 self.releases.append((key, run.row_id))
                 self.claimed_here.pop(key, None)
+            for key in r.release_effects:
+                self.released_effects.append((key, run.row_id))
             run.pending_claims.extend(r.claims)
             run.pending_lookups.extend(r.lookups)
             for key, value in r.remember.items():
@@ -717,7 +744,8 @@ class _Batch:
                 d.headers,
                 reason,
                 detail,
-                message_id_seed=d.message_id or "",
+                # Without a message id, two identical bad bodies are two dead letters, not one.
+                message_id_seed=d.message_id or str(uuid.uuid4()),
                 routing_key=d.routing_key,
                 exchange=d.exchange,
                 content_type=d.content_type,
@@ -810,6 +838,10 @@ class _Batch:
             await conn.execute(q("delete_parked"), parked_done)
         if self.releases:
             await conn.execute(q("delete_claims"), [k for k, _ in self.releases], [i for _, i in self.releases])
+        if self.released_effects:
+            await conn.execute(
+                q("delete_effects"), [k for k, _ in self.released_effects], [i for _, i in self.released_effects]
+            )
         if self.registers:
             keys = sorted(self.registers)
             await conn.execute(

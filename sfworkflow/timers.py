@@ -13,7 +13,7 @@ import time
 import structlog
 
 from sfworkflow.consumer import Health
-from sfworkflow.db import TRANSIENT_ERRORS
+from sfworkflow.db import is_connection_error, is_transient
 from sfworkflow.metrics import Metrics
 from sfworkflow.store import Store
 
@@ -35,11 +35,11 @@ class TimerLoop:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sfworkflow-timers")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._task:
             try:
-                await asyncio.wait_for(self._task, 5.0)
+                await asyncio.wait_for(self._task, timeout)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
 
@@ -47,6 +47,7 @@ class TimerLoop:
         next_sweep = 0.0
         backoff = 0.2
         while not self._stop.is_set():
+            fired = 0
             try:
                 report = await self.store.fire_due_timers(TIMER_BATCH)
                 fired = report.timers_fired
@@ -60,18 +61,18 @@ class TimerLoop:
                 backoff = 0.2
                 if not self.health.db_ok:
                     self.health.db_recovered()
-                if fired >= TIMER_BATCH:
-                    continue
-            except TRANSIENT_ERRORS as exc:
-                self.health.db_failed(exc)
-                log.warning("timer round failed; retrying", error=type(exc).__name__, retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
-                continue
             except Exception as exc:
-                log.error("timer round failed", error=repr(exc)[:300])
-                await asyncio.sleep(backoff)
+                if is_connection_error(exc):
+                    self.health.db_failed(exc)
+                level = log.warning if is_transient(exc) else log.error
+                level("timer round failed; retrying", error=repr(exc)[:300], retry_in_s=backoff)
+                await self._wait(backoff)
                 backoff = min(5.0, backoff * 2)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.poll)
+            if fired < TIMER_BATCH:
+                await self._wait(self.poll)
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)

@@ -192,3 +192,9 @@ INSERT INTO sfworkflow.register (key, value, tenant_id, instance_id)
 SELECT * FROM unnest($1::text[], $2::jsonb[], $3::uuid[], $4::bigint[])
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, tenant_id = EXCLUDED.tenant_id,
     instance_id = EXCLUDED.instance_id, updated_at = now()
+
+-- delete_effects --
+-- Free effect keys whose effect did not happen (only those the instance itself claimed).
+DELETE FROM sfworkflow.effect e
+USING unnest($1::text[], $2::bigint[]) AS r(effect_key, instance_id)
+WHERE e.effect_key = r.effect_key AND e.instance_id = r.instance_id

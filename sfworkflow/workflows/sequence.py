@@ -15,6 +15,7 @@ send), due_at (when the current step falls due), paused_from, and counters sent/
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -121,9 +122,10 @@ def issue_send(step: Step) -> None:
     template_id = ctx["steps"][ctx["cursor"]]["template_id"]
     recipient = ctx["recipient"]
     ctx["attempt"] = 1
-    effect_key = (
-        f"{NAME}.send_step:{step.key.tenant_id}:{template_id}:{recipient['address']}:{step.now.date().isoformat()}"
-    )
+    # The recipient's address enters the key hashed: effect keys are kept and shown to operators.
+    address = hashlib.sha256(recipient["address"].encode()).hexdigest()[:20]
+    effect_key = f"{NAME}.send_step:{step.key.tenant_id}:{template_id}:{address}:{step.now.date().isoformat()}"
+    ctx["effect_key"] = effect_key
     step.command(
         "send_step",
         _send_data(ctx),
@@ -177,6 +179,14 @@ def _count(step: Step) -> None:
     elif name == "step_failed":
         ctx["skipped"] = ctx.get("skipped", 0) + 1
         step.note(skipped_step=ctx["cursor"], error_code=step.data.get("error_code"))
+        _send_did_not_happen(step)
+
+
+def _send_did_not_happen(step: Step) -> None:
+    """A send that failed for good frees its effect key: another enrollment's send that day may go."""
+    key = step.context.pop("effect_key", None)
+    if key:
+        step.release_effect(key)
 
 
 def schedule_retry(step: Step) -> None:
@@ -197,6 +207,7 @@ def compensate(step: Step) -> None:
         if exhausted
         else f"step {ctx['cursor']} failed: {error_code}"
     )
+    _send_did_not_happen(step)
     key = f"{step.key.tenant_id}:{NAME}:{step.key.entity_id}:compensate"
     step.compensate("disable_sequence", {"sequence_id": ctx["sequence_id"], "reason": reason}, idempotency_key=key)
     step.compensate(
@@ -223,6 +234,16 @@ def pause(step: Step) -> None:
     step.context["paused_from"] = step.from_state
     step.context["paused_at"] = step.event.timestamp.isoformat()
     step.cancel_timers()
+
+
+def advance_while_paused(step: Step) -> None:
+    """The send decided just before a pause was suppressed: the next step is pending, to fall due on resume."""
+    ctx = step.context
+    _count(step)
+    ctx["cursor"] = ctx["cursor"] + 1
+    ctx["attempt"] = 0
+    ctx["paused_from"] = S.WAITING
+    ctx["due_at"] = (step.now + timedelta(seconds=ctx["steps"][ctx["cursor"]]["delay_seconds"])).isoformat()
 
 
 def note_resume(step: Step) -> None:
@@ -326,5 +347,8 @@ DEFINITION = WorkflowDefinition(
         Transition("resumed", P, R, [was_retry_wait], action=resume_timer),
         Transition("resumed", P, SE, [was_sending], action=resume_sending),
         Transition("resumed", [W, SE, R], None, action=note_resume),
+        # A suppression decided in the same batch as a later `paused` arrives while paused.
+        Transition("effect_suppressed", P, None, [was_sending, has_next_step], action=advance_while_paused),
+        Transition("effect_suppressed", P, S.COMPLETED, [was_sending, is_last_step], action=finish),
     ),
 )

@@ -5,6 +5,8 @@ Retries, compensation, stop and pause/resume are in test_sequence_retry_pause.py
 
 from __future__ import annotations
 
+import hashlib
+
 import copy
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -40,6 +42,8 @@ from tests.unit.seqkit import (
 )
 
 A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
+# The recipient's address enters effect keys hashed (they are stored and shown to operators).
+ADDRESS_HASH = hashlib.sha256(b"+5511987654321").hexdigest()[:20]
 ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 
 # state -> trigger -> (outcome, destination; None = unchanged)
@@ -222,7 +226,7 @@ def test_step_due_issues_one_send_step(now: datetime, day: str) -> None:
     assert [m.kind for m in d.outgoing] == ["command"]
     m = d.outgoing[0]
     assert m.routing_key == "sequence.send_step"
-    assert m.effect_key == f"sequence.send_step:{TENANT}:tpl-welcome:+5511987654321:{day}"
+    assert m.effect_key == f"sequence.send_step:{TENANT}:tpl-welcome:{ADDRESS_HASH}:{day}"
     b = m.body
     assert m.message_id == b["command_id"]
     assert (b["command_type"], b["kind"], b["attempt"]) == ("sequence.send_step", "command", 1)
@@ -250,7 +254,7 @@ def test_send_step_command_for_step_two() -> None:
     (m,) = d.outgoing
     assert m.body["idempotency_key"] == f"{TENANT}:sequence:{ENTITY}:step:1"
     assert m.body["data"]["step"] == 1 and m.body["data"]["template_id"] == "tpl-follow-up-1"
-    assert m.effect_key == f"sequence.send_step:{TENANT}:tpl-follow-up-1:+5511987654321:2026-03-10"
+    assert m.effect_key == f"sequence.send_step:{TENANT}:tpl-follow-up-1:{ADDRESS_HASH}:2026-03-10"
     assert schema_errors(m) == []
 
 

@@ -326,3 +326,28 @@ def test_second_pause_while_paused_is_ignored() -> None:
     run.do("paused", {})
     again = run.step("paused", {}, at=run.now + timedelta(seconds=1))
     assert (again.outcome, again.reason) == (Outcome.IGNORED, "already paused")
+
+
+def test_a_suppression_that_arrives_while_paused_moves_the_cursor() -> None:
+    # In one batch: the step falls due (send decided), a `paused` arrives, then the store finds the
+    # effect key taken: `effect_suppressed` lands in `paused` and must not strand the instance.
+    run = in_sending()
+    run.do("paused", {})
+    d = run.do("effect_suppressed", suppressed())
+    assert (d.from_state, d.to_state) == (S.PAUSED, S.PAUSED)
+    assert run.ctx["cursor"] == 1 and run.ctx["paused_from"] == S.WAITING and run.ctx["suppressed"] == 1
+    resumed = run.do("resumed", {}, at=run.now + timedelta(seconds=5))
+    assert resumed.to_state == S.WAITING and [t.name for t in resumed.timers_set] == ["step_due"]
+
+
+def test_a_send_that_failed_for_good_frees_its_effect_key() -> None:
+    run = in_sending()
+    key = run.ctx["effect_key"]
+    skipped = run.do("step_failed", failed(0, code="consent_missing", retryable=False))
+    assert skipped.requests.release_effects == [key]
+    run2 = in_sending()
+    key2 = run2.ctx["effect_key"]
+    comp = run2.do("step_failed", failed(0, code="template_rejected", retryable=False))
+    assert comp.to_state == S.COMPENSATED and comp.requests.release_effects == [key2]
+    sent = in_sending()
+    assert sent.do("step_sent", {"step": 0, "provider_message_id": "p"}).requests.release_effects == []
