@@ -82,7 +82,7 @@ class Service:
         self.relay = Relay(s, self.pool, self.amqp, self.metrics)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)
-        self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms)
+        self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, s.retention_days)
         self.timers.start()
         self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health)
         if consume:

@@ -187,6 +187,16 @@ class Store:
             await batch.finish()
         return self._committed(batch.report)
 
+    async def prune(self, retention_days: float, limit: int = 5000) -> dict[str, int]:
+        """Delete what the retention period no longer needs; rows deleted per table (a bounded slice)."""
+        out = {}
+        async with self.pool.acquire() as conn:
+            for name in ("outbox", "inbox", "effects"):
+                status = await conn.execute(q(f"prune_{name}"), retention_days, limit)
+                out[name] = int(status.split()[-1])
+            out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)
+        return out
+
     async def expire_parked(self, limit: int = 500) -> int:
         """Dead-letter parked events past their deadline with reason `transition_not_allowed`."""
         async with self.pool.acquire() as conn, conn.transaction():

@@ -21,10 +21,14 @@ log = structlog.get_logger("sfworkflow.timers")
 
 TIMER_BATCH = 256  # timers fired per transaction
 PARKED_SWEEP_S = 5.0  # seconds between sweeps for expired parked events
+PRUNE_EVERY_S = 600.0  # seconds between retention sweeps
 
 
 class TimerLoop:
-    def __init__(self, store: Store, metrics: Metrics, health: Health, poll_ms: float) -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics, health: Health, poll_ms: float, retention_days: float = 14.0
+    ) -> None:
+        self.retention_days = retention_days
         self.store = store
         self.metrics = metrics
         self.health = health
@@ -45,6 +49,7 @@ class TimerLoop:
 
     async def _run(self) -> None:
         next_sweep = 0.0
+        next_prune = time.monotonic() + 30.0  # not in the busy first moments after a start
         backoff = 0.2
         while not self._stop.is_set():
             fired = 0
@@ -58,6 +63,11 @@ class TimerLoop:
                     if expired:
                         self.metrics.dead.labels("transition_not_allowed").inc(expired)
                     next_sweep = time.monotonic() + PARKED_SWEEP_S
+                if time.monotonic() >= next_prune:
+                    pruned = await self.store.prune(self.retention_days)
+                    if any(pruned.values()):
+                        log.info("retention sweep", retention_days=self.retention_days, **pruned)
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
                 backoff = 0.2
                 if not self.health.db_ok:
                     self.health.db_recovered()

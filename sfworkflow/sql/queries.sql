@@ -198,3 +198,32 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, tenant_id = EXCLUDED.ten
 DELETE FROM sfworkflow.effect e
 USING unnest($1::text[], $2::bigint[]) AS r(effect_key, instance_id)
 WHERE e.effect_key = r.effect_key AND e.instance_id = r.instance_id
+
+-- prune_outbox --
+-- Retention: published outbox rows older than the retention period (a bounded slice per call).
+DELETE FROM sfworkflow.outbox WHERE id IN (
+    SELECT id FROM sfworkflow.outbox WHERE published_at < now() - make_interval(days => $1) LIMIT $2)
+
+-- prune_inbox --
+-- Retention: inbox rows older than the retention period (dedupe covers redeliveries within it).
+DELETE FROM sfworkflow.inbox WHERE (tenant_id, event_id) IN (
+    SELECT tenant_id, event_id FROM sfworkflow.inbox WHERE received_at < now() - make_interval(days => $1) LIMIT $2)
+
+-- prune_effects --
+-- Retention: effect keys of instances that ended before the retention period.
+DELETE FROM sfworkflow.effect WHERE effect_key IN (
+    SELECT e.effect_key FROM sfworkflow.effect e JOIN sfworkflow.instance i ON i.id = e.instance_id
+    WHERE i.terminal AND i.updated_at < now() - make_interval(days => $1) LIMIT $2)
+
+-- prune_instances --
+-- Retention: instances that ended before the retention period, with their history and timers.
+WITH gone AS (
+    DELETE FROM sfworkflow.instance WHERE id IN (
+        SELECT id FROM sfworkflow.instance WHERE terminal AND updated_at < now() - make_interval(days => $1) LIMIT $2)
+    RETURNING id
+), h AS (
+    DELETE FROM sfworkflow.history WHERE instance_id IN (SELECT id FROM gone)
+), t AS (
+    DELETE FROM sfworkflow.timer WHERE instance_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone

@@ -151,3 +151,21 @@ async def test_claims_of_the_same_key_by_two_tenants_conflict_only_if_the_key_sa
     await store.apply_deliveries([delivery("opened", "a", {"key": f"{OTHER_TENANT}:x"}, tenant=OTHER_TENANT)])
     assert (await state(pg, "a"))[0] == "open"
     assert (await state(pg, "a", OTHER_TENANT))[0] == "open"
+
+
+async def test_retention_removes_only_what_ended_before_the_period(store: Store, pg: asyncpg.Connection) -> None:
+    await store.apply_deliveries([delivery("opened", "old", {"key": "ko"}), delivery("opened", "live", {"key": "kl"})])
+    await store.apply_deliveries([delivery("closed", "old", {})])
+    await pg.execute("UPDATE sfworkflow.instance SET updated_at = now() - interval '20 days' WHERE entity_id = 'old'")
+    await pg.execute("UPDATE sfworkflow.inbox SET received_at = now() - interval '20 days'")
+    pruned = await store.prune(retention_days=14)
+    assert pruned["instances"] == 1 and pruned["inbox"] == 3
+    left = [r["entity_id"] for r in await pg.fetch("SELECT entity_id FROM sfworkflow.instance")]
+    assert left == ["live"]
+    assert (
+        await pg.fetchval(
+            "SELECT count(*) FROM sfworkflow.history h LEFT JOIN sfworkflow.instance i ON i.id = h.instance_id "
+            "WHERE i.id IS NULL"
+        )
+        == 0
+    )
