@@ -552,12 +552,16 @@ class _Batch:
                 run.pending_effects.append(m)
         if d.requests:
             r = d.requests
+            # A claim not resolved yet and then released (a later step of this batch) is dropped: the
+            # release must not run before the claim's insert and leave the key held.
+            run.pending_claims.extend(r.claims)
             for key in r.releases:
+                while key in run.pending_claims:
+                    run.pending_claims.remove(key)
                 self.releases.append((key, run.row_id))
                 self.claimed_here.pop(key, None)
             for key in r.release_effects:
                 self.released_effects.append((key, run.row_id))
-            run.pending_claims.extend(r.claims)
             run.pending_lookups.extend(r.lookups)
             for key, value in r.remember.items():
                 self.registers[key] = (value, run)

@@ -169,3 +169,11 @@ async def test_retention_removes_only_what_ended_before_the_period(store: Store,
         )
         == 0
     )
+
+
+async def test_a_claim_released_in_the_same_batch_is_not_left_held(store: Store, pg: asyncpg.Connection) -> None:
+    await store.apply_deliveries([delivery("opened", "a", {"key": "k"}), delivery("closed", "a", {})])
+    assert (await state(pg, "a"))[0] == "closed"
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.claim") == 0
+    await store.apply_deliveries([delivery("opened", "b", {"key": "k"})])
+    assert (await state(pg, "b"))[0] == "open"
