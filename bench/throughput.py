@@ -3,6 +3,7 @@
     python bench/throughput.py                      # drain: a preloaded queue, as fast as it goes
     python bench/throughput.py --mode live          # live loop with a simulated worker, as fast as it goes
     python bench/throughput.py --mode live --rate 1000   # open loop, ~1,000 events/s offered: latency
+    python bench/throughput.py --mode mix           # every workflow in the demo's mix, with failures
 
 Everything runs on the same cores as PostgreSQL and RabbitMQ, each in its own process: the service
 (`python -m sfworkflow run`, fresh database, fresh vhost), a publisher process, and this process.
@@ -51,6 +52,18 @@ AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.
 DB_NAME = "sfw_bench"
 VHOST = "sfw-bench"
 STEPS = 3
+
+
+def _settled() -> tuple[str, list[list[str]]]:
+    """SQL for 'settled': terminal, or waiting for an operator (per the definitions)."""
+    from sfworkflow.workflows import DEFINITIONS
+
+    pairs = [(d.name, str(s)) for d in DEFINITIONS for s in d.waits_for_operator]
+    cond = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($1::text[], $2::text[])))"
+    return cond, [[w for w, _ in pairs], [s for _, s in pairs]]
+
+
+SETTLED, SETTLED_ARGS = _settled()
 HTTP_PORT = int(os.environ.get("SFWORKFLOW_BENCH_HTTP_PORT", "8097"))
 
 
@@ -145,9 +158,54 @@ async def preload_main(args: argparse.Namespace) -> None:
     print(json.dumps({"published": len(stream)}), flush=True)
 
 
+async def mix_main(args: argparse.Namespace) -> None:
+    """Publish the demo's mix of every simulated workflow (later 'human' events after their delay)."""
+    from sfworkflow.demo import plan as demo_plan
+
+    rnd = random.Random(args.seed)
+    traffic = demo_plan(args.enrollments, rnd)
+    pub = await EventPublisher.connect(args.amqp_url)
+    sent = 0
+    later: list[asyncio.Task[None]] = []
+    # Pace on the start events: the worker's answers make up the rest of the offered load (~4 per instance).
+    interval = 4.0 / args.rate if args.rate else 0.0
+    start = time.monotonic()
+    starts = 0
+
+    async def publish_later(ev: dict[str, Any], delay: float) -> None:
+        nonlocal sent
+        await asyncio.sleep(delay)
+        await pub.publish(ev, validate=False)
+        sent += 1
+
+    for t in traffic:
+        ev = build_event(t.event_type, tenant_id=args.tenant, entity_id=t.entity_id, data=t.data, source="bench")
+        if t.delay_s:
+            later.append(asyncio.create_task(publish_later(ev, t.delay_s)))
+            continue
+        starts += 1
+        if interval:
+            delay = start + starts * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await pub.publish(ev, validate=False)
+        sent += 1
+        if rnd.random() < args.dup_rate:
+            await pub.publish(ev, validate=False)
+            sent += 1
+    await asyncio.gather(*later)
+    await pub.close()
+    print(
+        json.dumps({"published": sent, "instances": len({(t.event_type.split(".")[0], t.entity_id) for t in traffic})})
+    )
+
+
 async def publisher_main(args: argparse.Namespace) -> None:
     if args.mode == "drain":
         await preload_main(args)
+        return
+    if args.mode == "mix":
+        await mix_main(args)
         return
     items = plan(args.enrollments, args.tenant, args.seed, args.dup_rate, args.ooo_rate)
     pub = await EventPublisher.connect(args.amqp_url)
@@ -321,10 +379,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         sproc = psutil.Process(service.pid)
         await wait_ready(HTTP_PORT, service)
-        if args.mode == "live":
-            worker = SimulatedWorker(
-                amqp_url, WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed), workflows=("sequence",)
-            )
+        if args.mode in ("live", "mix"):
+            profile = WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed)
+            if args.mode == "mix":  # the demo's failure mix: retries, compensations, duplicates
+                profile = WorkerProfile(
+                    failure_rate=0.05, fatal_rate=0.01, consent_rate=0.02, duplicate_rate=args.dup_rate, seed=args.seed
+                )
+            worker = SimulatedWorker(amqp_url, profile, workflows=None if args.mode == "mix" else ("sequence",))
             await worker.start()
             publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         assert publisher is not None
@@ -332,6 +393,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         pg = await asyncpg.connect(db_url)
         done_at = None
+        expected = args.enrollments
+        pub_out: dict[str, Any] | None = None
         async with aiohttp.ClientSession() as http:
             while time.monotonic() - t0 < args.timeout:
                 m = await scrape(http, HTTP_PORT)
@@ -339,16 +402,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 applied = metric(m, "sfworkflow_events_total", outcome="applied")
                 samples.append((time.monotonic() - t0, applied, ct.user + ct.system))
                 if publisher.poll() is not None:
-                    finished = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance WHERE terminal")
+                    if pub_out is None:
+                        out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
+                        pub_out = json.loads(out[-1] if out else "{}")
+                        expected = pub_out.get("instances", expected)
+                    sql = f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}"
+                    finished = await pg.fetchval(sql, *SETTLED_ARGS)
                     backlog = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
-                    if finished >= args.enrollments and backlog == 0:
+                    if finished >= expected and backlog == 0:
                         done_at = time.monotonic() - t0
                         break
                 await asyncio.sleep(0.25)
             await asyncio.sleep(1.0)  # the last answers and duplicates arrive and are counted
             final = await scrape(http, HTTP_PORT)
-        pub_out = json.loads((publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()[-1])
-        checks = await invariants(pg, final, pub_out.get("published", 0), worker, args.enrollments)
+        if pub_out is None:
+            out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
+            pub_out = json.loads(out[-1] if out else "{}")
+        checks = await invariants(pg, final, pub_out.get("published", 0), worker, expected, mix=args.mode == "mix")
         await pg.close()
     finally:
         if worker:
@@ -367,16 +437,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     steady = (b[1] - a[1]) / (b[0] - a[0]) if a and b and b[0] > a[0] else None
     cpu = (b[2] - a[2]) / (b[0] - a[0]) * 100 if a and b and b[0] > a[0] else None
     age = "sfworkflow_event_age_at_commit_seconds"
-    live = args.mode == "live"
+    live = args.mode in ("live", "mix")
     if args.mode == "drain":
         mode = "drain a preloaded queue"
+    elif args.mode == "mix":
+        by_wf = await _instances_by_workflow(db_url)
+        offered = f"{args.rate:.0f} events/s offered" if args.rate else "closed loop"
+        mode = f"mix of every workflow, {offered}: {by_wf}"
     else:
         mode = f"live, open loop, {args.rate:.0f} events/s offered" if args.rate else "live, closed loop"
     return {
         "bench": "sfworkflow throughput",
         "mode": mode,
         "queue_type": args.queue_type,
-        "enrollments": args.enrollments,
+        "instances": expected,
         "events_applied": int(metric(final, "sfworkflow_events_total", outcome="applied")),
         "events_applied_per_s_steady": round(steady, 1) if steady else None,
         "wall_s": round(done_at, 2) if done_at else None,
@@ -393,6 +467,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def _instances_by_workflow(db_url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch("SELECT workflow, count(*) AS n FROM sfworkflow.instance GROUP BY 1 ORDER BY 2 DESC")
+        return {r["workflow"]: r["n"] for r in rows}
+    finally:
+        await conn.close()
+
+
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 1)
 
@@ -407,6 +490,7 @@ async def invariants(
     publisher_sent: int,
     worker: SimulatedWorker | None,
     expected_instances: int,
+    mix: bool = False,
 ) -> dict[str, Any]:
     outcomes = {
         o: int(metric(m, "sfworkflow_events_total", outcome=o))
@@ -420,23 +504,25 @@ async def invariants(
     parked_left = await pg.fetchval("SELECT count(*) FROM sfworkflow.parked")
     unpublished = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
     completed = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance WHERE state = 'completed'")
-    # Every step of every instance was asked for exactly once (no retries in this mix).
+    settled = await pg.fetchval(f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}", *SETTLED_ARGS)
     sends = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'command'")
+    # One command per idempotency key and attempt: a retry is attempt + 1, never a second copy.
     sends_per_key = await pg.fetchval(
-        "SELECT count(*) FROM (SELECT convert_from(body, 'UTF8')::jsonb->>'idempotency_key' FROM sfworkflow.outbox"
-        " WHERE kind = 'command' GROUP BY 1 HAVING count(*) > 1) d"
+        "SELECT count(*) FROM (SELECT convert_from(body, 'UTF8')::jsonb->>'idempotency_key',"
+        " convert_from(body, 'UTF8')::jsonb->>'attempt' FROM sfworkflow.outbox"
+        " WHERE kind = 'command' GROUP BY 1, 2 HAVING count(*) > 1) d"
     )
     twice = worker.stats.sends_twice() if worker else 0
     ok = (
         published == accounted
         and inbox == distinct_published
-        and parked_left == 0
         and unpublished == 0
-        and completed == expected_instances
-        and sends == expected_instances * STEPS
+        and settled == expected_instances
         and sends_per_key == 0
         and twice == 0
     )
+    if not mix:  # the sequence-only mixes have no failures: every step sent exactly once, nothing left parked
+        ok = ok and parked_left == 0 and completed == expected_instances and sends == expected_instances * STEPS
     return {
         "published": published,
         **outcomes,
@@ -445,6 +531,7 @@ async def invariants(
         "parked_left": parked_left,
         "outbox_unpublished": unpublished,
         "instances_completed": completed,
+        "instances_settled": settled,
         "send_step_commands": sends,
         "idempotency_keys_sent_twice": sends_per_key,
         "same_send_under_two_decisions_seen_by_worker": twice,
@@ -455,7 +542,7 @@ async def invariants(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", default="main", choices=("main", "publisher"))
-    p.add_argument("--mode", default="drain", choices=("drain", "live"))
+    p.add_argument("--mode", default="drain", choices=("drain", "live", "mix"))
     p.add_argument("--enrollments", type=int, default=4000)
     p.add_argument("--rate", type=float, default=0.0, help="offered events/s (0: as fast as possible)")
     p.add_argument("--dup-rate", type=float, default=0.05)
