@@ -145,6 +145,11 @@ class Requests:
     lookups:  (name, key) read from sfworkflow.register; answered by internal event
               `lookup_result` {name, key, value} (value None when unset).
     remember: key -> value written to sfworkflow.register.
+
+    Order of the answers: effects first (`effect_suppressed`), then claims (`claim_refused`), then
+    lookups (`lookup_result`). So a lookup asked in the same step as claims is answered only once
+    those claims are settled: if no `claim_refused` came before it, every claim of that step is held.
+    Later events of the same instance in the same batch wait until these answers are in.
     """
 
     claims: list[str] = field(default_factory=list)

@@ -110,6 +110,13 @@ class _Run:
     pending_effects: list[OutgoingMessage] = field(default_factory=list)
     pending_claims: list[str] = field(default_factory=list)
     pending_lookups: list[tuple[str, str]] = field(default_factory=list)
+    # Later events of this instance in the batch, held while it waits for the database's answers
+    # (effect, claim, lookup), so they see the instance as those answers leave it.
+    deferred: list[tuple[IncomingEvent, Delivery]] = field(default_factory=list)
+
+    def waiting_for_answers(self) -> bool:
+        return bool(self.pending_effects or self.pending_claims or self.pending_lookups)
+
     timer_ops: dict[str, TimerRequest | None] = field(default_factory=dict)
     cancel_all: bool = False
     history: list[tuple[Any, ...]] = field(default_factory=list)
@@ -449,6 +456,12 @@ class _Batch:
         return self.engine.step(run.compiled, run.key, run.view, event, self.now)
 
     def _offer_external(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        if run.deferred or run.waiting_for_answers():
+            run.deferred.append((e, d))
+            return
+        self._offer_now(run, e, d)
+
+    def _offer_now(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
         with structlog.contextvars.bound_contextvars(
             tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id
         ):
@@ -615,6 +628,11 @@ class _Batch:
             progressed = await self._resolve_effects()
             progressed = await self._resolve_claims() or progressed
             progressed = await self._resolve_lookups() or progressed
+            for run in self.runs.values():  # answers are in: go on with the events held back
+                while run.deferred and not run.waiting_for_answers():
+                    e, d = run.deferred.pop(0)
+                    self._offer_now(run, e, d)
+                    progressed = True
             if not progressed:
                 return
 
