@@ -1,0 +1,474 @@
+"""`Engine.step` on the `notification` definition: the state x trigger table, send, the external-id claim
+(granted via the lookup barrier, refused -> duplicate_suppressed), delivery, retries, failures, stale
+reports. Pure: no I/O."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sfworkflow import schemas
+from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
+from sfworkflow.engine import Decision, Engine, Outcome
+from sfworkflow.workflows.notification import CLAIM_CHECK, DEFINITION, RETRY, S, claim_key
+
+ENGINE = Engine([DEFINITION])
+NOTIF = ENGINE.workflow("notification")
+assert NOTIF is not None
+
+TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
+ENTITY = "notification-9"
+KEY = InstanceKey(TENANT, "notification", ENTITY)
+CORRELATION = "corr-notification-9"
+T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
+SEND_KEY = f"{TENANT}:notification:{ENTITY}:send"
+EXT = "0B7A2F9C41D3"
+CLAIM = f"notification.external_id:{TENANT}:email:{EXT}"
+
+EXTERNAL = ("requested", "provider_accepted", "delivered", "failed")
+INTERNAL = ("timer_retry_due", "claim_refused", "lookup_result")
+TRIGGERS = EXTERNAL + INTERNAL
+A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
+
+REQUESTED = {
+    "channel": "email",
+    "recipient": "ana@example.com",
+    "template": "tpl-demo-reminder",
+    "body": "Hi Ana, your demo starts in one hour.",
+}
+
+
+def accepted(ext: str = EXT, attempt: int | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"external_id": ext}
+    if attempt is not None:
+        d["attempt"] = attempt
+    return d
+
+
+def failed(retryable: bool = True, code: str = "provider_unavailable", attempt: int | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"error_code": code, "retryable": retryable}
+    if attempt is not None:
+        d["attempt"] = attempt
+    return d
+
+
+def refused(key: str = CLAIM, holder: str = "notification-1") -> dict[str, Any]:
+    return {"key": key, "holder_entity_id": holder, "holder_workflow": "notification"}
+
+
+def granted(key: str = CLAIM) -> dict[str, Any]:
+    return {"name": CLAIM_CHECK, "key": key, "value": None}
+
+
+def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0, n: int = 0) -> EngineEvent:
+    data = data or {}
+    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}/{n}"))
+    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+
+
+class Run:
+    def __init__(self) -> None:
+        self.view: InstanceView | None = None
+        self.now = T0
+        self.n = 0
+
+    @property
+    def ctx(self) -> dict[str, Any]:
+        return self.view.context if self.view else {}
+
+    @property
+    def state(self) -> str:
+        return self.view.state if self.view else ""
+
+    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None) -> Decision:
+        if now is not None:
+            self.now = now
+        self.n += 1
+        d = ENGINE.step(NOTIF, KEY, self.view, event(name, data, self.now, self.n), self.now)
+        if d.outcome is Outcome.APPLIED:
+            corr = self.view.correlation_id if self.view else CORRELATION
+            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, corr)
+        return d
+
+    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
+        d = self.step(name, data, **kw)
+        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
+        return d
+
+
+def in_new() -> Run:
+    return Run()
+
+
+def in_sending() -> Run:
+    r = Run()
+    r.do("requested", dict(REQUESTED))
+    return r
+
+
+def in_retry_wait() -> Run:
+    r = in_sending()
+    r.do("failed", failed(attempt=1))
+    return r
+
+
+def in_checking() -> Run:
+    r = in_sending()
+    r.do("provider_accepted", accepted(attempt=1))
+    return r
+
+
+def in_accepted() -> Run:
+    r = in_checking()
+    r.do("lookup_result", granted())
+    return r
+
+
+def in_delivered() -> Run:
+    r = in_accepted()
+    r.do("delivered", {"attempt": 1})
+    return r
+
+
+def in_duplicate_suppressed() -> Run:
+    r = in_checking()
+    r.do("claim_refused", refused())
+    return r
+
+
+def in_failed() -> Run:
+    r = in_sending()
+    r.do("failed", failed(False, "invalid_recipient", attempt=1))
+    return r
+
+
+BUILDERS = {
+    S.NEW: in_new,
+    S.SENDING: in_sending,
+    S.RETRY_WAIT: in_retry_wait,
+    S.CHECKING: in_checking,
+    S.ACCEPTED: in_accepted,
+    S.DELIVERED: in_delivered,
+    S.DUPLICATE_SUPPRESSED: in_duplicate_suppressed,
+    S.FAILED: in_failed,
+}
+
+
+def realistic(name: str, run: Run) -> dict[str, Any]:
+    a = max(run.ctx.get("attempt", 1), 1)
+    key = run.ctx.get("claim_key") or CLAIM
+    return {
+        "requested": dict(REQUESTED),
+        "provider_accepted": accepted(attempt=a),
+        "delivered": {"attempt": a},
+        "failed": failed(attempt=a),
+        "timer_retry_due": {},
+        "claim_refused": refused(key),
+        "lookup_result": granted(key),
+    }[name]
+
+
+def schema_errors(m: OutgoingMessage) -> list[str]:
+    s = schemas.default()
+    if m.kind in ("command", "compensation"):
+        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
+    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
+
+
+def kinds(d: Decision) -> list[tuple[str, str]]:
+    return [(m.kind, m.routing_key) for m in d.outgoing]
+
+
+# ---- the table -----------------------------------------------------------------------------------
+ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
+TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
+    S.NEW: {"requested": (A, S.SENDING), **{t: (P, None) for t in TRIGGERS if t != "requested"}},
+    S.SENDING: {
+        "requested": (I, None),
+        "provider_accepted": (A, S.CHECKING),
+        "delivered": (P, None),
+        "failed": (A, S.RETRY_WAIT),
+        "timer_retry_due": (I, None),
+        "claim_refused": (I, None),
+        "lookup_result": (I, None),
+    },
+    S.RETRY_WAIT: {
+        "requested": (I, None),
+        "provider_accepted": (A, S.CHECKING),
+        "delivered": (P, None),
+        "failed": (I, None),
+        "timer_retry_due": (A, S.SENDING),
+        "claim_refused": (I, None),
+        "lookup_result": (I, None),
+    },
+    S.CHECKING: {
+        "requested": (I, None),
+        "provider_accepted": (I, None),
+        "delivered": (P, None),
+        "failed": (A, S.RETRY_WAIT),
+        "timer_retry_due": (I, None),
+        "claim_refused": (A, S.DUPLICATE_SUPPRESSED),
+        "lookup_result": (A, S.ACCEPTED),
+    },
+    S.ACCEPTED: {
+        "requested": (I, None),
+        "provider_accepted": (I, None),
+        "delivered": (A, S.DELIVERED),
+        "failed": (A, S.RETRY_WAIT),
+        "timer_retry_due": (I, None),
+        "claim_refused": (A, S.DUPLICATE_SUPPRESSED),
+        "lookup_result": (I, None),
+    },
+    S.DELIVERED: ALL_IGNORED,
+    S.DUPLICATE_SUPPRESSED: ALL_IGNORED,
+    S.FAILED: ALL_IGNORED,
+}
+
+
+def test_trigger_lists_match_the_definition() -> None:
+    assert set(EXTERNAL) == DEFINITION.events
+    assert set(INTERNAL) == DEFINITION.internal_events
+    assert set(TABLE) == {str(s) for s in S}
+    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    assert DEFINITION.terminal == {S.DELIVERED, S.DUPLICATE_SUPPRESSED, S.FAILED}
+    assert DEFINITION.waits_for_operator == frozenset()
+    assert DEFINITION.commands == {"send"} and DEFINITION.compensations == {"skip_duplicate"}
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS)
+@pytest.mark.parametrize("state", list(S))
+def test_state_trigger_table(state: S, trigger: str) -> None:
+    run = BUILDERS[state]()
+    assert run.state == (state if state != S.NEW else "")
+    view = run.view
+    before = copy.deepcopy(view.context) if view else None
+    version = view.version if view else 0
+    outcome, dest = TABLE[state][trigger]
+
+    d = ENGINE.step(NOTIF, KEY, view, event(trigger, realistic(trigger, run), T0, 99), T0 + timedelta(seconds=1))
+
+    assert d.outcome is outcome, d.reason
+    assert d.trigger == trigger
+    if view is not None:
+        assert view.context == before, "step mutated the input context"
+    if outcome is A:
+        assert d.to_state == dest
+        assert d.version == version + 1
+        assert d.terminal == (dest in DEFINITION.terminal)
+        assert all(schema_errors(m) == [] for m in d.outgoing)
+    else:
+        assert d.to_state == run.state and d.version == version and d.reason
+        assert d.outgoing == [] and d.timers_set == [] and not d.requests
+
+
+@pytest.mark.parametrize("state", sorted(DEFINITION.terminal))
+@pytest.mark.parametrize("trigger", TRIGGERS)
+def test_terminal_states_ignore_everything(state: str, trigger: str) -> None:
+    run = BUILDERS[S(state)]()
+    d = run.step(trigger, realistic(trigger, run))
+    assert (d.outcome, d.reason) == (I, f"instance is {state}")
+
+
+# ---- requested -----------------------------------------------------------------------------------
+def test_requested_issues_send() -> None:
+    d = Run().do("requested", dict(REQUESTED))
+    assert (d.from_state, d.to_state) == (S.NEW, S.SENDING)
+    assert kinds(d) == [("command", "notification.send"), ("lifecycle", "workflow.started.notification")]
+    cmd = d.outgoing[0]
+    assert cmd.body["data"] == REQUESTED
+    assert (cmd.body["idempotency_key"], cmd.body["attempt"], cmd.body["kind"]) == (SEND_KEY, 1, "command")
+    assert d.timers_set == [] and not d.requests
+    assert all(schema_errors(m) == [] for m in d.outgoing)
+
+
+@pytest.mark.parametrize("state", [S.SENDING, S.RETRY_WAIT, S.CHECKING, S.ACCEPTED])
+def test_a_second_request_is_ignored(state: S) -> None:
+    d = BUILDERS[state]().step("requested", {**REQUESTED, "body": "other"})
+    assert (d.outcome, d.reason, d.outgoing) == (I, "instance already started", [])
+
+
+# ---- provider_accepted: the claim ----------------------------------------------------------------
+def test_provider_accepted_claims_the_external_id_per_tenant_and_channel() -> None:
+    run = in_sending()
+    d = run.do("provider_accepted", accepted(attempt=1))
+    assert d.to_state == S.CHECKING and d.outgoing == []
+    assert d.requests.claims == [CLAIM]
+    assert d.requests.lookups == [(CLAIM_CHECK, CLAIM)]  # the barrier: answered after the claim is resolved
+    assert (d.context["external_id"], d.context["claim_key"]) == (EXT, CLAIM)
+    assert claim_key(TENANT, "email", EXT) == CLAIM
+
+
+def test_claim_keys_differ_by_channel_and_tenant() -> None:
+    keys = {claim_key(t, c, EXT) for t in (TENANT, "other-tenant") for c in ("email", "sms")}
+    assert len(keys) == 4
+
+
+def test_the_granted_claim_moves_to_accepted() -> None:
+    run = in_checking()
+    d = run.do("lookup_result", granted())
+    assert d.to_state == S.ACCEPTED and d.outgoing == [] and not d.requests
+
+
+def test_a_lookup_answer_about_another_key_is_ignored() -> None:
+    run = in_checking()
+    assert run.step("lookup_result", granted("other-key")).outcome is I
+    assert run.step("lookup_result", {"name": "other", "key": CLAIM, "value": None}).outcome is I
+    assert run.state == S.CHECKING
+
+
+@pytest.mark.parametrize("builder", [in_checking, in_accepted])
+def test_a_refused_claim_suppresses_the_duplicate(builder: Any) -> None:
+    run = builder()
+    d = run.do("claim_refused", refused(holder="notification-1"))
+    assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.DUPLICATE_SUPPRESSED, True, True)
+    assert kinds(d) == [
+        ("compensation", "notification.skip_duplicate"),
+        ("lifecycle", "workflow.completed.notification"),
+        ("lifecycle", "workflow.compensated.notification"),
+    ]
+    comp, completed, compensated = d.outgoing
+    assert comp.body["kind"] == "compensation"
+    assert comp.body["data"] == {"external_id": EXT, "original_entity_id": "notification-1"}
+    assert comp.body["idempotency_key"] == f"{TENANT}:notification:{ENTITY}:skip_duplicate"
+    assert completed.body["data"] == {"final_state": "duplicate_suppressed"}
+    assert compensated.body["data"] == {"compensations": ["notification.skip_duplicate"]}
+    assert all(schema_errors(m) == [] for m in d.outgoing)
+    # the second delivery is not counted
+    late = run.step("delivered", {"attempt": 1})
+    assert (late.outcome, late.reason) == (I, "instance is duplicate_suppressed")
+
+
+def test_a_refusal_without_a_known_holder_still_suppresses() -> None:
+    d = in_checking().do("claim_refused", {"key": CLAIM, "holder_entity_id": "", "holder_workflow": ""})
+    assert d.outgoing[0].body["data"] == {"external_id": EXT, "original_entity_id": None}
+    assert schema_errors(d.outgoing[0]) == []
+
+
+def test_a_refusal_of_another_key_is_ignored() -> None:
+    run = in_checking()
+    d = run.step("claim_refused", refused("notification.external_id:x:email:other"))
+    assert d.outcome is I and run.state == S.CHECKING
+
+
+# ---- delivered -----------------------------------------------------------------------------------
+def test_delivered_ends_delivered() -> None:
+    d = in_accepted().do("delivered", {"attempt": 1, "external_id": EXT})
+    assert (d.to_state, d.terminal) == (S.DELIVERED, True)
+    assert kinds(d) == [("lifecycle", "workflow.completed.notification")]
+    assert d.outgoing[0].body["data"] == {"final_state": "delivered"}
+
+
+@pytest.mark.parametrize("builder", [in_sending, in_checking, in_retry_wait])
+def test_delivered_before_the_claim_is_granted_is_parked(builder: Any) -> None:
+    d = builder().step("delivered", {"attempt": 1})
+    assert (d.outcome, d.reason) == (P, f"delivered is not allowed in state {d.from_state}")
+
+
+def test_a_delivery_report_about_another_external_id_is_ignored() -> None:
+    d = in_accepted().step("delivered", {"attempt": 1, "external_id": "other"})
+    assert d.outcome is I and d.reason == f"delivery of other, not of the accepted {EXT}"
+
+
+# ---- retries and failure -------------------------------------------------------------------------
+def test_retryable_failure_waits_for_backoff() -> None:
+    run = in_sending()
+    now = T0 + timedelta(seconds=3)
+    d = run.do("failed", failed(attempt=1), now=now)
+    delay = RETRY.delay_s(1, SEND_KEY)
+    assert 0.8 <= delay <= 1.2
+    assert (d.to_state, d.outgoing) == (S.RETRY_WAIT, [])
+    assert d.timers_set == [TimerRequest("retry_due", now + timedelta(seconds=delay), {})]
+    assert d.context["last_error"] == "provider_unavailable"
+
+
+def test_retry_reissues_the_same_send_with_attempt_plus_one() -> None:
+    run = Run()
+    first = run.do("requested", dict(REQUESTED)).outgoing[0]
+    run.do("failed", failed(attempt=1))
+    d = run.do("timer_retry_due")
+    assert d.to_state == S.SENDING
+    (m,) = d.outgoing
+    assert m.body["idempotency_key"] == first.body["idempotency_key"] == SEND_KEY
+    assert m.body["attempt"] == 2 and m.message_id != first.message_id
+    assert m.body["data"] == first.body["data"]
+    assert (d.context["attempt"], d.context["retries"]) == (2, 1)
+    assert schema_errors(m) == []
+
+
+def _exhaust() -> tuple[list[OutgoingMessage], Decision]:
+    run = Run()
+    sends = [run.do("requested", dict(REQUESTED)).outgoing[0]]
+    for attempt in (1, 2):
+        assert run.do("failed", failed(attempt=attempt)).to_state == S.RETRY_WAIT
+        sends += run.do("timer_retry_due").outgoing
+    return sends, run.do("failed", failed(attempt=3))
+
+
+def test_three_attempts_share_one_key_and_backoff_grows() -> None:
+    sends, _ = _exhaust()
+    assert [m.body["attempt"] for m in sends] == [1, 2, 3]
+    assert {m.body["idempotency_key"] for m in sends} == {SEND_KEY}
+    assert RETRY.delay_s(1, SEND_KEY) < RETRY.delay_s(2, SEND_KEY)
+
+
+def test_retries_exhausted_end_failed_without_compensation() -> None:
+    _, d = _exhaust()
+    assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.FAILED, True, True)
+    assert kinds(d) == [("lifecycle", "workflow.failed.notification"), ("lifecycle", "workflow.completed.notification")]
+    assert d.outgoing[0].body["data"] == {
+        "reason": "send failed after 3 attempts (provider_unavailable)",
+        "error_code": "provider_unavailable",
+    }
+    assert d.outgoing[1].body["data"] == {"final_state": "failed"}
+    assert all(schema_errors(m) == [] for m in d.outgoing)
+
+
+@pytest.mark.parametrize("builder", [in_sending, in_checking, in_accepted])
+def test_a_non_retryable_failure_ends_failed(builder: Any) -> None:
+    d = builder().do("failed", failed(False, "invalid_recipient", attempt=1))
+    assert d.to_state == S.FAILED
+    assert d.outgoing[0].body["data"] == {"reason": "send failed: invalid_recipient", "error_code": "invalid_recipient"}
+    assert not [m for m in d.outgoing if m.kind == "compensation"]
+
+
+def test_a_retry_after_acceptance_claims_the_new_external_id() -> None:
+    run = in_accepted()
+    run.do("failed", failed(attempt=1))
+    run.do("timer_retry_due")
+    d = run.do("provider_accepted", accepted("NEW-ID", attempt=2))
+    new_key = claim_key(TENANT, "email", "NEW-ID")
+    assert d.requests.claims == [new_key] and d.context["claim_key"] == new_key
+    assert run.do("lookup_result", granted(new_key)).to_state == S.ACCEPTED
+
+
+def test_a_late_acceptance_of_the_failed_attempt_is_taken() -> None:
+    run = in_retry_wait()
+    d = run.do("provider_accepted", accepted(attempt=1))
+    assert d.to_state == S.CHECKING and d.timers_cancelled == ["retry_due"]
+
+
+# ---- stale reports -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("provider_accepted", accepted(attempt=1)), ("delivered", {"attempt": 1}), ("failed", failed(attempt=1))],
+)
+def test_reports_about_an_older_attempt_are_ignored(name: str, data: dict[str, Any]) -> None:
+    run = in_retry_wait()
+    run.do("timer_retry_due")
+    d = run.step(name, data)
+    assert (d.outcome, d.reason) == (I, "attempt 1 was superseded by attempt 2")
+
+
+@pytest.mark.parametrize("builder", [in_checking, in_accepted])
+def test_a_second_acceptance_is_ignored(builder: Any) -> None:
+    d = builder().step("provider_accepted", accepted("OTHER"))
+    assert (d.outcome, d.reason) == (I, f"attempt 1 was already accepted as {EXT}")
+
+
+def test_a_second_failure_of_the_failed_attempt_is_ignored() -> None:
+    d = in_retry_wait().step("failed", failed(False))
+    assert (d.outcome, d.reason) == (I, "attempt 1 already failed")
