@@ -5,9 +5,8 @@ Retries, compensation, stop and pause/resume are in test_sequence_retry_pause.py
 
 from __future__ import annotations
 
-import hashlib
-
 import copy
+import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest

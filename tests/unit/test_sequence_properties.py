@@ -20,9 +20,7 @@ STATES = {str(s) for s in sequence.S}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
 steps_st = st.lists(
-    st.fixed_dictionaries(
-        {"template_id": st.sampled_from(["a", "b", "c"]), "delay_seconds": st.integers(0, 3600)}
-    ),
+    st.fixed_dictionaries({"template_id": st.sampled_from(["a", "b", "c"]), "delay_seconds": st.integers(0, 3600)}),
     min_size=1,
     max_size=5,
 )
