@@ -172,17 +172,20 @@ async def mix_main(args: argparse.Namespace) -> None:
     start = time.monotonic()
     starts = 0
 
-    async def publish_later(ev: dict[str, Any], delay: float) -> None:
+    def make(t: Any) -> dict[str, Any]:
+        return build_event(t.event_type, tenant_id=args.tenant, entity_id=t.entity_id, data=t.data, source="bench")
+
+    async def publish_later(t: Any) -> None:
         nonlocal sent
-        await asyncio.sleep(delay)
-        await pub.publish(ev, validate=False)
+        await asyncio.sleep(t.delay_s)
+        await pub.publish(make(t), validate=False)  # stamped when sent: its age at commit is the service's
         sent += 1
 
     for t in traffic:
-        ev = build_event(t.event_type, tenant_id=args.tenant, entity_id=t.entity_id, data=t.data, source="bench")
         if t.delay_s:
-            later.append(asyncio.create_task(publish_later(ev, t.delay_s)))
+            later.append(asyncio.create_task(publish_later(t)))
             continue
+        ev = make(t)
         starts += 1
         if interval:
             delay = start + starts * interval - time.monotonic()

@@ -32,8 +32,9 @@ class WorkerStats:
     duplicate_commands: int = 0  # same command_id delivered again (deduped here)
     answers: Counter[str] = field(default_factory=Counter)
     compensations: Counter[str] = field(default_factory=Counter)
-    # (tenant, command type, template, recipient address, UTC day) -> idempotency keys seen for it:
-    # more than one key means the same send was asked for twice as different decisions.
+    # (tenant, command type, template, recipient address, UTC day) -> idempotency keys of the sends the
+    # worker carried out for it: more than one means the same send happened twice. (A send that failed
+    # for good frees its effect key, so a later decision may send the same thing: that is not a twice.)
     sends: dict[tuple[str, ...], set[str]] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
 
@@ -88,8 +89,15 @@ class SimulatedWorker:
             return
         s.seen.add(cmd["command_id"])
         s.commands[cmd["command_type"]] += 1
+        if self.profile.silent:
+            return
+        module = self.modules.get(cmd["workflow"])
+        if module is None:
+            return
+        answers = module.answer(cmd, self.profile)
         data = cmd["data"]
-        if "template_id" in data and "recipient" in data:
+        sent = any("fail" not in a.event_type.rpartition(".")[2] for a in answers)
+        if sent and "template_id" in data and "recipient" in data:
             effect = (
                 cmd["tenant_id"],
                 cmd["command_type"],
@@ -98,12 +106,7 @@ class SimulatedWorker:
                 cmd["issued_at"][:10],
             )
             s.sends.setdefault(effect, set()).add(cmd["idempotency_key"])
-        if self.profile.silent:
-            return
-        module = self.modules.get(cmd["workflow"])
-        if module is None:
-            return
-        for a in module.answer(cmd, self.profile):
+        for a in answers:
             task = asyncio.create_task(self._publish_answer(cmd, a))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
