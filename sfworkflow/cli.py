@@ -1,4 +1,5 @@
-"""Command line: `sfworkflow run | migrate | demo | inspect`."""
+"""Command line: `sfworkflow run | migrate | demo | diagram | inspect`, plus the operator commands
+of sfworkflow/commands/ (stuck, replay, dead-letters, …)."""
 
 from __future__ import annotations
 
@@ -106,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
     i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from sfworkflow.commands import register_all
+
+    COMMANDS.update(register_all(sub))
     return p
 
 
-COMMANDS = {
+COMMANDS: dict[str, Any] = {
     "run": _cmd_run,
     "migrate": _cmd_migrate,
     "demo": _cmd_demo,
