@@ -20,6 +20,8 @@ from typing import Any
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
 
 ANY_ACTIVE = "*"  # source wildcard: every non-terminal state except the initial one
+DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress (and no pending timer) before an instance is stuck
+TIMER_GRACE_S = 120.0  # seconds a timer may be overdue before its instance is stuck (timers not firing)
 
 Condition = Callable[["Step"], bool]
 Action = Callable[["Step"], None]
@@ -71,6 +73,11 @@ class WorkflowDefinition:
     # Non-terminal states in which an instance waits for a person (an operator's decision), not for
     # the system: the demo counts them as settled; `stuck` reporting treats them on their own terms.
     waits_for_operator: frozenset[str] = frozenset()
+    # When an instance counts as stuck, per state (seconds in the state with no pending timer; None:
+    # never by age). States not named use DEFAULT_STUCK_AFTER_S. An instance with a pending timer is
+    # stuck only once that timer is overdue by TIMER_GRACE_S (the timer, e.g. an SLA, is the deadline);
+    # a state in waits_for_operator is stuck from the moment it is entered: a person must act.
+    stuck_after_s: Mapping[str, float | None] = field(default_factory=dict)
     # Returns a reason when an event refers to the past (an older step or attempt): it is then
     # recorded as ignored instead of parked.
     stale: Callable[[Step], str | None] | None = None

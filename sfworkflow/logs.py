@@ -12,16 +12,34 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _StderrLogger:
+    """Writes each line to the sys.stderr of the moment (tests swap it; a closed stream is skipped)."""
+
+    def msg(self, message: str | bytes) -> None:
+        stream = sys.stderr
+        try:
+            if isinstance(message, bytes):
+                getattr(stream, "buffer", None) and stream.buffer.write(message + b"\n")
+                if not hasattr(stream, "buffer"):
+                    stream.write(message.decode() + "\n")
+            else:
+                stream.write(message + "\n")
+            stream.flush()
+        except ValueError:  # closed
+            pass
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     lvl = _LEVELS.get(level.lower(), logging.INFO)
     renderer: structlog.typing.Processor
     logger_factory: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        logger_factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        logger_factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    logger_factory = lambda *_args: _StderrLogger()  # noqa: E731
     factory = structlog.make_filtering_bound_logger(lvl)
     structlog.configure(
         processors=[

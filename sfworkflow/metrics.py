@@ -128,6 +128,12 @@ class Metrics:
             "sfworkflow_instances", "Workflow instances by workflow and state.", ["workflow", "state"], registry=r
         )
         self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=r)
+        self.stuck = Gauge(
+            "sfworkflow_stuck_instances",
+            "Instances stuck by their definition's rules (see `sfworkflow stuck`), refreshed every 30 s.",
+            ["workflow"],
+            registry=r,
+        )
         self.up = Gauge(
             "sfworkflow_dependency_up",
             "1 when the dependency answers: postgres, rabbitmq.",
@@ -137,6 +143,7 @@ class Metrics:
 
         # Every known series exists from the start (at 0), so rates and alerts work before the first event.
         for w in workflows:
+            self.stuck.labels(w)
             for o in OUTCOMES:
                 self.events.labels(w, o)
             self.transitions.labels(w)

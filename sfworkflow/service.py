@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import aio_pika
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from sfworkflow import db, migrate, schemas, topology
 from sfworkflow.consumer import Consumer, Health
+from sfworkflow.definition import WorkflowDefinition
 from sfworkflow.engine import Engine
 from sfworkflow.envelope import EventParser
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
@@ -30,6 +33,7 @@ from sfworkflow.metrics import Metrics
 from sfworkflow.relay import Relay
 from sfworkflow.settings import Settings, redact_url
 from sfworkflow.store import Store
+from sfworkflow.stuck import Filters, find_stuck
 from sfworkflow.timers import TimerLoop
 from sfworkflow.workflows import DEFINITIONS
 
@@ -37,6 +41,7 @@ log = structlog.get_logger("sfworkflow.service")
 
 STATS_INTERVAL_S = 5.0  # seconds between refreshes of the gauges read from PostgreSQL
 STARTUP_RETRY_S = 30.0  # seconds start-up keeps retrying a dependency that is not up yet
+STUCK_EVERY = 6  # stats rounds between refreshes of the stuck gauge (a heavier query)
 
 
 def known_event_types(engine: Engine) -> set[str]:
@@ -44,10 +49,12 @@ def known_event_types(engine: Engine) -> set[str]:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, http: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, http: bool = True, definitions: Iterable[WorkflowDefinition] = DEFINITIONS
+    ) -> None:
         self.settings = settings
         self.http_enabled = http
-        self.engine = Engine(DEFINITIONS)
+        self.engine = Engine(definitions)  # every (workflow, version) loaded; new instances start on the latest
         self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}))
         self.health = Health()
         self.schemas = schemas.default()
@@ -173,6 +180,7 @@ class Service:
         return checks
 
     async def _stats(self) -> None:
+        rounds = 0
         while True:
             try:
                 assert self.pool is not None
@@ -184,10 +192,17 @@ class Service:
                     for r in await conn.fetch(db.q("instances_by_state")):
                         self.metrics.instances.labels(r["workflow"], r["state"]).set(r["n"])
                     self.metrics.parked.set(await conn.fetchval(db.q("parked_count")))
+                    if rounds % STUCK_EVERY == 0:
+                        counts = Counter(
+                            s.workflow for s in await find_stuck(conn, self.engine, Filters(limit=100_000))
+                        )
+                        for name in self.engine.latest:
+                            self.metrics.stuck.labels(name).set(counts.get(name, 0))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("stats refresh failed", error=type(exc).__name__)
+            rounds += 1
             await asyncio.sleep(STATS_INTERVAL_S)
 
 

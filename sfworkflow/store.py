@@ -204,6 +204,22 @@ class Store:
             out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)
         return out
 
+    async def redrive_parked(self, key: InstanceKey, expect_version: int) -> int | None:
+        """Retry an instance's parked events now (replay); how many were applied, None if it changed meanwhile."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
+            if not rows or rows[0]["version"] != expect_version:
+                return None
+            batch = _Batch(conn, self.engine, self.park_timeout)
+            run = batch._run_from_row(rows[0])
+            if run is None:
+                return None
+            await batch._load_parked([run])
+            batch._settle(run)
+            await batch.finish()
+        self._committed(batch.report)
+        return sum(batch.report.unparked.values())
+
     async def expire_parked(self, limit: int = 500) -> int:
         """Dead-letter parked events past their deadline with reason `transition_not_allowed`."""
         async with self.pool.acquire() as conn, conn.transaction():

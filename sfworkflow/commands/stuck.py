@@ -1,0 +1,96 @@
+"""`sfworkflow stuck`: list stuck instances (the definitions say when an instance counts as stuck)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from sfworkflow import db
+from sfworkflow.engine import Engine
+from sfworkflow.settings import Settings
+from sfworkflow.stuck import Filters, StuckInstance, find_stuck, parse_age
+from sfworkflow.workflows import DEFINITIONS
+
+
+def add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workflow", help="only this workflow")
+    p.add_argument("--tenant", help="only this tenant id")
+    p.add_argument("--state", help="only instances in this state")
+    p.add_argument("--older-than", default="0s", help="stuck for at least this long: 90s, 30m, 12h, 7d")
+    p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
+
+
+def filters_from(args: argparse.Namespace, entity: str | None = None) -> Filters:
+    return Filters(
+        workflow=args.workflow,
+        tenant=args.tenant,
+        state=args.state,
+        entity=entity,
+        older_than_s=parse_age(args.older_than),
+        limit=args.limit,
+    )
+
+
+def register(sub: Any) -> dict[str, Any]:
+    p = sub.add_parser("stuck", help="list stuck instances: workflow, tenant, entity, state, since, why")
+    add_filters(p)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    return {"stuck": run}
+
+
+async def load(settings: Settings, f: Filters) -> list[StuckInstance]:
+    conn = await asyncpg.connect(settings.database_url)
+    await db.init_connection(conn)
+    try:
+        return await find_stuck(conn, Engine(DEFINITIONS), f)
+    finally:
+        await conn.close()
+
+
+def _age(since: datetime) -> str:
+    s = int((datetime.now(UTC) - since).total_seconds())
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def table(rows: list[StuckInstance]) -> str:
+    head = ("WORKFLOW", "TENANT", "ENTITY", "STATE", "STUCK FOR", "WHY", "LAST EVENT", "PENDING COMMAND", "ATTEMPT")
+    lines = [head]
+    for s in rows:
+        lines.append(
+            (
+                s.workflow, s.tenant_id, s.entity_id, s.state, _age(s.stuck_since), s.why,
+                f"{s.last_event_type or '-'} ({_age(s.last_event_at)} ago)", s.pending_command or "-",
+                str(s.attempt) if s.attempt is not None else "-",
+            )
+        )  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    return "\n".join(out)
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    rows = await load(settings, filters_from(args))
+    if args.json:
+        for s in rows:
+            print(orjson.dumps(s.as_json()).decode())
+        return 0
+    if not rows:
+        print("no stuck instances")
+        return 0
+    print(table(rows))
+    print(
+        f"\n{len(rows)} stuck; details: sfworkflow inspect TENANT/WORKFLOW/ENTITY; fix: sfworkflow replay --dry-run ..."
+    )
+    for s in rows[:5]:
+        print(f"  {s.ref}: {s.detail}")
+    return 0
