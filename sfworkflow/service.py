@@ -194,7 +194,10 @@ class Service:
                     self.metrics.parked.set(await conn.fetchval(db.q("parked_count")))
                     if rounds % STUCK_EVERY == 0:
                         counts = Counter(
-                            s.workflow for s in await find_stuck(conn, self.engine, Filters(limit=100_000))
+                            s.workflow
+                            for s in await find_stuck(
+                                conn, self.engine, Filters(limit=100_000, default_after_s=self.settings.stuck_after_s)
+                            )
                         )
                         for name in self.engine.latest:
                             self.metrics.stuck.labels(name).set(counts.get(name, 0))

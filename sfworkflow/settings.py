@@ -27,6 +27,8 @@ DEFAULT_RELAY_POLL_MS = 500.0  # milliseconds between outbox polls when no NOTIF
 DEFAULT_RELAY_BATCH = 500  # outbox rows claimed per relay round
 DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0  # seconds to drain on SIGTERM before giving up
 DEFAULT_QUEUE_TYPE = "quorum"  # or "classic"
+DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress before an instance counts as stuck (unless its
+# definition sets its own threshold for the state)
 DEFAULT_RETENTION_DAYS = 14.0  # days ended instances, published outbox rows and inbox ids are kept
 
 
@@ -53,6 +55,7 @@ class Settings:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     queue_type: str = DEFAULT_QUEUE_TYPE
     retention_days: float = DEFAULT_RETENTION_DAYS
+    stuck_after_s: float = DEFAULT_STUCK_AFTER_S
     log_level: str = "info"
     log_format: str = "json"  # or "console"
     use_uvloop: bool = True

@@ -97,6 +97,8 @@ class Filters:
     entity: str | None = None
     older_than_s: float = 0.0  # stuck for at least this long
     limit: int = 1000
+    # No-progress threshold for states whose definition sets none (SFWORKFLOW_STUCK_AFTER_S).
+    default_after_s: float = DEFAULT_STUCK_AFTER_S
 
 
 def _operator_states(engine: Engine) -> tuple[list[str], list[str]]:
@@ -104,14 +106,16 @@ def _operator_states(engine: Engine) -> tuple[list[str], list[str]]:
     return [w for w, _ in pairs], [s for _, s in pairs]
 
 
-def _min_age_s(engine: Engine) -> float:
-    ages = [DEFAULT_STUCK_AFTER_S]
+def _min_age_s(engine: Engine, default_after_s: float) -> float:
+    ages = [default_after_s]
     for cw in engine.compiled.values():
         ages += [v for v in cw.definition.stuck_after_s.values() if v is not None]
     return min(ages)
 
 
-def classify(engine: Engine, row: Any, now: datetime) -> StuckInstance | None:
+def classify(
+    engine: Engine, row: Any, now: datetime, default_after_s: float = DEFAULT_STUCK_AFTER_S
+) -> StuckInstance | None:
     """Whether a candidate row is stuck, by its definition's rules; None when it is not."""
     compiled = engine.workflow(row["workflow"], row["definition_version"])
     if compiled is None:
@@ -127,7 +131,7 @@ def classify(engine: Engine, row: Any, now: datetime) -> StuckInstance | None:
             why = "timer_overdue"
             detail = f"timer {row['timer_name']} was due at {row['next_due'].isoformat()} and has not fired"
         else:
-            after = d.stuck_after_s.get(state, DEFAULT_STUCK_AFTER_S)
+            after = d.stuck_after_s.get(state, default_after_s)
             if after is None:
                 return None
             since = row["state_entered_at"] + timedelta(seconds=after)
@@ -162,13 +166,14 @@ async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> li
     """Stuck instances matching the filters, longest stuck first."""
     ws, ss = _operator_states(engine)
     rows = await conn.fetch(
-        _CANDIDATES, f.workflow, f.tenant, f.state, f.entity, _min_age_s(engine), TIMER_GRACE_S, ws, ss,
+        _CANDIDATES, f.workflow, f.tenant, f.state, f.entity, _min_age_s(engine, f.default_after_s), TIMER_GRACE_S,
+        ws, ss,
         max(f.limit * 4, f.limit),
     )  # fmt: skip
     now = datetime.now(UTC)
     out = []
     for r in rows:
-        s = classify(engine, r, now)
+        s = classify(engine, r, now, f.default_after_s)
         if s is not None and (now - s.stuck_since).total_seconds() >= f.older_than_s:
             out.append(s)
     out.sort(key=lambda s: s.stuck_since)

@@ -37,7 +37,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             print("sfworkflow replay: --instance is TENANT/WORKFLOW/ENTITY")
             return 2
         args.tenant, args.workflow, entity = parts
-    stuck = await load(settings, filters_from(args, entity))
+    stuck = await load(settings, filters_from(args, entity, settings))
     engine = Engine(DEFINITIONS)
     plans = [replay.plan_for(s, engine) for s in stuck]
     if not plans:

@@ -24,8 +24,9 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
 
 
-def filters_from(args: argparse.Namespace, entity: str | None = None) -> Filters:
+def filters_from(args: argparse.Namespace, entity: str | None = None, settings: Settings | None = None) -> Filters:
     return Filters(
+        default_after_s=settings.stuck_after_s if settings else Filters.default_after_s,
         workflow=args.workflow,
         tenant=args.tenant,
         state=args.state,
@@ -79,7 +80,7 @@ def table(rows: list[StuckInstance]) -> str:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
-    rows = await load(settings, filters_from(args))
+    rows = await load(settings, filters_from(args, settings=settings))
     if args.json:
         for s in rows:
             print(orjson.dumps(s.as_json()).decode())
