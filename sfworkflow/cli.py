@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reply-rate", type=float, default=0.05, help="share of instances ended by people (replies)")
     d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every instance to end")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument(
+        "--hang", type=int, default=0, help="leave N sequence instances stuck: the worker never answers them"
+    )
     g = sub.add_parser("diagram", help="print a workflow's state machine as Mermaid or Graphviz DOT")
     g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
     g.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")

@@ -65,11 +65,13 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     workflows = args.workflow or None
-    worker = SimulatedWorker(settings.amqp_url, profile, workflows)
-    await worker.start()
-    publisher = await EventPublisher.connect(settings.amqp_url)
     traffic = plan(args.instances, rnd, workflows)
     instances = {(t.event_type.partition(".")[0], t.entity_id) for t in traffic}
+    # --hang N: the worker takes the commands of N sequence instances and never answers: they get stuck.
+    hung = sorted(i for i in instances if i[0] == "sequence")[: args.hang]
+    worker = SimulatedWorker(settings.amqp_url, profile, workflows, hang=hung)
+    await worker.start()
+    publisher = await EventPublisher.connect(settings.amqp_url)
     started = time.monotonic()
     published = Counter[str]()
     pending: set[asyncio.Task[None]] = set()
@@ -95,7 +97,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
                 published["duplicate deliveries"] += 1
         if pending:
             await asyncio.gather(*pending)
-        ok = await _wait_until_settled(settings, tenant, len(instances), service, args.timeout)
+        ok = await _wait_until_settled(settings, tenant, len(instances) - len(hung), service, args.timeout)
         elapsed = time.monotonic() - started
         await _wait_outbox_empty(settings, 10.0)
         await asyncio.sleep(0.5)  # let the worker take the last compensation commands
@@ -108,6 +110,8 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         await service.stop()
     summary["sends_twice"] = worker.stats.sends_twice()
     _print_summary(summary, service, worker, published, elapsed, len(instances), tenant, ok)
+    if hung:
+        _print_hung(hung, tenant)
     if not ok:
         await _print_unsettled(settings, tenant, service)
     bad = summary["sends_twice"] or summary["commands_per_idempotency_over_attempts"]
@@ -220,6 +224,17 @@ async def _print_unsettled(settings: Settings, tenant: str, service: Service) ->
     print("instances that did not settle (first 20):")
     for r in rows:
         print(f"  {tenant}/{r['workflow']}/{r['entity_id']}  state={r['state']}  since {r['updated_at']:%H:%M:%S}")
+
+
+def _print_hung(hung: list[tuple[str, str]], tenant: str) -> None:
+    print(f"{len(hung)} instance(s) left stuck on purpose (--hang): the worker took their command and never answered:")
+    for workflow, entity in hung:
+        print(f"  {tenant}/{workflow}/{entity}")
+    print("find and fix them (docs/runbook.md, 'Stuck instances'):")
+    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow stuck                # what is stuck, and why")
+    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow replay --all-stuck --dry-run")
+    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow replay --all-stuck --reason 'worker hung'")
+    print("  sfworkflow worker --seconds 10                               # a worker that answers this time")
 
 
 def _metric(service: Service, name: str, **labels: str) -> float:

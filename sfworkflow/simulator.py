@@ -30,6 +30,7 @@ WorkerProfile = Profile  # the name the benchmark and tests use
 class WorkerStats:
     commands: Counter[str] = field(default_factory=Counter)
     duplicate_commands: int = 0  # same command_id delivered again (deduped here)
+    hung: int = 0  # commands taken and never answered (a hung worker)
     answers: Counter[str] = field(default_factory=Counter)
     compensations: Counter[str] = field(default_factory=Counter)
     # (tenant, command type, template, recipient address, UTC day) -> idempotency keys of the sends the
@@ -43,8 +44,15 @@ class WorkerStats:
 
 
 class SimulatedWorker:
-    def __init__(self, amqp_url: str, profile: Profile, workflows: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        profile: Profile,
+        workflows: Iterable[str] | None = None,
+        hang: Iterable[tuple[str, str]] = (),
+    ) -> None:
         self.amqp_url = amqp_url
+        self.hang = set(hang)  # (workflow, entity) whose commands this worker takes and never answers
         self.profile = profile
         self.modules = simulation.modules()
         self.workflows = tuple(workflows) if workflows is not None else tuple(self.modules)
@@ -89,7 +97,8 @@ class SimulatedWorker:
             return
         s.seen.add(cmd["command_id"])
         s.commands[cmd["command_type"]] += 1
-        if self.profile.silent:
+        if self.profile.silent or (cmd["workflow"], cmd["entity_id"]) in self.hang:
+            self.stats.hung += 1
             return
         module = self.modules.get(cmd["workflow"])
         if module is None:
