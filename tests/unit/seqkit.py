@@ -1,26 +1,20 @@
-"""Helpers for driving the `sequence` workflow through `Engine.step` in unit tests (no I/O)."""
+"""Helpers for driving the `sequence` workflow through `Engine.step` in unit tests (no I/O), on enginekit."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage
-from sfworkflow.engine import Decision, Engine, Outcome
-from sfworkflow.workflows import DEFINITIONS
-from sfworkflow.workflows.sequence import S
+from sfworkflow.definition import EngineEvent, InstanceKey
+from sfworkflow.workflows.sequence import DEFINITION, S
+from tests.unit import enginekit
+from tests.unit.enginekit import T0, TENANT
 
-ENGINE = Engine(DEFINITIONS)
-SEQ = ENGINE.workflow("sequence")
-assert SEQ is not None
+SEQ = enginekit.workflow(DEFINITION)
 
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "enrollment-42"
 KEY = InstanceKey(TENANT, "sequence", ENTITY)
 CORRELATION = "corr-enrollment-42"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 
 EXTERNAL = (
     "enrolled",
@@ -53,19 +47,13 @@ def enrolled_data(steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 
 
 def sent(step: int, attempt: int | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {"step": step, "provider_message_id": f"wamid.{step}"}
-    if attempt is not None:
-        d["attempt"] = attempt
-    return d
+    return enginekit.with_optional({"step": step, "provider_message_id": f"wamid.{step}"}, attempt=attempt)
 
 
 def failed(
     step: int, code: str = "provider_timeout", retryable: bool = True, attempt: int | None = None
 ) -> dict[str, Any]:
-    d: dict[str, Any] = {"step": step, "error_code": code, "retryable": retryable}
-    if attempt is not None:
-        d["attempt"] = attempt
-    return d
+    return enginekit.with_optional({"step": step, "error_code": code, "retryable": retryable}, attempt=attempt)
 
 
 def suppressed() -> dict[str, Any]:
@@ -73,41 +61,14 @@ def suppressed() -> dict[str, Any]:
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, correlation=CORRELATION)
 
 
-class Run:
-    """One instance driven event by event; `view` is None until the start event is applied."""
+class Run(enginekit.Run):
+    """One `sequence` instance (`KEY`) driven event by event."""
 
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(
-        self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None, at: datetime | None = None
-    ) -> Decision:
-        if now is not None:
-            self.now = now
-        d = ENGINE.step(SEQ, KEY, self.view, event(name, data, at or self.now), self.now)
-        if d.outcome is Outcome.APPLIED:
-            corr = self.view.correlation_id if self.view else CORRELATION
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, corr)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
-        return d
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION)
 
 
 # ---- runs in each state, built by driving the engine from `enrolled` ---------------------------
@@ -193,22 +154,3 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
         "timer_retry_due": {},
         "effect_suppressed": suppressed(),
     }[name]
-
-
-# ---- schema checks ---------------------------------------------------------------------------
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    """Why an outgoing message fails its envelope or data schema (empty when valid)."""
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    assert m.kind == "lifecycle", m.kind
-    data_errors = s.errors("lifecycle", m.body["event_type"], m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + data_errors
-
-
-def by_kind(d: Decision, kind: str) -> list[OutgoingMessage]:
-    return [m for m in d.outgoing if m.kind == kind]
-
-
-def lifecycle_types(d: Decision) -> list[str]:
-    return [m.body["event_type"] for m in by_kind(d, "lifecycle")]

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfworkflow import schemas
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import affiliate_payout
+from tests.unit.enginekit import TENANT, Walk, weighted, with_optional
 
-ENGINE = Engine([affiliate_payout.DEFINITION])
-WF = ENGINE.workflow("affiliate_payout")
-assert WF is not None
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 KEY = InstanceKey(TENANT, "affiliate_payout", "batch-prop")
 STATES = {str(s) for s in affiliate_payout.S}
-INTERNAL = affiliate_payout.DEFINITION.internal_events
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 SCHEMAS = schemas.default()
 LEDGER_EFFECT = f"affiliate_payout.ledger:{TENANT}:batch-prop"
@@ -45,19 +41,15 @@ attempt_st = st.one_of(st.none(), st.integers(1, 4))
 command_st = st.one_of(st.none(), st.sampled_from(["post_ledger_entry", "send_payout"]))
 
 
-def _opt(d: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return {**d, **{k: v for k, v in kw.items() if v is not None}}
-
-
 STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "batch_opened": opened_st,
     "ledger_posted": st.builds(
-        lambda e, a: _opt({"entry_id": e}, attempt=a), st.sampled_from(["le-1", "le-2"]), attempt_st
+        lambda e, a: with_optional({"entry_id": e}, attempt=a), st.sampled_from(["le-1", "le-2"]), attempt_st
     ),
-    "payout_sent": st.builds(lambda a: _opt({"payment_reference": "po-1"}, attempt=a), attempt_st),
+    "payout_sent": st.builds(lambda a: with_optional({"payment_reference": "po-1"}, attempt=a), attempt_st),
     "settled": st.just({}),
     "failed": st.builds(
-        lambda code, r, a, c: _opt({"error_code": code, "retryable": r}, attempt=a, command=c),
+        lambda code, r, a, c: with_optional({"error_code": code, "retryable": r}, attempt=a, command=c),
         st.sampled_from(["provider_timeout", "account_closed"]),
         st.booleans(),
         attempt_st,
@@ -82,8 +74,7 @@ STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
 }
 # the feedback and answers that move a batch forward come more often than the rest
 WEIGHTS = {"ledger_posted": 4, "payout_sent": 4, "settled": 2, "failed": 4, "lookup_result": 4, "timer_retry_due": 3}
-WEIGHTED = [name for name in STRATEGIES for _ in range(WEIGHTS.get(name, 1))]
-event_st = st.sampled_from(WEIGHTED).flatmap(lambda name: st.tuples(st.just(name), STRATEGIES[name]))
+event_st = weighted(STRATEGIES, WEIGHTS)
 # most runs start with a valid batch, so they get past the claims
 valid_opened_st = st.builds(
     lambda ids, c: {
@@ -104,17 +95,14 @@ def test_random_event_sequences_keep_the_engine_sound(
     first: tuple[str, dict[str, Any]], rest: list[tuple[tuple[str, dict[str, Any]], int]]
 ) -> None:
     events = [(first, 0), *rest]
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(affiliate_payout.DEFINITION, KEY, T0)
     ledger_commands: list[str] = []  # effect keys of post_ledger_entry commands issued
     payout_commands = 0
     entries_posted: set[str] = set()
     claimed: set[str] = set()
     amount: Any = None
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(WF, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == [] and not d.requests
@@ -152,4 +140,3 @@ def test_random_event_sequences_keep_the_engine_sound(
             assert d.requests.releases == [] and payout_commands > 0
         if d.terminal:
             assert d.cancel_all_timers
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

@@ -4,32 +4,39 @@ timeout, retries, dead-lettering and operator replay, stale reports. Pure: no I/
 from __future__ import annotations
 
 import copy
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
+from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.engine import Decision, Outcome
 from sfworkflow.workflows.agent import DEFINITION, RETRY, S
+from tests.unit import enginekit
+from tests.unit.enginekit import (
+    ENGINE,
+    T0,
+    TENANT,
+    A,
+    I,
+    P,
+    check_table_cell,
+    check_table_covers,
+    kinds,
+    of_kind,
+    schema_errors,
+)
 
-ENGINE = Engine([DEFINITION])
-AGENT = ENGINE.workflow("agent")
-assert AGENT is not None
+AGENT = enginekit.workflow(DEFINITION)
 
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "task-77"
 KEY = InstanceKey(TENANT, "agent", ENTITY)
 CORRELATION = "corr-task-77"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 RUN_KEY = f"{TENANT}:agent:{ENTITY}:run"
 
 EXTERNAL = ("task_submitted", "started", "checkpointed", "succeeded", "failed", "replay_requested")
 INTERNAL = ("timer_run_timeout", "timer_retry_due")
 TRIGGERS = EXTERNAL + INTERNAL
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 INPUT = {"lead_id": "lead-1093", "question": "Which CRM does this company use?"}
 
@@ -42,11 +49,7 @@ def submitted(timeout: int | None = 5) -> dict[str, Any]:
 
 
 def report(attempt: int | None = None, run: int | None = None, **data: Any) -> dict[str, Any]:
-    if attempt is not None:
-        data["attempt"] = attempt
-    if run is not None:
-        data["run"] = run
-    return data
+    return enginekit.with_optional(data, attempt=attempt, run=run)
 
 
 def failed(retryable: bool = True, code: str = "model_overloaded", **kw: Any) -> dict[str, Any]:
@@ -61,38 +64,22 @@ REPLAY = {"requested_by": "ops-maria", "reason": "search tool fixed"}
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0, n: int = 0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}/{n}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, n, correlation=CORRELATION)
 
 
-class Run:
-    """One instance driven event by event; `view` is None until the start event is applied."""
+class Run(enginekit.Run):
+    """One `agent` instance (`KEY`) driven event by event (numbered event ids). It keeps the pending
+    timers as the store would, and a timer fires with the payload it was set with."""
 
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-        self.n = 0
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION, numbered=True)
         self.timers: dict[str, TimerRequest] = {}  # pending timers, as the store would keep them
 
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None) -> Decision:
-        if now is not None:
-            self.now = now
-        self.n += 1
+    def step(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
         if data is None and name.startswith("timer_") and name[6:] in self.timers:
             data = self.timers[name[6:]].payload  # a timer fires with the payload it was set with
-        d = ENGINE.step(AGENT, KEY, self.view, event(name, data, self.now, self.n), self.now)
-        if d.outcome is Outcome.APPLIED:
-            corr = self.view.correlation_id if self.view else CORRELATION
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, corr)
+        d = super().step(name, data, **kw)
+        if d.outcome is A:
             if d.cancel_all_timers:
                 self.timers.clear()
             for t in d.timers_cancelled:
@@ -101,11 +88,6 @@ class Run:
                 self.timers[t.name] = t
             if name.startswith("timer_"):
                 self.timers.pop(name[6:], None)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
         return d
 
 
@@ -171,21 +153,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
     }[name]
 
 
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def kinds(d: Decision) -> list[tuple[str, str]]:
-    return [(m.kind, m.routing_key) for m in d.outgoing]
-
-
-def commands(d: Decision) -> list[OutgoingMessage]:
-    return [m for m in d.outgoing if m.kind == "command"]
-
-
 # ---- the table -----------------------------------------------------------------------------------
 ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
@@ -226,10 +193,7 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S}
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
     assert DEFINITION.terminal == {S.SUCCEEDED}
     assert DEFINITION.waits_for_operator == {S.DEAD_LETTERED}
     assert DEFINITION.commands == {"run_task"} and DEFINITION.compensations == {"dead_letter_task"}
@@ -240,26 +204,11 @@ def test_trigger_lists_match_the_definition() -> None:
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
     assert run.state == (state if state != S.NEW else "")
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(AGENT, KEY, view, event(trigger, realistic(trigger, run), T0, 99), T0 + timedelta(seconds=1))
-
-    assert d.outcome is outcome, d.reason
+    ev = event(trigger, realistic(trigger, run), T0, 99)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(seconds=1))
     assert d.trigger == trigger
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        dest = run.state if dest == "same" else dest
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
-    else:
-        assert d.to_state == run.state and d.version == version and d.reason
-        assert d.outgoing == [] and d.timers_set == [] and d.timers_cancelled == [] and not d.cancel_all_timers
+    if d.outcome is not A:
+        assert d.timers_cancelled == [] and not d.cancel_all_timers
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS)
@@ -413,7 +362,7 @@ def test_retry_reissues_the_same_key_with_attempt_plus_one_from_the_last_checkpo
     now = T0 + timedelta(seconds=2)
     d = run.do("timer_retry_due", now=now)
     assert d.to_state == S.DISPATCHED
-    (m,) = commands(d)
+    (m,) = of_kind(d, "command")
     assert m.routing_key == "agent.run_task"
     assert m.body["idempotency_key"] == first.body["idempotency_key"] == RUN_KEY
     assert m.body["attempt"] == 2
@@ -429,7 +378,7 @@ def test_a_checkpoint_reported_during_the_backoff_is_used_by_the_retry() -> None
     run = in_retry_wait()
     d = run.do("checkpointed", ckpt(2, attempt=1, run=0))
     assert d.to_state == S.RETRY_WAIT and d.timers_set == []
-    assert commands(run.do("timer_retry_due"))[0].body["data"]["from_checkpoint_id"] == "ckpt-2"
+    assert of_kind(run.do("timer_retry_due"), "command")[0].body["data"]["from_checkpoint_id"] == "ckpt-2"
 
 
 def test_backoff_grows_between_attempts() -> None:
@@ -445,13 +394,13 @@ def test_backoff_grows_between_attempts() -> None:
 def _exhaust(last: str) -> tuple[list[OutgoingMessage], Decision, Run]:
     """Three attempts: a timeout, a retryable failure, then `last` (a timeout or a failure)."""
     run = Run()
-    cmds = commands(run.do("task_submitted", submitted()))
+    cmds = of_kind(run.do("task_submitted", submitted()), "command")
     run.do("started", report(1, 0))
     run.do("checkpointed", ckpt(1, attempt=1, run=0))
     run.do("timer_run_timeout")
-    cmds += commands(run.do("timer_retry_due"))
+    cmds += of_kind(run.do("timer_retry_due"), "command")
     run.do("failed", failed(attempt=2, run=0))
-    cmds += commands(run.do("timer_retry_due"))
+    cmds += of_kind(run.do("timer_retry_due"), "command")
     run.do("checkpointed", ckpt(2, attempt=3, run=0))
     d = run.do("timer_run_timeout") if last == "timeout" else run.do("failed", failed(attempt=3, run=0))
     return cmds, d, run

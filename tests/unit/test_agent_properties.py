@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import agent
+from tests.unit.enginekit import TENANT, Walk, with_optional
 
-ENGINE = Engine([agent.DEFINITION])
-AGENT = ENGINE.workflow("agent")
-assert AGENT is not None
-KEY = InstanceKey("3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00", "agent", "task-prop")
+KEY = InstanceKey(TENANT, "agent", "task-prop")
 STATES = {str(s) for s in agent.S}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
-INTERNAL = {"timer_run_timeout", "timer_retry_due"}
 
 maybe_attempt = st.one_of(st.none(), st.integers(1, 4))
 maybe_run = st.one_of(st.none(), st.integers(0, 3))
-
-
-def _echo(d: dict[str, Any], attempt: int | None, run: int | None) -> dict[str, Any]:
-    if attempt is not None:
-        d["attempt"] = attempt
-    if run is not None:
-        d["run"] = run
-    return d
 
 
 submitted_st = st.builds(
@@ -39,21 +28,26 @@ submitted_st = st.builds(
 )
 event_st = st.one_of(
     st.tuples(st.just("task_submitted"), submitted_st),
-    st.tuples(st.just("started"), st.builds(lambda a, r: _echo({}, a, r), maybe_attempt, maybe_run)),
+    st.tuples(
+        st.just("started"), st.builds(lambda a, r: with_optional({}, attempt=a, run=r), maybe_attempt, maybe_run)
+    ),
     st.tuples(
         st.just("checkpointed"),
         st.builds(
-            lambda s, a, r: _echo({"checkpoint_id": f"c{s}", "step": s}, a, r),
+            lambda s, a, r: with_optional({"checkpoint_id": f"c{s}", "step": s}, attempt=a, run=r),
             st.integers(0, 8),
             maybe_attempt,
             maybe_run,
         ),
     ),
-    st.tuples(st.just("succeeded"), st.builds(lambda a, r: _echo({"output": 1}, a, r), maybe_attempt, maybe_run)),
+    st.tuples(
+        st.just("succeeded"),
+        st.builds(lambda a, r: with_optional({"output": 1}, attempt=a, run=r), maybe_attempt, maybe_run),
+    ),
     st.tuples(
         st.just("failed"),
         st.builds(
-            lambda c, rt, a, r: _echo({"error_code": c, "retryable": rt}, a, r),
+            lambda c, rt, a, r: with_optional({"error_code": c, "retryable": rt}, attempt=a, run=r),
             st.sampled_from(["model_overloaded", "tool_crashed"]),
             st.booleans(),
             maybe_attempt,
@@ -72,14 +66,11 @@ event_st = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(event_st, st.integers(0, 120)), min_size=1, max_size=30))
 def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[str, dict[str, Any]], int]]) -> None:
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(agent.DEFINITION, KEY, T0)
     runs_issued: set[int] = set()  # runs a run_task was issued for
     last_attempt: dict[str, int] = {}  # idempotency key -> last attempt issued
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(AGENT, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == []
@@ -102,4 +93,3 @@ def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[s
                 assert any(t.name == "run_timeout" for t in d.timers_set)  # every run is guarded
         if d.terminal:
             assert d.cancel_all_timers
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

@@ -3,29 +3,35 @@ key, retries, reset + notify on a failure for good (not terminal), the operator'
 
 from __future__ import annotations
 
-import copy
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.engine import Decision, Outcome
 from sfworkflow.workflows.follow_up import DEFINITION, RETRY, S
+from tests.unit import enginekit
+from tests.unit.enginekit import (
+    ENGINE,
+    T0,
+    TENANT,
+    A,
+    I,
+    P,
+    check_deterministic,
+    check_table_cell,
+    check_table_covers,
+    kinds,
+    schema_errors,
+)
 
-ENGINE = Engine(DEFINITIONS)
-WF = ENGINE.workflow("follow_up")
-assert WF is not None
+WF = enginekit.workflow(DEFINITION)
 
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "lead-1093"
 KEY = InstanceKey(TENANT, "follow_up", ENTITY)
 CORRELATION = "corr-lead-1093"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 EXTERNAL = ("scheduled", "sent", "reply_received", "failed", "resume_requested", "cancel_requested")
 INTERNAL = ("timer_step_due", "timer_retry_due", "effect_suppressed")
@@ -44,12 +50,7 @@ def scheduled(steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 
 
 def sent(step: int, attempt: int | None = None, reset: int | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {"step": step}
-    if attempt is not None:
-        d["attempt"] = attempt
-    if reset is not None:
-        d["reset"] = reset
-    return d
+    return enginekit.with_optional({"step": step}, attempt=attempt, reset=reset)
 
 
 def failed(
@@ -75,38 +76,14 @@ def suppressed(step: int, reset: int = 0) -> dict[str, Any]:
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, correlation=CORRELATION)
 
 
-class Run:
+class Run(enginekit.Run):
+    """One `follow_up` instance (`KEY`) driven event by event."""
+
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(
-        self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None, at: datetime | None = None
-    ) -> Decision:
-        if now is not None:
-            self.now = now
-        d = ENGINE.step(WF, KEY, self.view, event(name, data, at or self.now), self.now)
-        if d.outcome is Outcome.APPLIED:
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, CORRELATION)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
-        return d
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION)
 
 
 def in_waiting(steps: list[dict[str, Any]] | None = None) -> Run:
@@ -180,17 +157,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
     }[name]
 
 
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def kinds(d: Decision) -> list[tuple[str, str]]:
-    return [(m.kind, m.routing_key) for m in d.outgoing]
-
-
 ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 ENDS = {"reply_received": (A, S.REPLIED), "cancel_requested": (A, S.CANCELLED)}
 TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
@@ -240,10 +206,8 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S} == set(BUILDERS)
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
+    assert set(TABLE) == set(BUILDERS)
     assert DEFINITION.waits_for_operator == {S.NEEDS_ATTENTION}
     assert S.NEEDS_ATTENTION not in DEFINITION.terminal
 
@@ -253,28 +217,12 @@ def test_trigger_lists_match_the_definition() -> None:
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
     assert run.state == (state if state != S.NEW else "")
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(WF, KEY, view, event(trigger, realistic(trigger, run), T0), T0 + timedelta(minutes=1))
-
-    assert d.outcome is outcome, (d.outcome, d.reason)
+    ev = event(trigger, realistic(trigger, run), T0)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(minutes=1))
     assert d.trigger == trigger
-    assert d.from_state == (run.state or (S.NEW if outcome is A else ""))
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
-    else:
-        assert d.to_state == run.state
-        assert d.version == version
-        assert d.reason
-        assert d.outgoing == [] and d.timers_set == [] and d.timers_cancelled == []
+    assert d.from_state == (run.state or (S.NEW if d.outcome is A else ""))
+    if d.outcome is not A:
+        assert d.timers_cancelled == []
         assert not d.cancel_all_timers
 
 
@@ -531,9 +479,4 @@ def test_an_operator_may_cancel_instead_of_resuming() -> None:
 @pytest.mark.parametrize("state", [S.WAITING, S.SENDING, S.RETRY_WAIT, S.NEEDS_ATTENTION])
 def test_same_inputs_give_equal_decisions_and_do_not_mutate(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
-    ev = event(trigger, realistic(trigger, run))
-    snapshot = copy.deepcopy(run.view.context)
-    first = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    second = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    assert first == second
-    assert run.view.context == snapshot
+    check_deterministic(run, event(trigger, realistic(trigger, run)), T0 + timedelta(hours=1))

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfworkflow import schemas
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import follow_up
+from tests.unit.enginekit import TENANT, Walk, weighted, with_optional
 
-ENGINE = Engine([follow_up.DEFINITION])
-WF = ENGINE.workflow("follow_up")
-assert WF is not None
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 KEY = InstanceKey(TENANT, "follow_up", "lead-prop")
 STATES = {str(s) for s in follow_up.S}
-INTERNAL = follow_up.DEFINITION.internal_events
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 SCHEMAS = schemas.default()
 
@@ -35,15 +31,11 @@ attempt_st = st.one_of(st.none(), st.integers(1, 4))
 reset_st = st.one_of(st.none(), st.integers(0, 2))
 
 
-def _opt(d: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return {**d, **{k: v for k, v in kw.items() if v is not None}}
-
-
 STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "scheduled": st.builds(lambda s: {"owner_id": "owner-1", "steps": s}, steps_st),
-    "sent": st.builds(lambda s, a, r: _opt({"step": s}, attempt=a, reset=r), step_no, attempt_st, reset_st),
+    "sent": st.builds(lambda s, a, r: with_optional({"step": s}, attempt=a, reset=r), step_no, attempt_st, reset_st),
     "failed": st.builds(
-        lambda s, code, r, a, n: _opt({"step": s, "error_code": code, "retryable": r}, attempt=a, reset=n),
+        lambda s, code, r, a, n: with_optional({"step": s, "error_code": code, "retryable": r}, attempt=a, reset=n),
         step_no,
         st.sampled_from(["provider_timeout", "template_rejected"]),
         st.booleans(),
@@ -74,8 +66,7 @@ WEIGHTS = {
     "resume_requested": 5,
     "effect_suppressed": 2,
 }
-WEIGHTED = [name for name in STRATEGIES for _ in range(WEIGHTS.get(name, 1))]
-event_st = st.sampled_from(WEIGHTED).flatmap(lambda name: st.tuples(st.just(name), STRATEGIES[name]))
+event_st = weighted(STRATEGIES, WEIGHTS)
 first_st = st.one_of(st.tuples(st.just("scheduled"), STRATEGIES["scheduled"]), event_st)
 
 
@@ -85,14 +76,11 @@ def test_random_event_sequences_keep_the_engine_sound(
     first: tuple[str, dict[str, Any]], rest: list[tuple[tuple[str, dict[str, Any]], int]]
 ) -> None:
     events = [(first, 0), *rest]
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(follow_up.DEFINITION, KEY, T0)
     sent_steps: set[int] = set()  # steps a send command was issued for
     effect_keys: list[str] = []
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(WF, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == []
@@ -116,4 +104,3 @@ def test_random_event_sequences_keep_the_engine_sound(
             assert d.to_state == follow_up.S.NEEDS_ATTENTION and not d.terminal
         if d.terminal:
             assert d.cancel_all_timers
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

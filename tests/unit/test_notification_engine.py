@@ -4,27 +4,20 @@ reports. Pure: no I/O."""
 
 from __future__ import annotations
 
-import copy
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
+from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.engine import Decision, Outcome
 from sfworkflow.workflows.notification import CLAIM_CHECK, DEFINITION, RETRY, S, claim_key
+from tests.unit import enginekit
+from tests.unit.enginekit import T0, TENANT, A, I, P, check_table_cell, check_table_covers, kinds, schema_errors
 
-ENGINE = Engine([DEFINITION])
-NOTIF = ENGINE.workflow("notification")
-assert NOTIF is not None
-
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "notification-9"
 KEY = InstanceKey(TENANT, "notification", ENTITY)
 CORRELATION = "corr-notification-9"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 SEND_KEY = f"{TENANT}:notification:{ENTITY}:send"
 EXT = "0B7A2F9C41D3"
 CLAIM = f"notification.external_id:{TENANT}:email:{EXT}"
@@ -32,7 +25,6 @@ CLAIM = f"notification.external_id:{TENANT}:email:{EXT}"
 EXTERNAL = ("requested", "provider_accepted", "delivered", "failed")
 INTERNAL = ("timer_retry_due", "claim_refused", "lookup_result")
 TRIGGERS = EXTERNAL + INTERNAL
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 REQUESTED = {
     "channel": "email",
@@ -43,17 +35,11 @@ REQUESTED = {
 
 
 def accepted(ext: str = EXT, attempt: int | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {"external_id": ext}
-    if attempt is not None:
-        d["attempt"] = attempt
-    return d
+    return enginekit.with_optional({"external_id": ext}, attempt=attempt)
 
 
 def failed(retryable: bool = True, code: str = "provider_unavailable", attempt: int | None = None) -> dict[str, Any]:
-    d: dict[str, Any] = {"error_code": code, "retryable": retryable}
-    if attempt is not None:
-        d["attempt"] = attempt
-    return d
+    return enginekit.with_optional({"error_code": code, "retryable": retryable}, attempt=attempt)
 
 
 def refused(key: str = CLAIM, holder: str = "notification-1") -> dict[str, Any]:
@@ -65,39 +51,14 @@ def granted(key: str = CLAIM) -> dict[str, Any]:
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0, n: int = 0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}/{n}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, n, correlation=CORRELATION)
 
 
-class Run:
+class Run(enginekit.Run):
+    """One `notification` instance (`KEY`) driven event by event (numbered event ids)."""
+
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-        self.n = 0
-
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None) -> Decision:
-        if now is not None:
-            self.now = now
-        self.n += 1
-        d = ENGINE.step(NOTIF, KEY, self.view, event(name, data, self.now, self.n), self.now)
-        if d.outcome is Outcome.APPLIED:
-            corr = self.view.correlation_id if self.view else CORRELATION
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, corr)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
-        return d
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION, numbered=True)
 
 
 def in_new() -> Run:
@@ -172,17 +133,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
     }[name]
 
 
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def kinds(d: Decision) -> list[tuple[str, str]]:
-    return [(m.kind, m.routing_key) for m in d.outgoing]
-
-
 # ---- the table -----------------------------------------------------------------------------------
 ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
@@ -230,10 +180,7 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S}
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
     assert DEFINITION.terminal == {S.DELIVERED, S.DUPLICATE_SUPPRESSED, S.FAILED}
     assert DEFINITION.waits_for_operator == frozenset()
     assert DEFINITION.commands == {"send"} and DEFINITION.compensations == {"skip_duplicate"}
@@ -244,25 +191,11 @@ def test_trigger_lists_match_the_definition() -> None:
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
     assert run.state == (state if state != S.NEW else "")
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(NOTIF, KEY, view, event(trigger, realistic(trigger, run), T0, 99), T0 + timedelta(seconds=1))
-
-    assert d.outcome is outcome, d.reason
+    ev = event(trigger, realistic(trigger, run), T0, 99)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(seconds=1))
     assert d.trigger == trigger
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
-    else:
-        assert d.to_state == run.state and d.version == version and d.reason
-        assert d.outgoing == [] and d.timers_set == [] and not d.requests
+    if d.outcome is not A:
+        assert not d.requests
 
 
 @pytest.mark.parametrize("state", sorted(DEFINITION.terminal))

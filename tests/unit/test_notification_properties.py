@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import notification
+from tests.unit.enginekit import TENANT, Walk, with_optional
 
-ENGINE = Engine([notification.DEFINITION])
-NOTIF = ENGINE.workflow("notification")
-assert NOTIF is not None
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 KEY = InstanceKey(TENANT, "notification", "notification-prop")
 STATES = {str(s) for s in notification.S}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
-INTERNAL = {"timer_retry_due", "claim_refused", "lookup_result"}
 EXT_IDS = ["ext-a", "ext-b"]
 CHANNELS = ["email"]  # one channel: random claim answers then often match the instance's key
 CLAIM_KEYS = [notification.claim_key(TENANT, c, e) for c in CHANNELS for e in EXT_IDS]
 
 maybe_attempt = st.one_of(st.none(), st.integers(1, 4))
-
-
-def _echo(d: dict[str, Any], attempt: int | None) -> dict[str, Any]:
-    return d if attempt is None else {**d, "attempt": attempt}
 
 
 requested_st = st.builds(
@@ -38,12 +30,12 @@ event_st = st.one_of(
     st.tuples(st.just("requested"), requested_st),
     st.tuples(
         st.just("provider_accepted"),
-        st.builds(lambda e, a: _echo({"external_id": e}, a), st.sampled_from(EXT_IDS), maybe_attempt),
+        st.builds(lambda e, a: with_optional({"external_id": e}, attempt=a), st.sampled_from(EXT_IDS), maybe_attempt),
     ),
     st.tuples(
         st.just("delivered"),
         st.builds(
-            lambda e, a: _echo({} if e is None else {"external_id": e}, a),
+            lambda e, a: with_optional({} if e is None else {"external_id": e}, attempt=a),
             st.one_of(st.none(), st.sampled_from(EXT_IDS)),
             maybe_attempt,
         ),
@@ -51,7 +43,9 @@ event_st = st.one_of(
     st.tuples(
         st.just("failed"),
         st.builds(
-            lambda r, a: _echo({"error_code": "provider_unavailable", "retryable": r}, a), st.booleans(), maybe_attempt
+            lambda r, a: with_optional({"error_code": "provider_unavailable", "retryable": r}, attempt=a),
+            st.booleans(),
+            maybe_attempt,
         ),
     ),
     st.tuples(st.just("timer_retry_due"), st.just({})),
@@ -91,14 +85,12 @@ def test_random_event_sequences_keep_the_engine_sound(
     prefix: list[tuple[tuple[str, dict[str, Any]], int]], rest: list[tuple[tuple[str, dict[str, Any]], int]]
 ) -> None:
     events = prefix + rest
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(notification.DEFINITION, KEY, T0)
     sends = 0
     claimed: set[str] = set()  # claim keys this instance asked for
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(NOTIF, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        view = walk.view  # the instance the decision is about
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == [] and not d.requests
@@ -123,4 +115,3 @@ def test_random_event_sequences_keep_the_engine_sound(
         claimed.update(d.requests.claims)
         if d.terminal:
             assert d.cancel_all_timers
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

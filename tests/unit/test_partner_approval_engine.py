@@ -3,28 +3,32 @@ SLA escalation once per stage, expiry, rejection, withdrawal and their compensat
 
 from __future__ import annotations
 
-import copy
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.definition import EngineEvent, InstanceKey, TimerRequest
+from sfworkflow.engine import Decision, Outcome
 from sfworkflow.workflows.partner_approval import DEFAULT_SLA_HOURS, DEFINITION, S
+from tests.unit import enginekit
+from tests.unit.enginekit import (
+    T0,
+    TENANT,
+    A,
+    I,
+    P,
+    check_deterministic,
+    check_table_cell,
+    check_table_covers,
+    lifecycle_types,
+    of_kind,
+    schema_errors,
+)
 
-ENGINE = Engine(DEFINITIONS)
-WF = ENGINE.workflow("partner_approval")
-assert WF is not None and WF.definition is DEFINITION
-
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "request-42"
 KEY = InstanceKey(TENANT, "partner_approval", ENTITY)
 CORRELATION = "corr-request-42"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 PARTNER = "partner-311"
 STAGES = ["manager", "legal", "executive"]
 SLA = {"manager": 24, "legal": 72, "executive": 48}
@@ -32,8 +36,6 @@ SLA = {"manager": 24, "legal": 72, "executive": 48}
 EXTERNAL = ("requested", "approved", "rejected", "withdrawn")
 INTERNAL = ("timer_sla_due", "timer_expiry_due", "effect_suppressed")
 TRIGGERS = EXTERNAL + INTERNAL
-
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 
 def key(what: str) -> str:
@@ -61,37 +63,14 @@ def suppressed(stage: str = "manager") -> dict[str, Any]:
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, correlation=CORRELATION)
 
 
-class Run:
+class Run(enginekit.Run):
+    """One `partner_approval` instance (`KEY`) driven event by event, a second apart unless told `now`."""
+
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(
-        self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None, at: datetime | None = None
-    ) -> Decision:
-        self.now = now or self.now + timedelta(seconds=1)
-        d = ENGINE.step(WF, KEY, self.view, event(name, data, at or self.now), self.now)
-        if d.outcome is A:
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, CORRELATION)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is A, (name, d.outcome, d.reason)
-        return d
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION, tick=timedelta(seconds=1))
 
     def fire(self, timer: str) -> Decision:
         """Fire the pending timer as the store does: the event's timestamp is the due time."""
@@ -167,21 +146,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
     }[name]
 
 
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def kinds(d: Decision, kind: str) -> list[OutgoingMessage]:
-    return [m for m in d.outgoing if m.kind == kind]
-
-
-def lifecycle_types(d: Decision) -> list[str]:
-    return [m.body["event_type"] for m in kinds(d, "lifecycle")]
-
-
 def iso(t: datetime) -> str:
     return t.isoformat()
 
@@ -216,10 +180,7 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S}
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
     assert DEFINITION.terminal == {S.APPROVED, S.REJECTED, S.EXPIRED, S.WITHDRAWN}
     assert DEFINITION.commands == {"request_review", "escalate", "notify_outcome"}
     assert DEFINITION.compensations == {"void_request"}
@@ -229,31 +190,14 @@ def test_trigger_lists_match_the_definition() -> None:
 @pytest.mark.parametrize("state", list(S))
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(WF, KEY, view, event(trigger, realistic(trigger, run), T0), T0 + timedelta(minutes=1))
-
-    assert d.outcome is outcome, d.reason
-    assert d.from_state == (run.state or (S.NEW if outcome is A else ""))
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        if dest == "same":
-            dest = run.state
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
+    ev = event(trigger, realistic(trigger, run), T0)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(minutes=1))
+    assert d.from_state == (run.state or (S.NEW if d.outcome is A else ""))
+    if d.outcome is A:
         if d.terminal:  # nothing left pending: every timer cancelled, no timer set
             assert d.cancel_all_timers and d.timers_set == []
     else:
-        assert d.to_state == run.state
-        assert d.version == version
-        assert d.reason
-        assert d.outgoing == [] and d.timers_set == [] and d.timers_cancelled == []
+        assert d.timers_cancelled == []
 
 
 @pytest.mark.parametrize("state", sorted(DEFINITION.terminal))
@@ -278,7 +222,7 @@ def test_requested_asks_the_first_stage_with_a_durable_sla_timer() -> None:
     due = at + timedelta(hours=24)
     assert (d.from_state, d.to_state) == (S.NEW, S.IN_REVIEW)
     assert d.timers_set == [TimerRequest("sla_due", due, {"stage": "manager"})]
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert cmd.routing_key == "partner_approval.request_review" and cmd.effect_key is None
     assert cmd.body["data"] == {"stage": "manager", "partner_id": PARTNER, "sla_hours": 24, "due_at": iso(due)}
     assert (cmd.body["idempotency_key"], cmd.body["attempt"], cmd.body["kind"]) == (key("review:manager"), 1, "command")
@@ -317,7 +261,7 @@ def test_every_stage_approved_ends_approved_and_notifies() -> None:
     assert [m.body["idempotency_key"] for m in reviews] == [key("review:legal"), key("review:executive")]
     d = run.do("approved", approved("executive"))
     assert (d.to_state, d.terminal, d.cancel_all_timers, d.timers_set) == (S.APPROVED, True, True, [])
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert cmd.routing_key == "partner_approval.notify_outcome"
     assert cmd.body["idempotency_key"] == key("notify_outcome")
     assert cmd.body["data"] == {
@@ -327,7 +271,7 @@ def test_every_stage_approved_ends_approved_and_notifies() -> None:
         "reason": None,
         "approvals": [{"stage": s, "approver_id": f"{s}-1"} for s in STAGES],
     }
-    assert kinds(d, "compensation") == []
+    assert of_kind(d, "compensation") == []
     assert lifecycle_types(d) == ["workflow.completed"]
     assert all(schema_errors(m) == [] for m in d.outgoing)
     assert [a["stage"] for a in d.context["approvals"]] == STAGES
@@ -380,12 +324,12 @@ def test_no_decision_within_the_second_sla_expires_and_voids() -> None:
     run = in_escalated()
     d = run.fire("expiry_due")
     assert (d.to_state, d.terminal, d.cancel_all_timers, d.timers_set) == (S.EXPIRED, True, True, [])
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     detail = "stage manager had no decision within twice its SLA of 24 h (escalated at 24 h)"
     assert comp.routing_key == "partner_approval.void_request"
     assert comp.body["data"] == {"partner_id": PARTNER, "reason": "expired", "stage": "manager", "detail": detail}
     assert comp.body["idempotency_key"] == key("void_request")
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert cmd.body["data"] == {
         "outcome": "expired",
         "partner_id": PARTNER,
@@ -394,7 +338,7 @@ def test_no_decision_within_the_second_sla_expires_and_voids() -> None:
         "approvals": [],
     }
     assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    failed_, compensated = kinds(d, "lifecycle")
+    failed_, compensated = of_kind(d, "lifecycle")
     assert failed_.body["data"] == {"reason": detail, "error_code": "sla_expired"}
     assert compensated.body["data"] == {"compensations": ["partner_approval.void_request"]}
     assert all(schema_errors(m) == [] for m in d.outgoing)
@@ -415,9 +359,9 @@ def test_rejection_voids_notifies_and_leaves_nothing_pending(builder) -> None:
     d = run.do("rejected", rejected("legal"))
     assert (d.to_state, d.terminal, d.cancel_all_timers, d.timers_set) == (S.REJECTED, True, True, [])
     detail = "rejected at stage legal by legal-1: Missing tax documents."
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     assert comp.body["data"] == {"partner_id": PARTNER, "reason": "rejected", "stage": "legal", "detail": detail}
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert cmd.body["data"] == {
         "outcome": "rejected",
         "partner_id": PARTNER,
@@ -426,7 +370,7 @@ def test_rejection_voids_notifies_and_leaves_nothing_pending(builder) -> None:
         "approvals": [{"stage": "manager", "approver_id": "manager-1"}],
     }
     assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    assert kinds(d, "lifecycle")[0].body["data"] == {"reason": detail, "error_code": "rejected"}
+    assert of_kind(d, "lifecycle")[0].body["data"] == {"reason": detail, "error_code": "rejected"}
     assert all(schema_errors(m) == [] for m in d.outgoing)
 
 
@@ -435,14 +379,14 @@ def test_withdrawal_voids_and_notifies(builder) -> None:
     run = builder()
     d = run.do("withdrawn", {"requested_by": "partner-portal", "reason": "signed elsewhere"})
     assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.WITHDRAWN, True, True)
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     assert comp.body["data"] == {
         "partner_id": PARTNER,
         "reason": "withdrawn",
         "stage": "manager",
         "detail": "withdrawn at stage manager by partner-portal: signed elsewhere",
     }
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert (cmd.body["data"]["outcome"], cmd.body["data"]["reason"]) == ("withdrawn", "signed elsewhere")
     assert lifecycle_types(d) == ["workflow.compensated"]
     assert all(schema_errors(m) == [] for m in d.outgoing)
@@ -450,8 +394,8 @@ def test_withdrawal_voids_and_notifies(builder) -> None:
 
 def test_withdrawal_without_data() -> None:
     d = in_review().do("withdrawn", {})
-    assert kinds(d, "compensation")[0].body["data"]["detail"] == "withdrawn at stage manager"
-    assert kinds(d, "command")[0].body["data"]["reason"] is None
+    assert of_kind(d, "compensation")[0].body["data"]["detail"] == "withdrawn at stage manager"
+    assert of_kind(d, "command")[0].body["data"]["reason"] is None
 
 
 # ---- stale and early decisions ------------------------------------------------------------------------
@@ -481,9 +425,4 @@ def test_a_decision_about_a_later_stage_is_parked(trigger: str) -> None:
 @pytest.mark.parametrize("state", [S.IN_REVIEW, S.ESCALATED])
 def test_same_inputs_give_equal_decisions_and_do_not_mutate(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
-    ev = event(trigger, realistic(trigger, run))
-    snapshot = copy.deepcopy(run.view.context)
-    first = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    second = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    assert first == second
-    assert run.view.context == snapshot
+    check_deterministic(run, event(trigger, realistic(trigger, run)), T0 + timedelta(hours=1))

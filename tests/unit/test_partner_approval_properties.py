@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey, InstanceView
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import partner_approval
+from tests.unit.enginekit import TENANT, Walk
 
-ENGINE = Engine([partner_approval.DEFINITION])
-WF = ENGINE.workflow("partner_approval")
-assert WF is not None
-KEY = InstanceKey("3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00", "partner_approval", "request-prop")
+KEY = InstanceKey(TENANT, "partner_approval", "request-prop")
 STATES = {str(s) for s in partner_approval.S}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 STAGES = ["manager", "legal", "executive"]
-INTERNAL = {"timer_sla_due", "timer_expiry_due", "effect_suppressed"}
 
 requested_st = st.builds(
     lambda stages, hours: {"partner_id": "p", "stages": stages, "sla_hours": dict(zip(stages, hours, strict=False))},
@@ -55,17 +52,14 @@ event_st = st.one_of(
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.tuples(event_st, st.integers(0, 200_000)), min_size=1, max_size=30))
 def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[str, dict[str, Any]], int]]) -> None:
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(partner_approval.DEFINITION, KEY, T0)
     reviewed: set[str] = set()  # stages a request_review was issued for
     escalations: Counter[str] = Counter()
     notified = 0
     ended = False
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        data = _resolve(data, view)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(WF, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        data = _resolve(data, walk.view)
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == []
@@ -92,4 +86,3 @@ def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[s
             ended = True
         else:
             assert notified == 0
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

@@ -3,28 +3,35 @@ effect key, retries, the operator's decisions in step_failed, cancel and its com
 
 from __future__ import annotations
 
-import copy
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView, TimerRequest
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows.prospecting import DEFINITION, RETRY, S, is_outreach
+from tests.unit import enginekit
+from tests.unit.enginekit import (
+    ENGINE,
+    T0,
+    TENANT,
+    A,
+    I,
+    P,
+    check_deterministic,
+    check_table_cell,
+    check_table_covers,
+    lifecycle_types,
+    of_kind,
+    schema_errors,
+)
 
-ENGINE = Engine(DEFINITIONS)
-WF = ENGINE.workflow("prospecting")
-assert WF is not None and WF.definition is DEFINITION
+WF = enginekit.workflow(DEFINITION)
 
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "run-42"
 KEY = InstanceKey(TENANT, "prospecting", ENTITY)
 CORRELATION = "corr-run-42"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 LEAD = "lead-1093"
 STEPS = ["qualification", "email_outreach", "linkedin_connection", "crm_sync"]
 CRM_KEY = f"prospecting.crm_sync:{TENANT}:{LEAD}"
@@ -33,8 +40,6 @@ CRM_REGISTER = f"prospecting.crm_synced:{TENANT}:{LEAD}"
 EXTERNAL = ("started", "step_completed", "step_failed", "approval_granted", "cancel_requested", "retry_requested")
 INTERNAL = ("timer_retry_due", "effect_suppressed", "lookup_result")
 TRIGGERS = EXTERNAL + INTERNAL
-
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 
 def ikey(step: str) -> str:
@@ -51,10 +56,7 @@ def completed(step: str, attempt: int | None = None) -> dict[str, Any]:
 
 
 def failed(step: str, retryable: bool = True, attempt: int | None = None, code: str = "provider_timeout") -> dict:
-    d: dict[str, Any] = {"step": step, "error_code": code, "retryable": retryable}
-    if attempt is not None:
-        d["attempt"] = attempt
-    return d
+    return enginekit.with_optional({"step": step, "error_code": code, "retryable": retryable}, attempt=attempt)
 
 
 def approval(token: str = "apr-1") -> dict[str, Any]:
@@ -70,37 +72,14 @@ def lookup(value: Any = None, key: str = CRM_REGISTER, name: str = "crm_synced")
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, correlation=CORRELATION)
 
 
-class Run:
-    """One instance driven event by event; `view` is None until the start event is applied."""
+class Run(enginekit.Run):
+    """One `prospecting` instance (`KEY`) driven event by event, a second apart unless told `now`."""
 
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
-
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None) -> Decision:
-        self.now = now or self.now + timedelta(seconds=1)
-        d = ENGINE.step(WF, KEY, self.view, event(name, data, self.now), self.now)
-        if d.outcome is A:
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, CORRELATION)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is A, (name, d.outcome, d.reason)
-        return d
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION, tick=timedelta(seconds=1))
 
 
 def in_new() -> Run:
@@ -172,21 +151,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
     }[name]
 
 
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def kinds(d: Decision, kind: str) -> list[OutgoingMessage]:
-    return [m for m in d.outgoing if m.kind == kind]
-
-
-def lifecycle_types(d: Decision) -> list[str]:
-    return [m.body["event_type"] for m in kinds(d, "lifecycle")]
-
-
 # ---- the state x trigger table -------------------------------------------------------------------
 ALL_IGNORED = {t: (I, None) for t in TRIGGERS}
 TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
@@ -241,10 +205,7 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S}
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
     assert DEFINITION.waits_for_operator == {S.AWAITING_APPROVAL, S.STEP_FAILED}
     assert DEFINITION.terminal == {S.COMPLETED, S.CANCELLED}
     assert (DEFINITION.retry.max_attempts, DEFINITION.retry.base_s, DEFINITION.retry.cap_s) == (3, 1.0, 60.0)
@@ -255,30 +216,12 @@ def test_trigger_lists_match_the_definition() -> None:
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
     assert run.state == (state if state != S.NEW else "")
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(WF, KEY, view, event(trigger, realistic(trigger, run), T0), T0 + timedelta(minutes=1))
-
-    assert d.outcome is outcome, d.reason
+    ev = event(trigger, realistic(trigger, run), T0)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(minutes=1))
     assert d.trigger == trigger
-    assert d.from_state == (run.state or (S.NEW if outcome is A else ""))
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        if dest == "same":
-            dest = run.state
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
-    else:
-        assert d.to_state == run.state
-        assert d.version == version
-        assert d.reason
-        assert d.outgoing == [] and d.timers_set == [] and d.timers_cancelled == []
+    assert d.from_state == (run.state or (S.NEW if d.outcome is A else ""))
+    if d.outcome is not A:
+        assert d.timers_cancelled == []
         assert not d.cancel_all_timers
 
 
@@ -314,9 +257,9 @@ def test_happy_path_waits_for_approval_before_the_first_outreach_step_only() -> 
     run = Run()
     d = run.do("started", started())
     assert (d.from_state, d.to_state) == (S.NEW, S.RUNNING)
-    (cmd,) = kinds(d, "command")
+    (cmd,) = of_kind(d, "command")
     assert lifecycle_types(d) == ["workflow.started"]
-    assert kinds(d, "lifecycle")[0].body["data"] == {"start_event_type": "prospecting.started"}
+    assert of_kind(d, "lifecycle")[0].body["data"] == {"start_event_type": "prospecting.started"}
     b = cmd.body
     assert cmd.routing_key == "prospecting.run_step" and cmd.effect_key is None
     assert (b["command_type"], b["kind"], b["attempt"], b["idempotency_key"]) == (
@@ -370,7 +313,7 @@ def test_happy_path_waits_for_approval_before_the_first_outreach_step_only() -> 
     assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.COMPLETED, True, True)
     assert d.requests.remember == {CRM_REGISTER: {"run_id": ENTITY, "synced_at": run.now.isoformat()}}
     assert lifecycle_types(d) == ["workflow.completed"]
-    assert kinds(d, "lifecycle")[0].body["data"] == {"final_state": "completed"}
+    assert of_kind(d, "lifecycle")[0].body["data"] == {"final_state": "completed"}
     assert d.context["completed_steps"] == STEPS
     assert d.context["issued"] == 4
 
@@ -386,7 +329,7 @@ def test_steps_without_outreach_never_wait_for_approval() -> None:
 def test_first_step_outreach_waits_for_approval_at_once() -> None:
     run = Run()
     d = run.do("started", started(["whatsapp_outreach", "crm_sync"]))
-    assert (d.to_state, kinds(d, "command"), lifecycle_types(d)) == (S.AWAITING_APPROVAL, [], ["workflow.started"])
+    assert (d.to_state, of_kind(d, "command"), lifecycle_types(d)) == (S.AWAITING_APPROVAL, [], ["workflow.started"])
     assert d.context["issued"] == 0
     d = run.do("approval_granted", approval("t-1"))
     (cmd,) = d.outgoing
@@ -483,11 +426,11 @@ def test_retryable_failure_waits_for_backoff_and_publishes_retry_step() -> None:
     run = in_running()
     now = T0 + timedelta(seconds=5)
     d = run.do("step_failed", failed("qualification", attempt=1), now=now)
-    assert (d.to_state, kinds(d, "command")) == (S.RETRY_WAIT, [])
+    assert (d.to_state, of_kind(d, "command")) == (S.RETRY_WAIT, [])
     delay = RETRY.delay_s(1, ikey("qualification"))
     assert 0.8 <= delay <= 1.2
     assert d.timers_set == [TimerRequest("retry_due", now + timedelta(seconds=delay), {})]
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     assert comp.routing_key == "prospecting.retry_step"
     assert comp.body["data"] == {"step": "qualification", "attempt": 2, "error_code": "provider_timeout"}
     assert comp.body["idempotency_key"] == f"{TENANT}:prospecting:{ENTITY}:retry_step:qualification:2"
@@ -503,7 +446,7 @@ def test_retries_reissue_the_same_key_with_attempt_plus_one_until_exhausted() ->
     commands, retry_steps = [], []
     for attempt in (1, 2):
         d = run.do("step_failed", failed("qualification", attempt=attempt))
-        retry_steps += kinds(d, "compensation")
+        retry_steps += of_kind(d, "compensation")
         d = run.do("timer_retry_due")
         assert d.to_state == S.RUNNING and d.notes["retry_attempt"] == attempt + 1
         commands += d.outgoing
@@ -578,7 +521,7 @@ def test_retry_requested_runs_the_failed_step_again_with_the_next_attempt() -> N
     d = run.do("retry_requested", {"requested_by": "ops-1"})
     assert d.outgoing[0].body["attempt"] == 4
     d = run.do("step_failed", failed("qualification", attempt=4))
-    assert (d.to_state, kinds(d, "compensation")) == (S.STEP_FAILED, [])
+    assert (d.to_state, of_kind(d, "compensation")) == (S.STEP_FAILED, [])
 
 
 @pytest.mark.parametrize("builder", [in_running, in_awaiting_approval, in_retry_wait])
@@ -592,7 +535,7 @@ def test_cancel_in_step_failed_compensates_and_reports_the_failure() -> None:
     run = in_step_failed()
     d = run.do("cancel_requested", {"requested_by": "ops-1"})
     assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.CANCELLED, True, True)
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     assert comp.routing_key == "prospecting.cancel_run"
     assert comp.body["data"] == {
         "lead_id": LEAD,
@@ -603,7 +546,7 @@ def test_cancel_in_step_failed_compensates_and_reports_the_failure() -> None:
     }
     assert comp.body["idempotency_key"] == f"{TENANT}:prospecting:{ENTITY}:cancel_run"
     assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    failed_, compensated = kinds(d, "lifecycle")
+    failed_, compensated = of_kind(d, "lifecycle")
     assert failed_.body["data"] == {"reason": comp.body["data"]["reason"], "error_code": "lead_invalid"}
     assert compensated.body["data"] == {"compensations": ["prospecting.cancel_run"]}
     assert all(schema_errors(m) == [] for m in d.outgoing)
@@ -613,7 +556,7 @@ def test_cancel_while_running_compensates_without_a_failure() -> None:
     run = in_awaiting_approval()
     run.do("approval_granted", approval())
     d = run.do("cancel_requested", {"requested_by": "sdr-4", "reason": "lead asked to stop"})
-    (comp,) = kinds(d, "compensation")
+    (comp,) = of_kind(d, "compensation")
     assert comp.body["data"] == {
         "lead_id": LEAD,
         "requested_by": "sdr-4",
@@ -628,21 +571,21 @@ def test_cancel_while_running_compensates_without_a_failure() -> None:
 def test_cancel_awaiting_approval_names_no_step_in_flight() -> None:
     run = in_awaiting_approval()
     d = run.do("cancel_requested", {"requested_by": "sdr-4"})
-    assert kinds(d, "compensation")[0].body["data"]["step"] is None
+    assert of_kind(d, "compensation")[0].body["data"]["step"] is None
 
 
 def test_cancel_in_retry_wait_drops_the_retry_timer() -> None:
     run = in_retry_wait()
     d = run.do("cancel_requested", {"requested_by": "sdr-4"})
     assert (d.cancel_all_timers, d.timers_set) == (True, [])
-    assert kinds(d, "compensation")[0].body["data"]["step"] == "qualification"
+    assert of_kind(d, "compensation")[0].body["data"]["step"] == "qualification"
 
 
 def test_cancel_before_any_step_ran_has_nothing_to_compensate() -> None:
     run = Run()
     run.do("started", started(["whatsapp_outreach"]))
     d = run.do("cancel_requested", {"requested_by": "sdr-4"})
-    assert (d.to_state, kinds(d, "compensation"), lifecycle_types(d)) == (S.CANCELLED, [], ["workflow.completed"])
+    assert (d.to_state, of_kind(d, "compensation"), lifecycle_types(d)) == (S.CANCELLED, [], ["workflow.completed"])
 
 
 @pytest.mark.parametrize("how", ["step_failed", "retry_wait"])
@@ -667,12 +610,7 @@ def test_cancel_while_crm_sync_is_in_flight_keeps_its_effect_key() -> None:
 @pytest.mark.parametrize("state", [S.RUNNING, S.AWAITING_APPROVAL, S.RETRY_WAIT, S.STEP_FAILED])
 def test_same_inputs_give_equal_decisions_and_do_not_mutate(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
-    ev = event(trigger, realistic(trigger, run))
-    snapshot = copy.deepcopy(run.view.context)
-    first = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    second = ENGINE.step(WF, KEY, run.view, ev, T0 + timedelta(hours=1))
-    assert first == second
-    assert run.view.context == snapshot
+    check_deterministic(run, event(trigger, realistic(trigger, run)), T0 + timedelta(hours=1))
 
 
 # ---- crm_sync register: synced before (possibly long ago) ----------------------------------------------
@@ -681,7 +619,7 @@ def test_a_lead_synced_before_skips_crm_sync_without_a_command() -> None:
     synced = {"run_id": "run-1", "synced_at": "2026-01-02T03:04:05+00:00"}
     d = run.do("lookup_result", lookup(synced))
     assert (d.to_state, d.terminal) == (S.COMPLETED, True)
-    assert kinds(d, "command") == [] and not d.requests
+    assert of_kind(d, "command") == [] and not d.requests
     assert d.context["suppressed_steps"] == ["crm_sync"] and "crm_lookup" not in d.context
     assert d.notes == {"suppressed_step": "crm_sync", "synced_before": synced}
 
@@ -713,7 +651,7 @@ def test_a_crm_sync_report_while_the_lookup_is_pending_is_parked(trigger: str) -
 def test_cancel_while_the_lookup_is_pending_names_no_step_in_flight() -> None:
     run = _at_crm_sync(["qualification", "crm_sync"], lookup_answered=False)
     d = run.do("cancel_requested", {"requested_by": "ops-1"})
-    assert kinds(d, "compensation")[0].body["data"]["step"] is None
+    assert of_kind(d, "compensation")[0].body["data"]["step"] is None
     assert d.requests.release_effects == []
 
 
@@ -726,5 +664,5 @@ def test_a_crm_sync_suppressed_by_the_effect_key_writes_no_register() -> None:
 def test_first_step_crm_sync_starts_with_the_lookup() -> None:
     run = Run()
     d = run.do("started", started(["crm_sync"]))
-    assert (d.to_state, kinds(d, "command"), d.requests.lookups) == (S.RUNNING, [], [("crm_synced", CRM_REGISTER)])
+    assert (d.to_state, of_kind(d, "command"), d.requests.lookups) == (S.RUNNING, [], [("crm_synced", CRM_REGISTER)])
     assert run.step("effect_suppressed", suppressed()).outcome is I  # nothing was issued to suppress

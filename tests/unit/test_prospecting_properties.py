@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey, InstanceView
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import prospecting
+from tests.unit.enginekit import TENANT, Walk, with_optional
 
-ENGINE = Engine([prospecting.DEFINITION])
-WF = ENGINE.workflow("prospecting")
-assert WF is not None
-KEY = InstanceKey("3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00", "prospecting", "run-prop")
+KEY = InstanceKey(TENANT, "prospecting", "run-prop")
 STATES = {str(s) for s in prospecting.S}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 NAMES = ["qualification", "whatsapp_outreach", "email_outreach", "linkedin_connection", "crm_sync"]
-INTERNAL = {"timer_retry_due", "effect_suppressed", "lookup_result"}
 
 started_st = st.builds(
     lambda steps, lead: {"lead_id": lead, "steps": steps},
@@ -45,17 +42,15 @@ def _resolve(data: dict[str, Any], view: InstanceView | None) -> dict[str, Any]:
     return out
 
 
-def _with_attempt(d: dict[str, Any], a: int | None) -> dict[str, Any]:
-    return d if a is None else {**d, "attempt": a}
-
-
 event_st = st.one_of(
     st.tuples(st.just("started"), started_st),
-    st.tuples(st.just("step_completed"), st.builds(lambda s, a: _with_attempt({"step": s}, a), step_name, attempt)),
+    st.tuples(
+        st.just("step_completed"), st.builds(lambda s, a: with_optional({"step": s}, attempt=a), step_name, attempt)
+    ),
     st.tuples(
         st.just("step_failed"),
         st.builds(
-            lambda s, r, a: _with_attempt({"step": s, "error_code": "provider_timeout", "retryable": r}, a),
+            lambda s, r, a: with_optional({"step": s, "error_code": "provider_timeout", "retryable": r}, attempt=a),
             step_name,
             st.booleans(),
             attempt,
@@ -86,17 +81,14 @@ event_st = st.one_of(
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.tuples(event_st, st.integers(0, 120)), min_size=1, max_size=40))
 def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[str, dict[str, Any]], int]]) -> None:
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(prospecting.DEFINITION, KEY, T0)
     issued_steps: set[str] = set()  # steps a run_step was issued for
     effect_keys: set[str] = set()
     approved = False
     ended = False
-    for n, ((name, data), gap_s) in enumerate(events):
-        now += timedelta(seconds=gap_s)
-        data = _resolve(data, view)
-        ev = EngineEvent(f"e{n}", name, data, now, internal=name in INTERNAL)
-        d = ENGINE.step(WF, KEY, view, ev, now)  # never raises
+    for (name, data), gap_s in events:
+        data = _resolve(data, walk.view)
+        d = walk.step(name, data, gap_s)  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == [] and not d.requests
@@ -135,4 +127,3 @@ def test_random_event_sequences_keep_the_engine_sound(events: list[tuple[tuple[s
         if d.terminal:
             assert d.cancel_all_timers and d.timers_set == []
             ended = True
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

@@ -3,17 +3,13 @@ cycle (eval, unchanged, duplicate, patches, validation), retries, rollback and f
 
 from __future__ import annotations
 
-import copy
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Engine, Outcome
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.engine import Decision, Outcome
 from sfworkflow.workflows.self_improvement import (
     DEFAULT_MAX_PATCHES,
     DEFINITION,
@@ -22,16 +18,26 @@ from sfworkflow.workflows.self_improvement import (
     claim_key,
     register_key,
 )
+from tests.unit import enginekit
+from tests.unit.enginekit import (
+    ENGINE,
+    T0,
+    TENANT,
+    A,
+    I,
+    P,
+    check_table_cell,
+    check_table_covers,
+    lifecycle_types,
+    of_kind,
+    schema_errors,
+)
 
-ENGINE = Engine(DEFINITIONS)
-SI = ENGINE.workflow("self_improvement")
-assert SI is not None
+SI = enginekit.workflow(DEFINITION)
 
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 ENTITY = "cycle-42"
 KEY = InstanceKey(TENANT, "self_improvement", ENTITY)
 CORRELATION = "corr-cycle-42"
-T0 = datetime(2026, 3, 10, 8, 0, tzinfo=UTC)
 H1 = "sha256:" + "a1" * 32
 H0 = "sha256:" + "0f" * 32
 REGISTER = register_key(TENANT)
@@ -49,44 +55,23 @@ EXTERNAL = (
 )
 INTERNAL = ("claim_refused", "lookup_result", "timer_retry_due")
 TRIGGERS = EXTERNAL + INTERNAL
-A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED
 
 
 def event(name: str, data: dict[str, Any] | None = None, at: datetime = T0) -> EngineEvent:
-    data = data or {}
-    event_id = str(uuid.uuid5(ID_NAMESPACE, f"test/{name}/{sorted(data.items())!r}/{at.isoformat()}"))
-    return EngineEvent(event_id, name, data, at, correlation_id=CORRELATION, internal=name in INTERNAL)
+    return enginekit.event(DEFINITION, name, data, at, correlation=CORRELATION)
 
 
-class Run:
-    """One instance driven event by event; `view` is None until the start event is applied."""
+class Run(enginekit.Run):
+    """One `self_improvement` instance (`KEY`) driven event by event; `decisions` are the applied ones."""
 
     def __init__(self) -> None:
-        self.view: InstanceView | None = None
-        self.now = T0
+        super().__init__(DEFINITION, KEY, correlation=CORRELATION)
         self.decisions: list[Decision] = []
 
-    @property
-    def ctx(self) -> dict[str, Any]:
-        return self.view.context if self.view else {}
-
-    @property
-    def state(self) -> str:
-        return self.view.state if self.view else ""
-
-    def step(self, name: str, data: dict[str, Any] | None = None, *, now: datetime | None = None) -> Decision:
-        if now is not None:
-            self.now = now
-        d = ENGINE.step(SI, KEY, self.view, event(name, data, self.now), self.now)
-        if d.outcome is Outcome.APPLIED:
-            corr = self.view.correlation_id if self.view else CORRELATION
-            self.view = InstanceView(KEY, d.to_state, d.context, d.version, 1, corr)
+    def step(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
+        d = super().step(name, data, **kw)
+        if d.outcome is A:
             self.decisions.append(d)
-        return d
-
-    def do(self, name: str, data: dict[str, Any] | None = None, **kw: Any) -> Decision:
-        d = self.step(name, data, **kw)
-        assert d.outcome is Outcome.APPLIED, (name, d.outcome, d.reason)
         return d
 
 
@@ -233,22 +218,6 @@ def realistic(name: str, run: Run) -> dict[str, Any]:
 
 
 # ---- message checks --------------------------------------------------------------------------------
-def schema_errors(m: OutgoingMessage) -> list[str]:
-    s = schemas.default()
-    if m.kind in ("command", "compensation"):
-        return s.errors("envelope", "command", m.body) + s.errors("commands", m.routing_key, m.body["data"])
-    assert m.kind == "lifecycle", m.kind
-    return s.errors("envelope", "lifecycle", m.body) + s.errors("lifecycle", m.body["event_type"], m.body["data"])
-
-
-def of_kind(d: Decision, kind: str) -> list[OutgoingMessage]:
-    return [m for m in d.outgoing if m.kind == kind]
-
-
-def lifecycle_types(d: Decision) -> list[str]:
-    return [m.body["event_type"] for m in of_kind(d, "lifecycle")]
-
-
 def only_command(d: Decision) -> OutgoingMessage:
     (m,) = of_kind(d, "command")
     assert schema_errors(m) == []
@@ -340,10 +309,7 @@ TABLE: dict[str, dict[str, tuple[Outcome, str | None]]] = {
 
 
 def test_trigger_lists_match_the_definition() -> None:
-    assert set(EXTERNAL) == DEFINITION.events
-    assert set(INTERNAL) == DEFINITION.internal_events
-    assert set(TABLE) == {str(s) for s in S}
-    assert all(set(row) == set(TRIGGERS) for row in TABLE.values())
+    check_table_covers(DEFINITION, TABLE, S, EXTERNAL, INTERNAL)
     assert set(BUILDERS) == set(S)
     assert DEFINITION.commands == {"run_eval", "propose_patch", "apply_patch", "validate"}
     assert DEFINITION.compensations == {"rollback_prompt_patches"}
@@ -356,28 +322,12 @@ def test_trigger_lists_match_the_definition() -> None:
 def test_state_trigger_table(state: S, trigger: str) -> None:
     run = BUILDERS[state]()
     assert run.state == (state if state != S.NEW else "")
-    view = run.view
-    before = copy.deepcopy(view.context) if view else None
-    version = view.version if view else 0
-    outcome, dest = TABLE[state][trigger]
-
-    d = ENGINE.step(SI, KEY, view, event(trigger, realistic(trigger, run), T0), T0 + timedelta(minutes=1))
-
-    assert d.outcome is outcome, d.reason
+    ev = event(trigger, realistic(trigger, run), T0)
+    d = check_table_cell(run, ev, TABLE[state][trigger], T0 + timedelta(minutes=1))
     assert d.trigger == trigger
-    assert d.from_state == (run.state or (S.NEW if outcome is A else ""))
-    if view is not None:
-        assert view.context == before, "step mutated the input context"
-    if outcome is A:
-        assert d.to_state == dest
-        assert d.version == version + 1
-        assert d.terminal == (dest in DEFINITION.terminal)
-        assert all(schema_errors(m) == [] for m in d.outgoing)
-    else:
-        assert d.to_state == run.state
-        assert d.version == version
-        assert d.reason
-        assert d.outgoing == [] and d.timers_set == [] and d.timers_cancelled == []
+    assert d.from_state == (run.state or (S.NEW if d.outcome is A else ""))
+    if d.outcome is not A:
+        assert d.timers_cancelled == []
         assert not d.cancel_all_timers and not d.requests
 
 

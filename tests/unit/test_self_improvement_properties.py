@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.definition import InstanceKey, InstanceView
+from sfworkflow.engine import Outcome
 from sfworkflow.workflows import self_improvement
 from sfworkflow.workflows.self_improvement import S, claim_key, register_key
+from tests.unit.enginekit import TENANT, Walk, with_optional
 
-ENGINE = Engine([self_improvement.DEFINITION])
-SI = ENGINE.workflow("self_improvement")
-assert SI is not None
-TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 KEY = InstanceKey(TENANT, "self_improvement", "cycle-prop")
 STATES = {str(s) for s in S}
-INTERNAL = {"claim_refused", "lookup_result", "timer_retry_due"}
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 HASHES = ["sha256:aa", "sha256:bb"]
 COMMANDS = ["run_eval", "propose_patch", "apply_patch", "validate"]
@@ -30,14 +26,10 @@ round_no = st.integers(1, 4)
 attempt = st.integers(1, 4)
 
 
-def _maybe(d: dict[str, Any], **optional: Any) -> dict[str, Any]:
-    return {**d, **{k: v for k, v in optional.items() if v is not None}}
-
-
 event_st = st.one_of(
     st.tuples(
         st.just("cycle_started"),
-        st.builds(lambda m: _maybe({"prompt_id": "p"}, max_patches=m), st.one_of(st.none(), st.integers(1, 3))),
+        st.builds(lambda m: with_optional({"prompt_id": "p"}, max_patches=m), st.one_of(st.none(), st.integers(1, 3))),
     ),
     st.tuples(
         st.just("eval_completed"), st.builds(lambda h, s: {"eval_hash": h, "score": s}, eval_hash, st.floats(0, 1))
@@ -45,14 +37,14 @@ event_st = st.one_of(
     st.tuples(st.just("patch_proposed"), st.builds(lambda p: {"patch_id": p}, patch_id)),
     st.tuples(
         st.just("patch_applied"),
-        st.builds(lambda p, a: _maybe({"patch_id": p}, attempt=a), patch_id, st.one_of(st.none(), attempt)),
+        st.builds(lambda p, a: with_optional({"patch_id": p}, attempt=a), patch_id, st.one_of(st.none(), attempt)),
     ),
-    st.tuples(st.just("validated"), st.builds(lambda r: _maybe({}, round=r), st.one_of(st.none(), round_no))),
+    st.tuples(st.just("validated"), st.builds(lambda r: with_optional({}, round=r), st.one_of(st.none(), round_no))),
     st.tuples(st.just("fatal_error"), st.just({"error_code": "boom"})),
     st.tuples(
         st.just("command_failed"),
         st.builds(
-            lambda c, r, a, p, n: _maybe(
+            lambda c, r, a, p, n: with_optional(
                 {"command": c, "error_code": "e", "retryable": r, "attempt": a}, patch_id=p, round=n
             ),
             st.sampled_from(COMMANDS),
@@ -116,12 +108,11 @@ def plausible(view: InstanceView | None) -> tuple[list[tuple[str, dict[str, Any]
 @settings(max_examples=600, deadline=None)
 @given(st.data(), st.integers(1, 40))
 def test_random_event_sequences_keep_the_engine_sound(data: st.DataObject, length: int) -> None:
-    view: InstanceView | None = None
-    now = T0
+    walk = Walk(self_improvement.DEFINITION, KEY, T0)
     apply_commands: list[str] = []  # patch ids of the apply_patch commands issued, in order
     applied: list[str] = []  # patch ids confirmed by an applied patch_applied, in order
-    for n in range(length):
-        progress, trouble = plausible(view)
+    for _ in range(length):
+        progress, trouble = plausible(walk.view)
         kind = data.draw(st.integers(0, 19), label="kind")
         if kind < 14 or (kind < 17 and not trouble):
             name, payload = data.draw(st.sampled_from(progress), label="progress")
@@ -129,9 +120,7 @@ def test_random_event_sequences_keep_the_engine_sound(data: st.DataObject, lengt
             name, payload = data.draw(st.sampled_from(trouble), label="trouble")
         else:
             name, payload = data.draw(event_st, label="random")
-        now += timedelta(seconds=data.draw(st.integers(0, 120), label="gap"))
-        ev = EngineEvent(f"e{n}", name, payload, now, internal=name in INTERNAL)
-        d = ENGINE.step(SI, KEY, view, ev, now)  # never raises
+        d = walk.step(name, payload, data.draw(st.integers(0, 120), label="gap"))  # never raises
         assert d.outcome in (Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED)
         if d.outcome is not Outcome.APPLIED:
             assert d.outgoing == [] and d.timers_set == [] and not d.requests
@@ -166,4 +155,3 @@ def test_random_event_sequences_keep_the_engine_sound(data: st.DataObject, lengt
         assert len(set(d.context["proposed"])) == len(d.context["proposed"])
         if d.terminal:
             assert d.cancel_all_timers
-        view = InstanceView(KEY, d.to_state, d.context, d.version, 1)

@@ -9,20 +9,16 @@ import pytest
 from sfworkflow.definition import RetryPolicy, TimerRequest
 from sfworkflow.engine import Outcome
 from sfworkflow.workflows.sequence import RETRY, S
+from tests.unit.enginekit import T0, TENANT, lifecycle_types, of_kind, schema_errors
 from tests.unit.seqkit import (
     BUILDERS,
     ENTITY,
     STEPS,
-    T0,
-    TENANT,
-    by_kind,
     failed,
     in_paused,
     in_retry_wait,
     in_sending,
     in_waiting,
-    lifecycle_types,
-    schema_errors,
     sent,
     suppressed,
 )
@@ -122,7 +118,7 @@ def test_non_retryable_failure_compensates(code: str, attempt: int) -> None:
     assert (d.to_state, d.terminal) == (S.COMPENSATED, True)
     assert [m.kind for m in d.outgoing] == ["compensation", "compensation", "lifecycle", "lifecycle"]
     assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    reason = by_kind(d, "compensation")[0].body["data"]["reason"]
+    reason = of_kind(d, "compensation")[0].body["data"]["reason"]
     assert reason == f"step 0 failed: {code}"
     assert all(schema_errors(m) == [] for m in d.outgoing)
 
@@ -224,7 +220,7 @@ def test_stop_events_end_the_instance(state: S, trigger: str, dest: S) -> None:
     assert (d.from_state, d.to_state, d.terminal) == (state, dest, True)
     assert d.cancel_all_timers is True and d.timers_set == []
     assert d.notes == {"stopped_by": trigger}
-    assert by_kind(d, "command") == by_kind(d, "compensation") == []
+    assert of_kind(d, "command") == of_kind(d, "compensation") == []
     assert lifecycle_types(d) == ["workflow.completed"]
     assert d.outgoing[0].body["data"] == {"final_state": str(dest)}
     assert schema_errors(d.outgoing[0]) == []
