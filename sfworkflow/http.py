@@ -1,4 +1,5 @@
-"""HTTP surface (aiohttp): /healthz (alive), /readyz (dependencies), /metrics (Prometheus text)."""
+"""HTTP surface (aiohttp): /healthz (alive), /readyz (dependencies), /metrics (Prometheus text),
+the status page at / (sfworkflow.status_page) and the admin API under /v1/ (sfworkflow.admin)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from sfworkflow import admin, status_page
 
 if TYPE_CHECKING:
     from sfworkflow.service import Service
@@ -23,6 +26,8 @@ def build_app(service: Service) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    status_page.mount(app, service)
+    admin.mount(app, service)
     return app
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
 PREFIX = "SFWORKFLOW_"
@@ -30,6 +30,7 @@ DEFAULT_QUEUE_TYPE = "quorum"  # or "classic"
 DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress before an instance counts as stuck (unless its
 # definition sets its own threshold for the state)
 DEFAULT_RETENTION_DAYS = 14.0  # days ended instances, published outbox rows and inbox ids are kept
+MIN_ADMIN_TOKEN_LENGTH = 16  # characters; a shorter SFWORKFLOW_ADMIN_TOKEN is refused
 
 
 class SettingsError(ValueError):
@@ -59,6 +60,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"  # or "console"
     use_uvloop: bool = True
+    # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never
+    # logged, never in repr().
+    admin_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -83,6 +87,11 @@ class Settings:
                 raise SettingsError(f"SFWORKFLOW_{name.upper()} must be at least 1")
         if self.batch_size > self.prefetch:
             raise SettingsError("SFWORKFLOW_BATCH_SIZE must not exceed SFWORKFLOW_PREFETCH")
+        if self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise SettingsError(  # the message names the length, never the value
+                f"SFWORKFLOW_ADMIN_TOKEN is too short: use at least {MIN_ADMIN_TOKEN_LENGTH} random characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
 
 
 def _convert(name: str, type_name: object, raw: str) -> object:

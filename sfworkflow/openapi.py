@@ -1,0 +1,520 @@
+"""The OpenAPI 3.1 document of the admin HTTP API (served at /v1/openapi.json), and the parameter rules it states.
+
+The patterns and bounds here are the ones the handlers in `sfworkflow.admin` enforce: one source for both, so
+what the document calls valid is exactly what the API accepts (schemathesis checks both directions).
+Patterns are written without anchors for `re.fullmatch`; the document anchors them (`^...$`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
+UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 characters
+AGE = r"[0-9]{1,6}(\.[0-9]{1,3})?[smhd]?"  # 90s, 30m, 12h, 7d or plain seconds
+INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
+# Free text (reason, by): no control characters, at least one character that is not a space.
+TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
+MAX_REASON = 500
+MAX_BY = 100
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 50
+MAX_ID = 2**63 - 1
+MAX_VERSION = 1_000_000
+
+ERROR = {"$ref": "#/components/responses/Error"}
+UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
+TIMESTAMP = {"type": "string", "format": "date-time"}
+NULLABLE_TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
+NULLABLE_STRING = {"type": ["string", "null"]}
+JSON_OBJECT = {"type": "object"}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+def anchored(pattern: str) -> str:
+    return f"^{pattern}$"
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _path(name: str, pattern: str, max_length: int, description: str) -> dict[str, Any]:
+    schema = {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": anchored(pattern)}
+    return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
+
+
+WORKFLOW_Q = _query("workflow", {"type": "string", "maxLength": 64, "pattern": anchored(NAME)}, "Only this workflow.")
+TENANT_Q = _query("tenant", {"type": "string", "format": "uuid", "pattern": anchored(UUID)}, "Only this tenant (UUID).")
+STATE_Q = _query("state", {"type": "string", "maxLength": 64, "pattern": anchored(NAME)}, "Only this state.")
+LIMIT_Q = _query(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    f"At most this many items (1..{MAX_LIMIT}, default {DEFAULT_LIMIT}).",
+)
+OLDER_THAN_Q = _query(
+    "older_than",
+    {"type": "string", "maxLength": 16, "pattern": anchored(AGE), "default": "0s"},
+    "Stuck for at least this long: 90s, 30m, 12h, 7d or plain seconds.",
+)
+TENANT_P = _path("tenant", UUID, 36, "Tenant id (UUID).")
+WORKFLOW_P = _path("workflow", NAME, 64, "Workflow name, e.g. `sequence`.")
+ENTITY_P = _path("entity", ENTITY, 200, "Entity id the instance is keyed on.")
+
+ERRORS_COMMON = {"401": UNAUTHORIZED, "404": ERROR, "503": ERROR}
+
+
+def _op(summary: str, description: str, ok: dict[str, Any], params: list[dict[str, Any]], **extra: Any) -> Any:
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
+    if params or "requestBody" in extra:
+        responses["400"] = ERROR
+    if "requestBody" in extra:
+        responses["413"] = ERROR
+    responses.update(ERRORS_COMMON)
+    op: dict[str, Any] = {"summary": summary, "description": description, "parameters": params}
+    op.update(extra)
+    op["responses"] = responses
+    return op
+
+
+def _schemas() -> dict[str, Any]:
+    filters = {
+        "state": {"type": "string", "maxLength": 64, "pattern": anchored(NAME)},
+        "older_than": {"type": "string", "maxLength": 16, "pattern": anchored(AGE)},
+        "dry_run": {"type": "boolean", "default": False, "description": "Plan only: nothing is done."},
+        "reason": {
+            "type": "string", "minLength": 1, "maxLength": MAX_REASON, "pattern": anchored(TEXT),
+            "description": "Why (recorded in each replayed instance's history).",
+        },
+        "by": {
+            "type": "string", "minLength": 1, "maxLength": MAX_BY, "pattern": anchored(TEXT),
+            "default": "admin-api", "description": "Who (recorded).",
+        },
+    }  # fmt: skip
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string", "description": "A machine-readable code."},
+                "message": {"type": "string", "description": "What went wrong and what to do."},
+            },
+        },
+        "InstanceSummary": {
+            "type": "object",
+            "required": ["id", "instance", "tenant_id", "workflow", "entity_id", "state", "terminal", "version"],
+            "properties": {
+                "id": {"type": "integer", "description": "The paging cursor: pass it as `after`."},
+                "instance": {"type": "string", "description": "TENANT/WORKFLOW/ENTITY"},
+                "tenant_id": {"type": "string", "format": "uuid"},
+                "workflow": {"type": "string"},
+                "entity_id": {"type": "string"},
+                "definition_version": {"type": "integer"},
+                "state": {"type": "string"},
+                "version": {"type": "integer"},
+                "terminal": {"type": "boolean"},
+                "parked_count": {"type": "integer"},
+                "last_event_type": NULLABLE_STRING,
+                "created_at": TIMESTAMP,
+                "updated_at": TIMESTAMP,
+                "state_entered_at": TIMESTAMP,
+            },
+        },
+        "InstancePage": {
+            "type": "object",
+            "required": ["items", "next"],
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/InstanceSummary"}},
+                "next": {
+                    "type": ["integer", "null"],
+                    "description": "Pass as `after` for the next page; null on the last page.",
+                },
+            },
+        },
+        "InstanceDetail": {
+            "type": "object",
+            "required": ["instance", "history", "timers", "outbox", "parked"],
+            "properties": {
+                "instance": {
+                    "type": ["object", "null"],
+                    "description": "The instance row (null: none yet, but events are parked for it).",
+                    "properties": {
+                        "tenant_id": {"type": "string", "format": "uuid"},
+                        "workflow": {"type": "string"},
+                        "entity_id": {"type": "string"},
+                        "state": {"type": "string"},
+                        "context": JSON_OBJECT,
+                        "version": {"type": "integer"},
+                        "terminal": {"type": "boolean"},
+                    },
+                },
+                "history": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["seq", "event_type", "outcome", "created_at"],
+                        "properties": {
+                            "seq": {"type": "integer"},
+                            "event_id": NULLABLE_STRING,
+                            "event_type": {"type": "string"},
+                            "outcome": {"type": "string"},
+                            "from_state": NULLABLE_STRING,
+                            "to_state": NULLABLE_STRING,
+                            "detail": {"type": ["object", "null"]},
+                            "created_at": TIMESTAMP,
+                        },
+                    },
+                },
+                "timers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "due_at"],
+                        "properties": {"name": {"type": "string"}, "due_at": TIMESTAMP, "payload": JSON_OBJECT},
+                    },
+                },
+                "outbox": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["message_id", "kind", "routing_key", "body"],
+                        "properties": {
+                            "message_id": {"type": "string", "format": "uuid"},
+                            "kind": {"type": "string"},
+                            "routing_key": {"type": "string"},
+                            "created_at": TIMESTAMP,
+                            "published_at": NULLABLE_TIMESTAMP,
+                            "publish_attempts": {"type": "integer"},
+                            "last_error": NULLABLE_STRING,
+                            "body": {"description": "The message body as published (JSON)."},
+                        },
+                    },
+                },
+                "parked": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["event_id", "event_type", "reason", "deadline"],
+                        "properties": {
+                            "event_id": {"type": "string", "format": "uuid"},
+                            "event_type": {"type": "string"},
+                            "reason": {"type": "string"},
+                            "parked_at": TIMESTAMP,
+                            "deadline": TIMESTAMP,
+                        },
+                    },
+                },
+            },
+        },
+        "StuckInstance": {
+            "type": "object",
+            "required": ["instance", "workflow", "tenant_id", "entity_id", "state", "stuck_since", "why", "replay"],
+            "properties": {
+                "instance": {"type": "string", "description": "TENANT/WORKFLOW/ENTITY"},
+                "workflow": {"type": "string"},
+                "tenant_id": {"type": "string", "format": "uuid"},
+                "entity_id": {"type": "string"},
+                "definition_version": {"type": "integer"},
+                "state": {"type": "string"},
+                "version": {"type": "integer"},
+                "stuck_since": TIMESTAMP,
+                "why": {"type": "string", "enum": ["operator", "timer_overdue", "no_progress"]},
+                "detail": {"type": "string"},
+                "last_event_type": NULLABLE_STRING,
+                "last_event_at": TIMESTAMP,
+                "pending_command": NULLABLE_STRING,
+                "attempt": {"type": ["integer", "null"]},
+                "pending_timer": NULLABLE_STRING,
+                "parked": {"type": "integer"},
+                "replay": {
+                    "type": "object",
+                    "description": "What a replay would do for it.",
+                    "required": ["action", "detail"],
+                    "properties": {"action": {"type": "string"}, "detail": {"type": "string"}},
+                },
+            },
+        },
+        "StuckList": {
+            "type": "object",
+            "required": ["items", "count"],
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/StuckInstance"}},
+                "count": {"type": "integer"},
+            },
+        },
+        "ReplayRequest": {
+            "description": "Either one instance (`instance`) or every stuck instance matching filters (`all_stuck`).",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "title": "One instance",
+                    "required": ["instance", "reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "instance": {
+                            "type": "string",
+                            "maxLength": 302,
+                            "pattern": anchored(INSTANCE_REF),
+                            "description": "TENANT/WORKFLOW/ENTITY",
+                        },
+                        **filters,
+                    },
+                },
+                {
+                    "type": "object",
+                    "title": "Every stuck instance matching the filters",
+                    "required": ["all_stuck", "reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "all_stuck": {"type": "boolean", "const": True},
+                        "workflow": {"type": "string", "maxLength": 64, "pattern": anchored(NAME)},
+                        "tenant": {"type": "string", "format": "uuid", "pattern": anchored(UUID)},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+                        **filters,
+                    },
+                },
+            ],
+        },
+        "ReplayResult": {
+            "type": "object",
+            "required": ["instance", "state", "why", "action", "status", "message"],
+            "properties": {
+                "instance": {"type": "string"},
+                "state": {"type": "string"},
+                "why": {"type": "string"},
+                "action": {
+                    "type": "string",
+                    "enum": ["fire_timer", "redrive_parked", "reissue_command", "needs_operator", "nothing"],
+                },
+                "status": {"type": "string", "enum": ["planned", "done", "skipped", "failed"]},
+                "message": {"type": "string"},
+            },
+        },
+        "ReplayResponse": {
+            "type": "object",
+            "required": ["dry_run", "ok", "results", "summary", "message"],
+            "properties": {
+                "dry_run": {"type": "boolean"},
+                "ok": {"type": "boolean", "description": "False when any instance failed."},
+                "results": {"type": "array", "items": {"$ref": "#/components/schemas/ReplayResult"}},
+                "summary": {
+                    "type": "object",
+                    "required": ["matched", "planned", "done", "skipped", "failed"],
+                    "properties": {k: {"type": "integer"} for k in ("matched", "planned", "done", "skipped", "failed")},
+                },
+                "message": {"type": "string"},
+            },
+        },
+        "DefinitionSummary": {
+            "type": "object",
+            "required": ["workflow", "version", "latest"],
+            "properties": {
+                "workflow": {"type": "string"},
+                "version": {"type": "integer"},
+                "latest": {"type": "boolean"},
+                "description": {"type": "string"},
+                "initial": {"type": "string"},
+                "states": STRINGS,
+                "terminal": STRINGS,
+            },
+        },
+        "DefinitionList": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/DefinitionSummary"}}},
+        },
+        "Definition": {
+            "type": "object",
+            "required": ["workflow", "version", "states", "terminal", "events", "commands", "compensations", "diagram"],
+            "properties": {
+                "workflow": {"type": "string"},
+                "version": {"type": "integer"},
+                "latest_version": {"type": "integer"},
+                "versions": {"type": "array", "items": {"type": "integer"}},
+                "description": {"type": "string"},
+                "initial": {"type": "string"},
+                "states": STRINGS,
+                "terminal": STRINGS,
+                "waits_for_operator": STRINGS,
+                "events": {**STRINGS, "description": "Event types in (`<workflow>.<event>`)."},
+                "start_events": STRINGS,
+                "internal_events": STRINGS,
+                "commands": {**STRINGS, "description": "Command types out (`<workflow>.<command>`)."},
+                "compensations": STRINGS,
+                "stuck_after_s": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+                "retry": {
+                    "type": "object",
+                    "properties": {
+                        "max_attempts": {"type": "integer"},
+                        "base_s": {"type": "number"},
+                        "cap_s": {"type": "number"},
+                    },
+                },
+                "transitions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "trigger": {"type": "string"},
+                            "source": STRINGS,
+                            "dest": NULLABLE_STRING,
+                            "guards": STRINGS,
+                        },
+                    },
+                },
+                "diagram": {
+                    "type": "object",
+                    "required": ["mermaid", "dot"],
+                    "properties": {
+                        "mermaid": {"type": "string", "description": "Mermaid stateDiagram-v2 source."},
+                        "dot": {"type": "string", "description": "Graphviz DOT source."},
+                    },
+                },
+            },
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict each call)."""
+    ref = "#/components/schemas/"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sfworkflow admin API",
+            "version": "1",
+            "description": (
+                "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions.\n\n"
+                "The API is off unless `SFWORKFLOW_ADMIN_TOKEN` is set (at least 16 characters); while it is off "
+                "every `/v1/` route answers 404. Send the token as `Authorization: Bearer <token>`; a missing or "
+                'wrong token gets 401. Errors are JSON: `{"error": code, "message": text}`.'
+            ),
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": {
+            "/v1/instances": {
+                "get": _op(
+                    "List instances",
+                    "Instances matching the filters, in id order, one page at a time (`after` = the last page's "
+                    "`next`).",
+                    {"$ref": ref + "InstancePage"},
+                    [
+                        WORKFLOW_Q,
+                        TENANT_Q,
+                        STATE_Q,
+                        _query("terminal", {"type": "boolean"}, "true: only ended instances; false: only active."),
+                        LIMIT_Q,
+                        _query(
+                            "after",
+                            {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                            "Cursor: instances with an id greater than this.",
+                        ),
+                    ],
+                    operationId="listInstances",
+                )
+            },
+            "/v1/instances/{tenant}/{workflow}/{entity}": {
+                "get": _op(
+                    "Get one instance",
+                    "The instance with its full history, timers, outbox messages (with bodies) and parked events. "
+                    "404 when there is neither an instance nor a parked event for the key.",
+                    {"$ref": ref + "InstanceDetail"},
+                    [TENANT_P, WORKFLOW_P, ENTITY_P],
+                    operationId="getInstance",
+                )
+            },
+            "/v1/stuck": {
+                "get": _op(
+                    "List stuck instances",
+                    "Instances stuck by their definition's rules, longest stuck first, with what a replay would do.",
+                    {"$ref": ref + "StuckList"},
+                    [WORKFLOW_Q, TENANT_Q, STATE_Q, OLDER_THAN_Q, LIMIT_Q],
+                    operationId="listStuck",
+                )
+            },
+            "/v1/replay": {
+                "post": _op(
+                    "Replay stuck instances",
+                    "Same semantics as `sfworkflow replay`: per stuck instance, fire its overdue timer, re-drive its "
+                    "parked events or re-issue its pending command (same idempotency key, attempt + 1); states "
+                    "waiting for a person are left alone. Each replay is recorded in the instance history (who, "
+                    "when, why, what) and happens once per stuck episode. `dry_run` only plans. 200 even when an "
+                    "instance failed: see `ok` and `summary.failed`.",
+                    {"$ref": ref + "ReplayResponse"},
+                    [],
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": ref + "ReplayRequest"}}},
+                    },
+                    operationId="replay",
+                )
+            },
+            "/v1/definitions": {
+                "get": _op(
+                    "List loaded definitions",
+                    "Every loaded (workflow, version).",
+                    {"$ref": ref + "DefinitionList"},
+                    [],
+                    operationId="listDefinitions",
+                )
+            },
+            "/v1/definitions/{workflow}": {
+                "get": _op(
+                    "Get a definition",
+                    "States, events, commands, compensations, transitions and the diagram (Mermaid and DOT).",
+                    {"$ref": ref + "Definition"},
+                    [
+                        WORKFLOW_P,
+                        _query(
+                            "version",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_VERSION},
+                            "Definition version (default: the latest loaded).",
+                        ),
+                    ],
+                    operationId="getDefinition",
+                )
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "description": "Served without a token (while the admin API is on).",
+                    "operationId": "openapi",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "OK", "content": {"application/json": {"schema": JSON_OBJECT}}},
+                        "404": ERROR,
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The value of SFWORKFLOW_ADMIN_TOKEN.",
+                }
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error: 400 bad parameter, 401 missing or wrong token (with "
+                    "`WWW-Authenticate: Bearer`), 404 unknown item or admin API off, 503 PostgreSQL unavailable.",
+                    "content": {"application/json": {"schema": {"$ref": ref + "Error"}}},
+                },
+                "Unauthorized": {
+                    "description": "The bearer token is missing or wrong.",
+                    "headers": {
+                        "WWW-Authenticate": {
+                            "required": True,
+                            "description": '`Bearer realm="sfworkflow-admin"` (with `error="invalid_token"` '
+                            "for a wrong token).",
+                            "schema": {"type": "string"},
+                        }
+                    },
+                    "content": {"application/json": {"schema": {"$ref": ref + "Error"}}},
+                },
+            },
+            "schemas": _schemas(),
+        },
+    }
