@@ -55,6 +55,12 @@ def workflows_doc(engine: Engine) -> str:
             f"- **internal events**: {', '.join(f'`{e}`' for e in sorted(d.internal_events)) or 'none'}",
             f"- **retries**: {d.retry.max_attempts} attempts, backoff {d.retry.base_s:g} s doubling, "
             f"capped at {d.retry.cap_s:g} s, ±20 % jitter",
+            "- **stuck when** (`sfworkflow stuck`): a pending timer overdue; "
+            + "; ".join(
+                f"`{s}` " + ("never by age" if v is None else f"after {v:g} s without progress")
+                for s, v in d.stuck_after_s.items()
+            )
+            + "".join(f"; `{s}` at once (waits for an operator)" for s in sorted(d.waits_for_operator)),
             "",
             "```mermaid",
             cw.mermaid().rstrip(),

@@ -407,6 +407,16 @@ DEFINITION = WorkflowDefinition(
     retry=RETRY,
     stale=stale,
     description="Affiliate payout batch: one ledger entry, one payout; the entry is reversed if the payout fails.",
+    # When an instance counts as stuck (seconds in the state with no pending timer). Claims resolve in the
+    # event's own transaction; settlement may take days on the payment rails.
+    stuck_after_s={
+        S.CLAIMING: 60.0,
+        S.POSTING: 900.0,
+        S.POSTING_RETRY: 900.0,
+        S.PAYING: 900.0,
+        S.PAYING_RETRY: 900.0,
+        S.AWAITING_SETTLEMENT: 3 * 86400.0,
+    },
     transitions=(
         Transition("batch_opened", N, C, [valid_batch], action=open_batch),
         Transition("batch_opened", N, S.REJECTED, [invalid_batch], action=reject_invalid),

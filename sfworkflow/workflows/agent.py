@@ -263,6 +263,9 @@ DEFINITION = WorkflowDefinition(
     stale=stale,
     description="One AI agent task run by an agent worker, with a durable timeout, checkpoints, "
     "retries, a dead letter and operator replay.",
+    # When an instance counts as stuck (seconds in the state with no pending timer; the run timeout is a
+    # timer, so a run is stuck only if that timer is overdue).
+    stuck_after_s={S.DISPATCHED: 900.0, S.RUNNING: 900.0, S.RETRY_WAIT: 900.0},
     transitions=(
         Transition("task_submitted", S.NEW, D, action=submit),
         Transition("started", D, R, action=record_started),

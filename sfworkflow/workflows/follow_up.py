@@ -287,6 +287,9 @@ DEFINITION = WorkflowDefinition(
     retry=RETRY,
     stale=stale,
     description="Timed follow-up steps for one lead; a step that fails for good is reset and waits for an operator.",
+    # When an instance counts as stuck (seconds in the state with no pending timer; step delays of days
+    # are timers, so waiting is stuck only once its timer is overdue).
+    stuck_after_s={S.WAITING: 900.0, S.SENDING: 900.0, S.RETRY_WAIT: 900.0},
     transitions=(
         Transition("scheduled", S.NEW, W, action=start),
         Transition("timer_step_due", W, SE, action=issue_send),

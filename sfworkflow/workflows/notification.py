@@ -230,6 +230,9 @@ DEFINITION = WorkflowDefinition(
     stale=stale,
     description="One notification through a provider; the provider's external id is unique per "
     "(tenant, channel), a second notification with it is suppressed.",
+    # When an instance counts as stuck (seconds in the state with no pending timer). The claim check
+    # resolves in the event's transaction; a delivery receipt may take a day.
+    stuck_after_s={S.SENDING: 900.0, S.RETRY_WAIT: 900.0, S.CHECKING: 60.0, S.ACCEPTED: 86400.0},
     transitions=(
         Transition("requested", S.NEW, SE, action=request),
         Transition("provider_accepted", [SE, RW], CH, action=accept),

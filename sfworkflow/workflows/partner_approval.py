@@ -272,6 +272,9 @@ DEFINITION = WorkflowDefinition(
     retry=RETRY,
     stale=stale,
     description="Multi-day partner approval: one review per stage, SLA escalation once per stage, then expiry.",
+    # When an instance counts as stuck: a stage waits for people under its SLA timer, so it is stuck only
+    # once that timer is overdue, never before its SLA; without a timer (never expected), after a week.
+    stuck_after_s={S.IN_REVIEW: 7 * 86400.0, S.ESCALATED: 7 * 86400.0},
     transitions=(
         Transition("requested", S.NEW, IR, action=start),
         Transition("approved", [IR, ES], IR, [current_and_has_next], action=advance),

@@ -423,6 +423,8 @@ DEFINITION = WorkflowDefinition(
     waits_for_operator=frozenset({S.AWAITING_APPROVAL, S.STEP_FAILED}),
     stale=stale,
     description="Lead pipeline run: qualification, approved outreach (Class B), CRM sync once per lead.",
+    # When an instance counts as stuck (seconds in the state with no pending timer).
+    stuck_after_s={S.RUNNING: 900.0, S.RETRY_WAIT: 900.0},
     transitions=(
         Transition("started", S.NEW, RU, [first_step_runs], action=start_and_run),
         Transition("started", S.NEW, AA, [first_step_needs_approval], action=start_and_wait),

@@ -432,6 +432,16 @@ DEFINITION = WorkflowDefinition(
     retry=RETRY,
     stale=stale,
     description="One eval -> prompt patch -> validation cycle of a tenant's prompts; a repeated eval hash is a no-op.",
+    # When an instance counts as stuck (seconds in the state with no pending timer): evals and validations
+    # take minutes; the register lookup resolves in the event's transaction.
+    stuck_after_s={
+        S.EVALUATING: 1800.0,
+        S.CHECKING: 60.0,
+        S.PROPOSING: 1800.0,
+        S.APPLYING: 900.0,
+        S.VALIDATING: 1800.0,
+        S.RETRY_WAIT: 900.0,
+    },
     transitions=(
         Transition("cycle_started", S.NEW, E, action=start),
         Transition("eval_completed", [E, R], C, [awaiting_eval], action=check_eval),

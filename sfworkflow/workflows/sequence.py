@@ -327,6 +327,9 @@ DEFINITION = WorkflowDefinition(
     retry=RETRY,
     stale=stale,
     description="Multi-step outreach (WhatsApp, email, SMS) for one enrollment.",
+    # When an instance counts as stuck (seconds in the state with no pending timer; a pending timer
+    # counts only once overdue). Paused is a person's choice: never stuck.
+    stuck_after_s={S.WAITING: 900.0, S.SENDING: 900.0, S.RETRY_WAIT: 900.0, S.PAUSED: None},
     transitions=(
         Transition("enrolled", S.NEW, W, action=start),
         Transition("timer_step_due", W, SE, action=issue_send),

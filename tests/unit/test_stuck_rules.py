@@ -1,0 +1,45 @@
+"""Every definition says, for each active state, when an instance in it counts as stuck."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sfworkflow.engine import Engine
+from sfworkflow.stuck import classify
+from sfworkflow.workflows import DEFINITIONS
+
+ENGINE = Engine(DEFINITIONS)
+
+
+@pytest.mark.parametrize("d", DEFINITIONS, ids=lambda d: f"{d.name}.v{d.version}")
+def test_every_active_state_has_a_stuck_rule(d: object) -> None:
+    states = {str(s) for s in d.states}  # type: ignore[attr-defined]
+    active = states - {str(s) for s in d.terminal} - {str(d.initial)}  # type: ignore[attr-defined]
+    declared = {str(s) for s in d.stuck_after_s} | {str(s) for s in d.waits_for_operator}  # type: ignore[attr-defined]
+    assert active == declared, f"states without a stuck rule: {sorted(active - declared)}"
+
+
+def _row(workflow: str, state: str, entered_ago_s: float, next_due_in_s: float | None = None) -> dict[str, object]:
+    now = datetime.now(UTC)
+    return {
+        "id": 1, "tenant_id": "t", "workflow": workflow, "entity_id": "e", "definition_version": 1, "state": state,
+        "version": 3, "state_entered_at": now - timedelta(seconds=entered_ago_s), "updated_at": now,
+        "last_event_type": None, "parked_count": 0,
+        "next_due": None if next_due_in_s is None else now + timedelta(seconds=next_due_in_s),
+        "timer_name": None if next_due_in_s is None else "t", "command_type": None, "command_body": None,
+    }  # fmt: skip
+
+
+def test_rules_by_kind() -> None:
+    now = datetime.now(UTC)
+    assert classify(ENGINE, _row("sequence", "sending", 60), now) is None
+    assert classify(ENGINE, _row("sequence", "sending", 1000), now).why == "no_progress"  # type: ignore[union-attr]
+    assert classify(ENGINE, _row("sequence", "paused", 10 * 86400), now) is None  # a person paused it
+    # a pending timer is the deadline: not stuck before it is overdue, however long in the state
+    assert classify(ENGINE, _row("partner_approval", "in_review", 5 * 86400, next_due_in_s=3600), now) is None
+    late = classify(ENGINE, _row("partner_approval", "in_review", 5 * 86400, next_due_in_s=-600), now)
+    assert late is not None and late.why == "timer_overdue"
+    op = classify(ENGINE, _row("follow_up", "needs_attention", 1), now)
+    assert op is not None and op.why == "operator"
