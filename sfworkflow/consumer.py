@@ -149,7 +149,11 @@ class Consumer:
         return False
 
     def _delivery(self, m: AbstractIncomingMessage) -> Delivery:
-        parsed = self.parser.parse(m.body, m.content_type)
+        try:
+            parsed: IncomingEvent | Rejection = self.parser.parse(m.body, m.content_type)
+        except Exception as exc:  # never let one message stop the consumer: dead-letter it, say why
+            log.error("parsing a message raised", error=repr(exc)[:300])
+            parsed = Rejection(DeadReason.INTERNAL_ERROR, f"parsing raised {type(exc).__name__}: {str(exc)[:200]}")
         return Delivery(
             parsed=parsed,
             body=m.body,

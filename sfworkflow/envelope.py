@@ -7,7 +7,7 @@ version, data schema. Nothing here touches the network or the database.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -33,6 +33,19 @@ class IncomingEvent:
     causation_id: str | None
     schema_version: int
     data: dict[str, Any]
+
+
+MIN_YEAR, MAX_YEAR = 1, 9000  # event times sfworkflow can add delays to without overflowing
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -73,6 +86,12 @@ class EventParser:
             return Rejection(DeadReason.INVALID_JSON, f"body is not valid UTF-8 JSON: {str(exc)[:200]}")
         if not isinstance(doc, dict):
             return Rejection(DeadReason.NOT_AN_OBJECT, f"body is a JSON {type(doc).__name__}, not an object")
+        try:
+            return self._validated(doc, body)
+        except ValueError as exc:  # the validator's recursion limit: nesting deeper than it can follow
+            return Rejection(DeadReason.INVALID_JSON, f"body nests too deeply to validate ({str(exc)[:100]})")
+
+    def _validated(self, doc: dict[str, Any], body: bytes) -> IncomingEvent | Rejection:
         if not self.envelope.is_valid(doc):
             errors = self.schemas.errors("envelope", "event", doc)
             return Rejection(DeadReason.SCHEMA_VIOLATION, "envelope: " + "; ".join(errors))
@@ -93,8 +112,20 @@ class EventParser:
             return Rejection(DeadReason.SCHEMA_VIOLATION, f"data of {event_type}: " + "; ".join(errors))
         try:
             timestamp = parse_timestamp(doc["timestamp"])
+            if not MIN_YEAR <= timestamp.astimezone(UTC).year <= MAX_YEAR:
+                raise OverflowError
         except ValueError:
             return Rejection(DeadReason.SCHEMA_VIOLATION, f"timestamp {doc['timestamp'][:40]!r} is not RFC 3339")
+        except OverflowError:
+            return Rejection(
+                DeadReason.SCHEMA_VIOLATION,
+                f"timestamp {doc['timestamp'][:40]!r} is outside the years {MIN_YEAR}-{MAX_YEAR}",
+            )
+        if b"\\u0000" in body and _has_nul(doc):
+            return Rejection(
+                DeadReason.SCHEMA_VIOLATION,
+                "a string contains a NUL character (\\u0000), which PostgreSQL cannot store: remove it",
+            )
         workflow, _, name = event_type.partition(".")
         return IncomingEvent(
             event_id=doc["event_id"].lower(),

@@ -59,11 +59,15 @@ class SchemaSet:
         if v is None:
             return [f"no schema {kind}/{name}.v{version}.json"]
         out = []
-        for err in v.iter_errors(instance):
-            path = "/".join(str(p) for p in err.instance_path)
-            out.append(f"{path or '<root>'}: {err.message}")
-            if len(out) >= limit:
-                break
+        try:
+            for err in v.iter_errors(instance):
+                path = "/".join(str(p) for p in err.instance_path)[:100]
+                message = err.message if len(err.message) <= 150 else err.message[:147] + "..."
+                out.append(f"{path or '<root>'}: {message}")  # bounded: a detail never echoes a payload
+                if len(out) >= limit:
+                    break
+        except ValueError:  # the validator's recursion limit
+            out.append("<root>: nested too deeply to describe")
         return out
 
 

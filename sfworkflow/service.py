@@ -71,6 +71,16 @@ class Service:
         self.http_port: int | None = None
 
     async def start(self, consume: bool = True) -> None:
+        try:
+            await self._start(consume)
+        except ValueError as exc:  # a malformed URL: the drivers' messages may quote it, password included
+            raise ConfigurationError(
+                f"cannot use the connection settings ({type(exc).__name__}); check SFWORKFLOW_DATABASE_URL "
+                f"({redact_url(self.settings.database_url)}) and SFWORKFLOW_AMQP_URL "
+                f"({redact_url(self.settings.amqp_url)}): special characters in a password must be %-encoded"
+            ) from None
+
+    async def _start(self, consume: bool) -> None:
         s = self.settings
         await _retry("PostgreSQL", s.database_url, lambda: db.ensure_database(s.database_url))
         conn = await asyncpg.connect(s.database_url)

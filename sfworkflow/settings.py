@@ -110,12 +110,21 @@ def _convert(name: str, type_name: object, raw: str) -> object:
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced by `***`, safe for logs, errors and /readyz."""
+    scheme, sep, rest = url.partition("://")
+    userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{netloc}", parts.path, parts.query, parts.fragment))
+        # Unparseable: hide whatever stands before the '@' (it may hold a password).
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}" if userinfo else "<unparseable url>"
+    if password is not None and urlsplit(f"{scheme}://{userinfo}@x").password == password:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(
+            (parts.scheme, f"{parts.username or ''}:***@{netloc}", parts.path, parts.query, parts.fragment)
+        )
+    if ":" in userinfo:
+        # user:password that urlsplit did not read whole (an unencoded '#', '/' or '?' in the
+        # password ends the netloc early): hide everything between the scheme and the last '@'.
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -103,6 +103,7 @@ class _Run:
     compiled: CompiledWorkflow
     row_id: int | None = None
     view: InstanceView | None = None
+    correlation_id: str | None = None  # the instance's, from its row (set when it was created)
     loaded_version: int = 0
     loaded_parked_count: int = 0
     parked: list[_Parked] = field(default_factory=list)
@@ -440,6 +441,7 @@ class _Batch:
             row_id=r["id"],
             view=view,
             loaded_version=r["version"],
+            correlation_id=r["correlation_id"],
             loaded_parked_count=r["parked_count"],
             terminal=r["state"] in compiled.definition.terminal,
         )
@@ -560,7 +562,7 @@ class _Batch:
             d.context,
             d.version,
             run.compiled.definition.version,
-            run.view.correlation_id if run.view else None,
+            run.view.correlation_id if run.view else run.correlation_id,
         )
         run.changed = True
         run.terminal = d.terminal
