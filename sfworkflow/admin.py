@@ -450,7 +450,7 @@ def describe(cw: CompiledWorkflow, engine: Engine) -> dict[str, Any]:
         "internal_events": sorted(d.internal_events),
         "commands": sorted(d.event_type(c) for c in d.commands),
         "compensations": sorted(d.event_type(c) for c in d.compensations),
-        "stuck_after_s": dict(d.stuck_after_s),
+        "stuck_after_s": {str(k): v for k, v in d.stuck_after_s.items()},
         "retry": {"max_attempts": d.retry.max_attempts, "base_s": d.retry.base_s, "cap_s": d.retry.cap_s},
         "transitions": [
             {

@@ -342,7 +342,7 @@ def test_valid_envelopes_of_every_event_type_parse(example_index: int, data: st.
     """Every loaded event type, with its schema's example data and random ids: an event, fields intact."""
     event_type, example_data = EXAMPLES[example_index]
     entity_id = data.draw(entity_ids)
-    no_nul = st.text(st.characters(blacklist_characters="\x00"), max_size=200)  # NUL: see the test below
+    no_nul = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200)
     correlation = data.draw(st.none() | no_nul)
     year = data.draw(st.integers(min_value=1, max_value=9000))  # past 9000: rejected, see the test below
     offset = data.draw(st.sampled_from(["Z", "z", "+00:00", "-03:00", "+14:00", "-12:00"]))
