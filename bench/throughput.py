@@ -166,6 +166,7 @@ async def mix_main(args: argparse.Namespace) -> None:
     traffic = demo_plan(args.enrollments, rnd)
     pub = await EventPublisher.connect(args.amqp_url)
     sent = 0
+    dups = 0
     later: list[asyncio.Task[None]] = []
     # Pace on the start events: the worker's answers make up the rest of the offered load (~4 per instance).
     interval = 4.0 / args.rate if args.rate else 0.0
@@ -175,10 +176,21 @@ async def mix_main(args: argparse.Namespace) -> None:
     def make(t: Any) -> dict[str, Any]:
         return build_event(t.event_type, tenant_id=args.tenant, entity_id=t.entity_id, data=t.data, source="bench")
 
+    async def send(ev: dict[str, Any]) -> None:
+        delay = 0.2
+        for _ in range(60):  # RabbitMQ may be restarting (the chaos suite): retry, as a producer must
+            try:
+                await pub.publish(ev, validate=False)
+                return
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        raise RuntimeError("could not publish for two minutes")
+
     async def publish_later(t: Any) -> None:
         nonlocal sent
         await asyncio.sleep(t.delay_s)
-        await pub.publish(make(t), validate=False)  # stamped when sent: its age at commit is the service's
+        await send(make(t))  # stamped when sent: its age at commit is the service's
         sent += 1
 
     for t in traffic:
@@ -191,15 +203,22 @@ async def mix_main(args: argparse.Namespace) -> None:
             delay = start + starts * interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await pub.publish(ev, validate=False)
+        await send(ev)
         sent += 1
         if rnd.random() < args.dup_rate:
-            await pub.publish(ev, validate=False)
+            await send(ev)
             sent += 1
+            dups += 1
     await asyncio.gather(*later)
     await pub.close()
     print(
-        json.dumps({"published": sent, "instances": len({(t.event_type.split(".")[0], t.entity_id) for t in traffic})})
+        json.dumps(
+            {
+                "published": sent,
+                "duplicates": dups,
+                "instances": len({(t.event_type.split(".")[0], t.entity_id) for t in traffic}),
+            }
+        )
     )
 
 
@@ -354,7 +373,9 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
         await conn.close()
     connection = await aio_pika.connect(amqp_url)
     try:
-        await topology.declare(connection, ["sequence"], queue_type)
+        from sfworkflow.workflows import DEFINITIONS
+
+        await topology.declare(connection, sorted({d.name for d in DEFINITIONS}), queue_type)
     finally:
         await connection.close()
 

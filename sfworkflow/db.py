@@ -31,7 +31,18 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
-    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError))
+    return isinstance(exc, _CONNECTION_CLASS)
+
+
+# asyncpg's InternalClientError: a connection left in a broken protocol state (its backend killed
+# mid-operation); the pool replaces it, so the work may be retried.
+_CONNECTION_CLASS = (
+    OSError,
+    ConnectionError,
+    TimeoutError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -40,7 +51,7 @@ def is_connection_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in ("08", "57") or exc.sqlstate in _TRANSIENT_SQLSTATES
-    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError))
+    return isinstance(exc, _CONNECTION_CLASS)
 
 
 @lru_cache(maxsize=1)

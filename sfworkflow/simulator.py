@@ -135,8 +135,23 @@ class SimulatedWorker:
             correlation_id=cmd.get("correlation_id"),
             causation_id=cmd["command_id"],
         )
-        await self._publisher.publish(event, validate=False)
+        await self._publish(event)
         self.stats.answers[a.event_type] += 1
         if self.profile.roll("dup", event["event_id"]) < self.profile.duplicate_rate:
-            await self._publisher.publish(event, validate=False)
+            await self._publish(event)
             self.stats.answers["duplicate"] += 1
+
+    async def _publish(self, event: dict[str, Any]) -> None:
+        """Publish with confirms; while RabbitMQ is away, retry (as a real worker must) for up to a minute."""
+        assert self._publisher is not None
+        delay = 0.2
+        for _ in range(40):
+            try:
+                await self._publisher.publish(event, validate=False)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        raise RuntimeError(f"could not publish {event['event_type']} for a minute")

@@ -1,0 +1,387 @@
+"""Chaos suite: faults injected under load, then only system-wide invariants are checked.
+
+    python -m bench.chaos                          # every scenario, full size
+    python -m bench.chaos --quick                  # smaller load (what CI runs)
+    python -m bench.chaos --scenario kill9 --scenario commit_ack
+
+For each scenario: a fresh database and vhost; service replicas as real processes
+(`python -m sfworkflow run`); a publisher sending the demo's mix of every workflow (duplicate
+deliveries included; out-of-order events happen by themselves across replicas) while the simulated
+SalesFlow worker answers commands; the fault injected during the load; then quiescence (every
+instance settled, outbox drained, queues empty) and the invariants:
+
+  lost = 0               every distinct event published is in the inbox (applied, parked or ignored)
+                         or was dead-lettered
+  duplicate effects = 0  no (idempotency key, attempt) was published under two command ids, and no
+                         send was carried out twice by the worker's own dedupe accounting
+  unpublished = 0        every committed outbox row was published
+  lost timers = 0        no timer of an active instance is overdue
+  settled                every instance reached a terminal state or waits for an operator
+
+Scenarios: kill9 (SIGKILL a replica at random moments, ≥ 5 times, restart it), commit_ack (a crash
+exactly between the commit and the ack: SFWORKFLOW_FAULT_POINT=after_commit_before_ack),
+publish_mark (a crash between publishing and marking published), rabbit_restart, pg_restart
+(PostgreSQL restarted, and the service's backends killed with pg_terminate_backend), replicas
+(three replicas, one killed for good mid-run), sigterm (graceful stop under load: exit 0 within
+10 s, then restart). Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.throughput import SETTLED, SETTLED_ARGS, _declare, _reset_database, _reset_vhost  # noqa: E402
+from sfworkflow.simulator import SimulatedWorker, WorkerProfile  # noqa: E402
+
+BASE_PORT = int(os.environ.get("SFWORKFLOW_CHAOS_PORT", "8130"))
+PG_VERSION = (os.listdir("/etc/postgresql") or ["15"])[0] if os.path.isdir("/etc/postgresql") else "15"
+SCENARIOS = ("kill9", "commit_ack", "publish_mark", "rabbit_restart", "pg_restart", "replicas", "sigterm")
+
+
+@dataclass
+class Replica:
+    index: int
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sfworkflow", "run"], env=self.env, cwd=ROOT, stdout=out, stderr=out
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def reap(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.exits.append(rc)
+        return rc
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    published: int = 0
+    distinct: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
+    lost: int = 0
+    duplicate_effects: int = 0
+    unpublished: int = 0
+    lost_timers: int = 0
+    unsettled: int = 0
+    faults: int = 0
+    recovery_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicate_effects or self.unpublished or self.lost_timers or self.unsettled)
+
+
+def _env(db_url: str, amqp_url: str, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFWORKFLOW_")}
+    env.update(
+        SFWORKFLOW_DATABASE_URL=db_url,
+        SFWORKFLOW_AMQP_URL=amqp_url,
+        SFWORKFLOW_HTTP_PORT=str(port),
+        SFWORKFLOW_HTTP_HOST="127.0.0.1",
+        SFWORKFLOW_QUEUE_TYPE="quorum",
+        SFWORKFLOW_LOG_LEVEL="warning",
+        SFWORKFLOW_SHUTDOWN_TIMEOUT_S="8",
+    )
+    env.update(extra or {})
+    return env
+
+
+async def _count(pg: asyncpg.Connection, sql: str, *args: Any) -> int:
+    return int(await pg.fetchval(sql, *args))
+
+
+async def _applied(pg: asyncpg.Connection) -> int:
+    return await _count(pg, "SELECT count(*) FROM sfworkflow.inbox")
+
+
+async def _wait_ready(pg: asyncpg.Connection, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pg.fetchval("SELECT to_regclass('sfworkflow.instance') IS NOT NULL"):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
+    out = Outcome(name)
+    db_url = await _reset_database()
+    amqp_url = _reset_vhost()
+    await _declare(db_url, amqp_url, "quorum")
+    tenant = str(uuid.uuid4())
+    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"sfworkflow-chaos-{name}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(seed)
+    n_replicas = 3 if name == "replicas" else 2
+    extra: dict[str, str] = {}
+    if name == "commit_ack":
+        extra = {"SFWORKFLOW_FAULT_POINT": "after_commit_before_ack", "SFWORKFLOW_FAULT_AFTER": "40"}
+    if name == "publish_mark":
+        extra = {"SFWORKFLOW_FAULT_POINT": "after_publish_before_mark", "SFWORKFLOW_FAULT_AFTER": "15"}
+    replicas = [
+        Replica(i, _env(db_url, amqp_url, BASE_PORT + i, extra), logdir / f"replica-{i}.log") for i in range(n_replicas)
+    ]
+    for r in replicas:
+        r.start()
+    pg = await asyncpg.connect(db_url)
+    worker = SimulatedWorker(
+        amqp_url, WorkerProfile(failure_rate=0.05, fatal_rate=0.01, duplicate_rate=0.05, seed=seed)
+    )
+    instances = 600 if quick else 3000
+    rate = 150 if quick else 400  # start events per second: the load lasts ~4-8 s in all
+    publisher = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "throughput.py"), "--role", "publisher", "--mode", "mix",
+         "--amqp-url", amqp_url, "--tenant", tenant, "--enrollments", str(instances),
+         "--rate", str(rate * 4), "--seed", str(seed), "--dup-rate", "0.05"],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        await _wait_ready(pg)
+        await worker.start()
+        fault_task = asyncio.create_task(_inject(name, replicas, rnd, out, pg, quick))
+        while publisher.poll() is None:
+            await asyncio.sleep(0.2)
+            _restart_crashed(replicas, name, out)
+        await fault_task
+        if pg.is_closed():  # PostgreSQL was restarted under us
+            pg = await asyncpg.connect(db_url)
+        pub = json.loads((publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()[-1])
+        out.published = pub.get("published", 0)
+        out.duplicates = pub.get("duplicates", 0)
+        expected_instances = pub.get("instances", instances)
+        # Quiescence: every instance settled, nothing unpublished, stable applied count.
+        deadline = time.monotonic() + (120 if quick else 300)
+        stable_since, last = time.monotonic(), -1
+        while time.monotonic() < deadline:
+            _restart_crashed(replicas, name, out)
+            settled = await _count(pg, f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}", *SETTLED_ARGS)
+            unpublished = await _count(pg, "SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
+            applied = await _applied(pg)
+            if applied != last:
+                stable_since, last = time.monotonic(), applied
+            if settled >= expected_instances and unpublished == 0 and time.monotonic() - stable_since > 3:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        await _check(pg, out, worker, expected_instances)
+    finally:
+        await worker.stop()
+        for r in replicas:
+            r.kill(signal.SIGTERM)
+        for r in replicas:
+            r.reap()
+        if publisher.poll() is None:
+            publisher.kill()
+        await pg.close()
+    return out
+
+
+def _restart_crashed(replicas: list[Replica], name: str, out: Outcome) -> None:
+    """A replica that died on a fault point is restarted, as an orchestrator would (without the fault)."""
+    for r in replicas:
+        if r.proc is not None and r.proc.poll() is not None and r.index >= 0:
+            rc = r.reap()
+            if name == "replicas" and r.index == 2:
+                r.index = -1  # killed for good
+                continue
+            if rc == 97:  # the fault point fired: count it, restart without it after a few times
+                out.faults += 1
+                if r.restarts >= 5:
+                    r.env.pop("SFWORKFLOW_FAULT_POINT", None)
+            r.restarts += 1
+            r.start()
+
+
+async def _inject(name: str, replicas: list[Replica], rnd: random.Random, out: Outcome, pg: asyncpg.Connection,
+                  quick: bool) -> None:  # fmt: skip
+    await asyncio.sleep(1.0)
+    if name == "kill9":
+        for _ in range(6):
+            await asyncio.sleep(rnd.uniform(0.3, 1.2))
+            victim = rnd.choice(replicas)
+            victim.kill(signal.SIGKILL)
+            out.faults += 1
+            victim.reap()
+            t = time.monotonic()
+            victim.restarts += 1
+            victim.start()
+            await _recovered(pg, out, t)
+    elif name == "rabbit_restart":
+        t = time.monotonic()
+        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+        await asyncio.sleep(2.0)
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+        out.faults += 1
+        await _recovered(pg, out, t)
+    elif name == "pg_restart":
+        await pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'sfworkflow' "
+            "AND pid <> pg_backend_pid()"
+        )
+        out.faults += 1
+        await asyncio.sleep(1.0)
+        t = time.monotonic()
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", PG_VERSION, "main", "restart", "-m", "fast"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        out.faults += 1
+        await _recovered(None, out, t, db_url=_dsn(pg))
+    elif name == "replicas":
+        await asyncio.sleep(1.0)
+        replicas[2].kill(signal.SIGKILL)
+        out.faults += 1
+    elif name == "sigterm":
+        for r in replicas:
+            await asyncio.sleep(1.0)
+            t = time.monotonic()
+            r.kill(signal.SIGTERM)
+            rc = r.reap(timeout=12)
+            took = time.monotonic() - t
+            out.faults += 1
+            if rc != 0 or took > 10:
+                out.notes.append(f"replica {r.index} exited {rc} after {took:.1f} s (want 0 within 10 s)")
+            r.restarts += 1
+            r.start()
+
+
+def _dsn(pg: asyncpg.Connection) -> str:
+    p = pg._params
+    addr = pg._addr
+    return f"postgresql://{p.user}@{addr[0]}:{addr[1]}/{p.database}"
+
+
+async def _recovered(pg: asyncpg.Connection | None, out: Outcome, since: float, db_url: str | None = None) -> None:
+    """Seconds from the fault until events are being applied again."""
+    conn = pg
+    try:
+        deadline = time.monotonic() + 60
+        base = None
+        while time.monotonic() < deadline:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(db_url)
+                n = await _applied(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await asyncio.sleep(0.2)
+                continue
+            if base is None:
+                base = n
+            elif n > base:
+                took = time.monotonic() - since
+                out.recovery_s = max(out.recovery_s or 0.0, took)
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        if pg is None and conn is not None:
+            await conn.close()
+
+
+async def _check(pg: asyncpg.Connection, out: Outcome, worker: SimulatedWorker, expected_instances: int) -> None:
+    inbox = await _applied(pg)
+    dead = await _count(pg, "SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'dead_letter'")
+    out.applied = inbox
+    out.dead_lettered = dead
+    out.parked = await _count(pg, "SELECT count(*) FROM sfworkflow.parked")
+    worker_sent = sum(worker.stats.answers.values())
+    out.published += worker_sent
+    # Distinct events: every publisher/worker event has a new id; duplicates are second copies.
+    out.duplicates += worker.stats.answers.get("duplicate", 0)
+    out.distinct = out.published - out.duplicates
+    out.lost = max(0, out.distinct - inbox - dead)
+    out.duplicate_effects = (
+        await _count(
+            pg,
+            "SELECT count(*) FROM (SELECT convert_from(body, 'UTF8')::jsonb->>'idempotency_key',"
+            " convert_from(body, 'UTF8')::jsonb->>'attempt' FROM sfworkflow.outbox WHERE kind = 'command'"
+            " GROUP BY 1, 2 HAVING count(DISTINCT message_id) > 1) d",
+        )
+        + worker.stats.sends_twice()
+    )
+    out.unpublished = await _count(pg, "SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
+    out.lost_timers = await _count(
+        pg,
+        "SELECT count(*) FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id "
+        "WHERE NOT i.terminal AND t.due_at < now() - interval '10 seconds'",
+    )
+    settled = await _count(pg, f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}", *SETTLED_ARGS)
+    out.unsettled = max(0, expected_instances - settled)
+
+
+def table(rows: list[Outcome]) -> str:
+    head = ("scenario", "published", "applied", "duplicates", "dead-lettered", "parked", "lost", "dup effects",
+            "unpublished", "lost timers", "unsettled", "faults", "recovery s", "ok")  # fmt: skip
+    lines = [head] + [
+        (r.scenario, str(r.published), str(r.applied), str(r.duplicates), str(r.dead_lettered), str(r.parked),
+         str(r.lost), str(r.duplicate_effects), str(r.unpublished), str(r.lost_timers), str(r.unsettled),
+         str(r.faults), f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-", "yes" if r.ok else "NO")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    names = args.scenario or list(SCENARIOS)
+    rows = []
+    for i, name in enumerate(names):
+        t = time.monotonic()
+        row = await run_scenario(name, args.quick, args.seed + i)
+        row.notes.append(f"{time.monotonic() - t:.0f} s")
+        rows.append(row)
+        print(f"{name}: {'ok' if row.ok else 'FAILED'} ({'; '.join(row.notes)})", flush=True)
+    print(table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
+    p.add_argument("--quick", action="store_true", help="a smaller load (CI)")
+    p.add_argument("--seed", type=int, default=5)
+    raise SystemExit(asyncio.run(main_async(p.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
