@@ -105,12 +105,20 @@ class Outcome:
     lost_timers: int = 0
     unsettled: int = 0
     faults: int = 0
+    replay_mismatches: int = 0  # instances whose state differs from a serial replay of their history
     recovery_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicate_effects or self.unpublished or self.lost_timers or self.unsettled)
+        return not (
+            self.lost
+            or self.duplicate_effects
+            or self.unpublished
+            or self.lost_timers
+            or self.unsettled
+            or self.replay_mismatches
+        )
 
 
 def _env(db_url: str, amqp_url: str, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -165,15 +173,19 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
     for r in replicas:
         r.start()
     pg = await asyncpg.connect(db_url)
+    worker_events: list[dict[str, Any]] = []
     worker = SimulatedWorker(
-        amqp_url, WorkerProfile(failure_rate=0.05, fatal_rate=0.01, duplicate_rate=0.05, seed=seed)
+        amqp_url,
+        WorkerProfile(failure_rate=0.05, fatal_rate=0.01, duplicate_rate=0.05, seed=seed),
+        record=worker_events,
     )
+    events_log = logdir / "published.jsonl"
     instances = 600 if quick else 3000
     rate = 150 if quick else 400  # start events per second: the load lasts ~4-8 s in all
     publisher = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--role", "publisher", "--mode", "mix",
          "--amqp-url", amqp_url, "--tenant", tenant, "--enrollments", str(instances),
-         "--rate", str(rate * 4), "--seed", str(seed), "--dup-rate", "0.05"],
+         "--rate", str(rate * 4), "--seed", str(seed), "--dup-rate", "0.05", "--events-log", str(events_log)],
         stdout=subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -205,6 +217,8 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
             await asyncio.sleep(0.5)
         await asyncio.sleep(1.0)
         await _check(pg, out, worker, expected_instances)
+        published = {e["event_id"]: e for e in _read_jsonl(events_log)} | {e["event_id"]: e for e in worker_events}
+        out.replay_mismatches = await serial_replay_mismatches(pg, published, out)
     finally:
         await worker.stop()
         for r in replicas:
@@ -349,13 +363,79 @@ async def _check(pg: asyncpg.Connection, out: Outcome, worker: SimulatedWorker, 
     out.unsettled = max(0, expected_instances - settled)
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def serial_replay_mismatches(pg: asyncpg.Connection, published: dict[str, dict[str, Any]], out: Outcome) -> int:
+    """Replay each instance's applied history, one event after the other, through the pure engine.
+
+    External events come from what the publisher and worker sent; internal ones (timers, the
+    database's answers) from the history rows, which keep their trigger and data. Each step must be
+    applied and lead to the recorded state, and the last one to the instance's persisted state and
+    version: a lost update under concurrency or a crash would break this."""
+    from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
+    from sfworkflow.engine import Engine
+    from sfworkflow.engine import Outcome as StepOutcome
+    from sfworkflow.envelope import parse_timestamp
+    from sfworkflow.workflows import DEFINITIONS
+
+    engine = Engine(DEFINITIONS)
+    rows = await pg.fetch(
+        "SELECT i.id, i.tenant_id::text AS tenant_id, i.workflow, i.entity_id, i.definition_version, i.state,"
+        " i.version, h.seq, h.event_id::text AS event_id, h.outcome, h.to_state, h.detail, h.created_at"
+        " FROM sfworkflow.instance i JOIN sfworkflow.history h ON h.instance_id = i.id"
+        " WHERE h.outcome = 'applied' ORDER BY i.id, h.id"
+    )
+    bad: set[int] = set()
+    state: dict[int, InstanceView | None] = {}
+    final: dict[int, tuple[str, int]] = {}
+    for r in rows:
+        iid = r["id"]
+        if iid in bad:
+            continue
+        compiled = engine.workflow(r["workflow"], r["definition_version"])
+        key = InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])
+        view = state.get(iid)
+        detail = json.loads(r["detail"]) if isinstance(r["detail"], str) else (r["detail"] or {})
+        if r["event_id"] is not None:
+            env = published.get(r["event_id"])
+            if env is None:
+                bad.add(iid)
+                out.notes.append(f"{key}: event {r['event_id']} in its history was never published")
+                continue
+            ev = EngineEvent(
+                env["event_id"], env["event_type"].partition(".")[2], env["data"], parse_timestamp(env["timestamp"]),
+                env.get("correlation_id"), env.get("causation_id"),
+            )  # fmt: skip
+        else:
+            ev = EngineEvent("internal", detail.get("trigger", ""), detail.get("data", {}), r["created_at"],
+                             internal=True)  # fmt: skip
+        assert compiled is not None
+        d = engine.step(compiled, key, view, ev, r["created_at"])
+        if d.outcome is not StepOutcome.APPLIED or d.to_state != r["to_state"] or d.version != r["seq"]:
+            bad.add(iid)
+            if len(out.notes) < 5:
+                out.notes.append(f"{key}: replay of {ev.name} gave {d.outcome} {d.to_state}, history {r['to_state']}")
+            continue
+        state[iid] = InstanceView(key, d.to_state, d.context, d.version, r["definition_version"])
+        final[iid] = (r["state"], r["version"])
+    for iid, view in state.items():
+        if iid not in bad and view is not None and (view.state, view.version) != final[iid]:
+            bad.add(iid)
+    return len(bad)
+
+
 def table(rows: list[Outcome]) -> str:
     head = ("scenario", "published", "applied", "duplicates", "dead-lettered", "parked", "lost", "dup effects",
-            "unpublished", "lost timers", "unsettled", "faults", "recovery s", "ok")  # fmt: skip
+            "unpublished", "lost timers", "unsettled", "replay diffs", "faults", "recovery s", "ok")  # fmt: skip
     lines = [head] + [
         (r.scenario, str(r.published), str(r.applied), str(r.duplicates), str(r.dead_lettered), str(r.parked),
          str(r.lost), str(r.duplicate_effects), str(r.unpublished), str(r.lost_timers), str(r.unsettled),
-         str(r.faults), f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-", "yes" if r.ok else "NO")
+         str(r.replay_mismatches), str(r.faults), f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-",
+         "yes" if r.ok else "NO")
         for r in rows
     ]  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

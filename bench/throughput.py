@@ -176,7 +176,11 @@ async def mix_main(args: argparse.Namespace) -> None:
     def make(t: Any) -> dict[str, Any]:
         return build_event(t.event_type, tenant_id=args.tenant, entity_id=t.entity_id, data=t.data, source="bench")
 
+    log = open(args.events_log, "w") if args.events_log else None
+
     async def send(ev: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(json.dumps(ev) + "\n")
         delay = 0.2
         for _ in range(60):  # RabbitMQ may be restarting (the chaos suite): retry, as a producer must
             try:
@@ -211,6 +215,8 @@ async def mix_main(args: argparse.Namespace) -> None:
             dups += 1
     await asyncio.gather(*later)
     await pub.close()
+    if log is not None:
+        log.close()
     print(
         json.dumps(
             {
@@ -576,6 +582,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--amqp-url", default="")
     p.add_argument("--tenant", default="")
+    p.add_argument("--events-log", default="", help="(publisher) write every event published, one JSON a line")
     args = p.parse_args()
     if args.role == "publisher":
         asyncio.run(publisher_main(args))

@@ -50,7 +50,9 @@ class SimulatedWorker:
         profile: Profile,
         workflows: Iterable[str] | None = None,
         hang: Iterable[tuple[str, str]] = (),
+        record: list[dict[str, Any]] | None = None,
     ) -> None:
+        self.record = record  # when a list: every event this worker publishes is appended to it
         self.amqp_url = amqp_url
         self.hang = set(hang)  # (workflow, entity) whose commands this worker takes and never answers
         self.profile = profile
@@ -136,6 +138,8 @@ class SimulatedWorker:
             causation_id=cmd["command_id"],
         )
         await self._publish(event)
+        if self.record is not None:
+            self.record.append(event)
         self.stats.answers[a.event_type] += 1
         if self.profile.roll("dup", event["event_id"]) < self.profile.duplicate_rate:
             await self._publish(event)

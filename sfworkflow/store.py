@@ -555,7 +555,9 @@ class _Batch:
         self.report.events[(e.workflow, "dead_lettered")] += 1
         self.report.dead[str(DeadReason.INTERNAL_ERROR)] += 1
 
-    def _absorb(self, run: _Run, d: Decision, event_id: str | None, event_type: str) -> None:
+    def _absorb(
+        self, run: _Run, d: Decision, event_id: str | None, event_type: str, internal: EngineEvent | None = None
+    ) -> None:
         run.view = InstanceView(
             run.key,
             d.to_state,
@@ -569,6 +571,8 @@ class _Batch:
         if event_id is not None:
             run.last_event = (event_id, event_type)
         detail = dict(d.notes) if d.notes else None
+        if internal is not None:  # what sfworkflow told the instance itself: kept, so its history replays
+            detail = {**(detail or {}), "trigger": internal.name, "data": dict(internal.data)}
         run.history.append((run.row_id, d.version, event_id, event_type, "applied", d.from_state, d.to_state, detail))
         if d.cancel_all_timers:
             run.timer_ops.clear()
@@ -604,7 +608,7 @@ class _Batch:
         decision = self._step(run, event)
         assert decision is not None
         if decision.outcome is Outcome.APPLIED:
-            self._absorb(run, decision, None, f"{run.key.workflow}.timer.{name}")
+            self._absorb(run, decision, None, f"{run.key.workflow}.timer.{name}", event)
 
     def _settle(self, run: _Run) -> None:
         """After a transition: fire timers that are already due, then retry parked events, until quiet."""
@@ -729,10 +733,11 @@ class _Batch:
         if run.view is None:
             return
         event_id = str(uuid.uuid5(ID_NAMESPACE, f"{seed}/{run.view.version}"))
-        decision = self._step(run, EngineEvent(event_id, trigger, data, self.now, internal=True))
+        event = EngineEvent(event_id, trigger, data, self.now, internal=True)
+        decision = self._step(run, event)
         assert decision is not None
         if decision.outcome is Outcome.APPLIED:
-            self._absorb(run, decision, None, f"{run.key.workflow}.{trigger}")
+            self._absorb(run, decision, None, f"{run.key.workflow}.{trigger}", event)
             self._settle(run)
 
     async def _resolve_effects(self) -> bool:

@@ -32,4 +32,4 @@ def test_chaos_quick_every_invariant_holds() -> None:
         "kill9", "commit_ack", "publish_mark", "rabbit_restart", "pg_restart", "replicas", "sigterm",
     }  # fmt: skip
     for r in rows:
-        assert r[6] == "0" and r[7] == "0" and r[-1] == "yes", r  # lost, duplicate effects, ok
+        assert r[6] == "0" and r[7] == "0" and r[11] == "0" and r[-1] == "yes", r  # lost, dup effects, replay, ok

@@ -75,7 +75,7 @@ async def test_retryable_failure_is_retried_with_same_idempotency_key(
     ]
     assert "superseded" in (await history_for_event(pg, late["event_id"]))[0]["detail"]["reason"]
     retry_row = (await history(pg, "retry-1"))[3]
-    assert retry_row["detail"] == {"retry_attempt": 2}
+    assert retry_row["detail"] == {"retry_attempt": 2, "trigger": "timer_retry_due", "data": {}}
     assert await timers_of(pg, "retry-1") == []
 
 

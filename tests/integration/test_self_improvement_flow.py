@@ -189,7 +189,11 @@ async def test_an_eval_with_the_last_successful_hash_ends_unchanged_with_no_patc
     assert [t[3] for t in await transitions(pg, "c-again")] == ["evaluating", "checking", "unchanged", "unchanged"]
     lookup_row = (await history(pg, "c-again"))[2]
     assert lookup_row["event_type"] == f"{WORKFLOW}.lookup_result"
-    assert lookup_row["detail"] == {"unchanged": True, "last_success": H1}
+    assert {k: lookup_row["detail"][k] for k in ("unchanged", "last_success", "trigger")} == {
+        "unchanged": True,
+        "last_success": H1,
+        "trigger": "lookup_result",
+    }
     assert await claims(pg) == []
     assert await register(pg) == H1
 
@@ -213,7 +217,11 @@ async def test_a_second_live_cycle_on_the_same_eval_hash_is_refused(settings: Se
     assert await claims(pg) == [(claim_key(TENANT, H2), "c-owner")]
     refused = (await history(pg, "c-twin"))[2]
     assert refused["event_type"] == f"{WORKFLOW}.claim_refused"
-    assert refused["detail"] == {"held_by": "c-owner", "claim": claim_key(TENANT, H2)}
+    assert {k: refused["detail"][k] for k in ("held_by", "claim", "trigger")} == {
+        "held_by": "c-owner",
+        "claim": claim_key(TENANT, H2),
+        "trigger": "claim_refused",
+    }
 
 
 # ---- failures ----------------------------------------------------------------------------------------
