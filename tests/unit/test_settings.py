@@ -144,3 +144,26 @@ def test_redact_url_leaves_password_less_urls_alone(url: str) -> None:
 
 def test_redact_url_on_an_unparseable_url() -> None:
     assert redact_url("amqp://[::1") == "<unparseable url>"
+
+
+def test_tls_urls_pass_through_untouched() -> None:
+    """TLS is the drivers' business: sfworkflow hands `amqps://` and `?sslmode=require` on as they are."""
+    env = {
+        "SFWORKFLOW_DATABASE_URL": "postgresql://svc:pw@db.internal:5432/sfworkflow?sslmode=require",
+        "SFWORKFLOW_AMQP_URL": "amqps://svc:pw@mq.internal:5671/prod?cafile=/etc/ssl/ca.pem",
+    }
+    s = Settings.from_env(env)
+    assert s.database_url == env["SFWORKFLOW_DATABASE_URL"] and s.amqp_url == env["SFWORKFLOW_AMQP_URL"]
+    assert redact_url(s.database_url) == "postgresql://svc:***@db.internal:5432/sfworkflow?sslmode=require"
+    assert redact_url(s.amqp_url) == "amqps://svc:***@mq.internal:5671/prod?cafile=/etc/ssl/ca.pem"
+
+
+def test_the_image_runs_as_a_non_root_user() -> None:
+    """No Docker engine here to build it: the Dockerfile itself must switch to an unprivileged user."""
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), users
+    assert any(line.startswith("ENTRYPOINT") and "sfworkflow" in line for line in lines)
+    assert 'CMD ["run"]' in lines
