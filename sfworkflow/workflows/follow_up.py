@@ -47,6 +47,13 @@ from enum import StrEnum
 from typing import Any
 
 from sfworkflow.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.workflows._cursor import (
+    current_and_has_next,
+    current_and_last,
+    has_next_step,
+    is_current_step,
+    is_last_step,
+)
 
 NAME = "follow_up"
 SEND = "send"
@@ -82,24 +89,6 @@ def effect_key(step: Step) -> str:
 
 
 # ---- conditions -------------------------------------------------------------------------------
-def is_current_step(step: Step) -> bool:
-    return step.data.get("step") == step.context["cursor"]
-
-
-def has_next_step(step: Step) -> bool:
-    return step.context["cursor"] + 1 < len(step.context["steps"])
-
-
-def is_last_step(step: Step) -> bool:
-    return not has_next_step(step)
-
-
-def current_and_has_next(step: Step) -> bool:
-    return is_current_step(step) and has_next_step(step)
-
-
-def current_and_last(step: Step) -> bool:
-    return is_current_step(step) and is_last_step(step)
 
 
 def may_retry(step: Step) -> bool:
