@@ -56,11 +56,10 @@ STEPS = 3
 
 def _settled() -> tuple[str, list[list[str]]]:
     """SQL for 'settled': terminal, or waiting for an operator (per the definitions)."""
+    from sfworkflow.stuck import SETTLED_SQL, operator_states
     from sfworkflow.workflows import DEFINITIONS
 
-    pairs = [(d.name, str(s)) for d in DEFINITIONS for s in d.waits_for_operator]
-    cond = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($1::text[], $2::text[])))"
-    return cond, [[w for w, _ in pairs], [s for _, s in pairs]]
+    return SETTLED_SQL, list(operator_states(DEFINITIONS))
 
 
 SETTLED, SETTLED_ARGS = _settled()

@@ -44,7 +44,6 @@ class Health:
         self.db_ok = True
         self.db_error = ""
         self.consuming = False
-        self.migrations_ok = False
 
     def db_failed(self, exc: BaseException) -> None:
         self.db_ok = False
@@ -75,7 +74,6 @@ class Consumer:
         self._buffers: list[asyncio.Queue[AbstractIncomingMessage | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self.idle = asyncio.Event()
 
     async def start(self) -> None:
         for i in range(self.settings.consumers):

@@ -27,6 +27,7 @@ from sfworkflow.service import Service
 from sfworkflow.settings import Settings
 from sfworkflow.simulation import Profile, Traffic
 from sfworkflow.simulator import SimulatedWorker
+from sfworkflow.stuck import SETTLED_SQL, operator_states
 
 log = structlog.get_logger("sfworkflow.demo")
 
@@ -125,14 +126,9 @@ async def _publish_later(publisher: EventPublisher, ev: dict[str, Any], delay: f
 
 
 def _settled_sql(service: Service) -> tuple[str, list[str], list[str]]:
-    """SQL condition for 'settled': terminal, or in a state where the definition waits for an operator."""
-    pairs = [
-        (cw.definition.name, str(s))
-        for cw in service.engine.compiled.values()
-        for s in cw.definition.waits_for_operator
-    ]
-    cond = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($2::text[], $3::text[])))"
-    return cond, [w for w, _ in pairs], [s for _, s in pairs]
+    """SQL condition for 'settled' ($2, $3: the operator states of the loaded definitions)."""
+    ws, ss = operator_states(cw.definition for cw in service.engine.compiled.values())
+    return SETTLED_SQL.replace("$2", "$3").replace("$1", "$2"), ws, ss
 
 
 async def _wait_until_settled(settings: Settings, tenant: str, expected: int, service: Service, timeout: float) -> bool:

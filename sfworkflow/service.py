@@ -90,7 +90,6 @@ class Service:
             await conn.close()
         if applied:
             log.info("migrations applied", versions=applied)
-        self.health.migrations_ok = True
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: aio_pika.connect_robust(s.amqp_url))
         await topology.declare(

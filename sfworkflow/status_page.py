@@ -22,6 +22,7 @@ from sfworkflow import db, replay
 from sfworkflow.admin import SERVICE
 from sfworkflow.diagrams import render
 from sfworkflow.stuck import Filters, StuckInstance, find_stuck
+from sfworkflow.stuck import format_age as age
 
 if TYPE_CHECKING:
     from sfworkflow.service import Service
@@ -93,17 +94,6 @@ def mount(app: web.Application, service: Service) -> None:
 
 def e(value: object) -> str:
     return escape("" if value is None else str(value), quote=True)
-
-
-def age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
 
 
 def table(head: list[str], rows: list[list[str]], numeric: set[int] | None = None, empty: str = "none") -> str:

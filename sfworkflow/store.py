@@ -21,7 +21,7 @@ import hashlib
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -918,7 +918,3 @@ def _engine_event(e: IncomingEvent) -> EngineEvent:
 def _metric_workflow(name: str, engine: Engine) -> str:
     """A workflow label value that cannot grow without bound: known names, else 'unknown'."""
     return name if name in engine.latest else "unknown"
-
-
-def instance_keys(events: Iterable[IncomingEvent]) -> set[InstanceKey]:
-    return {InstanceKey(e.tenant_id, e.workflow, e.entity_id) for e in events}

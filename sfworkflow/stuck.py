@@ -10,6 +10,7 @@ An active instance is stuck when
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from sfworkflow.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S
+from sfworkflow.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S, WorkflowDefinition
 from sfworkflow.engine import Engine
 
 # Candidates: active instances that have been in their state a while, or whose timer is overdue.
@@ -101,9 +102,26 @@ class Filters:
     default_after_s: float = DEFAULT_STUCK_AFTER_S
 
 
-def _operator_states(engine: Engine) -> tuple[list[str], list[str]]:
-    pairs = [(cw.definition.name, str(s)) for cw in engine.compiled.values() for s in cw.definition.waits_for_operator]
+def operator_states(definitions: Iterable[WorkflowDefinition]) -> tuple[list[str], list[str]]:
+    """(workflows, states) of every state where an instance waits for an operator, as parallel lists."""
+    pairs = [(d.name, str(s)) for d in definitions for s in d.waits_for_operator]
     return [w for w, _ in pairs], [s for _, s in pairs]
+
+
+# SQL for "settled" (terminal, or waiting for an operator); $1, $2: the lists of operator_states().
+SETTLED_SQL = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($1::text[], $2::text[])))"
+
+
+def format_age(seconds: float) -> str:
+    """A short age for tables: 45s, 12m, 5h, 3d."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
 
 
 def _min_age_s(engine: Engine, default_after_s: float) -> float:
@@ -164,7 +182,7 @@ def classify(
 
 async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> list[StuckInstance]:
     """Stuck instances matching the filters, longest stuck first."""
-    ws, ss = _operator_states(engine)
+    ws, ss = operator_states(cw.definition for cw in engine.compiled.values())
     rows = await conn.fetch(
         _CANDIDATES, f.workflow, f.tenant, f.state, f.entity, _min_age_s(engine, f.default_after_s), TIMER_GRACE_S,
         ws, ss,

@@ -12,7 +12,7 @@ import orjson
 from sfworkflow import db
 from sfworkflow.engine import Engine
 from sfworkflow.settings import Settings
-from sfworkflow.stuck import Filters, StuckInstance, find_stuck, parse_age
+from sfworkflow.stuck import Filters, StuckInstance, find_stuck, format_age, parse_age
 from sfworkflow.workflows import DEFINITIONS
 
 
@@ -53,14 +53,7 @@ async def load(settings: Settings, f: Filters) -> list[StuckInstance]:
 
 
 def _age(since: datetime) -> str:
-    s = int((datetime.now(UTC) - since).total_seconds())
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
+    return format_age((datetime.now(UTC) - since).total_seconds())
 
 
 def table(rows: list[StuckInstance]) -> str:
