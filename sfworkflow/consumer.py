@@ -18,6 +18,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
@@ -27,13 +28,16 @@ from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.faults import fault_point
 from sfworkflow.metrics import Metrics
 from sfworkflow.settings import Settings
+from sfworkflow.storable import clean_json, clean_text
 from sfworkflow.store import Delivery, Store
-from sfworkflow.topology import EVENTS_QUEUE
+from sfworkflow.topology import DEAD_QUEUE, EVENTS_QUEUE
 
 log = structlog.get_logger("sfworkflow.consumer")
 
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 5.0
+MAX_TRANSIENT_RETRIES = 5  # tries of one batch or message after a transient error other than "unreachable"
+HEADERS_DROPPED = "x-sfworkflow-headers-dropped"
 MAX_HEADER_BYTES = 16 * 1024  # JSON size of the headers kept with a dead letter or parked event
 
 
@@ -74,6 +78,7 @@ class Consumer:
         self._buffers: list[asyncio.Queue[AbstractIncomingMessage | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._dead_channel: AbstractChannel | None = None  # publishes what cannot be stored at all
 
     async def start(self) -> None:
         for i in range(self.settings.consumers):
@@ -105,7 +110,8 @@ class Consumer:
                 await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
-        for channel, _q, _t in self._channels:
+        channels = [c for c, _q, _t in self._channels] + ([self._dead_channel] if self._dead_channel else [])
+        for channel in channels:
             if not channel.is_closed:
                 try:
                     await channel.close()
@@ -152,14 +158,16 @@ class Consumer:
         except Exception as exc:  # never let one message stop the consumer: dead-letter it, say why
             log.error("parsing a message raised", error=repr(exc)[:300])
             parsed = Rejection(DeadReason.INTERNAL_ERROR, f"parsing raised {type(exc).__name__}: {str(exc)[:200]}")
+        headers, replaced = json_safe_headers(m.headers)
         return Delivery(
             parsed=parsed,
             body=m.body,
-            headers=json_safe_headers(m.headers),
+            headers=headers,
             routing_key=m.routing_key or "",
             exchange=m.exchange or "",
             content_type=m.content_type,
             message_id=m.message_id,
+            replaced_in_headers=replaced,
         )
 
     async def _process(self, batch: list[AbstractIncomingMessage]) -> bool:
@@ -192,11 +200,13 @@ class Consumer:
 
     async def _apply_with_retry(self, deliveries: list[Delivery]) -> bool:
         delay = BACKOFF_START_S
+        transient_failures = 0
         while True:
             try:
                 report = await self.store.apply_deliveries(deliveries)
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES):
+                    transient_failures += 0 if is_connection_error(exc) else 1
                     if not await self._backoff(exc, delay, "batch not applied; retrying", len(deliveries)):
                         return False
                     delay = min(BACKOFF_CAP_S, delay * 2)
@@ -213,41 +223,98 @@ class Consumer:
             return True
 
     async def _apply_alone(self, d: Delivery) -> bool:
-        """One message the batch path could not apply: apply it alone, or dead-letter it.
+        """One message the batch path could not apply: settle it alone, in a bounded number of tries.
 
-        A message that fails alone for a reason that is not transient is dead-lettered
-        `internal_error`; if even its dead letter cannot be written, it is written without its headers
-        (they are what a producer controls beyond the body, which is stored as bytes)."""
+        Each failure for a reason that is not transient takes the next, simpler form of the message:
+          the event as it is  ->  a dead letter `internal_error` (original headers kept)
+          a dead letter       ->  the same dead letter without the original headers
+          without headers     ->  published raw to sfworkflow.dead from here, reason `unstorable`
+        Transient failures retry the same form with backoff: without end while PostgreSQL is
+        unreachable (nothing can be applied then, and nothing is lost), MAX_TRANSIENT_RETRIES times for
+        the others (deadlocks, resources), after which they count as failures of that form.
+        False only when the service stops before the message is settled (it is redelivered)."""
         delay = BACKOFF_START_S
         ctx = _context_of(d)
+        transient_failures = 0
+        tries = 0
         while True:
+            tries += 1
             try:
                 with structlog.contextvars.bound_contextvars(**ctx):
                     report = await self.store.apply_deliveries([d])
                 self.metrics.record(report)
                 return True
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES):
+                    transient_failures += 0 if is_connection_error(exc) else 1
                     if not await self._backoff(exc, delay, "message not applied; retrying", 1):
                         return False
                     delay = min(BACKOFF_CAP_S, delay * 2)
                     continue
-                if isinstance(d.parsed, Rejection):
-                    if d.headers:
-                        log.error(
-                            "dead letter cannot be written; retrying without headers", error=repr(exc)[:300], **ctx
-                        )
-                        dropped = {"x-sfworkflow-headers-dropped": f"could not be stored: {type(exc).__name__}"}
-                        d = replace(d, headers=dropped)
-                        continue
-                    log.error("dead letter cannot be written; retrying", error=repr(exc)[:300], **ctx)
-                    if not await self._backoff(exc, delay, "dead letter not written; retrying", 1):
-                        return False
-                    delay = min(BACKOFF_CAP_S, delay * 2)
-                    continue
-                detail = f"applying this message failed: {type(exc).__name__}: {str(exc)[:300]}"
-                log.error("message dead-lettered after an internal error", error=detail, **ctx)
-                d = replace(d, parsed=Rejection(DeadReason.INTERNAL_ERROR, detail))
+                transient_failures = 0
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                if isinstance(d.parsed, IncomingEvent):
+                    log.error("message dead-lettered after an internal error", error=error, **ctx)
+                    d = replace(
+                        d, parsed=Rejection(DeadReason.INTERNAL_ERROR, f"applying this message failed: {error}")
+                    )
+                elif d.headers and not d.headers.get(HEADERS_DROPPED):
+                    log.error("dead letter cannot be written; retrying without headers", error=error, **ctx)
+                    d = replace(d, headers={HEADERS_DROPPED: f"could not be stored: {type(exc).__name__}"})
+                else:
+                    log.error("dead letter cannot be stored; publishing it raw", error=error, tries=tries, **ctx)
+                    return await self._publish_unstorable(d, error)
+
+    async def _publish_unstorable(self, d: Delivery, error: str) -> bool:
+        """The last resort for a message that cannot be stored even as a dead letter: publish its body
+        to sfworkflow.dead from here (publisher confirms), reason `unstorable`, then it may be acked.
+        Retried with backoff while RabbitMQ refuses; False when stopping first (it is redelivered)."""
+        reason = d.parsed.reason if isinstance(d.parsed, Rejection) else DeadReason.INTERNAL_ERROR
+        headers = unstorable_headers(d, reason, error)
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                if self._dead_channel is None or self._dead_channel.is_closed:
+                    self._dead_channel = await self.connection.channel(publisher_confirms=True)
+                message = aio_pika.Message(
+                    d.body,
+                    headers=headers,
+                    message_id=d.message_id,
+                    content_type=_storable_or_none(d.content_type),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                await self._dead_channel.default_exchange.publish(message, routing_key=DEAD_QUEUE)
+                self.metrics.dead.labels(str(DeadReason.UNSTORABLE)).inc()
+                return True
+            except Exception as exc:
+                log.warning("unstorable message not published yet; retrying", error=repr(exc)[:200])
+                if self._stopping.is_set():
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(BACKOFF_CAP_S, delay * 2)
+
+
+def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str, Any]:
+    """The headers of a message published raw to sfworkflow.dead: the reason `unstorable`, what the
+    message was rejected for first, and why it could not be stored; every text cleaned (storable.py)."""
+    routing_key, _ = clean_text(d.routing_key[:255])
+    detail, _ = clean_text(
+        f"this message could not be stored even as a dead letter ({error[:300]}); it was first rejected as "
+        f"{reason}: {d.parsed.detail if isinstance(d.parsed, Rejection) else 'applying it failed'}"
+    )
+    return {
+        "x-sfworkflow-reason": str(DeadReason.UNSTORABLE),
+        "x-sfworkflow-first-reason": str(reason),
+        "x-sfworkflow-detail": detail[:1500],
+        "x-sfworkflow-original-routing-key": routing_key,
+        "x-sfworkflow-original-exchange": clean_text(d.exchange)[0],
+        "x-sfworkflow-dead-lettered-at": datetime.now(UTC).isoformat(),
+        "x-sfworkflow-original-content-type": clean_text(d.content_type or "")[0],
+    }
+
+
+def _storable_or_none(text: str | None) -> str | None:
+    return None if text is None else clean_text(text[:255])[0]
 
 
 def _context_of(d: Delivery) -> dict[str, str]:
@@ -273,35 +340,30 @@ async def _ack(batch: Sequence[AbstractIncomingMessage]) -> None:
             log.info("ack failed; the batch will be redelivered and dropped as duplicates", error=type(exc).__name__)
 
 
-def json_safe_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """AMQP headers as JSON-able values (bytes become text or base64), bounded in size."""
+def json_safe_headers(headers: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    """AMQP headers as JSON-able values PostgreSQL can store (bytes become text or base64), bounded in
+    size; and how many characters were replaced with U+FFFD to make them storable (storable.py)."""
     if not headers:
-        return {}
-    out = {_key(k): _safe(v, 0) for k, v in list(headers.items())[:64]}
+        return {}, 0
+    out, replaced = clean_json({str(k)[:200]: _safe(v, 0) for k, v in list(headers.items())[:64]})
     if len(repr(out)) > MAX_HEADER_BYTES:
-        return {"x-sfworkflow-headers-dropped": f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}
-    return out
-
-
-def _key(k: Any) -> str:
-    return str(k)[:200].replace("\x00", "\ufffd")
+        return {"x-sfworkflow-headers-dropped": f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}, 0
+    return out, replaced
 
 
 def _safe(v: Any, depth: int) -> Any:
     if depth > 4:
         return "<nested too deep>"
-    if v is None or isinstance(v, bool | int | float):
-        return v
-    if isinstance(v, str):
-        return v[:2000].replace("\x00", "\ufffd")  # PostgreSQL jsonb cannot hold NUL
+    if v is None or isinstance(v, bool | int | float | str):
+        return v[:2000] if isinstance(v, str) else v
     if isinstance(v, bytes | bytearray | memoryview):
         b = bytes(v)[:2000]
         try:
-            return b.decode().replace("\x00", "\ufffd")
+            return b.decode()
         except UnicodeDecodeError:
             return "base64:" + base64.b64encode(b).decode()
     if isinstance(v, dict):
-        return {_key(k): _safe(x, depth + 1) for k, x in list(v.items())[:64]}
+        return {str(k)[:200]: _safe(x, depth + 1) for k, x in list(v.items())[:64]}
     if isinstance(v, list | tuple):
         return [_safe(x, depth + 1) for x in list(v)[:64]]
-    return str(v)[:200].replace("\x00", "\ufffd")
+    return str(v)[:200]

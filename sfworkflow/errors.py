@@ -4,7 +4,8 @@
     ├── ConfigurationError      a setting or the environment cannot be used
     ├── DefinitionError         a workflow definition is inconsistent (found at start-up)
     ├── MigrationError          the database schema cannot be brought up to date
-    └── StoreUnavailable        PostgreSQL cannot be reached; the caller retries with backoff
+    ├── StoreUnavailable        PostgreSQL cannot be reached; the caller retries with backoff
+    └── UsageError              a command was given arguments it cannot use (the CLI exits 2)
 
 A message that cannot be applied never raises out of the consumer: it becomes a `Rejection`
 with a `DeadReason` code, lands in `sfworkflow.dead` and is acked.
@@ -39,6 +40,10 @@ class StoreUnavailable(SfworkflowError):
     """PostgreSQL cannot be reached; nothing was acked and the work will be retried."""
 
 
+class UsageError(SfworkflowError):
+    """A command was given arguments it cannot use; see its --help."""
+
+
 class DeadReason(StrEnum):
     """Machine-readable codes carried in the `x-sfworkflow-reason` header of a dead letter."""
 
@@ -52,6 +57,7 @@ class DeadReason(StrEnum):
     TRANSITION_NOT_ALLOWED = "transition_not_allowed"  # parked past its deadline
     UNKNOWN_DEFINITION_VERSION = "unknown_definition_version"  # instance on a version not loaded
     INTERNAL_ERROR = "internal_error"  # the engine raised while applying this event alone
+    UNSTORABLE = "unstorable"  # not even its dead letter could be stored: published raw by the consumer
 
 
 @dataclass(frozen=True, slots=True)

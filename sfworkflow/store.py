@@ -42,6 +42,7 @@ from sfworkflow.definition import (
 from sfworkflow.engine import CompiledWorkflow, Decision, Engine, Outcome
 from sfworkflow.envelope import IncomingEvent, event_from_body
 from sfworkflow.errors import DeadReason, Rejection
+from sfworkflow.storable import clean_json, clean_text, replaced_note
 
 log = structlog.get_logger("sfworkflow.store")
 
@@ -70,6 +71,7 @@ class Delivery:
     exchange: str = ""
     content_type: str | None = None
     message_id: str | None = None
+    replaced_in_headers: int = 0  # NUL/surrogate characters the consumer replaced in `headers` (storable.py)
 
 
 @dataclass
@@ -137,16 +139,31 @@ def dead_letter_row(
     routing_key: str = "",
     exchange: str = "",
     content_type: str | None = None,
+    replaced_in_headers: int = 0,
 ) -> tuple[Any, ...]:
-    """An outbox row that publishes the original body to sfworkflow.dead with the reason headers."""
-    h = dict(headers)
+    """An outbox row that publishes the original body to sfworkflow.dead with the reason headers.
+
+    Every text that lands in the row's jsonb headers is made storable first (NUL and unpaired
+    surrogates become U+FFFD, see storable.py) and the detail says what was replaced where, so one
+    message can never make its own dead letter unwritable. `replaced_in_headers`: characters the
+    consumer already replaced in the original headers when it received them."""
+    h, in_headers = clean_json(dict(headers))
+    detail, in_detail = clean_text(detail[:1000])
+    routing_key, in_routing_key = clean_text(routing_key)
+    exchange, in_exchange = clean_text(exchange)
+    counts = {
+        "header names and values": in_headers + replaced_in_headers,
+        "routing key": in_routing_key,
+        "exchange": in_exchange,
+        "detail": in_detail,
+    }
     h["x-sfworkflow-reason"] = str(reason)
-    h["x-sfworkflow-detail"] = detail[:1000]
     h["x-sfworkflow-original-routing-key"] = routing_key
     h["x-sfworkflow-original-exchange"] = exchange
     h["x-sfworkflow-dead-lettered-at"] = datetime.now(UTC).isoformat()
     if content_type:
-        h["x-sfworkflow-original-content-type"] = content_type
+        h["x-sfworkflow-original-content-type"], counts["content type"] = clean_text(content_type)
+    h["x-sfworkflow-detail"] = detail + replaced_note(counts)
     digest = hashlib.sha256(body).hexdigest()
     message_id = str(uuid.uuid5(ID_NAMESPACE, f"dead/{reason}/{message_id_seed}/{digest}"))
     return (message_id, "dead_letter", "", DEAD_LETTER_QUEUE, None, body, h, True)
@@ -804,6 +821,7 @@ class _Batch:
                 routing_key=d.routing_key,
                 exchange=d.exchange,
                 content_type=d.content_type,
+                replaced_in_headers=d.replaced_in_headers,
             )
         )
         workflow = d.routing_key.partition(".")[0] if isinstance(d.parsed, Rejection) else "unknown"
