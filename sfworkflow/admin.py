@@ -8,6 +8,7 @@ errors are JSON `{"error": code, "message": text}`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -20,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from sfworkflow import db, openapi, replay
+from sfworkflow.definition import InstanceKey
 from sfworkflow.diagrams import render
 from sfworkflow.engine import CompiledWorkflow, Engine
 from sfworkflow.inspection import load_instance
@@ -55,11 +57,8 @@ WHERE ($1::text IS NULL OR workflow = $1)
 ORDER BY id
 LIMIT $6
 """
-_INSTANCE_EXISTS = (
-    "SELECT EXISTS (SELECT 1 FROM sfworkflow.instance WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3)"
-)
 _REPLAY_KEYS = {
-    "instance": {"instance", "state", "older_than", "dry_run", "reason", "by"},
+    "instance": {"instance", "state", "older_than", "dry_run", "force", "reason", "by"},
     "all_stuck": {"all_stuck", "workflow", "tenant", "state", "older_than", "limit", "dry_run", "reason", "by"},
 }
 _INT = re.compile(r"-?[0-9]{1,20}")
@@ -280,6 +279,7 @@ async def list_stuck(request: web.Request) -> web.Response:
         state=query_name(request, "state"),
         older_than_s=0.0 if older is None else check_age("older_than", older),
         limit=query_limit(request),
+        default_after_s=_service(request).settings.stuck_after_s,
     )
     engine = _engine(request)
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
@@ -356,20 +356,46 @@ def replay_filters(body: dict[str, Any]) -> Filters:
     )
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    v = body.get(name, False)
+    if not isinstance(v, bool):
+        raise bad(f'"{name}" must be true or false')
+    return v
+
+
+async def _select(
+    conn: asyncpg.Connection, engine: Engine, f: Filters, body: dict[str, Any], force: bool
+) -> tuple[list[replay.Plan], replay.Named | None]:
+    """The plans of a replay request; for one named instance also where it stands (as `sfworkflow replay`)."""
+    if f.entity is None:
+        return [replay.plan_for(s, engine) for s in await find_stuck(conn, engine, f)], None
+    assert f.tenant is not None and f.workflow is not None
+    named = await replay.select_instance(conn, engine, InstanceKey(f.tenant, f.workflow, f.entity), f, force)
+    if named is None:
+        raise ApiError(404, "not_found", f"no instance {body['instance']}")
+    return named.plans, named
+
+
+def _explanation(named: replay.Named) -> dict[str, Any]:
+    return {**named.explanation.as_json(), "replay": {"action": named.plan.action, "detail": named.plan.detail}}
+
+
+def _nothing_message(named: replay.Named | None) -> str:
+    if named is None:
+        return "nothing to replay: no stuck instance matches"
+    hint = "; force: true does it now" if named.forceable else ""
+    return f"nothing to replay: {named.explanation.summary()}; {named.explanation.rule.text}; {named.why_not}{hint}"
+
+
 async def post_replay(request: web.Request) -> web.Response:
     body = await _replay_body(request)
-    f = replay_filters(body)
-    dry_run = body.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise bad('"dry_run" must be true or false')
+    service, engine, pool = _service(request), _engine(request), _pool(request)
+    f = dataclasses.replace(replay_filters(body), default_after_s=service.settings.stuck_after_s)
+    dry_run, force = _flag(body, "dry_run"), _flag(body, "force")
     reason = _text(body, "reason", openapi.MAX_REASON, None)
     by = _text(body, "by", openapi.MAX_BY, "admin-api")
-    service, engine, pool = _service(request), _engine(request), _pool(request)
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-        if f.entity is not None and not await conn.fetchval(_INSTANCE_EXISTS, f.tenant, f.workflow, f.entity):
-            raise ApiError(404, "not_found", f"no instance {body['instance']}")
-        stuck = await find_stuck(conn, engine, f)
-    plans = [replay.plan_for(s, engine) for s in stuck]
+        plans, named = await _select(conn, engine, f, body, force)
     results: list[replay.Result] = []
     if dry_run:
         results = [replay.Result(p, "planned", p.detail) for p in plans]
@@ -389,34 +415,37 @@ async def post_replay(request: web.Request) -> web.Response:
                 instances=[r.plan.stuck.ref for r in results][:50],
                 done=sum(r.status == "done" for r in results),
                 failed=sum(r.status == "failed" for r in results),
+                forced=sum(r.plan.forced for r in results),
             )
     summary = {k: sum(r.status == k for r in results) for k in ("planned", "done", "skipped", "failed")}
     summary["matched"] = len(plans)
     if not plans:
-        message = "nothing to replay: no stuck instance matches"
+        message = _nothing_message(named)
     elif dry_run:
         message = f"dry run: {len(plans)} instance(s), nothing done"
     else:
         message = "summary: " + ", ".join(f"{k} {summary[k]}" for k in ("done", "skipped", "failed") if summary[k])
-    return json_response(
-        {
-            "dry_run": dry_run,
-            "ok": summary["failed"] == 0,
-            "results": [
-                {
-                    "instance": r.plan.stuck.ref,
-                    "state": r.plan.stuck.state,
-                    "why": r.plan.stuck.why,
-                    "action": r.plan.action,
-                    "status": r.status,
-                    "message": r.message,
-                }
-                for r in results
-            ],
-            "summary": summary,
-            "message": message,
-        }
-    )
+    answer: dict[str, Any] = {
+        "dry_run": dry_run,
+        "ok": summary["failed"] == 0,
+        "results": [
+            {
+                "instance": r.plan.stuck.ref,
+                "state": r.plan.stuck.state,
+                "why": r.plan.stuck.why,
+                "action": r.plan.action,
+                "status": r.status,
+                "message": r.message,
+                "forced": r.plan.forced,
+            }
+            for r in results
+        ],
+        "summary": summary,
+        "message": message,
+    }
+    if named is not None:
+        answer["explanation"] = _explanation(named)
+    return json_response(answer)
 
 
 def _definition_summary(cw: CompiledWorkflow, latest: int) -> dict[str, Any]:

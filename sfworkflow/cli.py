@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from sfworkflow.errors import SfworkflowError
+from sfworkflow.errors import SfworkflowError, UsageError
 from sfworkflow.settings import Settings, SettingsError
 
 
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         return _run(COMMANDS[args.command](settings, args), settings)
+    except UsageError as exc:
+        print(f"sfworkflow {args.command}: {exc}", file=sys.stderr)
+        return 2
     except SfworkflowError as exc:
         print(f"sfworkflow: {exc}", file=sys.stderr)
         return 1

@@ -258,6 +258,11 @@ def _schemas() -> dict[str, Any]:
                             "pattern": anchored(INSTANCE_REF),
                             "description": "TENANT/WORKFLOW/ENTITY",
                         },
+                        "force": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "Replay it now although it is not stuck yet (recorded as forced).",
+                        },
                         **filters,
                     },
                 },
@@ -289,6 +294,34 @@ def _schemas() -> dict[str, Any]:
                 },
                 "status": {"type": "string", "enum": ["planned", "done", "skipped", "failed"]},
                 "message": {"type": "string"},
+                "forced": {"type": "boolean", "description": "Replayed although it was not stuck (`force`)."},
+            },
+        },
+        "ReplayExplanation": {
+            "type": "object",
+            "description": "Where the named instance stands against its definition's stuck rule.",
+            "required": ["instance", "state", "terminal", "entered_at", "stuck", "kind", "stuck_at", "rule", "replay"],
+            "properties": {
+                "instance": {"type": "string"},
+                "state": {"type": "string"},
+                "terminal": {"type": "boolean"},
+                "entered_at": {**TIMESTAMP, "description": "When it entered its state."},
+                "in_state_s": {"type": "number", "description": "Seconds in its state so far."},
+                "stuck": {"type": "boolean"},
+                "kind": {
+                    "type": "string",
+                    "enum": ["operator", "timer_overdue", "no_progress", "never", "ended"],
+                    "description": "How its state counts as stuck; `never` and `ended`: it does not.",
+                },
+                "stuck_at": {**NULLABLE_TIMESTAMP, "description": "When it counts (or counted) as stuck; null: never."},
+                "rule": {"type": "string", "description": "The rule and its moment, in words."},
+                "summary": {"type": "string"},
+                "replay": {
+                    "type": "object",
+                    "description": "What a replay does for it (with `force` when it is not stuck yet).",
+                    "required": ["action", "detail"],
+                    "properties": {"action": {"type": "string"}, "detail": {"type": "string"}},
+                },
             },
         },
         "ReplayResponse": {
@@ -304,6 +337,7 @@ def _schemas() -> dict[str, Any]:
                     "properties": {k: {"type": "integer"} for k in ("matched", "planned", "done", "skipped", "failed")},
                 },
                 "message": {"type": "string"},
+                "explanation": {"$ref": "#/components/schemas/ReplayExplanation"},
             },
         },
         "DefinitionSummary": {
@@ -440,7 +474,9 @@ def document() -> dict[str, Any]:
                     "parked events or re-issue its pending command (same idempotency key, attempt + 1); states "
                     "waiting for a person are left alone. Each replay is recorded in the instance history (who, "
                     "when, why, what) and happens once per stuck episode. `dry_run` only plans. 200 even when an "
-                    "instance failed: see `ok` and `summary.failed`.",
+                    "instance failed: see `ok` and `summary.failed`. With `instance`, the answer's `explanation` says "
+                    "where it stands against its stuck rule; one that is not stuck yet is replayed only with "
+                    "`force` (recorded as forced). 404 when there is no such instance.",
                     {"$ref": ref + "ReplayResponse"},
                     [],
                     requestBody={

@@ -6,6 +6,10 @@ For each stuck instance the plan follows from why it is stuck (the definition de
   no_progress    -> re-issue the pending command: same idempotency key, attempt + 1, a new command id
   operator       -> nothing automatic: a person must send one of the events the state accepts
 
+A named instance that is not stuck (yet) is not replayed: `select_instance` says where it stands against
+its definition's stuck rule and what a replay would do; with `force` it is replayed now all the same
+(recorded as forced). A state that never counts as stuck, or an ended instance, has nothing to replay.
+
 Safe while the service runs and when two replays run at once: each replay locks the instance row,
 checks that its version is still the one that was selected (else: skipped, someone else moved it),
 and bumps the version and the state's entry time, so one stuck episode is replayed once. Every
@@ -16,7 +20,8 @@ from __future__ import annotations
 
 import getpass
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +31,12 @@ import orjson
 from sfworkflow.definition import ID_NAMESPACE, InstanceKey
 from sfworkflow.engine import Engine
 from sfworkflow.store import EXCHANGE_COMMANDS, Store
-from sfworkflow.stuck import StuckInstance
+from sfworkflow.stuck import Explanation, Filters, StuckInstance, explain, format_age
+
+ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something
+
+# Exit codes of `sfworkflow replay` (a usage error is 2, as for every command).
+DONE, FAILED, NOTHING_TO_DO = 0, 1, 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,11 @@ class Plan:
     stuck: StuckInstance
     action: str  # fire_timer | redrive_parked | reissue_command | needs_operator | nothing
     detail: str
+    forced: bool = False  # replayed although not stuck (yet): recorded as forced
+
+    @property
+    def acts(self) -> bool:
+        return self.action in ACTIONS
 
 
 @dataclass(frozen=True)
@@ -44,22 +59,84 @@ class Result:
 
 
 def plan_for(s: StuckInstance, engine: Engine) -> Plan:
+    """What a replay does for an instance, from why it is (or, for a named instance, would be) stuck."""
+    if s.why == "ended":
+        return Plan(s, "nothing", f"it has ended in {s.state}: nothing to replay")
     if s.why == "timer_overdue" and s.pending_timer:
         return Plan(s, "fire_timer", f"fire timer {s.pending_timer} now")
     if s.parked:
         return Plan(s, "redrive_parked", f"re-drive {s.parked} parked event(s)")
     if s.why == "operator":
-        compiled = engine.workflow(s.workflow, s.definition_version)
-        accepted = sorted(compiled.triggers_by_state.get(s.state, ())) if compiled else []
-        events = [f"{s.workflow}.{t}" for t in accepted if compiled and t in compiled.definition.events]
-        return Plan(s, "needs_operator", "a person decides: publish one of " + (", ".join(events) or "(none)"))
-    if s.pending_command and s.pending_command_body:
+        return Plan(s, "needs_operator", "a person decides: publish one of " + _accepted(s, engine))
+    if s.why == "never":
+        return Plan(s, "nothing", f"nothing automatic: {s.state} waits for one of " + _accepted(s, engine))
+    if s.why == "no_progress" and s.pending_command and s.pending_command_body:
         b = s.pending_command_body
         return Plan(
             s, "reissue_command",
             f"re-issue {s.pending_command} (idempotency key {b['idempotency_key']}, attempt {b['attempt'] + 1})",
         )  # fmt: skip
     return Plan(s, "nothing", "no timer, parked event or pending command to act on")
+
+
+def _accepted(s: StuckInstance, engine: Engine) -> str:
+    """The external events the instance's state accepts, e.g. `sequence.resumed, sequence.cancelled`."""
+    compiled = engine.workflow(s.workflow, s.definition_version)
+    accepted = sorted(compiled.triggers_by_state.get(s.state, ())) if compiled else []
+    events = [f"{s.workflow}.{t}" for t in accepted if compiled and t in compiled.definition.events]
+    return ", ".join(events) or "(none)"
+
+
+@dataclass(frozen=True)
+class Named:
+    """A replay of one named instance: where it stands against its stuck rule, and what replay does for it."""
+
+    explanation: Explanation
+    plan: Plan  # what a replay does for it (forced when it is not stuck)
+    why_not: str  # why this replay does nothing; "" when it does the plan
+    forceable: bool  # nothing is done, and forcing would do the plan
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [] if self.why_not else [self.plan]
+
+
+async def select_instance(
+    conn: asyncpg.Connection | asyncpg.Pool, engine: Engine, key: InstanceKey, f: Filters, force: bool = False
+) -> Named | None:
+    """One instance to replay: done when stuck (matching `f.state`, `f.older_than_s`), or when `force` says
+    so although it is not stuck (yet). None when there is no such instance."""
+    e = await explain(conn, engine, key, f.default_after_s)
+    if e is None:
+        return None
+    plan = replace(plan_for(e.instance, engine), forced=not e.stuck)
+    why_not = _why_not(e, plan, f, force)
+    in_state = f.state is None or f.state == e.instance.state
+    return Named(e, plan, why_not, bool(why_not) and plan.acts and in_state)
+
+
+def _why_not(e: Explanation, plan: Plan, f: Filters, force: bool) -> str:
+    s = e.instance
+    if f.state is not None and s.state != f.state:
+        return f"it is in {s.state}, not in {f.state}"
+    if not plan.acts:
+        return plan.detail
+    if force:
+        return ""
+    if not e.stuck:
+        return "it is not stuck yet"
+    stuck_for = (e.now - s.stuck_since).total_seconds()
+    if stuck_for < f.older_than_s:
+        return f"it is stuck for {format_age(stuck_for)}, less than the {format_age(f.older_than_s)} asked for"
+    return ""
+
+
+def exit_code(results: Iterable[Result]) -> int:
+    """FAILED when any replay failed, DONE when any was done, else NOTHING_TO_DO (all skipped)."""
+    statuses = {r.status for r in results}
+    if "failed" in statuses:
+        return FAILED
+    return DONE if "done" in statuses else NOTHING_TO_DO
 
 
 def operator() -> str:
@@ -82,7 +159,7 @@ async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: st
         )
         if row is None or row["version"] != s.version:
             return Result(p, "skipped", "changed since it was selected (replayed by someone else, or moved on)")
-        detail: dict[str, Any] = {"action": p.action, "by": by, "reason": reason}
+        detail: dict[str, Any] = {"action": p.action, "by": by, "reason": reason, "forced": p.forced}
         if p.action == "fire_timer":
             n = await conn.execute(
                 "UPDATE sfworkflow.timer SET due_at = now() WHERE instance_id = $1 AND name = $2",
@@ -143,7 +220,8 @@ async def _redrive(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: s
             "SELECT version, state FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", s.instance_id
         )
         moved = StuckInstance(**{**s.__dict__, "version": row["version"]})
-        await _record(conn, moved, row["state"], {"action": p.action, "by": by, "reason": reason, "applied": applied})
+        detail = {"action": p.action, "by": by, "reason": reason, "forced": p.forced, "applied": applied}
+        await _record(conn, moved, row["state"], detail)
     if applied == 0:
         return Result(p, "done", "parked events re-driven; none is allowed yet (they wait for their deadline)")
     return Result(p, "done", f"{applied} parked event(s) applied")

@@ -6,6 +6,9 @@ An active instance is stuck when
   - otherwise: once it has been in its state longer than the state's `stuck_after_s`
     (DEFAULT_STUCK_AFTER_S unless the definition says otherwise; None: never by age),
     typically a command whose answer never came.
+
+`stuck_rule` states that rule for one instance (and the moment it applies); `explain` measures one named
+instance against it, stuck or not, for `sfworkflow replay --instance` and the admin API.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import Any
 import asyncpg
 import orjson
 
-from sfworkflow.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S, WorkflowDefinition
+from sfworkflow.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S, InstanceKey, WorkflowDefinition
 from sfworkflow.engine import Engine
 
-# Candidates: active instances that have been in their state a while, or whose timer is overdue.
-_CANDIDATES = """
-SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version,
+# One row per instance: its earliest timer and its latest command (what a replay would act on).
+_SELECT = """
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
 FROM sfworkflow.instance i
@@ -33,6 +36,11 @@ LEFT JOIN LATERAL (
 LEFT JOIN LATERAL (
     SELECT routing_key, body, published_at FROM sfworkflow.outbox
     WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
+"""
+# Candidates: active instances that have been in their state a while, or whose timer is overdue.
+_CANDIDATES = (
+    _SELECT
+    + """
 WHERE NOT i.terminal
   AND ($1::text IS NULL OR i.workflow = $1)
   AND ($2::uuid IS NULL OR i.tenant_id = $2)
@@ -43,6 +51,9 @@ WHERE NOT i.terminal
 ORDER BY i.state_entered_at
 LIMIT $9
 """
+)
+# One named instance, terminal or not, stuck or not.
+_ONE = _SELECT + "WHERE i.tenant_id = $1::uuid AND i.workflow = $2 AND i.entity_id = $3\n"
 
 
 @dataclass(frozen=True)
@@ -131,33 +142,63 @@ def _min_age_s(engine: Engine, default_after_s: float) -> float:
     return min(ages)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """When its definition counts an instance as stuck, for the state the instance is in."""
+
+    why: str  # the kind of stuck: operator | timer_overdue | no_progress; or never | ended (it cannot be)
+    since: datetime | None  # the moment it counts (or counted) as stuck; None: never
+    detail: str  # why it is stuck, once it is (what `sfworkflow stuck` shows)
+    text: str  # the rule and its moment, e.g. "counts as stuck 15m after entering sending (at 2026-...)"
+
+
+def when(at: datetime) -> str:
+    """A moment for operators: 2026-11-27T10:15:00Z."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stuck_rule(engine: Engine, row: Any, default_after_s: float = DEFAULT_STUCK_AFTER_S) -> Rule:
+    """The rule of the instance's definition for its state, and the moment it makes the instance stuck."""
+    state, entered = row["state"], row["state_entered_at"]
+    if row.get("terminal"):
+        return Rule("ended", None, f"{state} is final", f"never: {state} is a final state (the instance has ended)")
+    compiled = engine.workflow(row["workflow"], row["definition_version"])
+    if compiled is None:
+        detail = f"definition v{row['definition_version']} is not loaded: nothing can move this instance"
+        return Rule("no_progress", entered, detail, f"counts as stuck at once (since {when(entered)}): {detail}")
+    d = compiled.definition
+    if state in d.waits_for_operator:
+        text = f"waits for an operator: counts as stuck from the moment it entered {state} (at {when(entered)})"
+        return Rule("operator", entered, f"waits in {state} for an operator decision", text)
+    if row["next_due"] is not None:
+        due, timer = row["next_due"], row["timer_name"]
+        since = due + timedelta(seconds=TIMER_GRACE_S)
+        text = (
+            f"its timer {timer} is due at {when(due)}: counts as stuck once it is "
+            f"{format_age(TIMER_GRACE_S)} overdue (at {when(since)})"
+        )
+        return Rule("timer_overdue", since, f"timer {timer} was due at {due.isoformat()} and has not fired", text)
+    after = d.stuck_after_s.get(state, default_after_s)
+    if after is None:
+        return Rule("never", None, f"{state} never counts as stuck", f"never by age: {state} waits without a deadline")
+    since = entered + timedelta(seconds=after)
+    cmd = row["command_type"]
+    detail = f"in {state} for more than {after:g} s" + (f"; last command {cmd} unanswered" if cmd else "")
+    text = f"counts as stuck {format_age(after)} after entering {state} (at {when(since)})"
+    return Rule("no_progress", since, detail, text)
+
+
 def classify(
     engine: Engine, row: Any, now: datetime, default_after_s: float = DEFAULT_STUCK_AFTER_S
 ) -> StuckInstance | None:
     """Whether a candidate row is stuck, by its definition's rules; None when it is not."""
-    compiled = engine.workflow(row["workflow"], row["definition_version"])
-    if compiled is None:
-        since, why = row["state_entered_at"], "no_progress"
-        detail = f"definition v{row['definition_version']} is not loaded: nothing can move this instance"
-    else:
-        d = compiled.definition
-        state = row["state"]
-        if state in d.waits_for_operator:
-            since, why, detail = row["state_entered_at"], "operator", f"waits in {state} for an operator decision"
-        elif row["next_due"] is not None:
-            since = row["next_due"] + timedelta(seconds=TIMER_GRACE_S)
-            why = "timer_overdue"
-            detail = f"timer {row['timer_name']} was due at {row['next_due'].isoformat()} and has not fired"
-        else:
-            after = d.stuck_after_s.get(state, default_after_s)
-            if after is None:
-                return None
-            since = row["state_entered_at"] + timedelta(seconds=after)
-            why = "no_progress"
-            cmd = row["command_type"]
-            detail = f"in {state} for more than {after:g} s" + (f"; last command {cmd} unanswered" if cmd else "")
-        if since > now:
-            return None
+    rule = stuck_rule(engine, row, default_after_s)
+    if rule.since is None or rule.since > now:
+        return None
+    return _instance(row, rule.why, rule.since, rule.detail)
+
+
+def _instance(row: Any, why: str, since: datetime, detail: str) -> StuckInstance:
     body = orjson.loads(row["command_body"]) if row["command_body"] is not None else None
     return StuckInstance(
         instance_id=row["id"],
@@ -178,6 +219,64 @@ def classify(
         pending_timer=row["timer_name"],
         parked=row["parked_count"],
     )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One named instance measured against its definition's stuck rule: stuck or not, and since or from when."""
+
+    instance: StuckInstance  # as a replay acts on it: `why` is the rule's kind, `stuck_since` its moment
+    terminal: bool
+    entered_at: datetime
+    rule: Rule
+    now: datetime
+
+    @property
+    def stuck(self) -> bool:
+        return self.rule.since is not None and self.rule.since <= self.now
+
+    def summary(self) -> str:
+        """`T/W/E is not stuck yet: in sending for 4m (since 2026-...)`."""
+        s = self.instance
+        if self.terminal:
+            verdict = "has ended"
+        elif self.stuck:
+            verdict = "is stuck"
+        else:
+            verdict = "is not stuck" + (" yet" if self.rule.since is not None else "")
+        age = format_age((self.now - self.entered_at).total_seconds())
+        return f"{s.ref} {verdict}: in {s.state} for {age} (since {when(self.entered_at)})"
+
+    def as_json(self) -> dict[str, Any]:
+        since = self.rule.since
+        return {
+            "instance": self.instance.ref,
+            "state": self.instance.state,
+            "terminal": self.terminal,
+            "entered_at": self.entered_at.isoformat(),
+            "in_state_s": round((self.now - self.entered_at).total_seconds(), 3),
+            "stuck": self.stuck,
+            "kind": self.rule.why,
+            "stuck_at": since.isoformat() if since is not None else None,
+            "rule": self.rule.text,
+            "summary": self.summary(),
+        }
+
+
+async def explain(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    engine: Engine,
+    key: InstanceKey,
+    default_after_s: float = DEFAULT_STUCK_AFTER_S,
+) -> Explanation | None:
+    """How one instance stands against its definition's stuck rule; None when there is no such instance."""
+    row = await conn.fetchrow(_ONE, key.tenant_id.lower(), key.workflow, key.entity_id)
+    if row is None:
+        return None
+    rule = stuck_rule(engine, row, default_after_s)
+    entered = row["state_entered_at"]
+    s = _instance(row, rule.why, rule.since or entered, rule.detail)
+    return Explanation(s, bool(row["terminal"]), entered, rule, datetime.now(UTC))
 
 
 async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> list[StuckInstance]:

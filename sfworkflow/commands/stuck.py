@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,9 @@ import asyncpg
 import orjson
 
 from sfworkflow import db
+from sfworkflow.definition import InstanceKey
 from sfworkflow.engine import Engine
+from sfworkflow.errors import UsageError
 from sfworkflow.settings import Settings
 from sfworkflow.stuck import Filters, StuckInstance, find_stuck, format_age, parse_age
 from sfworkflow.workflows import DEFINITIONS
@@ -18,7 +21,7 @@ from sfworkflow.workflows import DEFINITIONS
 
 def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workflow", help="only this workflow")
-    p.add_argument("--tenant", help="only this tenant id")
+    p.add_argument("--tenant", type=tenant_id, help="only this tenant id (a UUID)")
     p.add_argument("--state", help="only instances in this state")
     p.add_argument("--older-than", default="0s", help="stuck for at least this long: 90s, 30m, 12h, 7d")
     p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
@@ -34,6 +37,26 @@ def filters_from(args: argparse.Namespace, entity: str | None = None, settings: 
         older_than_s=parse_age(args.older_than),
         limit=args.limit,
     )
+
+
+def tenant_id(text: str) -> str:
+    """A tenant id as given on the command line: a UUID (argparse type)."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tenant id (a UUID)") from exc
+
+
+def instance_key(ref: str) -> InstanceKey:
+    """TENANT/WORKFLOW/ENTITY as given on the command line; UsageError when it is not that."""
+    parts = ref.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"--instance {ref!r}: give the instance as TENANT/WORKFLOW/ENTITY")
+    try:
+        tenant = str(uuid.UUID(parts[0]))
+    except ValueError:
+        raise UsageError(f"--instance {ref!r}: {parts[0]!r} is not a tenant id (a UUID)") from None
+    return InstanceKey(tenant, parts[1], parts[2])
 
 
 def register(sub: Any) -> dict[str, Any]:

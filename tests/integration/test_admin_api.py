@@ -193,6 +193,49 @@ async def test_routes_on_a_real_instance_then_dry_run_and_real_replay_of_it_stuc
         assert [i["entity_id"] for i in page["items"]] == ["api-1"]
 
 
+async def test_replay_of_a_named_instance_not_stuck_explains_it_and_force_replays_it_now(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    async with (
+        running_service(_on(settings)) as service,
+        Amqp(settings.amqp_url) as mq,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{service.http_port}/v1"
+        await mq.publish(event("sequence.enrolled", "api-2", enrolled_data(steps=1)))
+        first = await wait_for(lambda: mq.drain_json(COMMANDS), what="the first send_step")
+        await wait_for(lambda: _sending(pg, "api-2"), what="api-2 sending")
+        ref = f"{TENANT}/sequence/api-2"
+
+        status, body, _ = await _call(http, "POST", f"{base}/replay", json={"instance": ref, "reason": "check"})
+        assert status == 200 and body["summary"]["matched"] == 0 and body["results"] == [], body
+        e = body["explanation"]
+        assert (e["instance"], e["state"], e["stuck"], e["kind"]) == (ref, "sending", False, "no_progress")
+        assert e["rule"].startswith("counts as stuck 15m after entering sending (at ") and e["stuck_at"]
+        assert e["replay"]["action"] == "reissue_command" and "attempt 2" in e["replay"]["detail"]
+        assert "not stuck yet" in body["message"] and "force" in body["message"]
+
+        status, dry, _ = await _call(
+            http, "POST", f"{base}/replay", json={"instance": ref, "reason": "now", "force": True, "dry_run": True}
+        )
+        assert status == 200, dry
+        [planned] = dry["results"]
+        assert (planned["action"], planned["status"], planned["forced"]) == ("reissue_command", "planned", True)
+        status, done, _ = await _call(
+            http, "POST", f"{base}/replay", json={"instance": ref, "reason": "now", "force": True, "by": "oncall"}
+        )
+        assert status == 200 and [(r["status"], r["forced"]) for r in done["results"]] == [("done", True)], done
+        again = await wait_for(lambda: mq.drain_json(COMMANDS), what="the forced re-issue")
+        assert [(c["idempotency_key"], c["attempt"]) for c in again] == [(first[0]["idempotency_key"], 2)]
+        [h] = await pg.fetch("SELECT detail FROM sfworkflow.history WHERE outcome = 'replayed'")
+        assert (h["detail"]["forced"], h["detail"]["by"]) == (True, "oncall")
+
+        status, body, _ = await _call(
+            http, "POST", f"{base}/replay", json={"all_stuck": True, "force": True, "reason": "x"}
+        )
+        assert status == 400 and "force" in body["message"]
+
+
 async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
     return await state_of(pg, entity) == state
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -13,6 +15,7 @@ from sfworkflow import db, replay
 from sfworkflow.cli import build_parser
 from sfworkflow.commands import replay as replay_cmd
 from sfworkflow.commands import stuck as stuck_cmd
+from sfworkflow.definition import InstanceKey
 from sfworkflow.engine import Engine
 from sfworkflow.settings import Settings
 from sfworkflow.store import Store
@@ -140,3 +143,97 @@ async def test_a_waiting_for_operator_state_is_stuck_and_replay_names_the_decisi
 
 async def _is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
     return await state_of(pg, entity) == state
+
+
+# ---- replay --instance on an instance that is not stuck (yet) ---------------------------------------------------
+async def test_replay_of_a_named_instance_not_stuck_explains_why_and_force_does_it_once(
+    settings: Settings, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{TENANT}/sequence/early"
+    async with running_service(settings), Amqp(settings.amqp_url) as mq:
+        await mq.publish(event("sequence.enrolled", "early", enrolled_data(steps=1)))
+        first = await wait_for(lambda: mq.drain_json(COMMANDS), what="the first send_step")
+        await wait_for(lambda: _is(pg, "early", "sending"), what="sending")
+        version = await pg.fetchval("SELECT version FROM sfworkflow.instance WHERE entity_id = 'early'")
+        outbox_before = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox")
+        capsys.readouterr()
+
+        # named, not stuck yet: an explanation (state, since, the rule and its moment, the plan), exit 3
+        assert await replay_cmd.run(settings, _args("replay", "--instance", ref, "--reason", "check")) == 3
+        out = capsys.readouterr().out
+        assert "nothing to replay: no stuck instance matches" not in out
+        assert f"{ref} is not stuck" in out and "in sending for" in out, out
+        assert "counts as stuck 15m after entering sending (at 20" in out, out
+        assert "reissue_command" in out and "attempt 2" in out and "--force" in out, out
+        assert await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox") == outbox_before
+
+        # --force --dry-run: what would be done, nothing done
+        assert await replay_cmd.run(settings, _args("replay", "--instance", ref, "--force", "--dry-run")) == 0
+        assert "would reissue_command" in capsys.readouterr().out
+        assert await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox") == outbox_before
+
+        # --force: done now, recorded as forced, the version bumped
+        argv = ("replay", "--instance", ref, "--force", "--reason", "worker restarted", "--by", "oncall")
+        assert await replay_cmd.run(settings, _args(*argv)) == 0
+        assert "done" in capsys.readouterr().out
+        again = await wait_for(lambda: mq.drain_json(COMMANDS), what="the forced re-issue")
+        assert [(c["idempotency_key"], c["attempt"]) for c in again] == [(first[0]["idempotency_key"], 2)]
+        [h] = await pg.fetch("SELECT detail FROM sfworkflow.history WHERE outcome = 'replayed'")
+        assert (h["detail"]["action"], h["detail"]["forced"], h["detail"]["by"]) == ("reissue_command", True, "oncall")
+        assert await pg.fetchval("SELECT version FROM sfworkflow.instance WHERE entity_id = 'early'") == version + 1
+
+        # the same once-per-episode safety when forced: two replays of one selection, one does it
+        async with pg_pool(settings) as pool:
+            selected = await replay.select_instance(pool, ENGINE, _key("early"), Filters(), force=True)
+            assert selected is not None and not selected.explanation.stuck
+            [plan] = selected.plans
+            assert plan.forced and plan.action == "reissue_command"
+            store = Store(pool, ENGINE, 60)
+            results = await asyncio.gather(
+                replay.execute(pool, store, plan, "twice", "a"), replay.execute(pool, store, plan, "twice", "b")
+            )
+        assert sorted(r.status for r in results) == ["done", "skipped"]
+        assert len(await wait_for(lambda: mq.drain_json(COMMANDS), what="one more re-issue")) == 1
+
+    # an instance that does not exist: said so, exit 3; nothing stuck for --all-stuck: exit 3
+    capsys.readouterr()
+    assert await replay_cmd.run(settings, _args("replay", "--instance", f"{TENANT}/sequence/nobody")) == 3
+    assert f"no instance {TENANT}/sequence/nobody" in capsys.readouterr().err
+    assert await replay_cmd.run(settings, _args("replay", "--all-stuck")) == 3
+    assert "no stuck instance matches" in capsys.readouterr().out
+
+
+async def test_replay_of_a_named_instance_that_waits_for_a_person_or_ended_has_nothing_to_do(
+    settings: Settings, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_service(settings), Amqp(settings.amqp_url) as mq:
+        await mq.publish(event("sequence.enrolled", "held", enrolled_data(steps=1, delay_s=3600)))
+        await wait_for(lambda: _is(pg, "held", "waiting"), what="waiting for its step")
+        await mq.publish(event("sequence.paused", "held", {}))
+        await wait_for(lambda: _is(pg, "held", "paused"), what="paused")
+        await mq.publish(event("sequence.enrolled", "done", enrolled_data(steps=1, delay_s=3600)))
+        await wait_for(lambda: _is(pg, "done", "waiting"), what="waiting")
+        await mq.publish(event("sequence.cancelled", "done", {}))
+        await wait_for(lambda: _is(pg, "done", "cancelled"), what="cancelled")
+    capsys.readouterr()
+    paused = f"{TENANT}/sequence/held"
+    assert await replay_cmd.run(settings, _args("replay", "--instance", paused, "--force", "--reason", "x")) == 3
+    out = capsys.readouterr().out
+    assert "never by age" in out and "sequence.resumed" in out, out
+    ended = f"{TENANT}/sequence/done"
+    assert await replay_cmd.run(settings, _args("replay", "--instance", ended, "--force", "--reason", "x")) == 3
+    assert "has ended" in capsys.readouterr().out
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.history WHERE outcome = 'replayed'") == 0
+
+
+def _key(entity: str) -> InstanceKey:
+    return InstanceKey(TENANT, "sequence", entity)
+
+
+@contextlib.asynccontextmanager
+async def pg_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(settings.database_url, 2)
+    try:
+        yield pool
+    finally:
+        await pool.close()

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sfworkflow.engine import Engine
-from sfworkflow.stuck import classify
+from sfworkflow.stuck import classify, stuck_rule, when
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)
@@ -43,3 +43,22 @@ def test_rules_by_kind() -> None:
     assert late is not None and late.why == "timer_overdue"
     op = classify(ENGINE, _row("follow_up", "needs_attention", 1), now)
     assert op is not None and op.why == "operator"
+
+
+def test_each_rule_says_when_it_counts_as_stuck() -> None:
+    sending = _row("sequence", "sending", 60)
+    rule = stuck_rule(ENGINE, sending)
+    assert rule.why == "no_progress" and rule.since == sending["state_entered_at"] + timedelta(minutes=15)
+    assert rule.text == f"counts as stuck 15m after entering sending (at {when(rule.since)})"
+    waiting = _row("partner_approval", "in_review", 60, next_due_in_s=3600)
+    rule = stuck_rule(ENGINE, waiting)
+    assert rule.why == "timer_overdue" and rule.since == waiting["next_due"] + timedelta(minutes=2)
+    assert rule.text.startswith(f"its timer t is due at {when(waiting['next_due'])}: counts as stuck once it is 2m")
+    rule = stuck_rule(ENGINE, _row("follow_up", "needs_attention", 1))
+    assert rule.why == "operator" and rule.text.startswith("waits for an operator")
+    rule = stuck_rule(ENGINE, _row("sequence", "paused", 86400))
+    assert (rule.why, rule.since) == ("never", None) and rule.text.startswith("never by age")
+    rule = stuck_rule(ENGINE, {**_row("sequence", "completed", 1), "terminal": True})
+    assert (rule.why, rule.since) == ("ended", None)
+    rule = stuck_rule(ENGINE, _row("sequence", "sending", 60), default_after_s=5)  # SFWORKFLOW_STUCK_AFTER_S
+    assert rule.text.startswith("counts as stuck 15m")  # the definition's own threshold wins
