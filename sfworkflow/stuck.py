@@ -13,6 +13,7 @@ instance against it, stuck or not, for `sfworkflow replay --instance` and the ad
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ import orjson
 
 from sfworkflow.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S, InstanceKey, WorkflowDefinition
 from sfworkflow.engine import Engine
+from sfworkflow.errors import UsageError
 
 # One row per instance: its earliest timer and its latest command (what a replay would act on).
 _SELECT = """
@@ -111,6 +113,39 @@ class Filters:
     limit: int = 1000
     # No-progress threshold for states whose definition sets none (SFWORKFLOW_STUCK_AFTER_S).
     default_after_s: float = DEFAULT_STUCK_AFTER_S
+
+
+def check_names(engine: Engine, workflow: str | None, state: str | None) -> None:
+    """UsageError when a filter names a workflow, or a state, that no loaded definition has: a filter that
+    can never match is a typo, not "nothing found". The message names the known ones and the closest."""
+    workflows = sorted(engine.latest)
+    if workflow is not None and workflow not in engine.latest:
+        raise UsageError(
+            f"no workflow {workflow!r}{_did_you_mean(workflow, workflows)}; known workflows: {', '.join(workflows)}"
+        )
+    if state is None:
+        return
+    states = states_of(engine, workflow)
+    if state not in states:
+        where, which = (f"in workflow {workflow}", "its states") if workflow else ("in any workflow", "known states")
+        raise UsageError(f"no state {state!r} {where}{_did_you_mean(state, states)}; {which}: {', '.join(states)}")
+
+
+def states_of(engine: Engine, workflow: str | None = None) -> list[str]:
+    """Every state of the workflow (of every workflow when None), over all its loaded versions."""
+    return sorted(
+        {
+            str(s)
+            for cw in engine.compiled.values()
+            if workflow in (None, cw.definition.name)
+            for s in cw.definition.states
+        }
+    )
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def operator_states(definitions: Iterable[WorkflowDefinition]) -> tuple[list[str], list[str]]:

@@ -15,8 +15,11 @@ import asyncpg
 import orjson
 
 from sfworkflow.deadletter_queue import connect_database
+from sfworkflow.engine import Engine
 from sfworkflow.errors import MigrationError
 from sfworkflow.settings import Settings
+from sfworkflow.stuck import check_names
+from sfworkflow.workflows import DEFINITIONS
 
 DEFAULT_LIMIT = 500
 EXPIRED = "expired, dead-lettered at the next sweep"
@@ -43,6 +46,7 @@ def register(sub: Any) -> dict[str, Any]:
 
 
 async def parked(settings: Settings, args: argparse.Namespace) -> int:
+    check_names(Engine(DEFINITIONS), args.workflow, None)
     rows = await load_parked(settings, args.workflow, args.tenant, args.limit)
     if args.json:
         print(orjson.dumps([as_json(r) for r in rows], option=orjson.OPT_INDENT_2).decode())

@@ -19,7 +19,7 @@ from sfworkflow.engine import Engine
 from sfworkflow.errors import UsageError
 from sfworkflow.settings import Settings
 from sfworkflow.store import Store
-from sfworkflow.stuck import Filters, find_stuck, format_age
+from sfworkflow.stuck import Filters, check_names, find_stuck, format_age
 from sfworkflow.workflows import DEFINITIONS
 
 
@@ -52,6 +52,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     key = instance_key(args.instance) if args.instance else None
     if key is not None:
         args.tenant, args.workflow = key.tenant_id, key.workflow
+    check_names(engine, args.workflow, args.state)
     f = filters_from(args, key.entity_id if key else None, settings)
     pool = await db.create_pool(settings.database_url, 2)
     try:

@@ -15,7 +15,7 @@ from sfworkflow.definition import InstanceKey
 from sfworkflow.engine import Engine
 from sfworkflow.errors import UsageError
 from sfworkflow.settings import Settings
-from sfworkflow.stuck import Filters, StuckInstance, find_stuck, format_age, parse_age
+from sfworkflow.stuck import Filters, StuckInstance, check_names, find_stuck, format_age, parse_age
 from sfworkflow.workflows import DEFINITIONS
 
 
@@ -96,6 +96,7 @@ def table(rows: list[StuckInstance]) -> str:
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
+    check_names(Engine(DEFINITIONS), args.workflow, args.state)
     rows = await load(settings, filters_from(args, settings=settings))
     if args.json:
         for s in rows:

@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from sfworkflow import cli
 from sfworkflow.settings import Settings
 from tests.conftest import PG_SERVER, wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of
@@ -66,3 +68,55 @@ async def test_inspect_shows_state_history_timers_and_outbox(settings: Settings,
 
 async def _sending(pg: asyncpg.Connection, entity: str) -> bool:
     return await state_of(pg, entity) == "sending"
+
+
+# ---- filters naming an unknown workflow or state: a usage error naming the known ones ----------------------------
+SEQUENCE_ONLY = "paused"  # a state of sequence and of no other workflow
+ELSEWHERE = "awaiting_approval"  # a state of prospecting, not of sequence
+
+
+UNKNOWN_FILTERS = [
+    (["stuck", "--workflow", "sequense"], ["no workflow 'sequense'", "did you mean sequence?", "prospecting"], []),
+    (["stuck", "--workflow", "zzz"], ["no workflow 'zzz'", "self_improvement, sequence"], ["did you mean"]),
+    (["stuck", "--state", "sendng"], ["no state 'sendng' in any workflow", "did you mean sending?", ELSEWHERE], []),
+    (
+        ["stuck", "--workflow", "sequence", "--state", "sendng"],
+        ["no state 'sendng' in workflow sequence", "did you mean sending?", SEQUENCE_ONLY],
+        [ELSEWHERE],
+    ),
+    (["replay", "--all-stuck", "--workflow", "sequense"], ["no workflow 'sequense'", "did you mean sequence?"], []),
+    (["replay", "--all-stuck", "--state", "sendng"], ["no state 'sendng'", "did you mean sending?"], []),
+    (["replay", "--instance", f"{TENANT}/sequense/e"], ["no workflow 'sequense'", "did you mean sequence?"], []),
+    (
+        ["replay", "--instance", f"{TENANT}/sequence/e", "--state", "sendng"],
+        ["no state 'sendng' in workflow sequence", "did you mean sending?"],
+        [],
+    ),
+    (["parked", "list", "--workflow", "sequense"], ["no workflow 'sequense'", "did you mean sequence?"], []),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words", "absent"),
+    [pytest.param(*case, id=" ".join(case[0]).replace(TENANT, "T")) for case in UNKNOWN_FILTERS],
+)
+async def test_an_unknown_workflow_or_state_is_a_usage_error_naming_the_known_ones(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    words: list[str],
+    absent: list[str],
+) -> None:
+    monkeypatch.setenv("SFWORKFLOW_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("SFWORKFLOW_AMQP_URL", settings.amqp_url)
+    monkeypatch.setenv("SFWORKFLOW_USE_UVLOOP", "false")
+    rc = await asyncio.to_thread(cli.main, argv)
+    out, err = capsys.readouterr()
+    assert (rc, out) == (2, ""), (rc, out, err)
+    [line] = err.splitlines()
+    assert line.startswith(f"sfworkflow {argv[0]}: "), line
+    for word in words:
+        assert word in line, (word, line)
+    for word in absent:
+        assert word not in line, (word, line)
