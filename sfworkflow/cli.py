@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from sfworkflow.errors import SfworkflowError, UsageError
-from sfworkflow.settings import Settings, SettingsError
+from sfworkflow.settings import Settings, SettingsError, redact_url
 
 
 def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
@@ -125,6 +126,15 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+# The commands that run the service: they wait for a dependency that is down, and log each wait.
+SERVICE_COMMANDS = frozenset({"run", "demo"})
+
+
+def _quiet_drivers() -> None:
+    """aiormq logs each failed connection attempt as an ERROR of its own; a command reports it in one line."""
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from sfworkflow import logs
 
     logs.configure(settings.log_level, settings.log_format)
+    if args.command not in SERVICE_COMMANDS:
+        _quiet_drivers()
     try:
         return _run(COMMANDS[args.command](settings, args), settings)
     except UsageError as exc:
@@ -145,3 +157,70 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        line = unreachable(exc, settings)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
+
+
+def unreachable(exc: BaseException, settings: Settings) -> str | None:
+    """One line saying which dependency cannot be reached, when `exc` (or what caused it) is a connection
+    failure of PostgreSQL or RabbitMQ; None for any other error. The URL is shown with its password redacted."""
+    for e in _causes(exc):
+        what = _dependency(e)
+        if what is not None:
+            url, variable = (
+                (settings.database_url, "SFWORKFLOW_DATABASE_URL")
+                if what == "PostgreSQL"
+                else (settings.amqp_url, "SFWORKFLOW_AMQP_URL")
+            )
+            return (
+                f"sfworkflow: cannot reach {what} at {redact_url(url)} ({type(e).__name__}); "
+                f"is it running, and is {variable} right?"
+            )
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what caused it (__cause__, __context__) and the members of exception groups."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+
+
+def _dependency(e: BaseException) -> str | None:
+    """The dependency (PostgreSQL or RabbitMQ) that `e` says cannot be reached or went away; else None."""
+    import aio_pika
+    import asyncpg
+
+    from sfworkflow import db
+
+    if isinstance(e, aio_pika.exceptions.AMQPConnectionError):
+        return "RabbitMQ"
+    if isinstance(e, asyncpg.PostgresError | asyncpg.exceptions.ConnectionDoesNotExistError):
+        return "PostgreSQL" if db.is_connection_error(e) else None
+    if isinstance(e, OSError):  # refused, unreachable, no such host, timed out: whose driver was connecting?
+        return _driver_of(e)
+    return None
+
+
+def _driver_of(e: BaseException) -> str | None:
+    """The dependency whose driver (asyncpg; aiormq, aio_pika) the traceback of `e` went through last."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        package = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        found = DRIVERS.get(package, found)
+        tb = tb.tb_next
+    return found
+
+
+DRIVERS = {"asyncpg": "PostgreSQL", "aiormq": "RabbitMQ", "aio_pika": "RabbitMQ", "pamqp": "RabbitMQ"}

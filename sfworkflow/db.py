@@ -93,7 +93,10 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
     except Exception as exc:
         if not is_transient(exc):
             raise
-        raise StoreUnavailable(f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}") from exc
+        raise StoreUnavailable(
+            f"cannot reach PostgreSQL at {redact_url(url)} ({type(exc).__name__}); "
+            "is it running, and is SFWORKFLOW_DATABASE_URL right?"
+        ) from exc
     assert pool is not None
     return pool
 

@@ -14,11 +14,13 @@ import asyncpg
 import pytest
 
 from sfworkflow import cli
-from sfworkflow.settings import Settings
+from sfworkflow.commands import versions as versions_cmd
+from sfworkflow.settings import Settings, redact_url
 from tests.conftest import PG_SERVER, wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of
 
 REPO = Path(__file__).resolve().parents[2]
+SFWORKFLOW = Path(sys.executable).parent / "sfworkflow"  # the installed entry point, as an operator runs it
 
 
 def _cli(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -120,3 +122,62 @@ async def test_an_unknown_workflow_or_state_is_a_usage_error_naming_the_known_on
         assert word in line, (word, line)
     for word in absent:
         assert word not in line, (word, line)
+
+
+# ---- PostgreSQL or RabbitMQ unreachable: one line saying which, never a traceback or a password ------------------
+PASSWORD = "pw-n0t-for-your-eyes"
+DOWN_PG = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"  # nothing listens on port 1
+DOWN_AMQP = f"amqp://guest:{PASSWORD}@127.0.0.1:1/"
+# what cannot be reached, where (the URL without its password), and the setting to check
+PG = ("PostgreSQL", redact_url(DOWN_PG), "SFWORKFLOW_DATABASE_URL")
+MQ = ("RabbitMQ", redact_url(DOWN_AMQP), "SFWORKFLOW_AMQP_URL")
+UNREACHABLE = [
+    (["stuck"], PG),
+    (["stuck", "--json"], PG),
+    (["replay", "--all-stuck", "--dry-run"], PG),
+    (["replay", "--instance", f"{TENANT}/sequence/e", "--reason", "x"], PG),
+    (["inspect", f"{TENANT}/sequence/e"], PG),
+    (["parked", "list"], PG),
+    (["migrate"], PG),
+    (["dead-letters", "list"], MQ),
+    (["dead-letters", "show", "some-id"], MQ),
+    (["dead-letters", "redrive", "--dry-run"], MQ),
+    (["dead-letters", "purge", "--older-than", "7d"], MQ),
+    (["worker", "--seconds", "1"], MQ),
+]
+
+
+def _entry_point(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SFWORKFLOW_")} | env
+    return subprocess.run([str(SFWORKFLOW), *argv], env=full, capture_output=True, text=True, timeout=60)
+
+
+async def test_every_command_says_in_one_line_which_service_it_cannot_reach() -> None:
+    """The real `sfworkflow` entry point, PostgreSQL and RabbitMQ URLs pointing at a closed port. (`run` and `demo`
+    wait for their dependencies first: tests/integration/test_security.py holds `run` to the same line.)"""
+    env = {"SFWORKFLOW_DATABASE_URL": DOWN_PG, "SFWORKFLOW_AMQP_URL": DOWN_AMQP}
+    runs = await asyncio.gather(*(asyncio.to_thread(_entry_point, argv, **env) for argv, _ in UNREACHABLE))
+    for (argv, said), proc in zip(UNREACHABLE, runs, strict=True):
+        command = " ".join(argv)
+        assert proc.returncode == 1, (command, proc.returncode, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr and PASSWORD not in proc.stderr + proc.stdout, (command, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1, (command, proc.stderr[-3000:])
+        assert lines[0].startswith("sfworkflow: ") and all(w in lines[0] for w in said), (command, lines[0])
+
+
+async def test_migrate_instances_says_in_one_line_that_it_cannot_reach_postgresql(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process: only a release with two versions of a workflow gets as far as connecting."""
+    from tests.integration.test_versions import RELEASE_2
+
+    monkeypatch.setattr(versions_cmd, "loaded_definitions", lambda: RELEASE_2)
+    monkeypatch.setenv("SFWORKFLOW_DATABASE_URL", DOWN_PG)
+    monkeypatch.setenv("SFWORKFLOW_AMQP_URL", DOWN_AMQP)
+    argv = ["migrate-instances", "--workflow", "sequence", "--from", "1", "--to", "2", "--dry-run"]
+    rc = await asyncio.to_thread(cli.main, argv)
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err and PASSWORD not in out + err, err[-3000:]
+    [line] = err.splitlines()
+    assert line.startswith("sfworkflow: ") and all(w in line for w in PG), line
