@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 class _StderrLogger:
@@ -35,7 +41,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     lvl = _LEVELS.get(level.lower(), logging.INFO)
     renderer: structlog.typing.Processor
     logger_factory: Any
-    if fmt == "console":
+    if fmt.lower() == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)

@@ -1,12 +1,16 @@
 """Configuration: one typed settings object read from `SFWORKFLOW_*` environment variables.
 
-Every default works against this machine's local PostgreSQL and RabbitMQ.
+Every default works against this machine's local PostgreSQL and RabbitMQ. Every value is checked at
+start-up (`Settings.from_env`, `Settings.check`): a value sfworkflow cannot use is a `SettingsError` naming
+the variable, the value given (never a secret's; URLs with their password redacted) and what to use instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,6 +35,21 @@ DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress before an instance cou
 # definition sets its own threshold for the state)
 DEFAULT_RETENTION_DAYS = 14.0  # days ended instances, published outbox rows and inbox ids are kept
 MIN_ADMIN_TOKEN_LENGTH = 16  # characters; a shorter SFWORKFLOW_ADMIN_TOKEN is refused
+
+# The redelivery window, in days: a producer may re-publish, and the broker may redeliver, an event up to
+# this long after sfworkflow first accepted it, and that copy is still recognised as a duplicate (the inbox
+# keeps the event's id at least this long). A copy arriving later is not deduplicated: it is applied again.
+# Seven days is how long NServiceBus keeps outbox deduplication data by default; it outlasts a producer or
+# consumer outage over a long weekend, and a backlog behind it, with days to spare.
+REDELIVERY_WINDOW_DAYS = 7
+MIN_RETENTION_DAYS = REDELIVERY_WINDOW_DAYS  # days; a shorter SFWORKFLOW_RETENTION_DAYS is refused (inbox ids)
+MAX_RETENTION_DAYS = 36500  # days (100 years); the retention sweep's `now() - N days` stays within PostgreSQL's range
+MAX_PORT = 65535
+MAX_PREFETCH = 65535  # an AMQP prefetch count is a 16-bit number
+QUEUE_TYPES = ("quorum", "classic")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "console")
+BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
 
 
 class SettingsError(ValueError):
@@ -66,46 +85,196 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Read every field from `SFWORKFLOW_<FIELD>`; explicit overrides win."""
+        """Read every field from `SFWORKFLOW_<FIELD>` (empty: unset), explicit overrides win; then `check`."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
+        given: dict[str, str] = {}
         for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
-            if raw is None or raw == "":
+            if raw is None or raw == "" or f.name in overrides:
                 continue
-            values[f.name] = _convert(f.name, f.type, raw)
+            values[f.name] = _parse(f.name, str(f.type), raw)
+            given[f.name] = raw
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]
-        settings.check()
+        settings._check(given)
         return settings
 
     def check(self) -> None:
-        if self.queue_type not in ("quorum", "classic"):
-            raise SettingsError(f"SFWORKFLOW_QUEUE_TYPE={self.queue_type!r}: use 'quorum' (default) or 'classic'")
-        for name in ("prefetch", "consumers", "batch_size", "pool_size", "max_message_bytes", "relay_batch"):
-            if int(getattr(self, name)) < 1:
-                raise SettingsError(f"SFWORKFLOW_{name.upper()} must be at least 1")
+        """Refuse (SettingsError) any value sfworkflow cannot use. Runs in `from_env`, not on construction."""
+        self._check({})
+
+    def _check(self, given: Mapping[str, str]) -> None:
+        """`given`: the raw text of the values read from the environment, shown in errors as written."""
+
+        def shown(name: str) -> str:
+            return _shown(name, given.get(name, getattr(self, name)))
+
+        for name, rule in RULES.items():
+            if not rule.ok(getattr(self, name)):
+                raise _refusal(name, given.get(name, getattr(self, name)))
         if self.batch_size > self.prefetch:
-            raise SettingsError("SFWORKFLOW_BATCH_SIZE must not exceed SFWORKFLOW_PREFETCH")
-        if self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
-            raise SettingsError(  # the message names the length, never the value
-                f"SFWORKFLOW_ADMIN_TOKEN is too short: use at least {MIN_ADMIN_TOKEN_LENGTH} random characters "
-                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            raise SettingsError(
+                f"SFWORKFLOW_BATCH_SIZE={shown('batch_size')}: use at most SFWORKFLOW_PREFETCH={shown('prefetch')} "
+                "(a batch is made of the deliveries in flight)"
+            )
+        # A parked event's id is in the inbox from its first delivery; the sweep deletes it after the retention
+        # period, counted in whole days (make_interval(days => …) takes an integer). If the parking outlasted it,
+        # a redelivery of the parked event would no longer be recognised: parked, and applied, twice.
+        kept_days = math.floor(self.retention_days)
+        if self.park_timeout_s > kept_days * 86400:
+            raise SettingsError(
+                f"SFWORKFLOW_PARK_TIMEOUT_S={shown('park_timeout_s')}: use at most the retention period, "
+                f"SFWORKFLOW_RETENTION_DAYS={shown('retention_days')} "
+                f"({kept_days} whole days = {kept_days * 86400} s), "
+                "so that a parked event is still deduplicated until it is applied or expires; "
+                "or raise SFWORKFLOW_RETENTION_DAYS"
             )
 
 
-def _convert(name: str, type_name: object, raw: str) -> object:
-    t = str(type_name)
-    try:
-        if t == "int":
-            return int(raw)
-        if t == "float":
-            return float(raw)
-        if t == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-    except ValueError as exc:
-        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {t}") from exc
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a setting accepts: `accepted` says it (in errors, as in the README), `ok` checks a value."""
+
+    accepted: str
+    ok: Callable[[object], bool]
+
+
+def _whole_in(low: int, high: int | None = None) -> Callable[[object], bool]:
+    def ok(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v and (high is None or v <= high)
+
+    return ok
+
+
+def _count(high: int | None = None, note: str = "") -> Rule:
+    most = f" and at most {high}" if high is not None else ""
+    return Rule(f"a whole number, at least 1{most}{note}", _whole_in(1, high))
+
+
+def _number(unit: str, low: float, *, low_ok: bool, high: float | None = None, note: str = "") -> Rule:
+    def ok(v: object) -> bool:
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (v >= low if low_ok else v > low) and (high is None or v <= high)
+
+    if low == 0:
+        span = "0 or more" if low_ok else "above 0"
+    else:
+        span = f"at least {low:g}" if low_ok else f"above {low:g}"
+    most = f" and at most {high:g}" if high is not None else ""
+    return Rule(f"a number of {unit}, {span}{most}{note}", ok)
+
+
+def _one_of(choices: tuple[str, ...], *, any_case: bool = False) -> Rule:
+    def ok(v: object) -> bool:
+        return isinstance(v, str) and (v.lower() if any_case else v) in choices
+
+    return Rule("one of " + ", ".join(choices) + (" (any case)" if any_case else ""), ok)
+
+
+def _url(*schemes: str) -> Rule:
+    def ok(v: object) -> bool:
+        if not isinstance(v, str):
+            return False
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 -- raises ValueError on a port that is not a number in 0..65535
+        except ValueError:
+            return False
+        return parts.scheme.lower() in schemes
+
+    accepted = " or ".join(f"{s}://" for s in schemes)
+    return Rule(f"a URL starting with {accepted} (special characters in the password %-encoded)", ok)
+
+
+def _host(v: object) -> bool:
+    return isinstance(v, str) and v != "" and not any(c.isspace() for c in v)
+
+
+def _token(v: object) -> bool:
+    return isinstance(v, str) and (v == "" or len(v) >= MIN_ADMIN_TOKEN_LENGTH)
+
+
+RULES: dict[str, Rule] = {  # one per Settings field, in field order
+    "database_url": _url("postgresql", "postgres"),
+    "amqp_url": _url("amqp", "amqps"),
+    "http_host": Rule("a host name or IP address to listen on (0.0.0.0: every interface)", _host),
+    "http_port": Rule(f"a whole number from 0 to {MAX_PORT} (0: any free port)", _whole_in(0, MAX_PORT)),
+    "prefetch": _count(MAX_PREFETCH, " (an AMQP prefetch count)"),
+    "consumers": _count(),
+    "batch_size": _count(),
+    "batch_linger_ms": _number(
+        "milliseconds", 0, low_ok=True, note=" (0: a batch is what is already delivered, without waiting for more)"
+    ),
+    "pool_size": _count(),
+    "max_message_bytes": _count(),
+    "park_timeout_s": _number("seconds", 0, low_ok=False, note=" and at most SFWORKFLOW_RETENTION_DAYS"),
+    "timer_poll_ms": _number("milliseconds", 0, low_ok=False),
+    "relay_poll_ms": _number("milliseconds", 0, low_ok=False),
+    "relay_batch": _count(),
+    "shutdown_timeout_s": _number("seconds", 0, low_ok=False),
+    "queue_type": _one_of(QUEUE_TYPES),
+    "retention_days": _number(
+        "days",
+        MIN_RETENTION_DAYS,
+        low_ok=True,
+        high=MAX_RETENTION_DAYS,
+        note=f" ({MIN_RETENTION_DAYS} days is the redelivery window, REDELIVERY_WINDOW_DAYS: the inbox must keep an "
+        "event's id that long to recognise a re-published or redelivered copy as a duplicate)",
+    ),
+    "stuck_after_s": _number("seconds", 0, low_ok=False),
+    "log_level": _one_of(LOG_LEVELS, any_case=True),
+    "log_format": _one_of(LOG_FORMATS, any_case=True),
+    "use_uvloop": Rule("one of " + ", ".join(BOOLEANS) + " (any case)", lambda v: isinstance(v, bool)),
+    "admin_token": Rule(
+        f"at least {MIN_ADMIN_TOKEN_LENGTH} random characters (e.g. python -c 'import secrets; "
+        "print(secrets.token_urlsafe(32))'), or leave it empty to turn the admin API off",
+        _token,
+    ),
+}
+SECRETS = frozenset({"admin_token"})  # never shown, in errors or anywhere else
+URLS = frozenset({"database_url", "amqp_url"})  # shown only with their password redacted
+
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _parse(name: str, type_name: str, raw: str) -> object:
+    """The typed value of `raw`, or a SettingsError: plain ASCII decimals only (no '1_000', 'nan', '0x10')."""
+    text = raw.strip()
+    if type_name == "int":
+        if _WHOLE.fullmatch(text):
+            return int(text)
+        raise _refusal(name, raw)
+    if type_name == "float":
+        if _DECIMAL.fullmatch(text):
+            return float(text)  # may be inf ('1e999'): the rule refuses it
+        raise _refusal(name, raw)
+    if type_name == "bool":
+        if text.lower() in BOOLEANS:
+            return BOOLEANS[text.lower()]
+        raise _refusal(name, raw)
+    if name in ("log_level", "log_format"):
+        return text.lower()
     return raw
+
+
+def _shown(name: str, value: object) -> str:
+    if name in SECRETS:
+        return "(not shown)"
+    if name in URLS and isinstance(value, str):
+        return repr(redact_url(value))
+    return repr(value)
+
+
+def _refusal(name: str, value: object) -> SettingsError:
+    var = PREFIX + name.upper()
+    accepted = RULES[name].accepted
+    if name in SECRETS:  # the message names the length, never the value
+        size = f"{len(value)} characters" if isinstance(value, str) else f"a {type(value).__name__}"
+        return SettingsError(f"{var} is too short ({size}; the value is never shown): use {accepted}")
+    return SettingsError(f"{var}={_shown(name, value)}: use {accepted}")
 
 
 def redact_url(url: str) -> str:

@@ -1,12 +1,17 @@
-"""`Settings.from_env` (given an explicit env mapping) and `redact_url`."""
+"""`Settings.from_env` (given an explicit env mapping), its validation, and `redact_url`."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 
+from sfworkflow import settings as settings_module
 from sfworkflow.settings import Settings, SettingsError, redact_url
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_empty_env_gives_the_defaults() -> None:
@@ -48,7 +53,9 @@ def test_env_values_are_read_and_converted() -> None:
         ("false", False),
         ("no", False),
         ("off", False),
-        ("nonsense", False),
+        ("Off", False),
+        ("YES", True),
+        ("On ", True),
     ],
 )
 def test_bool_conversion(raw: str, expected: bool) -> None:
@@ -94,7 +101,7 @@ def test_bad_queue_type_is_rejected(queue_type: str) -> None:
     "var", ["PREFETCH", "CONSUMERS", "BATCH_SIZE", "POOL_SIZE", "MAX_MESSAGE_BYTES", "RELAY_BATCH"]
 )
 def test_counts_must_be_positive(var: str) -> None:
-    with pytest.raises(SettingsError, match=f"SFWORKFLOW_{var} must be at least 1"):
+    with pytest.raises(SettingsError, match=f"SFWORKFLOW_{var}='0': use a whole number, at least 1"):
         Settings.from_env({f"SFWORKFLOW_{var}": "0"})
 
 
@@ -111,6 +118,216 @@ def test_settings_error_is_a_value_error() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().http_port = 1  # type: ignore[misc]
+
+
+# ---- every setting is validated ---------------------------------------------------------------------------
+def _error(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_env(env)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("raw", ["flase", "ture", "2", "-1", "y", "n", "t", "enabled", "disabled", "none"])
+def test_a_boolean_accepts_only_the_documented_words(raw: str) -> None:
+    message = _error({"SFWORKFLOW_USE_UVLOOP": raw})
+    assert message.startswith(f"SFWORKFLOW_USE_UVLOOP={raw!r}: ")
+    assert "true, false, 1, 0, yes, no, on, off" in message
+
+
+@pytest.mark.parametrize("raw", ["99999", "65536", "-1", "80.0", "1_000", "1e3", " "])
+def test_the_http_port_is_a_whole_number_from_0_to_65535(raw: str) -> None:
+    message = _error({"SFWORKFLOW_HTTP_PORT": raw})
+    assert message.startswith(f"SFWORKFLOW_HTTP_PORT={raw!r}: ") and "0 to 65535" in message
+
+
+@pytest.mark.parametrize("raw", ["0", "1", "65535"])
+def test_the_http_port_bounds_are_accepted(raw: str) -> None:
+    assert Settings.from_env({"SFWORKFLOW_HTTP_PORT": raw}).http_port == int(raw)
+
+
+@pytest.mark.parametrize("raw", ["1.5", "2.0", "1_000", "1e3", "0x10", "٣"])
+def test_integers_are_plain_whole_numbers(raw: str) -> None:
+    message = _error({"SFWORKFLOW_CONSUMERS": raw})
+    assert message.startswith(f"SFWORKFLOW_CONSUMERS={raw!r}: use a whole number")
+
+
+def test_prefetch_fits_an_amqp_prefetch_count() -> None:
+    assert "65535" in _error({"SFWORKFLOW_PREFETCH": "65536", "SFWORKFLOW_BATCH_SIZE": "1"})
+    assert Settings.from_env({"SFWORKFLOW_PREFETCH": "65535"}).prefetch == 65535
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "Infinity", "1_0", "fast", "1,5"])
+@pytest.mark.parametrize(
+    "var",
+    ["BATCH_LINGER_MS", "PARK_TIMEOUT_S", "TIMER_POLL_MS", "RELAY_POLL_MS", "SHUTDOWN_TIMEOUT_S", "STUCK_AFTER_S"],
+)
+def test_durations_are_finite_numbers(var: str, raw: str) -> None:
+    message = _error({f"SFWORKFLOW_{var}": raw})
+    assert message.startswith(f"SFWORKFLOW_{var}={raw!r}: use a number of ")
+
+
+@pytest.mark.parametrize(
+    "var", ["PARK_TIMEOUT_S", "TIMER_POLL_MS", "RELAY_POLL_MS", "SHUTDOWN_TIMEOUT_S", "STUCK_AFTER_S"]
+)
+@pytest.mark.parametrize("raw", ["0", "-1", "-0.5"])
+def test_timeouts_and_poll_intervals_must_be_positive(var: str, raw: str) -> None:
+    message = _error({f"SFWORKFLOW_{var}": raw})
+    assert message.startswith(f"SFWORKFLOW_{var}={raw!r}: ") and "above 0" in message
+
+
+def test_the_batch_linger_may_be_0_but_not_negative() -> None:
+    assert Settings.from_env({"SFWORKFLOW_BATCH_LINGER_MS": "0"}).batch_linger_ms == 0.0
+    message = _error({"SFWORKFLOW_BATCH_LINGER_MS": "-1"})
+    assert message.startswith("SFWORKFLOW_BATCH_LINGER_MS='-1': ") and "0 or more" in message
+
+
+def test_durations_accept_decimals_and_exponents() -> None:
+    s = Settings.from_env({"SFWORKFLOW_TIMER_POLL_MS": "2.5e2", "SFWORKFLOW_RELAY_POLL_MS": " .5 "})
+    assert (s.timer_poll_ms, s.relay_poll_ms) == (250.0, 0.5)
+
+
+@pytest.mark.parametrize("raw", ["verbose", "warn", "trace", "fatal", "notset", "10"])
+def test_unknown_log_levels_are_rejected(raw: str) -> None:
+    message = _error({"SFWORKFLOW_LOG_LEVEL": raw})
+    assert message.startswith(f"SFWORKFLOW_LOG_LEVEL={raw!r}: ")
+    assert "debug, info, warning, error, critical" in message
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("debug", "debug"), ("INFO", "info"), ("Critical", "critical")])
+def test_log_levels_in_any_case(raw: str, expected: str) -> None:
+    assert Settings.from_env({"SFWORKFLOW_LOG_LEVEL": raw}).log_level == expected
+
+
+@pytest.mark.parametrize("raw", ["text", "plain", "jsonl", "pretty"])
+def test_unknown_log_formats_are_rejected(raw: str) -> None:
+    message = _error({"SFWORKFLOW_LOG_FORMAT": raw})
+    assert message.startswith(f"SFWORKFLOW_LOG_FORMAT={raw!r}: ") and "json, console" in message
+
+
+def test_log_formats_in_any_case() -> None:
+    assert Settings.from_env({"SFWORKFLOW_LOG_FORMAT": "Console"}).log_format == "console"
+    assert Settings.from_env({"SFWORKFLOW_LOG_FORMAT": "JSON"}).log_format == "json"
+
+
+def test_the_queue_type_error_names_the_choices() -> None:
+    message = _error({"SFWORKFLOW_QUEUE_TYPE": "lazy"})
+    assert message.startswith("SFWORKFLOW_QUEUE_TYPE='lazy': ") and "quorum, classic" in message
+
+
+@pytest.mark.parametrize(
+    ("var", "url", "secret"),
+    [
+        ("DATABASE_URL", "mysql://app:hunter2@db:3306/wf", "hunter2"),
+        ("DATABASE_URL", "db.internal:5432", None),
+        ("DATABASE_URL", "postgresql://app:hunter2@db:99999/wf", "hunter2"),
+        ("DATABASE_URL", "postgresql://app:hu#nter2@db:5432/wf", "nter2"),  # an unencoded '#' in the password
+        ("AMQP_URL", "http://u:hunter2@mq:5672/", "hunter2"),
+        ("AMQP_URL", "amqp://u:hunter2@mq:port/", "hunter2"),
+    ],
+)
+def test_bad_urls_are_rejected_without_their_password(var: str, url: str, secret: str | None) -> None:
+    message = _error({f"SFWORKFLOW_{var}": url})
+    assert message.startswith(f"SFWORKFLOW_{var}={redact_url(url)!r}: use ")
+    assert secret is None or secret not in message
+
+
+def test_postgres_and_amqps_url_schemes_are_accepted() -> None:
+    s = Settings.from_env({"SFWORKFLOW_DATABASE_URL": "postgres://app@db/wf", "SFWORKFLOW_AMQP_URL": "amqps://mq/"})
+    assert (s.database_url, s.amqp_url) == ("postgres://app@db/wf", "amqps://mq/")
+
+
+@pytest.mark.parametrize("token", ["s3cr3t-t0k3n", "fifteen-chars!!"])
+def test_a_short_admin_token_is_refused_without_showing_it(token: str) -> None:
+    message = _error({"SFWORKFLOW_ADMIN_TOKEN": token})
+    assert message.startswith("SFWORKFLOW_ADMIN_TOKEN is too short") and "at least 16" in message
+    assert token not in message and f"{len(token)} characters" in message
+
+
+def test_check_validates_directly_constructed_settings_too() -> None:
+    with pytest.raises(SettingsError, match=r"^SFWORKFLOW_HTTP_PORT=99999: "):
+        Settings(http_port=99999).check()
+    with pytest.raises(SettingsError, match=r"^SFWORKFLOW_USE_UVLOOP='yes': "):
+        Settings(use_uvloop="yes").check()  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match=r"^SFWORKFLOW_PARK_TIMEOUT_S=nan: "):
+        Settings(park_timeout_s=float("nan")).check()
+    with pytest.raises(SettingsError, match=r"^SFWORKFLOW_ADMIN_TOKEN is too short") as exc:
+        Settings(admin_token="s3cr3t").check()
+    assert "s3cr3t" not in str(exc.value)
+
+
+def test_overrides_are_validated() -> None:
+    with pytest.raises(SettingsError, match="SFWORKFLOW_RETENTION_DAYS"):
+        Settings.from_env({}, retention_days=0)
+
+
+def test_every_setting_has_a_rule() -> None:
+    assert set(settings_module.RULES) == {f.name for f in dataclasses.fields(Settings)}
+
+
+def test_the_defaults_and_what_the_tests_construct_pass_the_check() -> None:
+    Settings().check()
+    Settings(http_host="127.0.0.1", http_port=0, timer_poll_ms=50, relay_poll_ms=100, queue_type="classic").check()
+    Settings(park_timeout_s=0.5, shutdown_timeout_s=2.0, consumers=1, max_message_bytes=1024).check()
+
+
+# ---- retention: never shorter than the redelivery window -----------------------------------------------------
+def test_the_redelivery_window_is_7_days_and_the_default_retention_covers_it() -> None:
+    assert settings_module.REDELIVERY_WINDOW_DAYS == 7
+    assert settings_module.MIN_RETENTION_DAYS == settings_module.REDELIVERY_WINDOW_DAYS
+    assert settings_module.DEFAULT_RETENTION_DAYS >= settings_module.REDELIVERY_WINDOW_DAYS
+
+
+@pytest.mark.parametrize("raw", ["0", "0.5", "1", "6", "6.99", "-14"])
+def test_a_retention_shorter_than_the_redelivery_window_is_refused(raw: str) -> None:
+    """SFWORKFLOW_RETENTION_DAYS=0 used to empty the dedupe inbox on every sweep: redeliveries applied twice."""
+    message = _error({"SFWORKFLOW_RETENTION_DAYS": raw})
+    assert message.startswith(f"SFWORKFLOW_RETENTION_DAYS={raw!r}: ")
+    assert "at least 7" in message and "redelivery window" in message
+
+
+@pytest.mark.parametrize("raw", ["7", "7.5", "14", "365", "36500"])
+def test_a_retention_of_the_window_or_more_is_accepted(raw: str) -> None:
+    assert Settings.from_env({"SFWORKFLOW_RETENTION_DAYS": raw}).retention_days == float(raw)
+
+
+def test_a_retention_beyond_100_years_is_refused() -> None:
+    assert "36500" in _error({"SFWORKFLOW_RETENTION_DAYS": "36501"})  # the sweep's interval arithmetic overflows
+
+
+def test_the_park_timeout_may_not_outlast_the_retention() -> None:
+    """A parked event's inbox row must outlive its parking, or a redelivery of it is not deduplicated."""
+    week = 7 * 86400
+    assert Settings.from_env({"SFWORKFLOW_PARK_TIMEOUT_S": str(week)}).park_timeout_s == week
+    message = _error({"SFWORKFLOW_PARK_TIMEOUT_S": str(15 * 86400)})  # default retention: 14 days
+    assert message.startswith("SFWORKFLOW_PARK_TIMEOUT_S='1296000': ")
+    assert "SFWORKFLOW_RETENTION_DAYS" in message and "1209600" in message
+    env = {"SFWORKFLOW_PARK_TIMEOUT_S": str(week + 1), "SFWORKFLOW_RETENTION_DAYS": "7"}
+    assert "SFWORKFLOW_RETENTION_DAYS" in _error(env)
+    env["SFWORKFLOW_RETENTION_DAYS"] = "8"
+    assert Settings.from_env(env).park_timeout_s == week + 1
+
+
+def test_the_park_timeout_is_compared_with_whole_days_of_retention() -> None:
+    # The sweep deletes inbox rows older than make_interval(days => …), an integer: 7.9 days count as 7.
+    env = {"SFWORKFLOW_PARK_TIMEOUT_S": str(7.5 * 86400), "SFWORKFLOW_RETENTION_DAYS": "7.9"}
+    assert "SFWORKFLOW_RETENTION_DAYS" in _error(env)
+
+
+def _clean_environ(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("SFWORKFLOW_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_the_cli_refuses_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sfworkflow.cli import main
+
+    _clean_environ(monkeypatch, SFWORKFLOW_USE_UVLOOP="flase")
+    assert main(["diagram", "sequence"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sfworkflow: SFWORKFLOW_USE_UVLOOP='flase': ")
 
 
 # ---- redact_url ------------------------------------------------------------------------------------
