@@ -158,28 +158,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        line = unreachable(exc, settings)
+        line = connection_trouble(exc, settings)
         if line is None:
             raise
         print(line, file=sys.stderr)
         return 1
 
 
-def unreachable(exc: BaseException, settings: Settings) -> str | None:
-    """One line saying which dependency cannot be reached, when `exc` (or what caused it) is a connection
-    failure of PostgreSQL or RabbitMQ; None for any other error. The URL is shown with its password redacted."""
+# What went wrong connecting, with what to do; {what}: PostgreSQL or RabbitMQ, {variable}: its setting.
+UNREACHABLE = "cannot reach {what} at {url} ({error}); is it running, and is {variable} right?"
+LOGIN_REFUSED = "{what} at {url} refused the login ({error}); check the user and password in {variable}"
+NO_DATABASE = (
+    "{what} at {url} has no such database ({error}); run `sfworkflow migrate` to create it, or check {variable}"
+)
+
+
+def connection_trouble(exc: BaseException, settings: Settings) -> str | None:
+    """One line saying which dependency cannot be used and why, when `exc` (or what caused it) is a failure
+    to reach or log in to PostgreSQL or RabbitMQ; None for any other error. The URL's password is redacted."""
     for e in _causes(exc):
-        what = _dependency(e)
-        if what is not None:
+        found = _dependency(e)
+        if found is not None:
+            what, template = found
             url, variable = (
                 (settings.database_url, "SFWORKFLOW_DATABASE_URL")
                 if what == "PostgreSQL"
                 else (settings.amqp_url, "SFWORKFLOW_AMQP_URL")
             )
-            return (
-                f"sfworkflow: cannot reach {what} at {redact_url(url)} ({type(e).__name__}); "
-                f"is it running, and is {variable} right?"
-            )
+            text = template.format(what=what, url=redact_url(url), error=type(e).__name__, variable=variable)
+            return f"sfworkflow: {text}"
     return None
 
 
@@ -197,19 +204,27 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
 
 
-def _dependency(e: BaseException) -> str | None:
-    """The dependency (PostgreSQL or RabbitMQ) that `e` says cannot be reached or went away; else None."""
+def _dependency(e: BaseException) -> tuple[str, str] | None:
+    """(PostgreSQL or RabbitMQ, what went wrong) when `e` says one cannot be reached, went away, refused the
+    login or has no such database; else None."""
     import aio_pika
     import asyncpg
 
     from sfworkflow import db
 
+    if isinstance(e, aio_pika.exceptions.ProbableAuthenticationError):
+        return "RabbitMQ", LOGIN_REFUSED
     if isinstance(e, aio_pika.exceptions.AMQPConnectionError):
-        return "RabbitMQ"
+        return "RabbitMQ", UNREACHABLE
+    if isinstance(e, asyncpg.exceptions.InvalidAuthorizationSpecificationError):  # a wrong password or user
+        return "PostgreSQL", LOGIN_REFUSED
+    if isinstance(e, asyncpg.exceptions.InvalidCatalogNameError):
+        return "PostgreSQL", NO_DATABASE
     if isinstance(e, asyncpg.PostgresError | asyncpg.exceptions.ConnectionDoesNotExistError):
-        return "PostgreSQL" if db.is_connection_error(e) else None
+        return ("PostgreSQL", UNREACHABLE) if db.is_connection_error(e) else None
     if isinstance(e, OSError):  # refused, unreachable, no such host, timed out: whose driver was connecting?
-        return _driver_of(e)
+        driver = _driver_of(e)
+        return None if driver is None else (driver, UNREACHABLE)
     return None
 
 

@@ -181,3 +181,22 @@ async def test_migrate_instances_says_in_one_line_that_it_cannot_reach_postgresq
     assert rc == 1 and "Traceback" not in err and PASSWORD not in out + err, err[-3000:]
     [line] = err.splitlines()
     assert line.startswith("sfworkflow: ") and all(w in line for w in PG), line
+
+
+async def test_a_refused_login_or_a_missing_database_is_one_line_saying_so(amqp_url: str) -> None:
+    """Reachable, but unusable as configured: the line says what to fix instead of "is it running?"."""
+    wrong = amqp_url.replace("guest:guest@", f"guest:{PASSWORD}@")
+    assert wrong != amqp_url
+    missing_db = f"{PG_SERVER}/sfw_no_such_db_{uuid.uuid4().hex[:8]}"
+    login, database = await asyncio.gather(
+        asyncio.to_thread(_entry_point, ["worker", "--seconds", "1"], SFWORKFLOW_AMQP_URL=wrong),
+        asyncio.to_thread(_entry_point, ["stuck"], SFWORKFLOW_DATABASE_URL=missing_db),
+    )
+    for proc, words in (
+        (login, ["RabbitMQ", redact_url(wrong), "refused the login", "SFWORKFLOW_AMQP_URL"]),
+        (database, ["PostgreSQL", missing_db, "has no such database", "sfworkflow migrate"]),
+    ):
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert PASSWORD not in proc.stderr + proc.stdout
+        [line] = proc.stderr.splitlines()
+        assert all(w in line for w in words), (words, line)
