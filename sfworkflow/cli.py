@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from sfworkflow.errors import SfworkflowError, UsageError
-from sfworkflow.settings import Settings, SettingsError, redact_url
+from sfworkflow.settings import Settings, SettingsError, log_unknown_variables, redact_url
 
 
 def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if args.command not in SERVICE_COMMANDS:
         _quiet_drivers()
+    log_unknown_variables()  # a warning per SFWORKFLOW_* variable sfworkflow does not read (a typo?)
     try:
         return _run(COMMANDS[args.command](settings, args), settings)
     except UsageError as exc:

@@ -3,16 +3,20 @@
 Every default works against this machine's local PostgreSQL and RabbitMQ. Every value is checked at
 start-up (`Settings.from_env`, `Settings.check`): a value sfworkflow cannot use is a `SettingsError` naming
 the variable, the value given (never a secret's; URLs with their password redacted) and what to use instead.
+An unknown `SFWORKFLOW_*` variable (most likely a typo) is a warning (`unknown_variables`).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit, urlunsplit
+
+import structlog
 
 PREFIX = "SFWORKFLOW_"
 
@@ -50,6 +54,12 @@ QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
+
+# SFWORKFLOW_* variables sfworkflow reads that are not settings: fault injection (sfworkflow/faults.py), the
+# JSON Schema directory (sfworkflow/schemas.py), the chaos suite's base port (bench/chaos.py); and the
+# prefixes of the test suite's and the benchmarks' own variables.
+OTHER_VARIABLES = ("SFWORKFLOW_FAULT_POINT", "SFWORKFLOW_FAULT_AFTER", "SFWORKFLOW_SCHEMA_DIR", "SFWORKFLOW_CHAOS_PORT")
+OTHER_PREFIXES = ("SFWORKFLOW_TEST_", "SFWORKFLOW_BENCH_")
 
 
 class SettingsError(ValueError):
@@ -275,6 +285,47 @@ def _refusal(name: str, value: object) -> SettingsError:
         size = f"{len(value)} characters" if isinstance(value, str) else f"a {type(value).__name__}"
         return SettingsError(f"{var} is too short ({size}; the value is never shown): use {accepted}")
     return SettingsError(f"{var}={_shown(name, value)}: use {accepted}")
+
+
+# ---- unknown SFWORKFLOW_* variables ----------------------------------------------------------------------------
+def known_variables() -> tuple[str, ...]:
+    """Every SFWORKFLOW_* variable sfworkflow reads by its full name (besides those under OTHER_PREFIXES)."""
+    return tuple(PREFIX + f.name.upper() for f in fields(Settings)) + OTHER_VARIABLES
+
+
+def _unknown(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """(variable, the known one it most likely means or None) per unknown SFWORKFLOW_* variable, by name."""
+    known = known_variables()
+    by_suffix = {k[len(PREFIX) :]: k for k in known}
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or name in known or name.startswith(OTHER_PREFIXES):
+            continue
+        if upper in known or upper.startswith(OTHER_PREFIXES):
+            out.append((name, upper))  # the right name in the wrong case: the environment is case-sensitive
+            continue
+        # Compare what follows the prefix: every name shares it, which would make anything look close.
+        close = difflib.get_close_matches(upper[len(PREFIX) :], list(by_suffix), n=1)
+        out.append((name, by_suffix[close[0]] if close else None))
+    return out
+
+
+def _sentence(name: str, suggestion: str | None) -> str:
+    sentence = f"{name} is not a setting sfworkflow knows"
+    return f"{sentence}; did you mean {suggestion}?" if suggestion else sentence
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One warning sentence per SFWORKFLOW_* variable of `env` that sfworkflow does not read (names, no values)."""
+    return [_sentence(name, suggestion) for name, suggestion in _unknown(env)]
+
+
+def log_unknown_variables(env: Mapping[str, str] | None = None) -> None:
+    """Log `unknown_variables` as structured warnings: once per start-up, after logging is configured."""
+    log = structlog.get_logger("sfworkflow.settings")
+    for name, suggestion in _unknown(os.environ if env is None else env):
+        log.warning(_sentence(name, suggestion), variable=name, did_you_mean=suggestion)
 
 
 def redact_url(url: str) -> str:

@@ -1,9 +1,11 @@
-"""`Settings.from_env` (given an explicit env mapping), its validation, and `redact_url`."""
+"""`Settings.from_env` (given an explicit env mapping), its validation, `unknown_variables` and `redact_url`."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -328,6 +330,76 @@ def test_the_cli_refuses_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert main(["diagram", "sequence"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sfworkflow: SFWORKFLOW_USE_UVLOOP='flase': ")
+
+
+# ---- unknown SFWORKFLOW_* variables: warnings ------------------------------------------------------------------
+def test_a_misspelt_variable_gets_a_suggestion() -> None:
+    assert settings_module.unknown_variables({"SFWORKFLOW_RETENTON_DAYS": "3"}) == [
+        "SFWORKFLOW_RETENTON_DAYS is not a setting sfworkflow knows; did you mean SFWORKFLOW_RETENTION_DAYS?"
+    ]
+
+
+def test_a_variable_in_the_wrong_case_gets_a_suggestion() -> None:
+    assert settings_module.unknown_variables({"sfworkflow_prefetch": "3"}) == [
+        "sfworkflow_prefetch is not a setting sfworkflow knows; did you mean SFWORKFLOW_PREFETCH?"
+    ]
+
+
+def test_an_unknown_variable_without_a_close_match() -> None:
+    assert settings_module.unknown_variables({"SFWORKFLOW_ZZZ": "1", "PATH": "/bin", "XSFWORKFLOW_A": "1"}) == [
+        "SFWORKFLOW_ZZZ is not a setting sfworkflow knows"
+    ]
+
+
+def test_the_warnings_never_show_values() -> None:
+    out = settings_module.unknown_variables({"SFWORKFLOW_ADMIN_TOKN": "a-secret-value-here", "SFWORKFLOW_X": "v4l"})
+    assert len(out) == 2 and not any("a-secret-value-here" in w or "v4l" in w for w in out)
+    assert out == sorted(out)
+
+
+def test_known_variables_are_not_reported() -> None:
+    env = {f"SFWORKFLOW_{f.name.upper()}": "x" for f in dataclasses.fields(Settings)}
+    env |= {
+        "SFWORKFLOW_FAULT_POINT": "after_commit_before_ack",
+        "SFWORKFLOW_FAULT_AFTER": "3",
+        "SFWORKFLOW_SCHEMA_DIR": "/schemas",
+        "SFWORKFLOW_CHAOS_PORT": "8130",
+        "SFWORKFLOW_TEST_PG": "postgresql://h",
+        "SFWORKFLOW_TEST_ANYTHING_ELSE": "1",
+        "SFWORKFLOW_BENCH_PG": "postgresql://h",
+        "SFWORKFLOW_BENCH_HTTP_PORT": "8097",
+    }
+    assert settings_module.unknown_variables(env) == []
+
+
+def test_every_variable_the_repository_reads_is_known() -> None:
+    """grep: each SFWORKFLOW_* name written in the code, tests, benchmarks and scripts is one sfworkflow knows."""
+    names: set[str] = set()
+    files = [*REPO.glob("sfworkflow/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("bench/**/*.py")]
+    files += [*REPO.glob("scripts/*"), REPO / "Dockerfile"]
+    for path in files:
+        if path.resolve() == Path(__file__).resolve():
+            continue  # this file's misspelt names are on purpose
+        names |= set(re.findall(r"\bSFWORKFLOW_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    names -= {"SFWORKFLOW_HEADER_PREFIX"}  # a Python constant (x-sfworkflow- headers), not a variable
+    assert {"SFWORKFLOW_FAULT_POINT", "SFWORKFLOW_CHAOS_PORT", "SFWORKFLOW_TEST_PG"} <= names
+    assert settings_module.unknown_variables(dict.fromkeys(names, "")) == []
+
+
+def test_the_cli_logs_unknown_variables_as_warnings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sfworkflow.cli import main
+
+    _clean_environ(monkeypatch, SFWORKFLOW_RETENTON_DAYS="3", SFWORKFLOW_LOG_FORMAT="json")
+    assert main(["diagram", "sequence"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warnings = [line for line in lines if line.get("level") == "warning"]
+    assert [w["event"] for w in warnings] == [
+        "SFWORKFLOW_RETENTON_DAYS is not a setting sfworkflow knows; did you mean SFWORKFLOW_RETENTION_DAYS?"
+    ]
+    assert warnings[0]["variable"] == "SFWORKFLOW_RETENTON_DAYS"
+    assert warnings[0]["did_you_mean"] == "SFWORKFLOW_RETENTION_DAYS"
 
 
 # ---- redact_url ------------------------------------------------------------------------------------
