@@ -402,6 +402,15 @@ def test_the_cli_logs_unknown_variables_as_warnings(
     assert warnings[0]["did_you_mean"] == "SFWORKFLOW_RETENTION_DAYS"
 
 
+# ---- README -----------------------------------------------------------------------------------------------
+def test_the_readme_documents_every_setting_and_the_redelivery_window() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(Settings):
+        assert f"`SFWORKFLOW_{f.name.upper()}`" in section, f.name
+    assert "REDELIVERY_WINDOW_DAYS" in section and "7 days" in section
+
+
 # ---- redact_url ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("url", "expected"),
