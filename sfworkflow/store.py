@@ -95,6 +95,8 @@ class _Parked:
     headers: dict[str, Any]
     db_id: int | None = None  # None: parked in this batch, not stored yet
     done: bool = False
+    awaiting_version: int | None = None  # parked by a replica without the instance's definition version
+    tried: bool = False  # stepped in this batch (by a replica that has the version)
 
 
 @dataclass(slots=True)
@@ -104,6 +106,9 @@ class _Run:
     key: InstanceKey
     compiled: CompiledWorkflow
     row_id: int | None = None
+    # The instance's definition version when this replica has not loaded it (a rolling deploy): its
+    # events are parked for a replica that has it, nothing is stepped.
+    foreign_version: int | None = None
     view: InstanceView | None = None
     correlation_id: str | None = None  # the instance's, from its row (set when it was created)
     loaded_version: int = 0
@@ -222,15 +227,17 @@ class Store:
             out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)
         return out
 
-    async def redrive_parked(self, key: InstanceKey, expect_version: int) -> int | None:
-        """Retry an instance's parked events now (replay); how many were applied, None if it changed meanwhile."""
+    async def redrive_parked(self, key: InstanceKey, expect_version: int | None = None) -> int | None:
+        """Retry an instance's parked events now (replay, or events that waited for a definition version);
+        how many were applied; None if it changed meanwhile (its version is not `expect_version`), is
+        gone, or is on a definition version this process has not loaded."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
-            if not rows or rows[0]["version"] != expect_version:
+            if not rows or (expect_version is not None and rows[0]["version"] != expect_version):
                 return None
             batch = _Batch(conn, self.engine, self.park_timeout)
             run = batch._run_from_row(rows[0])
-            if run is None:
+            if run is None or run.foreign_version is not None:
                 return None
             await batch._load_parked([run])
             batch._settle(run)
@@ -238,23 +245,46 @@ class Store:
         self._committed(batch.report)
         return sum(batch.report.unparked.values())
 
-    async def expire_parked(self, limit: int = 500) -> int:
-        """Dead-letter parked events past their deadline with reason `transition_not_allowed`."""
+    async def redrive_awaiting_version(self, limit: int = 100) -> int:
+        """Re-drive instances on a definition version this process has loaded whose events were parked by
+        a replica without it (a rolling deploy); how many of those events were applied."""
+        loaded = sorted(self.engine.compiled)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                q("instances_awaiting_version"), [w for w, _ in loaded], [v for _, v in loaded], limit
+            )
+        applied = 0
+        for r in rows:
+            n = await self.redrive_parked(InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"]))
+            applied += n or 0
+        return applied
+
+    async def expire_parked(self, limit: int = 500) -> Counter[str]:
+        """Dead-letter parked events past their deadline: `transition_not_allowed`, or
+        `unknown_definition_version` for events that waited for a version no replica brought; counts by reason."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(q("take_expired_parked"), limit)
+            counts: Counter[str] = Counter()
             if not rows:
-                return 0
+                return counts
             out = []
             for r in rows:
+                if r["awaiting_version"] is None:
+                    reason = DeadReason.TRANSITION_NOT_ALLOWED
+                    became = "become applicable"
+                else:
+                    reason = DeadReason.UNKNOWN_DEFINITION_VERSION
+                    became = f"reach a replica that has {r['workflow']} v{r['awaiting_version']}"
+                counts[str(reason)] += 1
                 detail = (
                     f"{r['event_type']} was parked at {r['parked_at'].isoformat()} ({r['reason']}) and did not "
-                    f"become applicable before its deadline {r['deadline'].isoformat()}"
+                    f"{became} before its deadline {r['deadline'].isoformat()}"
                 )
                 out.append(
                     dead_letter_row(
                         r["body"],
                         r["headers"],
-                        DeadReason.TRANSITION_NOT_ALLOWED,
+                        reason,
                         detail,
                         message_id_seed=f"parked/{r['tenant_id']}/{r['event_id']}",
                         routing_key=r["event_type"],
@@ -269,11 +299,11 @@ class Store:
                     entity_id=r["entity_id"],
                     event_id=r["event_id"],
                     event_type=r["event_type"],
-                    reason=str(DeadReason.TRANSITION_NOT_ALLOWED),
+                    reason=str(reason),
                 )
             await conn.fetch(q("insert_outbox"), *_columns(out, 8))
         self._committed(BatchReport(outbox_rows=len(out)))
-        return len(rows)
+        return counts
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -347,7 +377,7 @@ class _Batch:
         by_id: dict[int, _Run] = {}
         for r in rows:
             run = self._run_from_row(r)
-            if run is not None:
+            if run is not None and run.foreign_version is None:
                 by_id[r["id"]] = run
         await self._load_parked([run for run in by_id.values() if run.loaded_parked_count > 0])
         for t in timers:
@@ -431,22 +461,33 @@ class _Batch:
             [
                 run
                 for run in self.runs.values()
-                if run.row_id is not None and (run.loaded_parked_count > 0 or run.loaded_version == 0)
+                if run.row_id is not None
+                and run.foreign_version is None
+                and (run.loaded_parked_count > 0 or run.loaded_version == 0)
             ]
         )
+        for run in self.runs.values():
+            # Events that waited for this replica's definition version came first: try them first.
+            if run.view is not None and any(p.awaiting_version is not None for p in run.parked):
+                self._settle(run)
 
     def _run_from_row(self, r: asyncpg.Record) -> _Run | None:
         key = InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])
         compiled = self.engine.workflow(r["workflow"], r["definition_version"])
         if compiled is None:
-            log.error(
-                "instance is on a definition version that is not loaded",
-                tenant_id=key.tenant_id,
-                workflow=key.workflow,
-                entity_id=key.entity_id,
-                definition_version=r["definition_version"],
+            latest = self.engine.workflow(r["workflow"])
+            if latest is None:
+                return None
+            run = _Run(
+                key=key,
+                compiled=latest,
+                row_id=r["id"],
+                loaded_version=r["version"],
+                loaded_parked_count=r["parked_count"],
+                foreign_version=r["definition_version"],
             )
-            return None
+            self.runs[key] = run
+            return run
         view = None
         if r["version"] > 0:
             view = InstanceView(
@@ -481,7 +522,9 @@ class _Batch:
             except Exception:  # stored before a schema change; leave it for the expiry sweep
                 log.exception("parked event cannot be read", event_id=r["event_id"])
                 continue
-            run.parked.append(_Parked(event, r["body"], r["headers"], db_id=r["id"]))
+            run.parked.append(
+                _Parked(event, r["body"], r["headers"], db_id=r["id"], awaiting_version=r["awaiting_version"])
+            )
 
     # ---- engine --------------------------------------------------------------------------------
     def _step(self, run: _Run, event: EngineEvent) -> Decision | None:
@@ -491,10 +534,25 @@ class _Batch:
         return self.engine.step(run.compiled, run.key, run.view, event, self.now)
 
     def _offer_external(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        if run.foreign_version is not None:
+            self._leave_for_version(run, e, d)
+            return
         if run.deferred or run.waiting_for_answers():
             run.deferred.append((e, d))
             return
         self._offer_now(run, e, d)
+
+    def _leave_for_version(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        """Park an event of an instance on a definition version this replica has not loaded, for a replica
+        that has it (it re-drives the instance's parked events, see Store.redrive_awaiting_version)."""
+        run.parked.append(_Parked(e, d.body, d.headers, awaiting_version=run.foreign_version))
+        self.report.events[(run.key.workflow, "awaiting_version")] += 1
+        log.warning(
+            "event left for a replica with the instance's definition version",
+            tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id,
+            event_type=e.event_type, definition_version=run.foreign_version,
+            loaded_versions=sorted(v for w, v in self.engine.compiled if w == e.workflow),
+        )  # fmt: skip
 
     def _offer_now(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
         with structlog.contextvars.bound_contextvars(
@@ -640,6 +698,7 @@ class _Batch:
             for p in run.parked:
                 if p.done:
                     continue
+                p.tried = True
                 try:
                     decision = self._step(run, _engine_event(p.event))
                 except Exception as exc:
@@ -831,7 +890,8 @@ class _Batch:
     async def finish(self) -> None:
         await self._resolve_requests()
         conn = self.conn
-        upd, history, parked_new, parked_done = [], [], [], []
+        upd, history, parked_new, parked_done, parked_tried = [], [], [], [], []
+        foreign_ids, foreign_added = [], []
         cancel_all_ids, cancel_ids, cancel_names, timers = [], [], [], []
         outbox: list[tuple[Any, ...]] = list(self.dead)
         for run in self.runs.values():
@@ -840,7 +900,13 @@ class _Batch:
                     parked_done.append(p.db_id)
                 elif not p.done and p.db_id is None:
                     parked_new.append(p)
+                elif not p.done and p.tried and p.awaiting_version is not None:
+                    parked_tried.append(p.db_id)  # a replica with the version has seen it: an ordinary parked event
             if run.row_id is None:
+                continue
+            if run.foreign_version is not None:
+                foreign_ids.append(run.row_id)
+                foreign_added.append(sum(1 for p in run.parked if p.db_id is None))
                 continue
             parked_count = sum(1 for p in run.parked if not p.done)
             if run.changed or parked_count != run.loaded_parked_count:
@@ -904,9 +970,14 @@ class _Batch:
                 [p.event.event_type for p in parked_new],
                 [p.body for p in parked_new],
                 [p.headers for p in parked_new],
-                [f"{p.event.name} not allowed yet" for p in parked_new],
+                [_park_reason(p) for p in parked_new],
                 [self.deadline] * len(parked_new),
+                [p.awaiting_version for p in parked_new],
             )
+        if foreign_ids:
+            await conn.execute(q("raise_parked_counts"), foreign_ids, foreign_added)
+        if parked_tried:
+            await conn.execute(q("clear_awaiting_version"), parked_tried)
         if parked_done:
             await conn.execute(q("delete_parked"), parked_done)
         if self.releases:
@@ -927,6 +998,14 @@ class _Batch:
         if outbox:
             await conn.fetch(q("insert_outbox"), *_columns(outbox, 8))
             self.report.outbox_rows = len(outbox)
+
+
+def _park_reason(p: _Parked) -> str:
+    if p.awaiting_version is not None:
+        return (
+            f"the instance is on {p.event.workflow} v{p.awaiting_version}, which the receiving replica has not loaded"
+        )
+    return f"{p.event.name} not allowed yet"
 
 
 def _engine_event(e: IncomingEvent) -> EngineEvent:

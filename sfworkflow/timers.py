@@ -59,9 +59,11 @@ class TimerLoop:
                 if fired:
                     self.metrics.record(report)
                 if time.monotonic() >= next_sweep:
-                    expired = await self.store.expire_parked()
-                    if expired:
-                        self.metrics.dead.labels("transition_not_allowed").inc(expired)
+                    for reason, n in (await self.store.expire_parked()).items():
+                        self.metrics.dead.labels(reason).inc(n)
+                    unparked = await self.store.redrive_awaiting_version()
+                    if unparked:
+                        log.info("events that waited for this replica's definition versions applied", applied=unparked)
                     next_sweep = time.monotonic() + PARKED_SWEEP_S
                 if time.monotonic() >= next_prune:
                     pruned = await self.store.prune(self.retention_days)

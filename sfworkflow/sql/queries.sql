@@ -27,7 +27,7 @@ FOR UPDATE OF i
 
 -- load_parked --
 -- Parked events of some instances, oldest first, locked so the expiry sweep cannot take them too.
-SELECT p.id, p.tenant_id, p.workflow, p.entity_id, p.event_id, p.body, p.headers, p.deadline
+SELECT p.id, p.tenant_id, p.workflow, p.entity_id, p.event_id, p.body, p.headers, p.deadline, p.awaiting_version
 FROM sfworkflow.parked p
 JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
   USING (tenant_id, workflow, entity_id)
@@ -42,8 +42,8 @@ SET state = u.state,
     version = u.version,
     terminal = u.terminal,
     parked_count = u.parked_count,
-    last_event_id = u.last_event_id,
-    last_event_type = u.last_event_type,
+    last_event_id = COALESCE(u.last_event_id, i.last_event_id),
+    last_event_type = COALESCE(u.last_event_type, i.last_event_type),
     state_entered_at = CASE WHEN i.state <> u.state THEN now() ELSE i.state_entered_at END,
     updated_at = now()
 FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::bigint[], $5::bool[], $6::int[], $7::uuid[], $8::text[])
@@ -80,11 +80,32 @@ ON CONFLICT (effect_key) DO NOTHING
 RETURNING effect_key
 
 -- insert_parked --
--- Park events that are not allowed yet.
-INSERT INTO sfworkflow.parked (tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, deadline)
+-- Park events that are not allowed yet, or that wait for a replica with their instance's definition version.
+INSERT INTO sfworkflow.parked (tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, deadline,
+                               awaiting_version)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::bytea[], $7::jsonb[],
-                     $8::text[], $9::timestamptz[])
+                     $8::text[], $9::timestamptz[], $10::int[])
 ON CONFLICT ON CONSTRAINT parked_event DO NOTHING
+
+-- raise_parked_counts --
+-- Instances on a definition version this replica has not loaded: count the events parked for them.
+UPDATE sfworkflow.instance AS i SET parked_count = i.parked_count + u.n
+FROM unnest($1::bigint[], $2::int[]) AS u(id, n)
+WHERE i.id = u.id
+
+-- clear_awaiting_version --
+-- Parked events a replica with their definition version has tried: from now on they wait for a transition.
+UPDATE sfworkflow.parked SET awaiting_version = NULL WHERE id = ANY($1::bigint[])
+
+-- instances_awaiting_version --
+-- Instances on one of the given (workflow, definition version) pairs with events parked for that version.
+SELECT DISTINCT i.tenant_id, i.workflow, i.entity_id
+FROM sfworkflow.parked p
+JOIN sfworkflow.instance i USING (tenant_id, workflow, entity_id)
+WHERE p.awaiting_version IS NOT NULL
+  AND (p.workflow, p.awaiting_version) IN (SELECT * FROM unnest($1::text[], $2::int[]))
+  AND i.definition_version = p.awaiting_version
+LIMIT $3
 
 -- delete_parked --
 -- Remove parked events that were applied or ignored.
@@ -127,7 +148,8 @@ SELECT EXTRACT(EPOCH FROM (min(due_at) - now()))::float8 FROM sfworkflow.timer
 DELETE FROM sfworkflow.parked
 WHERE id IN (SELECT id FROM sfworkflow.parked WHERE deadline <= now() ORDER BY deadline LIMIT $1
              FOR UPDATE SKIP LOCKED)
-RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, parked_at, deadline
+RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, parked_at, deadline,
+          awaiting_version
 
 -- claim_outbox --
 -- Unpublished messages due for a publish attempt, in order, skipping rows another relay holds.
