@@ -21,7 +21,7 @@ from sfworkflow.store import BatchReport
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
-OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered")
+OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = ("command", "compensation", "lifecycle", "dead_letter")
 
 
@@ -77,6 +77,16 @@ class Metrics:
             registry=r,
         )
         self.timers_fired = Counter("sfworkflow_timers_fired", "Durable timers fired by the timer loop.", registry=r)
+        self.timer_failures = Counter(
+            "sfworkflow_timer_failures",
+            "Timers put back (RETRY_FAILED_TIMER later) because firing them failed; the instance's history says why.",
+            registry=r,
+        )
+        self.timers_unfireable = Gauge(
+            "sfworkflow_timers_unfireable",
+            "Due timers of instances on definition versions this replica has not loaded (a rolling deploy).",
+            registry=r,
+        )
         self.batch_retries = Counter(
             "sfworkflow_batch_retries", "Batch transactions retried after a transient database error.", registry=r
         )
@@ -174,6 +184,8 @@ class Metrics:
             self.unparked.labels(workflow).inc(n)
         if report.timers_fired:
             self.timers_fired.inc(report.timers_fired)
+        if report.timer_failures:
+            self.timer_failures.inc(report.timer_failures)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

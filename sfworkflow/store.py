@@ -17,6 +17,7 @@ acking the whole batch after commit loses nothing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import traceback
 import uuid
@@ -30,7 +31,7 @@ import asyncpg
 import orjson
 import structlog
 
-from sfworkflow.db import q
+from sfworkflow.db import is_transient, q
 from sfworkflow.definition import (
     ID_NAMESPACE,
     EngineEvent,
@@ -50,7 +51,8 @@ EXCHANGE_COMMANDS = "sfworkflow.commands"
 EXCHANGE_COMPENSATIONS = "sfworkflow.compensations"
 EXCHANGE_LIFECYCLE = "sfworkflow.lifecycle"
 DEAD_LETTER_QUEUE = "sfworkflow.dead"
-MAX_STEPS_PER_INSTANCE = 1000  # per batch: a guard against a definition that loops on itself
+MAX_TRANSITIONS_PER_INSTANCE = 1000  # applied transitions per instance per batch: a definition that loops
+# on itself (timers already due, feedback) trips it; retries of parked events that do not apply do not count
 RETRY_FAILED_TIMER = timedelta(seconds=60)  # a timer whose step raised fires again this much later
 
 _EXCHANGE_OF_KIND = {
@@ -58,6 +60,10 @@ _EXCHANGE_OF_KIND = {
     "compensation": EXCHANGE_COMPENSATIONS,
     "lifecycle": EXCHANGE_LIFECYCLE,
 }
+
+
+class StepLimitExceeded(RuntimeError):
+    """An instance made more than MAX_TRANSITIONS_PER_INSTANCE transitions in one batch; the batch is split."""
 
 
 @dataclass(slots=True)
@@ -85,6 +91,7 @@ class BatchReport:
     dead: Counter[str] = field(default_factory=Counter)  # reason
     unparked: Counter[str] = field(default_factory=Counter)  # workflow
     timers_fired: int = 0
+    timer_failures: int = 0  # timers put back because firing them failed
     outbox_rows: int = 0
 
 
@@ -97,6 +104,19 @@ class _Parked:
     done: bool = False
     awaiting_version: int | None = None  # parked by a replica without the instance's definition version
     tried: bool = False  # stepped in this batch (by a replica that has the version)
+
+
+@dataclass(slots=True)
+class _Mark:
+    """A run and its batch as they were before one unit of work (see _Batch._mark)."""
+
+    run: _Run
+    timer_ops: dict[str, TimerRequest | None]
+    lengths: tuple[int, ...]
+    parked: list[tuple[bool, bool]]
+    registers: dict[str, tuple[Any, _Run]]
+    claimed_here: dict[str, _Run]
+    report: BatchReport
 
 
 @dataclass(slots=True)
@@ -131,7 +151,7 @@ class _Run:
     changed: bool = False
     terminal: bool = False
     last_event: tuple[str | None, str | None] = (None, None)
-    steps: int = 0
+    transitions: int = 0  # applied in this batch: what the guard counts
 
 
 def dead_letter_row(
@@ -203,19 +223,82 @@ class Store:
         return self._committed(batch.report)
 
     async def fire_due_timers(self, limit: int = 256) -> BatchReport:
-        """Fire due timers of instances no other process holds; `timers_fired` says how many."""
+        """Fire due timers of instances no other process holds, on definition versions this process has
+        loaded (in a rolling deploy the other versions' replicas fire the rest); `timers_fired` says how
+        many were taken, `timer_failures` how many were put back.
+
+        A timer whose firing raises is put back by the batch itself (see _Batch.take_timers). When the
+        transaction fails as a whole for a reason that is not transient (a command that cannot be
+        written, say), each instance's timers are fired alone, and an instance that fails alone has its
+        due timers put back RETRY_FAILED_TIMER later: healthy timers always fire."""
+        workflows, versions = self._loaded_pairs()
+        rows: list[asyncpg.Record] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
+                if not rows:
+                    return BatchReport()
+                report = await self._fire_locked(conn, rows)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("timer batch failed; firing its instances one by one", error=repr(exc)[:300])
+            report = BatchReport()
+            for r in rows:
+                self._merge(report, await self._fire_instance_alone(r["id"]))
+            return report
+        return self._committed(report)
+
+    async def _fire_locked(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> BatchReport:
+        timers = await conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
+        batch = _Batch(conn, self.engine, self.park_timeout)
+        await batch.take_timers(rows, timers)
+        await batch.finish()
+        return batch.report
+
+    async def _fire_instance_alone(self, instance_id: int) -> BatchReport:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(q("lock_timer_instance"), instance_id)
+                if not rows:
+                    return BatchReport()  # taken by another replica meanwhile, or its timers are gone
+                report = await self._fire_locked(conn, rows)
+            return self._committed(report)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            return await self._put_back_timers(instance_id, exc)
+
+    async def _put_back_timers(self, instance_id: int, exc: Exception) -> BatchReport:
+        """An instance whose due timers cannot be fired even alone: move them RETRY_FAILED_TIMER later,
+        with a `failed` history row, so the timer loop goes on with the others."""
+        log.error(
+            "timers of an instance cannot be fired; put back for 60 s", instance_id=instance_id,
+            error=repr(exc)[:300], traceback=traceback.format_exc(limit=8),
+        )  # fmt: skip
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q("lock_due_timer_instances"), limit)
-            # Only instances on a definition version this process has loaded (in a rolling deploy the
-            # other version's replicas fire the rest).
-            rows = [r for r in rows if self.engine.workflow(r["workflow"], r["definition_version"]) is not None]
-            if not rows:
-                return BatchReport()
-            timers = await conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
-            batch = _Batch(conn, self.engine, self.park_timeout)
-            await batch.take_timers(rows, timers)
-            await batch.finish()
-        return self._committed(batch.report)
+            n = await conn.fetchval(
+                q("put_back_due_timers"), instance_id, RETRY_FAILED_TIMER.total_seconds(), repr(exc)[:300]
+            )
+        return BatchReport(timer_failures=n or 0)
+
+    def _loaded_pairs(self) -> tuple[list[str], list[int]]:
+        pairs = sorted(self.engine.compiled)
+        return [w for w, _ in pairs], [v for _, v in pairs]
+
+    async def unfireable_due_timers(self) -> int:
+        """Due timers of instances on definition versions this process has not loaded."""
+        workflows, versions = self._loaded_pairs()
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(q("count_unfireable_due_timers"), workflows, versions))
+
+    @staticmethod
+    def _merge(into: BatchReport, report: BatchReport) -> None:
+        for f in ("events", "transitions", "queued", "suppressed", "dead", "unparked"):
+            getattr(into, f).update(getattr(report, f))
+        into.timers_fired += report.timers_fired
+        into.timer_failures += report.timer_failures
+        into.outbox_rows += report.outbox_rows
 
     async def prune(self, retention_days: float, limit: int = 5000) -> dict[str, int]:
         """Delete what the retention period no longer needs; rows deleted per table (a bounded slice)."""
@@ -385,22 +468,66 @@ class _Batch:
             if run is None or run.view is None:
                 continue
             self.report.timers_fired += 1
+            mark = self._mark(run)
             try:
                 self._fire_timer(run, t["name"], t["due_at"], t["payload"])
                 self._settle(run)
             except Exception as exc:
-                # One instance's failure must not hold back the others' timers: put its timer back a
-                # minute later (it stays visible, and fires again once the definition is fixed).
-                log.error(
-                    "timer failed; retried in 60 s", tenant_id=run.key.tenant_id, workflow=run.key.workflow,
-                    entity_id=run.key.entity_id, timer=t["name"], error=repr(exc)[:300],
-                    traceback=traceback.format_exc(limit=8),
-                )  # fmt: skip
-                run.timer_ops[t["name"]] = TimerRequest(t["name"], self.now + RETRY_FAILED_TIMER, t["payload"])
-                run.history.append(
-                    (run.row_id, run.view.version, None, f"{run.key.workflow}.timer.{t['name']}", "failed",
-                     run.view.state, run.view.state, {"error": repr(exc)[:300]})
-                )  # fmt: skip
+                # The unit of failure is the unit of what is kept: the timer with every step it led to in
+                # this transaction (already-due follow-up timers, parked events) is undone as one, and the
+                # timer that was taken is put back a minute later, to fire again once the definition is
+                # fixed. Nothing of it was published, so nothing fires twice.
+                self._rollback(run, mark)
+                self._timer_failed(run, t["name"], t["payload"], exc)
+
+    def _timer_failed(self, run: _Run, name: str, payload: dict[str, Any], exc: Exception) -> None:
+        assert run.view is not None
+        raised_by = next((n for n in getattr(exc, "__notes__", ()) if n.startswith("raised by ")), "")
+        log.error(
+            "timer failed; put back for 60 s", tenant_id=run.key.tenant_id, workflow=run.key.workflow,
+            entity_id=run.key.entity_id, timer=name, raised_by=raised_by[len("raised by "):] or None,
+            error=repr(exc)[:300], traceback=traceback.format_exc(limit=8),
+        )  # fmt: skip
+        run.timer_ops[name] = TimerRequest(name, self.now + RETRY_FAILED_TIMER, payload)
+        detail = {"error": repr(exc)[:300], "timer": name, "retry_at": (self.now + RETRY_FAILED_TIMER).isoformat()}
+        if raised_by:
+            detail["raised_by"] = raised_by[len("raised by ") :]
+        run.history.append(
+            (run.row_id, run.view.version, None, f"{run.key.workflow}.timer.{name}", "failed",
+             run.view.state, run.view.state, detail)
+        )  # fmt: skip
+        self.report.timer_failures += 1
+
+    def _mark(self, run: _Run) -> _Mark:
+        """What `_rollback` needs to undo everything one unit of work (a timer and its follow-ups) did."""
+        return _Mark(
+            run=copy.copy(run),
+            timer_ops=dict(run.timer_ops),
+            lengths=(len(run.history), len(run.outgoing), len(run.pending_effects), len(run.pending_claims),
+                     len(run.pending_lookups), len(run.deferred), len(run.parked), len(self.dead),
+                     len(self.releases), len(self.released_effects)),
+            parked=[(p.done, p.tried) for p in run.parked],
+            registers=dict(self.registers),
+            claimed_here=dict(self.claimed_here),
+            report=copy.deepcopy(self.report),
+        )  # fmt: skip
+
+    def _rollback(self, run: _Run, m: _Mark) -> None:
+        (n_history, n_outgoing, n_effects, n_claims, n_lookups, n_deferred, n_parked, n_dead, n_releases,
+         n_released) = m.lengths  # fmt: skip
+        for name in ("view", "changed", "terminal", "last_event", "cancel_all", "transitions"):
+            setattr(run, name, getattr(m.run, name))
+        run.timer_ops = m.timer_ops
+        del run.history[n_history:], run.outgoing[n_outgoing:], run.pending_effects[n_effects:]
+        del run.pending_claims[n_claims:], run.pending_lookups[n_lookups:], run.deferred[n_deferred:]
+        del run.parked[n_parked:], self.dead[n_dead:], self.releases[n_releases:]
+        del self.released_effects[n_released:]
+        for p, (done, tried) in zip(run.parked, m.parked, strict=True):
+            p.done, p.tried = done, tried
+        self.registers, self.claimed_here = m.registers, m.claimed_here
+        timers_fired = self.report.timers_fired
+        self.report = m.report
+        self.report.timers_fired = timers_fired
 
     async def _load(self, events: Sequence[IncomingEvent]) -> None:
         """Create instances for start events, lock all instances of the batch, load their parked events."""
@@ -528,9 +655,6 @@ class _Batch:
 
     # ---- engine --------------------------------------------------------------------------------
     def _step(self, run: _Run, event: EngineEvent) -> Decision | None:
-        run.steps += 1
-        if run.steps > MAX_STEPS_PER_INSTANCE:
-            raise RuntimeError(f"more than {MAX_STEPS_PER_INSTANCE} steps for {run.key} in one batch")
         return self.engine.step(run.compiled, run.key, run.view, event, self.now)
 
     def _offer_external(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
@@ -633,6 +757,11 @@ class _Batch:
     def _absorb(
         self, run: _Run, d: Decision, event_id: str | None, event_type: str, internal: EngineEvent | None = None
     ) -> None:
+        run.transitions += 1
+        if run.transitions > MAX_TRANSITIONS_PER_INSTANCE:
+            # Not one event's fault: the batch as a whole is too much for this instance (or its definition
+            # loops). It raises out of the batch, which the consumer then applies message by message.
+            raise StepLimitExceeded(f"more than {MAX_TRANSITIONS_PER_INSTANCE} transitions of {run.key} in one batch")
         run.view = InstanceView(
             run.key,
             d.to_state,
@@ -680,7 +809,12 @@ class _Batch:
     def _fire_timer(self, run: _Run, name: str, due_at: datetime, payload: dict[str, Any]) -> None:
         event_id = str(uuid.uuid5(ID_NAMESPACE, f"timer/{run.key}/{name}/{due_at.isoformat()}"))
         event = EngineEvent(event_id, f"timer_{name}", payload, due_at, internal=True)
-        decision = self._step(run, event)
+        try:
+            decision = self._step(run, event)
+        except Exception as exc:
+            if not any(n.startswith("raised by ") for n in getattr(exc, "__notes__", ())):
+                exc.add_note(f"raised by timer_{name}")
+            raise
         assert decision is not None
         if decision.outcome is Outcome.APPLIED:
             self._absorb(run, decision, None, f"{run.key.workflow}.timer.{name}", event)

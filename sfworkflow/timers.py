@@ -56,11 +56,15 @@ class TimerLoop:
             try:
                 report = await self.store.fire_due_timers(TIMER_BATCH)
                 fired = report.timers_fired
-                if fired:
+                if fired or report.timer_failures:
                     self.metrics.record(report)
                 if time.monotonic() >= next_sweep:
                     for reason, n in (await self.store.expire_parked()).items():
                         self.metrics.dead.labels(reason).inc(n)
+                    unfireable = await self.store.unfireable_due_timers()
+                    self.metrics.timers_unfireable.set(unfireable)
+                    if unfireable:
+                        log.warning("due timers of definition versions this replica has not loaded", timers=unfireable)
                     unparked = await self.store.redrive_awaiting_version()
                     if unparked:
                         log.info("events that waited for this replica's definition versions applied", applied=unparked)

@@ -124,14 +124,46 @@ SELECT count(*) AS inserted, CASE WHEN count(*) > 0 THEN pg_notify('sfworkflow_o
 FROM ins
 
 -- lock_due_timer_instances --
--- Instances with a due timer that no other process holds, oldest due first.
+-- Instances with a due timer that no other process holds, on the given (workflow, definition version)
+-- pairs (the versions this process has loaded), oldest due first.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id
 FROM sfworkflow.instance i
-WHERE i.id IN (SELECT t.instance_id FROM sfworkflow.timer t WHERE t.due_at <= now()
+WHERE i.id IN (SELECT t.instance_id FROM sfworkflow.timer t JOIN sfworkflow.instance d ON d.id = t.instance_id
+               WHERE t.due_at <= now()
+                 AND (d.workflow, d.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
                ORDER BY t.due_at LIMIT $1)
 ORDER BY i.id
 FOR UPDATE OF i SKIP LOCKED
+
+-- lock_timer_instance --
+-- One instance with due timers, unless another process holds it.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id
+FROM sfworkflow.instance i
+WHERE i.id = $1 AND EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = i.id AND t.due_at <= now())
+FOR UPDATE OF i SKIP LOCKED
+
+-- put_back_due_timers --
+-- Move an instance's due timers $2 seconds later after they could not be fired, with a `failed` history
+-- row; how many were moved.
+WITH moved AS (
+    UPDATE sfworkflow.timer SET due_at = now() + make_interval(secs => $2)
+    WHERE instance_id = $1 AND due_at <= now()
+    RETURNING name
+), h AS (
+    INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)
+    SELECT i.id, i.version, NULL, i.workflow || '.timer.' || m.name, 'failed', i.state, i.state,
+           jsonb_build_object('error', $3::text, 'timer', m.name, 'retry_at', now() + make_interval(secs => $2))
+    FROM sfworkflow.instance i, moved m WHERE i.id = $1
+)
+SELECT count(*) FROM moved
+
+-- count_unfireable_due_timers --
+-- Due timers of instances on (workflow, definition version) pairs other than the given ones.
+SELECT count(*) FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
+WHERE t.due_at <= now()
+  AND (i.workflow, i.definition_version) NOT IN (SELECT * FROM unnest($1::text[], $2::int[]))
 
 -- take_due_timers --
 -- Remove and return the due timers of instances this process has locked.

@@ -224,7 +224,7 @@ async def _ready(port: int | None) -> bool:
 async def _timer_loop_waiting(pg: asyncpg.Connection) -> int | None:
     return await pg.fetchval(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-        "AND query LIKE '%FROM sfworkflow.timer t WHERE t.due_at%' LIMIT 1"
+        "AND query LIKE '%FROM sfworkflow.timer t %due_at <= now()%' LIMIT 1"
     )
 
 
