@@ -530,57 +530,40 @@ class _Batch:
         self.report.timers_fired = timers_fired
 
     async def _load(self, events: Sequence[IncomingEvent]) -> None:
-        """Create instances for start events, lock all instances of the batch, load their parked events."""
-        keys: dict[InstanceKey, IncomingEvent] = {}
-        creating: dict[InstanceKey, tuple[CompiledWorkflow, IncomingEvent]] = {}
+        """Create the batch's instances that do not exist, lock all of them, load their parked events.
+
+        Locks are taken in one global order: first every instance key of the batch is inserted (a start
+        event's instance, or a placeholder for an instance a concurrent batch may be creating right now:
+        inserting its key waits for that batch, so the event is applied to it instead of being parked
+        unseen), sorted by key, before any row lock; then every row is locked in id order. Placeholders
+        (version 0) that no start event used are removed before commit."""
+        keys: dict[InstanceKey, IncomingEvent | None] = {}
         for e in events:
             key = InstanceKey(e.tenant_id, e.workflow, e.entity_id)
-            keys.setdefault(key, e)
             compiled = self.engine.workflow(e.workflow)
-            if compiled is not None and e.name in compiled.definition.start_events and key not in creating:
-                creating[key] = (compiled, e)
-        if creating:
-            ks = sorted(creating, key=lambda k: (k.tenant_id, k.workflow, k.entity_id))
-            await self.conn.execute(
-                q("create_instances"),
-                [k.tenant_id for k in ks],
-                [k.workflow for k in ks],
-                [k.entity_id for k in ks],
-                [creating[k][0].definition.version for k in ks],
-                [creating[k][0].initial for k in ks],
-                [creating[k][1].correlation_id for k in ks],
-            )
-        ks = list(keys)
-        rows = list(
-            await self.conn.fetch(
-                q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
-            )
+            starts = compiled is not None and e.name in compiled.definition.start_events
+            if keys.get(key) is None:
+                keys[key] = e if starts else None
+        ks = sorted(keys, key=lambda k: (k.tenant_id, k.workflow, k.entity_id))
+        compiled_of = {k: self.engine.workflow(k.workflow) for k in ks}
+        await self.conn.execute(
+            q("create_instances"),
+            [k.tenant_id for k in ks],
+            [k.workflow for k in ks],
+            [k.entity_id for k in ks],
+            [compiled_of[k].definition.version for k in ks],  # type: ignore[union-attr]
+            [compiled_of[k].initial for k in ks],  # type: ignore[union-attr]
+            [_correlation(keys[k]) for k in ks],
         )
-        missing = set(ks) - {InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"]) for r in rows}
-        if missing:
-            # An instance may be being created by a concurrent batch that has not committed yet: inserting
-            # its key waits for that batch, so the event is applied to it instead of being parked unseen.
-            # If no one else creates it, the placeholder row (version 0) is removed before commit.
-            ms = sorted(missing, key=lambda k: (k.tenant_id, k.workflow, k.entity_id))
-            compiled_of = {k: self.engine.workflow(k.workflow) for k in ms}
-            await self.conn.execute(
-                q("create_instances"),
-                [k.tenant_id for k in ms],
-                [k.workflow for k in ms],
-                [k.entity_id for k in ms],
-                [compiled_of[k].definition.version for k in ms],  # type: ignore[union-attr]
-                [compiled_of[k].initial for k in ms],  # type: ignore[union-attr]
-                [None] * len(ms),
-            )
-            rows += await self.conn.fetch(
-                q("lock_instances"), [k.tenant_id for k in ms], [k.workflow for k in ms], [k.entity_id for k in ms]
-            )
+        rows = await self.conn.fetch(
+            q("lock_instances"), [k.tenant_id for k in ks], [k.workflow for k in ks], [k.entity_id for k in ks]
+        )
         for r in rows:
             run = self._run_from_row(r)
             if run is not None and r["version"] == 0:
                 self.created.append(r["id"])
         for key in ks:
-            if key not in self.runs:  # no instance yet: its events will be parked
+            if key not in self.runs:  # gone meanwhile (pruned): its events are parked without an instance
                 compiled = self.engine.workflow(key.workflow)
                 assert compiled is not None  # the parser only admits event types of loaded workflows
                 self.runs[key] = _Run(key=key, compiled=compiled)
@@ -876,7 +859,7 @@ class _Batch:
         for run in self.runs.values():
             run.pending_claims = []
         if self.releases:  # give up keys before taking new ones: a key may pass from one instance to another
-            await self.conn.execute(q("delete_claims"), [k for k, _ in self.releases], [i for _, i in self.releases])
+            await self._delete_keys("delete_claims", self.releases)
             self.releases = []
         first: dict[str, _Run] = {}
         refused: list[tuple[_Run, str, _Run | None]] = []
@@ -886,7 +869,7 @@ class _Batch:
                 first[key] = run
             elif holder is not run:
                 refused.append((run, key, holder))
-        keys = list(first)
+        keys = sorted(first)  # every key statement of a batch in key order (the global lock order)
         taken = {
             r["claim_key"]
             for r in await self.conn.fetch(
@@ -965,7 +948,7 @@ class _Batch:
                 losers.append((run, m))
             else:
                 first[m.effect_key] = (run, m)
-        keys = list(first)
+        keys = sorted(first)
         claimed = {
             r["effect_key"]
             for r in await self.conn.fetch(
@@ -1021,13 +1004,19 @@ class _Batch:
         self.report.events[(_metric_workflow(workflow, self.engine), "dead_lettered")] += 1
         self.report.dead[str(reason)] += 1
 
+    async def _delete_keys(self, query: str, keys: Sequence[tuple[str, int | None]]) -> None:
+        ordered = sorted(keys, key=lambda k: (k[0], k[1] or 0))
+        await self.conn.execute(q(query), [k for k, _ in ordered], [i for _, i in ordered])
+
     async def finish(self) -> None:
         await self._resolve_requests()
         conn = self.conn
         upd, history, parked_new, parked_done, parked_tried = [], [], [], [], []
         foreign_ids, foreign_added = [], []
         cancel_all_ids, cancel_ids, cancel_names, timers = [], [], [], []
-        outbox: list[tuple[Any, ...]] = list(self.dead)
+        # Dead letters in message id order (two batches may hold copies of one bad message), then the
+        # instances' messages in the order they were decided (the relay publishes in outbox order).
+        outbox: list[tuple[Any, ...]] = sorted(self.dead, key=lambda row: row[0])
         for run in self.runs.values():
             for p in run.parked:
                 if p.done and p.db_id is not None:
@@ -1115,11 +1104,9 @@ class _Batch:
         if parked_done:
             await conn.execute(q("delete_parked"), parked_done)
         if self.releases:
-            await conn.execute(q("delete_claims"), [k for k, _ in self.releases], [i for _, i in self.releases])
+            await self._delete_keys("delete_claims", self.releases)
         if self.released_effects:
-            await conn.execute(
-                q("delete_effects"), [k for k, _ in self.released_effects], [i for _, i in self.released_effects]
-            )
+            await self._delete_keys("delete_effects", self.released_effects)
         if self.registers:
             keys = sorted(self.registers)
             await conn.execute(
@@ -1132,6 +1119,10 @@ class _Batch:
         if outbox:
             await conn.fetch(q("insert_outbox"), *_columns(outbox, 8))
             self.report.outbox_rows = len(outbox)
+
+
+def _correlation(start: IncomingEvent | None) -> str | None:
+    return None if start is None else start.correlation_id
 
 
 def _park_reason(p: _Parked) -> str:

@@ -10,9 +10,16 @@ ON CONFLICT DO NOTHING
 RETURNING tenant_id, event_id
 
 -- create_instances --
--- Create instances for start events (in their initial state, version 0) unless they exist.
+-- Create the instances a batch names that do not exist yet (in their initial state, version 0), in the
+-- order given (sorted by key: the first lock of a batch is taken in key order). Existing keys are skipped
+-- before the insert is tried, so they take no identity value and no lock.
 INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, correlation_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[])
+SELECT k.tenant_id, k.workflow, k.entity_id, k.definition_version, k.state, k.correlation_id
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[]) WITH ORDINALITY
+     AS k(tenant_id, workflow, entity_id, definition_version, state, correlation_id, n)
+WHERE NOT EXISTS (SELECT 1 FROM sfworkflow.instance i
+                  WHERE (i.tenant_id, i.workflow, i.entity_id) = (k.tenant_id, k.workflow, k.entity_id))
+ORDER BY k.n
 ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 
 -- lock_instances --
