@@ -43,8 +43,8 @@ MIN_ADMIN_TOKEN_LENGTH = 16  # characters; a shorter SFWORKFLOW_ADMIN_TOKEN is r
 # The redelivery window, in days: a producer may re-publish, and the broker may redeliver, an event up to
 # this long after sfworkflow first accepted it, and that copy is still recognised as a duplicate (the inbox
 # keeps the event's id at least this long). A copy arriving later is not deduplicated: it is applied again.
-# Seven days is how long NServiceBus keeps outbox deduplication data by default; it outlasts a producer or
-# consumer outage over a long weekend, and a backlog behind it, with days to spare.
+# Seven days outlasts a producer or consumer outage over a long weekend, and the backlog behind it, with
+# days to spare.
 REDELIVERY_WINDOW_DAYS = 7
 MIN_RETENTION_DAYS = REDELIVERY_WINDOW_DAYS  # days; a shorter SFWORKFLOW_RETENTION_DAYS is refused (inbox ids)
 MAX_RETENTION_DAYS = 36500  # days (100 years); the retention sweep's `now() - N days` stays within PostgreSQL's range
@@ -129,14 +129,13 @@ class Settings:
                 "(a batch is made of the deliveries in flight)"
             )
         # A parked event's id is in the inbox from its first delivery; the sweep deletes it after the retention
-        # period, counted in whole days (make_interval(days => …) takes an integer). If the parking outlasted it,
-        # a redelivery of the parked event would no longer be recognised: parked, and applied, twice.
-        kept_days = math.floor(self.retention_days)
-        if self.park_timeout_s > kept_days * 86400:
+        # period. If the parking outlasted it, a redelivery of the parked event would no longer be recognised:
+        # parked, and applied, twice.
+        kept_s = self.retention_days * 86400
+        if self.park_timeout_s > kept_s:
             raise SettingsError(
                 f"SFWORKFLOW_PARK_TIMEOUT_S={shown('park_timeout_s')}: use at most the retention period, "
-                f"SFWORKFLOW_RETENTION_DAYS={shown('retention_days')} "
-                f"({kept_days} whole days = {kept_days * 86400} s), "
+                f"SFWORKFLOW_RETENTION_DAYS={shown('retention_days')} ({kept_s:.0f} s), "
                 "so that a parked event is still deduplicated until it is applied or expires; "
                 "or raise SFWORKFLOW_RETENTION_DAYS"
             )

@@ -43,6 +43,7 @@ from sfworkflow.definition import (
 from sfworkflow.engine import CompiledWorkflow, Decision, Engine, Outcome
 from sfworkflow.envelope import IncomingEvent, event_from_body
 from sfworkflow.errors import DeadReason, Rejection
+from sfworkflow.settings import REDELIVERY_WINDOW_DAYS
 from sfworkflow.storable import clean_json, clean_text, replaced_note
 
 log = structlog.get_logger("sfworkflow.store")
@@ -301,10 +302,16 @@ class Store:
         into.outbox_rows += report.outbox_rows
 
     async def prune(self, retention_days: float, limit: int = 5000) -> dict[str, int]:
-        """Delete what the retention period no longer needs; rows deleted per table (a bounded slice)."""
+        """Delete what the retention period (in days, fractions count) no longer needs; rows deleted per
+        table (a bounded slice). An ended instance goes with everything it owns, in one statement."""
+        if retention_days < REDELIVERY_WINDOW_DAYS:
+            raise ValueError(
+                f"retention of {retention_days:g} days is shorter than the redelivery window of "
+                f"{REDELIVERY_WINDOW_DAYS} days: the inbox would forget events that may still be redelivered"
+            )
         out = {}
         async with self.pool.acquire() as conn:
-            for name in ("outbox", "inbox", "effects"):
+            for name in ("outbox", "inbox"):
                 status = await conn.execute(q(f"prune_{name}"), retention_days, limit)
                 out[name] = int(status.split()[-1])
             out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)

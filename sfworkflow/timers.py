@@ -15,6 +15,7 @@ import structlog
 from sfworkflow.consumer import Health
 from sfworkflow.db import is_connection_error, is_transient
 from sfworkflow.metrics import Metrics
+from sfworkflow.settings import DEFAULT_RETENTION_DAYS
 from sfworkflow.store import Store
 
 log = structlog.get_logger("sfworkflow.timers")
@@ -26,7 +27,12 @@ PRUNE_EVERY_S = 600.0  # seconds between retention sweeps
 
 class TimerLoop:
     def __init__(
-        self, store: Store, metrics: Metrics, health: Health, poll_ms: float, retention_days: float = 14.0
+        self,
+        store: Store,
+        metrics: Metrics,
+        health: Health,
+        poll_ms: float,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
     ) -> None:
         self.retention_days = retention_days
         self.store = store

@@ -261,30 +261,34 @@ USING unnest($1::text[], $2::bigint[]) AS r(effect_key, instance_id)
 WHERE e.effect_key = r.effect_key AND e.instance_id = r.instance_id
 
 -- prune_outbox --
--- Retention: published outbox rows older than the retention period (a bounded slice per call).
+-- Retention: published outbox rows older than $1 days (fractions count; a bounded slice per call).
 DELETE FROM sfworkflow.outbox WHERE id IN (
-    SELECT id FROM sfworkflow.outbox WHERE published_at < now() - make_interval(days => $1) LIMIT $2)
+    SELECT id FROM sfworkflow.outbox WHERE published_at < now() - $1::float8 * interval '1 day' LIMIT $2)
 
 -- prune_inbox --
--- Retention: inbox rows older than the retention period (dedupe covers redeliveries within it).
+-- Retention: inbox rows older than $1 days (dedupe covers redeliveries within it).
 DELETE FROM sfworkflow.inbox WHERE (tenant_id, event_id) IN (
-    SELECT tenant_id, event_id FROM sfworkflow.inbox WHERE received_at < now() - make_interval(days => $1) LIMIT $2)
-
--- prune_effects --
--- Retention: effect keys of instances that ended before the retention period.
-DELETE FROM sfworkflow.effect WHERE effect_key IN (
-    SELECT e.effect_key FROM sfworkflow.effect e JOIN sfworkflow.instance i ON i.id = e.instance_id
-    WHERE i.terminal AND i.updated_at < now() - make_interval(days => $1) LIMIT $2)
+    SELECT tenant_id, event_id FROM sfworkflow.inbox WHERE received_at < now() - $1::float8 * interval '1 day'
+    LIMIT $2)
 
 -- prune_instances --
--- Retention: instances that ended before the retention period, with their history and timers.
+-- Retention: instances that ended more than $1 days ago, each with everything it owns (history, timers,
+-- effect keys, claims, parked events) in this one statement, so no slice leaves an orphan behind.
 WITH gone AS (
     DELETE FROM sfworkflow.instance WHERE id IN (
-        SELECT id FROM sfworkflow.instance WHERE terminal AND updated_at < now() - make_interval(days => $1) LIMIT $2)
-    RETURNING id
+        SELECT id FROM sfworkflow.instance
+        WHERE terminal AND updated_at < now() - $1::float8 * interval '1 day' LIMIT $2)
+    RETURNING id, tenant_id, workflow, entity_id
 ), h AS (
     DELETE FROM sfworkflow.history WHERE instance_id IN (SELECT id FROM gone)
 ), t AS (
     DELETE FROM sfworkflow.timer WHERE instance_id IN (SELECT id FROM gone)
+), e AS (
+    DELETE FROM sfworkflow.effect WHERE instance_id IN (SELECT id FROM gone)
+), c AS (
+    DELETE FROM sfworkflow.claim WHERE instance_id IN (SELECT id FROM gone)
+), p AS (
+    DELETE FROM sfworkflow.parked x USING gone g
+    WHERE (x.tenant_id, x.workflow, x.entity_id) = (g.tenant_id, g.workflow, g.entity_id)
 )
 SELECT count(*) FROM gone

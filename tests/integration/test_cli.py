@@ -36,7 +36,7 @@ async def test_migrate_creates_the_database_and_is_idempotent() -> None:
     try:
         first = await asyncio.to_thread(_cli, "migrate", SFWORKFLOW_DATABASE_URL=url)
         assert first.returncode == 0, first.stderr
-        assert "created the database" in first.stdout and "applied migrations [1, 2, 3, 4]" in first.stdout
+        assert "created the database" in first.stdout and "applied migrations [1, 2, 3, 4, 5]" in first.stdout
         second = await asyncio.to_thread(_cli, "migrate", SFWORKFLOW_DATABASE_URL=url)
         assert second.returncode == 0 and "schema is up to date" in second.stdout
     finally:

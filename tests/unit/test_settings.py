@@ -309,10 +309,10 @@ def test_the_park_timeout_may_not_outlast_the_retention() -> None:
     assert Settings.from_env(env).park_timeout_s == week + 1
 
 
-def test_the_park_timeout_is_compared_with_whole_days_of_retention() -> None:
-    # The sweep deletes inbox rows older than make_interval(days => …), an integer: 7.9 days count as 7.
-    env = {"SFWORKFLOW_PARK_TIMEOUT_S": str(7.5 * 86400), "SFWORKFLOW_RETENTION_DAYS": "7.9"}
+def test_the_park_timeout_is_compared_with_the_retention_to_the_second() -> None:
+    env = {"SFWORKFLOW_PARK_TIMEOUT_S": str(7.9 * 86400 + 1), "SFWORKFLOW_RETENTION_DAYS": "7.9"}
     assert "SFWORKFLOW_RETENTION_DAYS" in _error(env)
+    Settings.from_env({"SFWORKFLOW_PARK_TIMEOUT_S": str(7.5 * 86400), "SFWORKFLOW_RETENTION_DAYS": "7.9"})
 
 
 def _clean_environ(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:

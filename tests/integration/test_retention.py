@@ -1,0 +1,95 @@
+"""Retention prunes an ended instance with everything it owns: history, timers, effect keys, claims and
+parked events go in the same statement as the instance, whatever slice size the sweep uses, so nothing is
+left orphaned (an effect key or claim without a date in it would otherwise stay held for ever)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from sfworkflow import db
+from sfworkflow.engine import Engine
+from sfworkflow.store import Store
+from sfworkflow.workflows import DEFINITIONS
+from tests.support import TENANT
+
+OWNED = {
+    "history": "SELECT count(*) FROM sfworkflow.history x WHERE NOT EXISTS "
+    "(SELECT 1 FROM sfworkflow.instance i WHERE i.id = x.instance_id)",
+    "timer": "SELECT count(*) FROM sfworkflow.timer x WHERE NOT EXISTS "
+    "(SELECT 1 FROM sfworkflow.instance i WHERE i.id = x.instance_id)",
+    "effect": "SELECT count(*) FROM sfworkflow.effect x WHERE NOT EXISTS "
+    "(SELECT 1 FROM sfworkflow.instance i WHERE i.id = x.instance_id)",
+    "claim": "SELECT count(*) FROM sfworkflow.claim x WHERE NOT EXISTS "
+    "(SELECT 1 FROM sfworkflow.instance i WHERE i.id = x.instance_id)",
+    "parked": "SELECT count(*) FROM sfworkflow.parked x WHERE NOT EXISTS (SELECT 1 FROM sfworkflow.instance i "
+    "WHERE (i.tenant_id, i.workflow, i.entity_id) = (x.tenant_id, x.workflow, x.entity_id))",
+}
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    pool = await db.create_pool(database_url, 2)
+    try:
+        yield Store(pool, Engine(DEFINITIONS), park_timeout_s=3600)
+    finally:
+        await pool.close()
+
+
+async def _ended_instance(pg: asyncpg.Connection, entity: str, days_ago: float) -> int:
+    iid = await pg.fetchval(
+        "INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, version, terminal,"
+        " updated_at) VALUES ($1, 'notification', $2, 1, 'sent', 2, true, now() - make_interval(secs => $3))"
+        " RETURNING id",
+        TENANT, entity, days_ago * 86400,
+    )  # fmt: skip
+    await pg.execute(
+        "INSERT INTO sfworkflow.history (instance_id, seq, event_type, outcome) VALUES ($1, 1, 'x', 'applied')", iid
+    )
+    for i in range(3):
+        await pg.execute(
+            "INSERT INTO sfworkflow.effect (effect_key, tenant_id, instance_id, command_id, idempotency_key) "
+            "VALUES ($1, $2, $3, gen_random_uuid(), 'k')",
+            f"{entity}/effect-{i}", TENANT, iid,
+        )  # fmt: skip
+    await pg.execute(
+        "INSERT INTO sfworkflow.claim (claim_key, tenant_id, workflow, entity_id, instance_id) "
+        "VALUES ($1, $2, 'notification', $3, $4)",
+        f"{entity}/claim", TENANT, entity, iid,
+    )  # fmt: skip
+    await pg.execute(
+        "INSERT INTO sfworkflow.parked (tenant_id, workflow, entity_id, event_id, event_type, body, reason, deadline)"
+        " VALUES ($1, 'notification', $2, gen_random_uuid(), 'notification.x', '\\x7b7d', 'r', now() + interval '1h')",
+        TENANT, entity,
+    )  # fmt: skip
+    return int(iid)
+
+
+async def test_an_instance_is_pruned_with_everything_it_owns_in_any_slice_size(
+    store: Store, pg: asyncpg.Connection
+) -> None:
+    for i in range(5):
+        await _ended_instance(pg, f"old-{i}", days_ago=30)
+    recent = await _ended_instance(pg, "recent", days_ago=1)
+    for _ in range(4):
+        await store.prune(retention_days=14, limit=2)  # slices smaller than what one instance owns
+        assert {name: await pg.fetchval(sql) for name, sql in OWNED.items()} == dict.fromkeys(OWNED, 0)
+    left = [r["id"] for r in await pg.fetch("SELECT id FROM sfworkflow.instance")]
+    assert left == [recent]
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.effect") == 3  # the recent one's, untouched
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.claim") == 1
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.parked") == 1
+
+
+async def test_fractions_of_a_day_count(store: Store, pg: asyncpg.Connection) -> None:
+    await _ended_instance(pg, "a", days_ago=7.4)
+    await _ended_instance(pg, "b", days_ago=7.6)
+    await store.prune(retention_days=7.5)
+    assert [r["entity_id"] for r in await pg.fetch("SELECT entity_id FROM sfworkflow.instance")] == ["a"]
+
+
+async def test_the_inbox_is_never_pruned_inside_the_redelivery_window(store: Store) -> None:
+    with pytest.raises(ValueError, match="redelivery window"):
+        await store.prune(retention_days=0)
