@@ -651,6 +651,12 @@ class _Batch:
         if run.foreign_version is not None:
             self._leave_for_version(run, e, d)
             return
+        if run.row_id is None:
+            # No row (deleted between its insert and its lock): nothing to apply the event to, so it waits
+            # parked, even a start event, which would otherwise be applied to nothing.
+            run.parked.append(_Parked(e, d.body, d.headers))
+            self.report.events[(run.key.workflow, "parked")] += 1
+            return
         if run.deferred or run.waiting_for_answers():
             run.deferred.append((e, d))
             return
