@@ -1,7 +1,8 @@
 """`sfworkflow parked list`: events waiting (parked) until their instance allows them, with their deadline.
 
-Past its deadline a parked event is dead-lettered `transition_not_allowed` by the next sweep of the
-service (every few seconds).
+Past its deadline a parked event is dead-lettered `transition_not_allowed` (or `unknown_definition_version`
+when it waited for a replica with its instance's definition version) by the next sweep of the service
+(every few seconds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DEFAULT_LIMIT = 500
 EXPIRED = "expired, dead-lettered at the next sweep"
 
 PARKED_QUERY = """
-SELECT tenant_id, workflow, entity_id, event_type, event_id, reason, parked_at, deadline,
+SELECT tenant_id, workflow, entity_id, event_type, event_id, reason, parked_at, deadline, awaiting_version,
        deadline - now() AS time_left, count(*) OVER () AS total
 FROM sfworkflow.parked
 WHERE ($1::text IS NULL OR workflow = $1) AND ($2::uuid IS NULL OR tenant_id = $2::uuid)
@@ -79,6 +80,7 @@ def as_json(row: dict[str, Any]) -> dict[str, Any]:
         "event_type": row["event_type"],
         "event_id": row["event_id"],
         "reason": row["reason"],
+        "awaiting_version": row["awaiting_version"],
         "parked_at": row["parked_at"].isoformat(),
         "deadline": row["deadline"].isoformat(),
         "seconds_left": max(0.0, left.total_seconds()),
