@@ -8,13 +8,13 @@ when it waited for a replica with its instance's definition version) by the next
 from __future__ import annotations
 
 import argparse
-import uuid
 from datetime import UTC, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
+from sfworkflow.commands.stuck import tenant_id
 from sfworkflow.deadletter_queue import connect_database
 from sfworkflow.engine import Engine
 from sfworkflow.errors import MigrationError
@@ -40,7 +40,7 @@ def register(sub: Any) -> dict[str, Any]:
     actions = p.add_subparsers(dest="parked_command", required=True, metavar="list")
     ls = actions.add_parser("list", help="parked events with the time left until their deadline")
     ls.add_argument("--workflow", help="only this workflow, e.g. sequence")
-    ls.add_argument("--tenant", type=_tenant, help="only this tenant id (a UUID)")
+    ls.add_argument("--tenant", type=tenant_id, help="only this tenant id (a UUID)")
     ls.add_argument("--limit", type=_positive, default=DEFAULT_LIMIT, help="rows at most (default 500)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of text")
     return {"parked": parked}
@@ -133,13 +133,6 @@ def _filters(args: argparse.Namespace) -> str:
 
 def _cell(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-def _tenant(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a tenant id (a UUID)") from exc
 
 
 def _positive(text: str) -> int:

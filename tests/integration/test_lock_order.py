@@ -14,34 +14,18 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
-import orjson
 import pytest
 
-from sfworkflow import db, schemas
-from sfworkflow.engine import Engine
-from sfworkflow.envelope import EventParser
-from sfworkflow.service import known_event_types
-from sfworkflow.store import Delivery, Store
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.store import Store
 from tests.conftest import wait_for
+from tests.integration.storekit import delivery, direct_store
 from tests.support import enrolled_data, event, instance
-
-ENGINE = Engine(DEFINITIONS)
-PARSER = EventParser(schemas.default(), known_event_types(ENGINE), 1 << 20)
-
-
-def delivery(ev: dict) -> Delivery:
-    body = orjson.dumps(ev)
-    return Delivery(PARSER.parse(body), body)
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    pool = await db.create_pool(database_url, 4)
-    try:
-        yield Store(pool, ENGINE, park_timeout_s=3600)
-    finally:
-        await pool.close()
+    async with direct_store(database_url, pool_size=4) as s:
+        yield s
 
 
 async def _waiting(pg: asyncpg.Connection) -> int:
@@ -98,5 +82,3 @@ async def test_batches_with_crossed_first_events_do_not_deadlock(
 
 async def _is(pg: asyncpg.Connection, n: int) -> bool:
     return await _waiting(pg) == n
-
-

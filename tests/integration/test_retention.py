@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sfworkflow import db
-from sfworkflow.engine import Engine
 from sfworkflow.store import Store
-from sfworkflow.workflows import DEFINITIONS
+from tests.integration.storekit import direct_store
 from tests.support import TENANT
 
 OWNED = {
@@ -31,11 +29,8 @@ OWNED = {
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    pool = await db.create_pool(database_url, 2)
-    try:
-        yield Store(pool, Engine(DEFINITIONS), park_timeout_s=3600)
-    finally:
-        await pool.close()
+    async with direct_store(database_url) as s:
+        yield s
 
 
 async def _ended_instance(pg: asyncpg.Connection, entity: str, days_ago: float) -> int:

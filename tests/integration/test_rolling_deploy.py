@@ -25,6 +25,7 @@ from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import http_get
 from tests.integration.helpers_extra import COMMANDS_Q, DEAD_Q, EVENTS_Q, Inbox, queue_depth
+from tests.integration.storekit import delivery, direct_store
 from tests.support import TENANT, Amqp, enrolled_data, event, history, instance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,33 +207,20 @@ async def mq_depth_zero(settings: Settings) -> bool:
 async def test_an_event_no_replica_with_its_version_takes_expires_as_unknown_definition_version(
     database_url: str, pg: asyncpg.Connection
 ) -> None:
-    from sfworkflow import db, schemas
-    from sfworkflow.engine import Engine
-    from sfworkflow.envelope import EventParser
-    from sfworkflow.service import known_event_types
-    from sfworkflow.store import Delivery, Store
-    from sfworkflow.workflows import DEFINITIONS
-
     await pg.execute(
         "INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, version) "
         "VALUES ($1, 'sequence', 'on-v9', 9, 'sending', 3)",
         TENANT,
     )
-    engine = Engine(DEFINITIONS)  # sequence v1 only
-    parser = EventParser(schemas.default(), known_event_types(engine), 1 << 20)
-    ev = event("sequence.step_sent", "on-v9", {"step": 0, "provider_message_id": "p"})
-    body = orjson.dumps(ev)
-    pool = await db.create_pool(database_url, 2)
-    try:
-        store = Store(pool, engine, park_timeout_s=0.0)  # the deadline is now: it expires at the next sweep
-        report = await store.apply_deliveries([Delivery(parser.parse(body), body)])
+    # A replica with sequence v1 only; the deadline is now: the event expires at the next sweep.
+    async with direct_store(database_url, park_timeout_s=0.0) as store:
+        ev = event("sequence.step_sent", "on-v9", {"step": 0, "provider_message_id": "p"})
+        report = await store.apply_deliveries([delivery(ev)])
         assert report.events[("sequence", "awaiting_version")] == 1
         parked = await pg.fetchrow("SELECT awaiting_version, reason FROM sfworkflow.parked")
         assert parked["awaiting_version"] == 9 and "sequence v9" in parked["reason"]
         assert await store.redrive_awaiting_version() == 0  # this replica does not have v9 either
         assert await store.expire_parked() == {"unknown_definition_version": 1}
-    finally:
-        await pool.close()
     (row,) = await pg.fetch("SELECT headers FROM sfworkflow.outbox WHERE kind = 'dead_letter'")
     assert row["headers"]["x-sfworkflow-reason"] == "unknown_definition_version"
     assert "a replica that has sequence v9" in row["headers"]["x-sfworkflow-detail"]

@@ -10,30 +10,18 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from sfworkflow import db, schemas
 from sfworkflow import store as store_module
-from sfworkflow.engine import Engine
-from sfworkflow.envelope import EventParser
-from sfworkflow.service import known_event_types
 from sfworkflow.settings import Settings
-from sfworkflow.store import Delivery, StepLimitExceeded, Store
-from sfworkflow.workflows import DEFINITIONS
+from sfworkflow.store import StepLimitExceeded, Store
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick
+from tests.integration.storekit import delivery, direct_store
 from tests.support import Amqp, enrolled_data, event, instance, running_service
 
-ENGINE = Engine(DEFINITIONS)
-PARSER = EventParser(schemas.default(), known_event_types(ENGINE), 1 << 20)
 T0 = datetime.now(UTC) - timedelta(hours=1)
-
-
-def delivery(ev: dict) -> Delivery:
-    body = orjson.dumps(ev)
-    return Delivery(PARSER.parse(body), body)
 
 
 def pause_resume(entity: str, pairs: int) -> list[dict]:
@@ -47,11 +35,8 @@ def pause_resume(entity: str, pairs: int) -> list[dict]:
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    pool = await db.create_pool(database_url, 2)
-    try:
-        yield Store(pool, ENGINE, park_timeout_s=3600)
-    finally:
-        await pool.close()
+    async with direct_store(database_url) as s:
+        yield s
 
 
 async def _hot_instance(store: Store, entity: str, parked: int) -> None:

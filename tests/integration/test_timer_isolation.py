@@ -14,11 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sfworkflow import db
 from sfworkflow.definition import Step, Transition, WorkflowDefinition
-from sfworkflow.engine import Engine
 from sfworkflow.store import RETRY_FAILED_TIMER, Store
 from sfworkflow.workflows import DEFINITIONS
+from tests.integration.storekit import direct_store
 from tests.support import TENANT
 
 
@@ -70,11 +69,8 @@ TICKER = WorkflowDefinition(
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    pool = await db.create_pool(database_url, 2)
-    try:
-        yield Store(pool, Engine((*DEFINITIONS, TICKER)), park_timeout_s=3600)
-    finally:
-        await pool.close()
+    async with direct_store(database_url, (*DEFINITIONS, TICKER)) as s:
+        yield s
 
 
 async def _instance(pg: asyncpg.Connection, entity: str, timer: str, due_ago_s: float, version: int = 1) -> int:
