@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -125,6 +126,20 @@ async def timers_of(pg: asyncpg.Connection, entity: str, tenant: str = TENANT) -
 async def outcomes(pg: asyncpg.Connection, entity: str, tenant: str = TENANT) -> list[tuple[str, str, str, str]]:
     """(event_type, outcome, from_state, to_state) of each history row of an instance, in order."""
     return [(h["event_type"], h["outcome"], h["from_state"], h["to_state"]) for h in await history(pg, entity, tenant)]
+
+
+async def same_utc_day_for(seconds: float) -> None:
+    """Return once the current UTC day has at least `seconds` left, waiting for the next day if need be.
+
+    A sequence send is held once per (tenant, template, recipient, UTC day) by its effect key: a test that
+    expects a second send of the same template to be suppressed needs both sends on one day, so it must
+    not start in the last moments before midnight UTC.
+    """
+    now = datetime.now(UTC)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    left = (midnight - now).total_seconds()
+    if left < seconds:
+        await asyncio.sleep(left + 1.0)
 
 
 def quick(settings: Settings, **overrides: Any) -> Settings:

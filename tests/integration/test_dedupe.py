@@ -16,6 +16,7 @@ from tests.integration.helpers_extra import (
     history_for_event,
     outcomes,
     quick,
+    same_utc_day_for,
     state_of,
     wait_all_published,
     wait_state,
@@ -84,6 +85,7 @@ async def _metric_at_least(service: object, outcome: str, n: int) -> bool:
 async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: asyncpg.Connection) -> None:
     """Two enrollments, same recipient, same templates: each template is sent once per day."""
     address = "same-person@example.com"
+    await same_utc_day_for(60)  # every send below on one UTC day: the day is part of the effect key
     async with running_service(quick(settings)) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "enr-a", enrolled_data(steps=2, address=address)))
@@ -140,6 +142,7 @@ async def test_same_send_twice_on_one_day_is_suppressed(settings: Settings, pg: 
 async def test_same_send_in_one_batch_is_suppressed(settings: Settings, pg: asyncpg.Connection) -> None:
     """Both enrollments in one batch (queued before the consumer starts): one send per template."""
     address = "batch-person@example.com"
+    await same_utc_day_for(60)  # both sends on one UTC day: the day is part of the effect key
     async with running_service(quick(settings, consumers=1), consume=False) as service, Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         await mq.publish(event("sequence.enrolled", "one-a", enrolled_data(steps=1, address=address)))
