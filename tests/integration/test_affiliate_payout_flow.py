@@ -192,7 +192,8 @@ async def test_a_payout_failing_after_retries_reverses_the_ledger_entry(
         first = (await commands.wait(2))[1]
         failed_at = time.monotonic()
         retryable = {"error_code": "provider_timeout", "retryable": True, "command": "send_payout", "attempt": 1}
-        await mq.publish(event("affiliate_payout.failed", "b-r", retryable))
+        first_failure = event("affiliate_payout.failed", "b-r", retryable)
+        await mq.publish(first_failure)
         second = (await commands.wait(3, timeout=10))[2]
         waited = time.monotonic() - failed_at
         fatal = {"error_code": "account_closed", "retryable": False, "command": "send_payout", "attempt": 2}
@@ -202,7 +203,12 @@ async def test_a_payout_failing_after_retries_reverses_the_ledger_entry(
         compensations = await Inbox(mq, COMPENSATIONS_Q).wait(1)
         bodies = await commands.settle(0.3)
 
-    assert 0.7 <= waited < 5.0, waited
+    # The backoff the failure scheduled: base 1 s, jitter +-20 % (from the history, not a wall-clock reading,
+    # which a loaded machine stretches); the retry is never sent before it (commands.wait bounds it above).
+    (failure,) = await history_for_event(pg, first_failure["event_id"])
+    delay = failure["detail"]["retry_in_s"]
+    assert 0.8 <= delay <= 1.2, delay
+    assert waited >= delay - 0.01, (waited, delay)
     assert (second["idempotency_key"], second["attempt"]) == (first["idempotency_key"], 2)
     assert second["data"] == first["data"] and second["command_id"] != first["command_id"]
     assert commands_of(bodies, "b-r") == [("post_ledger_entry", 1), ("send_payout", 1), ("send_payout", 2)]

@@ -41,7 +41,8 @@ async def test_retryable_failure_is_retried_with_same_idempotency_key(
         assert first["attempt"] == 1
 
         failed_at = time.monotonic()
-        await mq.publish(event("sequence.step_failed", "retry-1", _failed(0, True, attempt=1)))
+        first_failure = event("sequence.step_failed", "retry-1", _failed(0, True, attempt=1))
+        await mq.publish(first_failure)
         await wait_state(pg, "retry-1", "retry_wait")
         assert [t["name"] for t in await timers_of(pg, "retry-1")] == ["retry_due"]
         second = (await commands.wait(2, timeout=10))[1]
@@ -58,7 +59,12 @@ async def test_retryable_failure_is_retried_with_same_idempotency_key(
         bodies = await commands.settle(0.3)
 
     assert len(bodies) == 2
-    assert 0.7 <= waited < 5.0, waited  # base 1 s, jitter +-20 %
+    # The backoff the failure scheduled: base 1 s, jitter +-20 % (from the history, not a wall-clock reading,
+    # which a loaded machine stretches); the retry is never sent before it (commands.wait bounds it above).
+    (failure,) = await history_for_event(pg, first_failure["event_id"])
+    delay = failure["detail"]["retry_in_s"]
+    assert 0.8 <= delay <= 1.2, delay
+    assert waited >= delay - 0.01, (waited, delay)
     assert second["command_type"] == "sequence.send_step"
     assert second["idempotency_key"] == first["idempotency_key"]
     assert second["attempt"] == 2
