@@ -179,6 +179,7 @@ async def test_a_parked_delivery_of_a_duplicate_is_not_counted(settings: Setting
             await mq.publish(event("notification.requested", entity, requested()))
             await wait_state(pg, entity, "sending")
         await deliver(mq, pg, "n-5a", "DUP-5")
+        await wait_state(pg, "n-5a", "delivered")  # applied before n-5b's events are published: n-5a holds DUP-5
         await mq.publish(event("notification.delivered", "n-5b", {"attempt": 1}))
         await wait_for(lambda: parked(pg, 1), what="delivered parked")
         await mq.publish(event("notification.provider_accepted", "n-5b", {"external_id": "DUP-5", "attempt": 1}))
