@@ -6,16 +6,15 @@ are never dead-lettered for it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from structlog.testing import capture_logs
 
 from sfworkflow import store as store_module
 from sfworkflow.settings import Settings
-from sfworkflow.store import StepLimitExceeded, Store
+from sfworkflow.store import BatchReport, Delivery, StepLimitExceeded, Store
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick
 from tests.integration.storekit import delivery, direct_store
@@ -72,29 +71,41 @@ async def test_the_consumer_splits_a_batch_that_trips_the_guard_and_applies_ever
     monkeypatch.setattr(store_module, "MAX_TRANSITIONS_PER_INSTANCE", 50)
     # One channel that lingers long enough to take every queued event into its first batch.
     slow = quick(settings, consumers=1, batch_linger_ms=500.0)
-    with capture_logs() as logs:
-        await _run_hot_batch(slow, pg)
-    splits = [e for e in logs if e["event"] == "batch failed; applying its messages one by one"]
-    assert splits and "StepLimitExceeded" in splits[0]["error"]
-    assert not [e for e in logs if "dead-lettered" in e["event"]]
-
-
-async def _run_hot_batch(settings: Settings, pg: asyncpg.Connection) -> None:
-    async with running_service(settings, consume=False) as service, Amqp(settings.amqp_url) as mq:
+    async with running_service(slow, consume=False) as service, Amqp(settings.amqp_url) as mq:
+        assert service.store is not None and service.consumer is not None
+        calls = _record_batches(service.store, monkeypatch)
         await mq.publish(event("sequence.enrolled", "hot", enrolled_data(delay_s=3600)))
         for e in pause_resume("hot", 40):  # 80 transitions, queued before consuming: they come in one batch
             await mq.publish(e)
         await wait_for(lambda: _depth(settings, 81), what="81 events queued")
-        assert service.consumer is not None
         await service.consumer.start()
-        await wait_for(lambda: _depth(settings, 0), what="every event taken")
-        applied = await wait_for(
-            lambda: pg.fetchval("SELECT count(*) = 81 FROM sfworkflow.inbox"), what="81 events recorded"
-        )
-        assert applied
+        await wait_for(lambda: pg.fetchval("SELECT count(*) = 81 FROM sfworkflow.inbox"), what="81 events recorded")
         assert await pg.fetchval("SELECT count(*) FROM sfworkflow.history WHERE outcome = 'applied'") == 81
         assert await Inbox(mq, DEAD_Q).settle(0.3) == []
     assert (await instance(pg, "hot"))["state"] == "waiting"
+    # The batch over the guard raised, and what followed was its messages one by one, every one applied.
+    tripped = [i for i, (size, error) in enumerate(calls) if error == "StepLimitExceeded"]
+    assert tripped and calls[tripped[0]][0] > 50
+    alone = calls[tripped[0] + 1 :]
+    assert alone and all(size == 1 and error is None for size, error in alone)
+
+
+def _record_batches(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str | None]]:
+    """Every batch the consumer hands the store: (deliveries, exception class name or None)."""
+    calls: list[tuple[int, str | None]] = []
+    apply = store.apply_deliveries
+
+    async def recording(deliveries: Sequence[Delivery]) -> BatchReport:
+        try:
+            report = await apply(deliveries)
+        except Exception as exc:
+            calls.append((len(deliveries), type(exc).__name__))
+            raise
+        calls.append((len(deliveries), None))
+        return report
+
+    monkeypatch.setattr(store, "apply_deliveries", recording)
+    return calls
 
 
 async def _depth(settings: Settings, n: int) -> bool:
