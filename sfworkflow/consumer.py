@@ -205,7 +205,7 @@ class Consumer:
             try:
                 report = await self.store.apply_deliveries(deliveries)
             except Exception as exc:
-                if is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES):
+                if _retry_same(exc, transient_failures):
                     transient_failures += 0 if is_connection_error(exc) else 1
                     if not await self._backoff(exc, delay, "batch not applied; retrying", len(deliveries)):
                         return False
@@ -245,7 +245,7 @@ class Consumer:
                 self.metrics.record(report)
                 return True
             except Exception as exc:
-                if is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES):
+                if _retry_same(exc, transient_failures):
                     transient_failures += 0 if is_connection_error(exc) else 1
                     if not await self._backoff(exc, delay, "message not applied; retrying", 1):
                         return False
@@ -292,6 +292,12 @@ class Consumer:
                     return False
                 await asyncio.sleep(delay)
                 delay = min(BACKOFF_CAP_S, delay * 2)
+
+
+def _retry_same(exc: BaseException, transient_failures: int) -> bool:
+    """Whether to retry the same work after `exc`: always while PostgreSQL is unreachable (nothing can
+    be applied, nothing is lost), MAX_TRANSIENT_RETRIES times after other transient errors, never else."""
+    return is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES)
 
 
 def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str, Any]:
@@ -347,7 +353,7 @@ def json_safe_headers(headers: dict[str, Any] | None) -> tuple[dict[str, Any], i
         return {}, 0
     out, replaced = clean_json({str(k)[:200]: _safe(v, 0) for k, v in list(headers.items())[:64]})
     if len(repr(out)) > MAX_HEADER_BYTES:
-        return {"x-sfworkflow-headers-dropped": f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}, 0
+        return {HEADERS_DROPPED: f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}, 0
     return out, replaced
 
 

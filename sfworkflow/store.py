@@ -173,7 +173,7 @@ def dead_letter_row(
     surrogates become U+FFFD, see storable.py) and the detail says what was replaced where, so one
     message can never make its own dead letter unwritable. `replaced_in_headers`: characters the
     consumer already replaced in the original headers when it received them."""
-    h, in_headers = clean_json(dict(headers))
+    h, in_headers = clean_json(headers)  # a new dict: the caller's headers are not touched
     detail, in_detail = clean_text(detail[:1000])
     routing_key, in_routing_key = clean_text(routing_key)
     exchange, in_exchange = clean_text(exchange)
@@ -338,11 +338,9 @@ class Store:
     async def redrive_awaiting_version(self, limit: int = 100) -> int:
         """Re-drive instances on a definition version this process has loaded whose events were parked by
         a replica without it (a rolling deploy); how many of those events were applied."""
-        loaded = sorted(self.engine.compiled)
+        workflows, versions = self._loaded_pairs()
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                q("instances_awaiting_version"), [w for w, _ in loaded], [v for _, v in loaded], limit
-            )
+            rows = await conn.fetch(q("instances_awaiting_version"), workflows, versions, limit)
         applied = 0
         for r in rows:
             n = await self.redrive_parked(InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"]))
