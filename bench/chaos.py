@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import SETTLED, SETTLED_ARGS, _declare, _reset_database, _reset_vhost  # noqa: E402
-from sfworkflow.simulator import SimulatedWorker, WorkerProfile  # noqa: E402
+from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 
 BASE_PORT = int(os.environ.get("SFWORKFLOW_CHAOS_PORT", "8130"))
 PG_VERSION = (os.listdir("/etc/postgresql") or ["15"])[0] if os.path.isdir("/etc/postgresql") else "15"
@@ -376,10 +376,10 @@ async def serial_replay_mismatches(pg: asyncpg.Connection, published: dict[str, 
     database's answers) from the history rows, which keep their trigger and data. Each step must be
     applied and lead to the recorded state, and the last one to the instance's persisted state and
     version: a lost update under concurrency or a crash would break this."""
-    from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-    from sfworkflow.engine import Engine
-    from sfworkflow.engine import Outcome as StepOutcome
-    from sfworkflow.envelope import parse_timestamp
+    from sfworkflow.contract.envelope import parse_timestamp
+    from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView
+    from sfworkflow.core.engine import Engine
+    from sfworkflow.core.engine import Outcome as StepOutcome
     from sfworkflow.workflows import DEFINITIONS
 
     engine = Engine(DEFINITIONS)

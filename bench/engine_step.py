@@ -18,8 +18,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.engine import Engine, Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView
+from sfworkflow.core.engine import Engine, Outcome
 from sfworkflow.workflows import DEFINITIONS
 
 TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"

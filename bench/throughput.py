@@ -44,8 +44,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sfworkflow.producer import EventPublisher, build_event  # noqa: E402
-from sfworkflow.simulator import SimulatedWorker, WorkerProfile  # noqa: E402
+from sfworkflow.client.producer import EventPublisher, build_event  # noqa: E402
+from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 
 PG_SERVER = os.environ.get("SFWORKFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672")
@@ -56,7 +56,7 @@ STEPS = 3
 
 def _settled() -> tuple[str, list[list[str]]]:
     """SQL for 'settled': terminal, or waiting for an operator (per the definitions)."""
-    from sfworkflow.stuck import SETTLED_SQL, operator_states
+    from sfworkflow.ops.stuck import SETTLED_SQL, operator_states
     from sfworkflow.workflows import DEFINITIONS
 
     return SETTLED_SQL, list(operator_states(DEFINITIONS))
@@ -159,7 +159,7 @@ async def preload_main(args: argparse.Namespace) -> None:
 
 async def mix_main(args: argparse.Namespace) -> None:
     """Publish the demo's mix of every simulated workflow (later 'human' events after their delay)."""
-    from sfworkflow.demo import plan as demo_plan
+    from sfworkflow.demo.run import plan as demo_plan
 
     rnd = random.Random(args.seed)
     traffic = demo_plan(args.enrollments, rnd)
@@ -369,7 +369,8 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
     """Schema and topology before the service starts, so the drain mode can preload the queue."""
     import aio_pika
 
-    from sfworkflow import migrate, topology
+    from sfworkflow.contract import topology
+    from sfworkflow.db import migrate
 
     conn = await asyncpg.connect(db_url)
     try:

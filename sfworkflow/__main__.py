@@ -1,3 +1,3 @@
-from sfworkflow.cli import main
+from sfworkflow.cli.main import main
 
 raise SystemExit(main())

@@ -55,8 +55,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
 
-# SFWORKFLOW_* variables sfworkflow reads that are not settings: fault injection (sfworkflow/faults.py), the
-# JSON Schema directory (sfworkflow/schemas.py), the chaos suite's base port (bench/chaos.py); and the
+# SFWORKFLOW_* variables sfworkflow reads that are not settings: fault injection (sfworkflow/demo/faults.py), the
+# JSON Schema directory (sfworkflow/contract/schemas.py), the chaos suite's base port (bench/chaos.py); and the
 # prefixes of the test suite's and the benchmarks' own variables.
 OTHER_VARIABLES = ("SFWORKFLOW_FAULT_POINT", "SFWORKFLOW_FAULT_AFTER", "SFWORKFLOW_SCHEMA_DIR", "SFWORKFLOW_CHAOS_PORT")
 OTHER_PREFIXES = ("SFWORKFLOW_TEST_", "SFWORKFLOW_BENCH_")

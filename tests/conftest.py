@@ -20,7 +20,8 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from sfworkflow import db, migrate
+from sfworkflow import db
+from sfworkflow.db import migrate
 from sfworkflow.settings import PREFIX, Settings
 
 PG_SERVER = os.environ.get("SFWORKFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432")

@@ -11,8 +11,8 @@ import aio_pika
 import asyncpg
 import orjson
 
-from sfworkflow.producer import EventPublisher, build_event
-from sfworkflow.service import Service
+from sfworkflow.client.producer import EventPublisher, build_event
+from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
 
 TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from sfworkflow.definition import WorkflowDefinition
+from sfworkflow.core.definition import WorkflowDefinition
 
 
 def _discover() -> tuple[WorkflowDefinition, ...]:

@@ -6,7 +6,7 @@ worker's report names the `step` it is about.
 
 from __future__ import annotations
 
-from sfworkflow.definition import Step
+from sfworkflow.core.definition import Step
 
 
 def is_current_step(step: Step) -> bool:

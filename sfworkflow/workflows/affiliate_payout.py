@@ -62,7 +62,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "affiliate_payout"
 LEDGER = "post_ledger_entry"

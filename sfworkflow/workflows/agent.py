@@ -50,7 +50,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "agent"
 DEFAULT_TIMEOUT_S = 30

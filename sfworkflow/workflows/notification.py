@@ -54,7 +54,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "notification"
 CLAIM_CHECK = "claim_check"  # name of the register lookup that confirms the claim was granted

@@ -46,7 +46,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "partner_approval"
 DEFAULT_SLA_HOURS = 72.0

@@ -68,7 +68,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "prospecting"
 CRM_SYNC = "crm_sync"

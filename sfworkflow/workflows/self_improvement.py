@@ -50,7 +50,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import RetryPolicy, Step, Transition, WorkflowDefinition
 
 NAME = "self_improvement"
 LOOKUP = "last_success"

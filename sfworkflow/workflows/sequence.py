@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sfworkflow.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
 from sfworkflow.workflows._cursor import (
     current_and_has_next,
     current_and_last,

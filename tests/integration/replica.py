@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from sfworkflow import logs
-from sfworkflow.service import Service
+from sfworkflow.runtime import logs
+from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 

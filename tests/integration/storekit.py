@@ -9,12 +9,13 @@ from typing import Any
 
 import orjson
 
-from sfworkflow import db, schemas
-from sfworkflow.definition import WorkflowDefinition
-from sfworkflow.engine import Engine
-from sfworkflow.envelope import EventParser
-from sfworkflow.service import known_event_types
-from sfworkflow.store import Delivery, Store
+from sfworkflow import db
+from sfworkflow.contract import schemas
+from sfworkflow.contract.envelope import EventParser
+from sfworkflow.core.definition import WorkflowDefinition
+from sfworkflow.core.engine import Engine
+from sfworkflow.db.repository import Delivery, Store
+from sfworkflow.runtime.service import known_event_types
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)

@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sfworkflow import cli
-from sfworkflow.commands import versions as versions_cmd
+from sfworkflow.cli import main as cli
+from sfworkflow.cli import versions as versions_cmd
 from sfworkflow.settings import Settings, redact_url
 from tests.conftest import PG_SERVER, wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of

@@ -14,9 +14,10 @@ import asyncpg
 import orjson
 import pytest
 
-from sfworkflow import cli, deadletter_queue
-from sfworkflow.cli import build_parser
-from sfworkflow.commands.deadletters import dead_letters
+from sfworkflow.cli import main as cli
+from sfworkflow.cli.dead_letters import dead_letters
+from sfworkflow.cli.main import build_parser
+from sfworkflow.ops import dead_letters as deadletter_queue
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, queue_depth, quick, wait_all_published, wait_state

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 import orjson
 
-from sfworkflow.consumer import MAX_HEADER_BYTES
+from sfworkflow.runtime.consumer import MAX_HEADER_BYTES
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import (

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sfworkflow.store import Store
+from sfworkflow.db.repository import Store
 from tests.conftest import wait_for
 from tests.integration.storekit import delivery, direct_store
 from tests.support import enrolled_data, event, instance

@@ -7,8 +7,8 @@ import json
 import asyncpg
 import pytest
 
-from sfworkflow.cli import build_parser
-from sfworkflow.commands.parked import EXPIRED, parked
+from sfworkflow.cli.main import build_parser
+from sfworkflow.cli.parked import EXPIRED, parked
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import quick, wait_state

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sfworkflow.store import Store
+from sfworkflow.db.repository import Store
 from tests.integration.storekit import direct_store
 from tests.support import TENANT
 

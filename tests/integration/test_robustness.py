@@ -7,8 +7,8 @@ import dataclasses
 import aio_pika
 import asyncpg
 
+from sfworkflow.contract.topology import COMMANDS_EXCHANGE, commands_queue
 from sfworkflow.settings import Settings
-from sfworkflow.topology import COMMANDS_EXCHANGE, commands_queue
 from tests.conftest import wait_for
 from tests.support import Amqp, enrolled_data, event, running_service, state_of
 

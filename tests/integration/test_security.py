@@ -27,7 +27,7 @@ import orjson
 import pytest
 
 from sfworkflow import db
-from sfworkflow.inspection import load_instance
+from sfworkflow.ops.inspect import load_instance
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import http_get
@@ -205,8 +205,8 @@ def _env(**settings: str) -> dict[str, str]:
 # `sfworkflow run` with the start-up retry window cut from 30 s to 2 s (the only change), so a test of an
 # unreachable dependency ends in seconds.
 RUN_FAST_FAIL = (
-    "import sys; import sfworkflow.service as s; s.STARTUP_RETRY_S = 2.0; "
-    "from sfworkflow.cli import main; sys.exit(main(['run']))"
+    "import sys; import sfworkflow.runtime.service as s; s.STARTUP_RETRY_S = 2.0; "
+    "from sfworkflow.cli.main import main; sys.exit(main(['run']))"
 )
 
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from sfworkflow import store as store_module
+from sfworkflow.db import repository as store_module
+from sfworkflow.db.repository import BatchReport, Delivery, StepLimitExceeded, Store
 from sfworkflow.settings import Settings
-from sfworkflow.store import BatchReport, Delivery, StepLimitExceeded, Store
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick
 from tests.integration.storekit import delivery, direct_store

@@ -12,10 +12,10 @@ import asyncpg
 import pytest
 
 from sfworkflow import db
-from sfworkflow.definition import Step, Transition, WorkflowDefinition
-from sfworkflow.engine import Engine
-from sfworkflow.envelope import IncomingEvent
-from sfworkflow.store import Delivery, Store
+from sfworkflow.contract.envelope import IncomingEvent
+from sfworkflow.core.definition import Step, Transition, WorkflowDefinition
+from sfworkflow.core.engine import Engine
+from sfworkflow.db.repository import Delivery, Store
 from tests.support import OTHER_TENANT, TENANT
 
 

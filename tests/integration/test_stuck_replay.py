@@ -11,15 +11,16 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sfworkflow import db, replay
-from sfworkflow.cli import build_parser
-from sfworkflow.commands import replay as replay_cmd
-from sfworkflow.commands import stuck as stuck_cmd
-from sfworkflow.definition import InstanceKey
-from sfworkflow.engine import Engine
+from sfworkflow import db
+from sfworkflow.cli import replay as replay_cmd
+from sfworkflow.cli import stuck as stuck_cmd
+from sfworkflow.cli.main import build_parser
+from sfworkflow.core.definition import InstanceKey
+from sfworkflow.core.engine import Engine
+from sfworkflow.db.repository import Store
+from sfworkflow.ops import replay
+from sfworkflow.ops.stuck import Filters, find_stuck
 from sfworkflow.settings import Settings
-from sfworkflow.store import Store
-from sfworkflow.stuck import Filters, find_stuck
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of

@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sfworkflow.definition import Step, Transition, WorkflowDefinition
-from sfworkflow.store import RETRY_FAILED_TIMER, Store
+from sfworkflow.core.definition import Step, Transition, WorkflowDefinition
+from sfworkflow.db.repository import RETRY_FAILED_TIMER, Store
 from sfworkflow.workflows import DEFINITIONS
 from tests.integration.storekit import direct_store
 from tests.support import TENANT

@@ -15,12 +15,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sfworkflow.cli import build_parser
-from sfworkflow.commands import versions as versions_cmd
-from sfworkflow.definition import WorkflowDefinition
-from sfworkflow.service import Service
+from sfworkflow.cli import versions as versions_cmd
+from sfworkflow.cli.main import build_parser
+from sfworkflow.core.definition import WorkflowDefinition
+from sfworkflow.ops.versions import os_user
+from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
-from sfworkflow.versions import os_user
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, history, instance, outbox

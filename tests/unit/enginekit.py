@@ -19,10 +19,10 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from sfworkflow import schemas
-from sfworkflow.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage
-from sfworkflow.definition import WorkflowDefinition as Definition
-from sfworkflow.engine import CompiledWorkflow, Decision, Engine, Outcome
+from sfworkflow.contract import schemas
+from sfworkflow.core.definition import ID_NAMESPACE, EngineEvent, InstanceKey, InstanceView, OutgoingMessage
+from sfworkflow.core.definition import WorkflowDefinition as Definition
+from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
 from sfworkflow.workflows import DEFINITIONS
 
 A, P, I = Outcome.APPLIED, Outcome.PARKED, Outcome.IGNORED

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sfworkflow.definition import EngineEvent, InstanceKey
+from sfworkflow.core.definition import EngineEvent, InstanceKey
 from sfworkflow.workflows.sequence import DEFINITION, S
 from tests.unit import enginekit
 from tests.unit.enginekit import T0, TENANT

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.core.engine import Decision, Outcome
 from sfworkflow.workflows.affiliate_payout import DEFINITION, RETRY, S, parse_amount
 from tests.unit import enginekit
 from tests.unit.enginekit import (

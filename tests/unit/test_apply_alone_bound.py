@@ -13,12 +13,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sfworkflow import consumer as consumer_module
-from sfworkflow.consumer import MAX_TRANSIENT_RETRIES, Consumer, Health
+from sfworkflow.db.repository import Delivery
 from sfworkflow.errors import DeadReason, Rejection
-from sfworkflow.metrics import Metrics
+from sfworkflow.runtime import consumer as consumer_module
+from sfworkflow.runtime.consumer import MAX_TRANSIENT_RETRIES, Consumer, Health
+from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.settings import Settings
-from sfworkflow.store import Delivery
 
 
 class FailingStore:
@@ -65,7 +65,7 @@ async def test_a_dead_letter_that_never_stores_ends_in_one_raw_publish_after_two
 async def test_a_valid_event_that_never_stores_becomes_internal_error_then_raw() -> None:
     from datetime import UTC, datetime
 
-    from sfworkflow.envelope import IncomingEvent
+    from sfworkflow.contract.envelope import IncomingEvent
 
     event = IncomingEvent(
         "e1", "sequence.enrolled", "sequence", "enrolled", "t", "x", datetime.now(UTC), None, None, 1, {}

@@ -7,8 +7,8 @@ from datetime import datetime
 
 import pytest
 
+from sfworkflow.db.repository import dead_letter_row
 from sfworkflow.errors import DeadReason
-from sfworkflow.store import dead_letter_row
 
 BODY = b'{"event_type": "sequence.exploded", "x": "\xc3\xa9"}'
 HEADERS = {"x-trace": "abc", "x-retry": 3}

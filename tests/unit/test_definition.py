@@ -7,8 +7,8 @@ from enum import StrEnum
 
 import pytest
 
-from sfworkflow.definition import ANY_ACTIVE, Transition, WorkflowDefinition
-from sfworkflow.engine import CompiledWorkflow, Engine
+from sfworkflow.core.definition import ANY_ACTIVE, Transition, WorkflowDefinition
+from sfworkflow.core.engine import CompiledWorkflow, Engine
 from sfworkflow.errors import DefinitionError
 from sfworkflow.workflows import DEFINITIONS
 

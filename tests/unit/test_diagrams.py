@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sfworkflow import diagrams
-from sfworkflow.cli import main
-from sfworkflow.engine import Engine
+from sfworkflow.cli.main import main
+from sfworkflow.core import diagrams
+from sfworkflow.core.engine import Engine
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)

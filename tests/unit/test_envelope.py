@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from sfworkflow import schemas
-from sfworkflow.envelope import EventParser, IncomingEvent
+from sfworkflow.contract import schemas
+from sfworkflow.contract.envelope import EventParser, IncomingEvent
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.workflows import DEFINITIONS
 

@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow import schemas
-from sfworkflow.definition import InstanceKey
-from sfworkflow.engine import Outcome
+from sfworkflow.contract import schemas
+from sfworkflow.core.definition import InstanceKey
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows import follow_up
 from tests.unit.enginekit import TENANT, Walk, weighted, with_optional
 

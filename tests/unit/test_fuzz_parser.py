@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sfworkflow import schemas
-from sfworkflow.envelope import JSON_CONTENT_TYPES, EventParser, IncomingEvent
+from sfworkflow.contract import schemas
+from sfworkflow.contract.envelope import JSON_CONTENT_TYPES, EventParser, IncomingEvent
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.workflows import DEFINITIONS
 

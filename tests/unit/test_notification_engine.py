@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.core.engine import Decision, Outcome
 from sfworkflow.workflows.notification import CLAIM_CHECK, DEFINITION, RETRY, S, claim_key
 from tests.unit import enginekit
 from tests.unit.enginekit import T0, TENANT, A, I, P, check_table_cell, check_table_covers, kinds, schema_errors

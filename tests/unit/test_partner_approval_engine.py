@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sfworkflow.definition import EngineEvent, InstanceKey, TimerRequest
-from sfworkflow.engine import Decision, Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, TimerRequest
+from sfworkflow.core.engine import Decision, Outcome
 from sfworkflow.workflows.partner_approval import DEFAULT_SLA_HOURS, DEFINITION, S
 from tests.unit import enginekit
 from tests.unit.enginekit import (

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView, TimerRequest
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView, TimerRequest
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows.prospecting import DEFINITION, RETRY, S, is_outreach
 from tests.unit import enginekit
 from tests.unit.enginekit import (

@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import InstanceKey, InstanceView
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import InstanceKey, InstanceView
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows import prospecting
 from tests.unit.enginekit import TENANT, Walk, with_optional
 

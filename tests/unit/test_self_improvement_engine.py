@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sfworkflow.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
-from sfworkflow.engine import Decision, Outcome
+from sfworkflow.core.definition import EngineEvent, InstanceKey, OutgoingMessage, TimerRequest
+from sfworkflow.core.engine import Decision, Outcome
 from sfworkflow.workflows.self_improvement import (
     DEFAULT_MAX_PATCHES,
     DEFINITION,

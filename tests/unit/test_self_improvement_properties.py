@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import InstanceKey, InstanceView
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import InstanceKey, InstanceView
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows import self_improvement
 from sfworkflow.workflows.self_improvement import S, claim_key, register_key
 from tests.unit.enginekit import TENANT, Walk, with_optional

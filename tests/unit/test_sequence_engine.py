@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from sfworkflow.definition import InstanceKey, TimerRequest
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import InstanceKey, TimerRequest
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows.sequence import DEFINITION, S
 from tests.unit.enginekit import (
     ENGINE,

@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfworkflow.definition import InstanceKey
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import InstanceKey
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows import sequence
 from tests.unit.enginekit import TENANT, Walk, with_optional
 

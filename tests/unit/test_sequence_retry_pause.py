@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sfworkflow.definition import RetryPolicy, TimerRequest
-from sfworkflow.engine import Outcome
+from sfworkflow.core.definition import RetryPolicy, TimerRequest
+from sfworkflow.core.engine import Outcome
 from sfworkflow.workflows.sequence import RETRY, S
 from tests.unit.enginekit import T0, TENANT, lifecycle_types, of_kind, schema_errors
 from tests.unit.seqkit import (

@@ -324,7 +324,7 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
 
 
 def test_the_cli_refuses_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from sfworkflow.cli import main
+    from sfworkflow.cli.main import main
 
     _clean_environ(monkeypatch, SFWORKFLOW_USE_UVLOOP="flase")
     assert main(["diagram", "sequence"]) == 2
@@ -389,7 +389,7 @@ def test_every_variable_the_repository_reads_is_known() -> None:
 def test_the_cli_logs_unknown_variables_as_warnings(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sfworkflow.cli import main
+    from sfworkflow.cli.main import main
 
     _clean_environ(monkeypatch, SFWORKFLOW_RETENTON_DAYS="3", SFWORKFLOW_LOG_FORMAT="json")
     assert main(["diagram", "sequence"]) == 0

@@ -12,12 +12,11 @@ from enum import StrEnum
 
 import pytest
 
-from sfworkflow.cli import build_parser
-from sfworkflow.commands import versions as versions_cmd
-from sfworkflow.definition import EngineEvent, InstanceKey, InstanceView, Step, Transition, WorkflowDefinition
-from sfworkflow.engine import Engine, Outcome
-from sfworkflow.settings import Settings
-from sfworkflow.versions import (
+from sfworkflow.cli import versions as versions_cmd
+from sfworkflow.cli.main import build_parser
+from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView, Step, Transition, WorkflowDefinition
+from sfworkflow.core.engine import Engine, Outcome
+from sfworkflow.ops.versions import (
     InstanceResult,
     MigrationReport,
     VersionMigrationError,
@@ -26,6 +25,7 @@ from sfworkflow.versions import (
     decide,
     parse_map,
 )
+from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS, sequence
 from sfworkflow.workflows.sequence import S
 

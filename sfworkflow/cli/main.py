@@ -1,0 +1,248 @@
+"""Command line: `sfworkflow run | migrate | demo | diagram | inspect`, plus the operator commands
+of this package (stuck, replay, dead-letters, …)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+from sfworkflow.errors import SfworkflowError, UsageError
+from sfworkflow.settings import Settings, SettingsError, log_unknown_variables, redact_url
+
+
+def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
+    if settings.use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:
+            pass
+    return asyncio.run(coro)
+
+
+async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.runtime.service import Service
+
+    await Service(settings).run_until_signal()
+    return 0
+
+
+async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from sfworkflow import db
+    from sfworkflow.db import migrate
+
+    created = await db.ensure_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate.migrate(conn)
+    finally:
+        await conn.close()
+    if created:
+        print("created the database")
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+async def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.cli.worker import DEMO_MISSING
+
+    try:
+        from sfworkflow.demo.run import run_demo
+    except ImportError as exc:
+        raise UsageError(DEMO_MISSING) from exc
+
+    return await run_demo(settings, args)
+
+
+async def _cmd_diagram(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.core import diagrams
+    from sfworkflow.core.engine import Engine
+    from sfworkflow.workflows import DEFINITIONS
+
+    engine = Engine(DEFINITIONS)
+    if args.write_docs:
+        diagrams.DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        diagrams.DOCS_PATH.write_text(diagrams.workflows_doc(engine))
+        print(f"wrote {diagrams.DOCS_PATH}")
+        return 0
+    if not args.workflow:
+        print("sfworkflow diagram: name a workflow (one of: " + ", ".join(sorted(engine.latest)) + ")")
+        return 2
+    compiled = engine.workflow(args.workflow, args.version)
+    if compiled is None:
+        print(f"sfworkflow diagram: no workflow {args.workflow!r} (known: {', '.join(sorted(engine.latest))})")
+        return 2
+    print(diagrams.render(compiled, args.format), end="")
+    return 0
+
+
+async def _cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.ops.inspect import inspect_instance
+
+    return await inspect_instance(settings, args.instance, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sfworkflow", description="Durable workflows for SalesFlow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
+    sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
+    d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")
+    d.add_argument("--instances", type=int, default=300, help="workflow instances to drive (default 300)")
+    d.add_argument(
+        "--workflow", action="append", help="only this workflow (repeatable; default: every workflow in the mix)"
+    )
+    d.add_argument("--failure-rate", type=float, default=0.08, help="share of sends that fail retryably")
+    d.add_argument("--fatal-rate", type=float, default=0.01, help="share of sends that fail for good")
+    d.add_argument("--consent-rate", type=float, default=0.02, help="share of sends failing consent_missing")
+    d.add_argument("--duplicate-rate", type=float, default=0.05, help="share of events published twice")
+    d.add_argument("--reply-rate", type=float, default=0.05, help="share of instances ended by people (replies)")
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every instance to end")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument(
+        "--hang", type=int, default=0, help="leave N sequence instances stuck: the worker never answers them"
+    )
+    g = sub.add_parser("diagram", help="print a workflow's state machine as Mermaid or Graphviz DOT")
+    g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
+    g.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    g.add_argument("--version", type=int, default=None, help="definition version (default: the latest)")
+    g.add_argument("--write-docs", action="store_true", help="regenerate docs/workflows.md from every definition")
+    i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
+    i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from sfworkflow.cli.commands import register_all
+
+    COMMANDS.update(register_all(sub))
+    return p
+
+
+COMMANDS: dict[str, Any] = {
+    "run": _cmd_run,
+    "migrate": _cmd_migrate,
+    "demo": _cmd_demo,
+    "diagram": _cmd_diagram,
+    "inspect": _cmd_inspect,
+}
+
+
+# The commands that run the service: they wait for a dependency that is down, and log each wait.
+SERVICE_COMMANDS = frozenset({"run", "demo"})
+
+
+def _quiet_drivers() -> None:
+    """aiormq logs each failed connection attempt as an ERROR of its own; a command reports it in one line."""
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"sfworkflow: {exc}", file=sys.stderr)
+        return 2
+    from sfworkflow.runtime import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command not in SERVICE_COMMANDS:
+        _quiet_drivers()
+    log_unknown_variables()  # a warning per SFWORKFLOW_* variable sfworkflow does not read (a typo?)
+    try:
+        return _run(COMMANDS[args.command](settings, args), settings)
+    except UsageError as exc:
+        print(f"sfworkflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except SfworkflowError as exc:
+        print(f"sfworkflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        line = connection_trouble(exc, settings)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
+
+
+# What went wrong connecting, with what to do; {what}: PostgreSQL or RabbitMQ, {variable}: its setting.
+UNREACHABLE = "cannot reach {what} at {url} ({error}); is it running, and is {variable} right?"
+LOGIN_REFUSED = "{what} at {url} refused the login ({error}); check the user and password in {variable}"
+NO_DATABASE = (
+    "{what} at {url} has no such database ({error}); run `sfworkflow migrate` to create it, or check {variable}"
+)
+
+
+def connection_trouble(exc: BaseException, settings: Settings) -> str | None:
+    """One line saying which dependency cannot be used and why, when `exc` (or what caused it) is a failure
+    to reach or log in to PostgreSQL or RabbitMQ; None for any other error. The URL's password is redacted."""
+    for e in _causes(exc):
+        found = _dependency(e)
+        if found is not None:
+            what, template = found
+            url, variable = (
+                (settings.database_url, "SFWORKFLOW_DATABASE_URL")
+                if what == "PostgreSQL"
+                else (settings.amqp_url, "SFWORKFLOW_AMQP_URL")
+            )
+            text = template.format(what=what, url=redact_url(url), error=type(e).__name__, variable=variable)
+            return f"sfworkflow: {text}"
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what caused it (__cause__, __context__) and the members of exception groups."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+
+
+def _dependency(e: BaseException) -> tuple[str, str] | None:
+    """(PostgreSQL or RabbitMQ, what went wrong) when `e` says one cannot be reached, went away, refused the
+    login or has no such database; else None."""
+    import aio_pika
+    import asyncpg
+
+    from sfworkflow import db
+
+    if isinstance(e, aio_pika.exceptions.ProbableAuthenticationError):
+        return "RabbitMQ", LOGIN_REFUSED
+    if isinstance(e, aio_pika.exceptions.AMQPConnectionError):
+        return "RabbitMQ", UNREACHABLE
+    if isinstance(e, asyncpg.exceptions.InvalidAuthorizationSpecificationError):  # a wrong password or user
+        return "PostgreSQL", LOGIN_REFUSED
+    if isinstance(e, asyncpg.exceptions.InvalidCatalogNameError):
+        return "PostgreSQL", NO_DATABASE
+    if isinstance(e, asyncpg.PostgresError | asyncpg.exceptions.ConnectionDoesNotExistError):
+        return ("PostgreSQL", UNREACHABLE) if db.is_connection_error(e) else None
+    if isinstance(e, OSError):  # refused, unreachable, no such host, timed out: whose driver was connecting?
+        driver = _driver_of(e)
+        return None if driver is None else (driver, UNREACHABLE)
+    return None
+
+
+def _driver_of(e: BaseException) -> str | None:
+    """The dependency whose driver (asyncpg; aiormq, aio_pika) the traceback of `e` went through last."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        package = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        found = DRIVERS.get(package, found)
+        tb = tb.tb_next
+    return found
+
+
+DRIVERS = {"asyncpg": "PostgreSQL", "aiormq": "RabbitMQ", "aio_pika": "RabbitMQ", "pamqp": "RabbitMQ"}

@@ -1,0 +1,271 @@
+"""The pure engine step: (definition, instance, event, now) -> Decision. No I/O.
+
+One `transitions.Machine` per loaded (workflow, version) is built once, with one reusable model
+(`_Cursor`). Each step sets the cursor's state and `Step`, fires the trigger, and reads the decision
+the actions wrote on the `Step`. Asking for an event the state does not accept returns a PARKED
+decision (or IGNORED when the instance is terminal, the event is stale, or it is internal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from transitions import EventData, Machine
+
+from sfworkflow.core.definition import (
+    ANY_ACTIVE,
+    EngineEvent,
+    InstanceKey,
+    InstanceView,
+    OutgoingMessage,
+    Requests,
+    Step,
+    TimerRequest,
+    WorkflowDefinition,
+)
+from sfworkflow.errors import DefinitionError
+
+LIFECYCLE_ENDS = ("workflow.completed", "workflow.compensated")
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    PARKED = "parked"
+    IGNORED = "ignored"
+
+
+@dataclass(slots=True)
+class Decision:
+    """What applying one event means; the store turns it into rows."""
+
+    outcome: Outcome
+    from_state: str
+    to_state: str
+    version: int  # the instance version after this decision
+    context: dict[str, Any]
+    reason: str | None = None
+    trigger: str = ""
+    outgoing: list[OutgoingMessage] = field(default_factory=list)
+    timers_set: list[TimerRequest] = field(default_factory=list)
+    timers_cancelled: list[str] = field(default_factory=list)
+    cancel_all_timers: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+    terminal: bool = False
+    requests: Requests = field(default_factory=Requests)
+
+
+class _Cursor:
+    """The single model bound to a machine; rebound to each instance for one step.
+
+    No __slots__: `transitions` attaches its convenience methods to the model.
+    """
+
+    def __init__(self, initial: str) -> None:
+        self.state = initial
+        self.step: Step | None = None
+
+
+def _wrap_condition(cond: Any) -> Any:
+    def check(event_data: EventData) -> bool:
+        return bool(cond(event_data.model.step))  # type: ignore[attr-defined]
+
+    check.__name__ = getattr(cond, "__name__", "condition")
+    return check
+
+
+def _wrap_action(action: Any) -> Any:
+    def run(event_data: EventData) -> None:
+        action(event_data.model.step)  # type: ignore[attr-defined]
+
+    run.__name__ = getattr(action, "__name__", "action")
+    return run
+
+
+class CompiledWorkflow:
+    """A definition with its machine built once, and lookup tables for the hot path."""
+
+    def __init__(self, definition: WorkflowDefinition) -> None:
+        self.definition = definition
+        states = [str(s.value) for s in definition.states]
+        check_definition(definition, states)
+        active = [s for s in states if s not in definition.terminal and s != definition.initial]
+        table: list[dict[str, Any]] = []
+        for t in definition.transitions:
+            # Plain strings, never Enum members: `transitions` names Enum states by member name.
+            sources = (
+                active
+                if t.source == ANY_ACTIVE
+                else [str(t.source)]
+                if isinstance(t.source, str)
+                else [str(x) for x in t.source]
+            )
+            table.append(
+                {
+                    "trigger": t.trigger,
+                    "source": sources,
+                    "dest": None if t.dest is None else str(t.dest),
+                    "conditions": [_wrap_condition(c) for c in t.conditions],
+                    "after": [_wrap_action(t.action)] if t.action else [],
+                }
+            )
+        self.initial = str(definition.initial)
+        self.cursor = _Cursor(self.initial)
+        self.machine = Machine(
+            model=self.cursor,
+            states=states,
+            transitions=table,
+            initial=str(definition.initial),
+            auto_transitions=False,
+            send_event=True,
+            ignore_invalid_triggers=False,
+            model_attribute="state",
+        )
+        self.events = self.machine.events
+        self.triggers_by_state: dict[str, frozenset[str]] = {s: frozenset(self.machine.get_triggers(s)) for s in states}
+        self.table = table
+
+    def mermaid(self) -> str:
+        """The transition table as a Mermaid state diagram."""
+        d = self.definition
+        lines = ["stateDiagram-v2", f"    [*] --> {d.initial}"]
+        for row in self.table:
+            for src in row["source"]:
+                guard = ",".join(c.__name__ for c in row["conditions"])
+                label = row["trigger"] + (f" [{guard}]" if guard else "")
+                lines.append(f"    {src} --> {row['dest'] or src}: {label}")
+        for s in sorted(d.terminal):
+            lines.append(f"    {s} --> [*]")
+        return "\n".join(lines) + "\n"
+
+    def dot(self) -> str:
+        """The transition table as a Graphviz DOT digraph (terminal states double-circled)."""
+        d = self.definition
+        lines = [f'digraph "{d.name}_v{d.version}" {{', "    rankdir=LR;", "    node [shape=circle, fontsize=10];"]
+        lines.append('    "__start" [shape=point];')
+        for s in self.machine.states:
+            shape = "doublecircle" if s in d.terminal else ("octagon" if s in d.waits_for_operator else "circle")
+            lines.append(f'    "{s}" [shape={shape}];')
+        lines.append(f'    "__start" -> "{self.initial}";')
+        for row in self.table:
+            for src in row["source"]:
+                guard = ",".join(c.__name__ for c in row["conditions"])
+                label = row["trigger"] + (f" [{guard}]" if guard else "")
+                lines.append(f'    "{src}" -> "{row["dest"] or src}" [label="{label}", fontsize=8];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
+    known = set(states)
+    if d.initial not in known:
+        raise DefinitionError(f"{d.name} v{d.version}: initial state {d.initial!r} is not a state")
+    for s in d.terminal:
+        if s not in known:
+            raise DefinitionError(f"{d.name} v{d.version}: terminal state {s!r} is not a state")
+    triggers = d.events | d.internal_events
+    for t in d.transitions:
+        if t.source != ANY_ACTIVE:
+            sources = [t.source] if isinstance(t.source, str) else list(t.source)
+            for src in sources:
+                if str(src) not in known:
+                    raise DefinitionError(f"{d.name} v{d.version}: transition {t.trigger!r} from unknown state {src!r}")
+        if t.trigger not in triggers:
+            raise DefinitionError(
+                f"{d.name} v{d.version}: transition trigger {t.trigger!r} is neither an event nor an internal event"
+            )
+        if t.dest is not None and t.dest not in known:
+            raise DefinitionError(f"{d.name} v{d.version}: transition to unknown state {t.dest!r}")
+    for e in d.start_events:
+        if e not in d.events:
+            raise DefinitionError(f"{d.name} v{d.version}: start event {e!r} is not an event")
+
+
+class Engine:
+    """Every loaded workflow definition, compiled once; `step` is pure and synchronous."""
+
+    def __init__(self, definitions: Iterable[WorkflowDefinition]) -> None:
+        self.compiled: dict[tuple[str, int], CompiledWorkflow] = {}
+        self.latest: dict[str, int] = {}
+        for d in definitions:
+            if (d.name, d.version) in self.compiled:
+                raise DefinitionError(f"{d.name} v{d.version} is defined twice")
+            self.compiled[(d.name, d.version)] = CompiledWorkflow(d)
+            self.latest[d.name] = max(self.latest.get(d.name, 0), d.version)
+
+    def workflow(self, name: str, version: int | None = None) -> CompiledWorkflow | None:
+        v = self.latest.get(name) if version is None else version
+        return None if v is None else self.compiled.get((name, v))
+
+    def step(
+        self,
+        compiled: CompiledWorkflow,
+        key: InstanceKey,
+        instance: InstanceView | None,
+        event: EngineEvent,
+        now: datetime,
+    ) -> Decision:
+        """Apply `event` to `instance` (None: it does not exist yet) and return the decision."""
+        d = compiled.definition
+        trigger = event.name
+        if instance is None:
+            if trigger not in d.start_events:
+                return Decision(Outcome.PARKED, "", "", 0, {}, "instance does not exist yet", trigger)
+            state, context, version, correlation = compiled.initial, {}, 0, event.correlation_id
+        else:
+            state, context, version = instance.state, instance.context, instance.version
+            correlation = instance.correlation_id or event.correlation_id
+        if state in d.terminal:
+            return Decision(Outcome.IGNORED, state, state, version, context, f"instance is {state}", trigger)
+        if trigger in d.start_events and state != compiled.initial:
+            return Decision(Outcome.IGNORED, state, state, version, context, "instance already started", trigger)
+
+        step = Step(d, key, event, dict(context), version + 1, now, correlation, state)
+        # A report about the past (an older step or attempt) is ignored before any transition may match it.
+        stale = d.stale(step) if d.stale and instance is not None else None
+        if stale is not None:
+            return Decision(Outcome.IGNORED, state, state, version, context, stale, trigger)
+        if trigger in compiled.triggers_by_state[state]:
+            cursor = compiled.cursor
+            cursor.state = state
+            cursor.step = step
+            try:
+                moved = compiled.events[trigger].trigger(cursor)
+            finally:
+                cursor.step = None
+        else:
+            moved = False
+        if not moved:
+            if event.internal:
+                reason = f"{trigger} does not apply in state {state}"
+                return Decision(Outcome.IGNORED, state, state, version, context, reason, trigger)
+            return Decision(
+                Outcome.PARKED, state, state, version, context, f"{trigger} is not allowed in state {state}", trigger
+            )
+
+        new_state = compiled.cursor.state
+        terminal = new_state in d.terminal
+        if state == compiled.initial:
+            step.lifecycle("workflow.started", new_state, {"start_event_type": d.event_type(trigger)})
+        if terminal:
+            step.cancel_timers()
+            if not any(m.kind == "lifecycle" and m.body["event_type"] in LIFECYCLE_ENDS for m in step.outgoing):
+                step.lifecycle("workflow.completed", new_state, {"final_state": new_state})
+        return Decision(
+            outcome=Outcome.APPLIED,
+            from_state=state,
+            to_state=new_state,
+            version=version + 1,
+            context=step.context,
+            trigger=trigger,
+            outgoing=step.outgoing,
+            timers_set=step.timers_set,
+            timers_cancelled=step.timers_cancelled,
+            cancel_all_timers=step.cancel_all_timers,
+            notes=step.notes,
+            terminal=terminal,
+            requests=step.requests,
+        )

@@ -1,0 +1,227 @@
+"""The replay tool's logic: what to do for a stuck instance, and doing it once, safely.
+
+For each stuck instance the plan follows from why it is stuck (the definition decides that):
+  timer_overdue  -> fire the timer now (its due time becomes now; the timer loop fires it)
+  parked events  -> re-drive them (apply those that the current state now allows)
+  no_progress    -> re-issue the pending command: same idempotency key, attempt + 1, a new command id
+  operator       -> nothing automatic: a person must send one of the events the state accepts
+
+A named instance that is not stuck (yet) is not replayed: `select_instance` says where it stands against
+its definition's stuck rule and what a replay would do; with `force` it is replayed now all the same
+(recorded as forced). A state that never counts as stuck, or an ended instance, has nothing to replay.
+
+Safe while the service runs and when two replays run at once: each replay locks the instance row,
+checks that its version is still the one that was selected (else: skipped, someone else moved it),
+and bumps the version and the state's entry time, so one stuck episode is replayed once. Every
+replay is a history row (outcome "replayed") saying who, when, why and what.
+"""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
+from sfworkflow.core.engine import Engine
+from sfworkflow.db.repository import EXCHANGE_COMMANDS, Store
+from sfworkflow.ops.stuck import Explanation, Filters, StuckInstance, explain, format_age
+
+ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something
+
+# Exit codes of `sfworkflow replay` (a usage error is 2, as for every command).
+DONE, FAILED, NOTHING_TO_DO = 0, 1, 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    stuck: StuckInstance
+    action: str  # fire_timer | redrive_parked | reissue_command | needs_operator | nothing
+    detail: str
+    forced: bool = False  # replayed although not stuck (yet): recorded as forced
+
+    @property
+    def acts(self) -> bool:
+        return self.action in ACTIONS
+
+
+@dataclass(frozen=True)
+class Result:
+    plan: Plan
+    status: str  # done | skipped | failed
+    message: str
+
+
+def plan_for(s: StuckInstance, engine: Engine) -> Plan:
+    """What a replay does for an instance, from why it is (or, for a named instance, would be) stuck."""
+    if s.why == "ended":
+        return Plan(s, "nothing", f"it has ended in {s.state}: nothing to replay")
+    if s.why == "timer_overdue" and s.pending_timer:
+        return Plan(s, "fire_timer", f"fire timer {s.pending_timer} now")
+    if s.parked:
+        return Plan(s, "redrive_parked", f"re-drive {s.parked} parked event(s)")
+    if s.why == "operator":
+        return Plan(s, "needs_operator", "a person decides: publish one of " + _accepted(s, engine))
+    if s.why == "never":
+        return Plan(s, "nothing", f"nothing automatic: {s.state} waits for one of " + _accepted(s, engine))
+    if s.why == "no_progress" and s.pending_command and s.pending_command_body:
+        b = s.pending_command_body
+        return Plan(
+            s, "reissue_command",
+            f"re-issue {s.pending_command} (idempotency key {b['idempotency_key']}, attempt {b['attempt'] + 1})",
+        )  # fmt: skip
+    return Plan(s, "nothing", "no timer, parked event or pending command to act on")
+
+
+def _accepted(s: StuckInstance, engine: Engine) -> str:
+    """The external events the instance's state accepts, e.g. `sequence.resumed, sequence.cancelled`."""
+    compiled = engine.workflow(s.workflow, s.definition_version)
+    accepted = sorted(compiled.triggers_by_state.get(s.state, ())) if compiled else []
+    events = [f"{s.workflow}.{t}" for t in accepted if compiled and t in compiled.definition.events]
+    return ", ".join(events) or "(none)"
+
+
+@dataclass(frozen=True)
+class Named:
+    """A replay of one named instance: where it stands against its stuck rule, and what replay does for it."""
+
+    explanation: Explanation
+    plan: Plan  # what a replay does for it (forced when it is not stuck)
+    why_not: str  # why this replay does nothing; "" when it does the plan
+    forceable: bool  # nothing is done, and forcing would do the plan
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [] if self.why_not else [self.plan]
+
+
+async def select_instance(
+    conn: asyncpg.Connection | asyncpg.Pool, engine: Engine, key: InstanceKey, f: Filters, force: bool = False
+) -> Named | None:
+    """One instance to replay: done when stuck (matching `f.state`, `f.older_than_s`), or when `force` says
+    so although it is not stuck (yet). None when there is no such instance."""
+    e = await explain(conn, engine, key, f.default_after_s)
+    if e is None:
+        return None
+    plan = replace(plan_for(e.instance, engine), forced=not e.stuck)
+    why_not = _why_not(e, plan, f, force)
+    in_state = f.state is None or f.state == e.instance.state
+    return Named(e, plan, why_not, bool(why_not) and plan.acts and in_state)
+
+
+def _why_not(e: Explanation, plan: Plan, f: Filters, force: bool) -> str:
+    s = e.instance
+    if f.state is not None and s.state != f.state:
+        return f"it is in {s.state}, not in {f.state}"
+    if not plan.acts:
+        return plan.detail
+    if force:
+        return ""
+    if not e.stuck:
+        return "it is not stuck yet"
+    stuck_for = (e.now - s.stuck_since).total_seconds()
+    if stuck_for < f.older_than_s:
+        return f"it is stuck for {format_age(stuck_for)}, less than the {format_age(f.older_than_s)} asked for"
+    return ""
+
+
+def exit_code(results: Iterable[Result]) -> int:
+    """FAILED when any replay failed, DONE when any was done, else NOTHING_TO_DO (all skipped)."""
+    statuses = {r.status for r in results}
+    if "failed" in statuses:
+        return FAILED
+    return DONE if "done" in statuses else NOTHING_TO_DO
+
+
+def operator() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: str) -> Result:
+    """Carry out one plan in its own transaction; skipped when the instance changed since it was selected."""
+    s = p.stuck
+    if p.action in ("needs_operator", "nothing"):
+        return Result(p, "skipped", p.detail)
+    if p.action == "redrive_parked":
+        return await _redrive(pool, store, p, reason, by)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT version, state, context FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", s.instance_id
+        )
+        if row is None or row["version"] != s.version:
+            return Result(p, "skipped", "changed since it was selected (replayed by someone else, or moved on)")
+        detail: dict[str, Any] = {"action": p.action, "by": by, "reason": reason, "forced": p.forced}
+        if p.action == "fire_timer":
+            n = await conn.execute(
+                "UPDATE sfworkflow.timer SET due_at = now() WHERE instance_id = $1 AND name = $2",
+                s.instance_id, s.pending_timer,
+            )  # fmt: skip
+            if n.endswith(" 0"):
+                return Result(p, "skipped", "the timer is gone (it fired meanwhile)")
+            detail["timer"] = s.pending_timer
+        else:  # reissue_command
+            body = dict(s.pending_command_body or {})
+            attempt = int(body["attempt"]) + 1
+            body.update(
+                command_id=str(uuid.uuid5(ID_NAMESPACE, f"{s.ref}/{s.version + 1}/replay/{body['command_type']}")),
+                attempt=attempt,
+                issued_at=datetime.now(UTC).isoformat(),
+            )
+            await conn.fetch(
+                "WITH ins AS (INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id,"
+                " body, headers, mandatory) VALUES ($1, 'command', $2, $3, $4, $5, '{}', true)"
+                " ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING RETURNING 1)"
+                " SELECT pg_notify('sfworkflow_outbox', '') FROM ins",
+                body["command_id"], EXCHANGE_COMMANDS, body["command_type"], s.instance_id, orjson.dumps(body),
+            )  # fmt: skip
+            context = row["context"]
+            if context.get("attempt") == attempt - 1:  # keep the workflow's own count in step
+                context["attempt"] = attempt
+            await conn.execute("UPDATE sfworkflow.instance SET context = $2 WHERE id = $1", s.instance_id, context)
+            detail.update(
+                command_type=body["command_type"], command_id=body["command_id"],
+                idempotency_key=body["idempotency_key"], attempt=attempt,
+            )  # fmt: skip
+        await _record(conn, s, row["state"], detail)
+    return Result(p, "done", p.detail)
+
+
+async def _record(conn: asyncpg.Connection, s: StuckInstance, state: str, detail: dict[str, Any]) -> None:
+    """History row + version bump + a fresh state entry time: this stuck episode is handled."""
+    await conn.execute(
+        "UPDATE sfworkflow.instance SET version = version + 1, state_entered_at = now(), updated_at = now() "
+        "WHERE id = $1",
+        s.instance_id,
+    )
+    await conn.execute(
+        "INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)"
+        " VALUES ($1, $2, NULL, $3, 'replayed', $4, $4, $5)",
+        s.instance_id, s.version + 1, f"{s.workflow}.replayed", state, detail,
+    )  # fmt: skip
+
+
+async def _redrive(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: str) -> Result:
+    s = p.stuck
+    key = InstanceKey(s.tenant_id, s.workflow, s.entity_id)
+    applied = await store.redrive_parked(key, expect_version=s.version)
+    if applied is None:
+        return Result(p, "skipped", "changed since it was selected (replayed by someone else, or moved on)")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT version, state FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", s.instance_id
+        )
+        moved = StuckInstance(**{**s.__dict__, "version": row["version"]})
+        detail = {"action": p.action, "by": by, "reason": reason, "forced": p.forced, "applied": applied}
+        await _record(conn, moved, row["state"], detail)
+    if applied == 0:
+        return Result(p, "done", "parked events re-driven; none is allowed yet (they wait for their deadline)")
+    return Result(p, "done", f"{applied} parked event(s) applied")

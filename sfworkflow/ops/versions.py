@@ -1,0 +1,328 @@
+"""Moving in-flight instances from one loaded definition version to another (`sfworkflow migrate-instances`).
+
+Without a migration an instance finishes on the definition version it started on (the store steps each
+row with the machine of its `definition_version`); new instances start on the latest loaded version.
+A migration moves the non-terminal instances of one workflow from version A to version B:
+
+- each instance's state is mapped: an explicit `--map OLD=NEW` entry first, else the same state when it
+  exists in B; an instance whose state has no mapping is refused (left on A) and reported;
+- context, parked events and pending timers are kept as they are. Timers keep their names, so the
+  mapped state of B must accept the trigger `timer_<name>` of every pending timer: if it does not, the
+  instance is refused (a timer that would fire into a state that ignores it would strand the instance);
+- a mapped state must be a non-terminal state of B other than its initial state (ending an instance is
+  what `cancelled` events are for; the initial state means "not started");
+- instances are taken in batches, one transaction per batch, rows locked FOR UPDATE SKIP LOCKED (a row
+  the service is working on right now is skipped, and picked up by running the command again) and their
+  version re-checked under the lock; each migrated instance gets a history row (outcome `migrated`,
+  event_type `<workflow>.migrated`) and its instance version is incremented.
+
+The pure part (`check_versions`, `parse_map`, `check_map`, `decide`) does no I/O; `migrate_instances` does
+the database work on one asyncpg connection with sfworkflow's codecs (`db.init_connection`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from sfworkflow.core.engine import CompiledWorkflow, Engine
+from sfworkflow.errors import SfworkflowError
+
+DEFAULT_BATCH_SIZE = 100
+
+
+class VersionMigrationError(SfworkflowError):
+    """The migration cannot run as asked (a version not loaded, a bad --map entry); nothing was changed."""
+
+
+# ---- pure: checks and the per-instance decision --------------------------------------------------------
+def check_versions(engine: Engine, workflow: str, from_version: int, to_version: int) -> tuple[CompiledWorkflow, ...]:
+    """The compiled source and target versions, or VersionMigrationError saying what is not loaded."""
+    loaded = sorted(v for n, v in engine.compiled if n == workflow)
+    if not loaded:
+        known = ", ".join(sorted(engine.latest)) or "none"
+        raise VersionMigrationError(f"no workflow {workflow!r} is loaded (loaded workflows: {known})")
+    if from_version == to_version:
+        raise VersionMigrationError(f"--from and --to are both {from_version}: nothing to migrate")
+    for v in (from_version, to_version):
+        if (workflow, v) not in engine.compiled:
+            raise VersionMigrationError(
+                f"{workflow} v{v} is not loaded (loaded versions: {', '.join(f'v{x}' for x in loaded)}); "
+                f"deploy a release that defines it (DEFINITIONS = (...) in sfworkflow/workflows/) and run this "
+                f"command from that release"
+            )
+    return engine.compiled[(workflow, from_version)], engine.compiled[(workflow, to_version)]
+
+
+def parse_map(entries: Iterable[str]) -> dict[str, str]:
+    """`["OLD=NEW", ...]` -> {OLD: NEW}; a malformed or repeated entry raises VersionMigrationError."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        old, sep, new = entry.partition("=")
+        old, new = old.strip(), new.strip()
+        if not sep or not old or not new:
+            raise VersionMigrationError(f"--map {entry!r}: expected OLD_STATE=NEW_STATE")
+        if old in out and out[old] != new:
+            raise VersionMigrationError(f"--map gives state {old!r} twice ({out[old]!r} and {new!r})")
+        out[old] = new
+    return out
+
+
+def _states(cw: CompiledWorkflow) -> list[str]:
+    return [str(s) for s in cw.definition.states]
+
+
+def _target_problem(target: CompiledWorkflow, state: str) -> str | None:
+    d = target.definition
+    if state not in _states(target):
+        return f"{state!r} is not a state of {d.name} v{d.version}"
+    if state in d.terminal:
+        return f"{state!r} is a terminal state of {d.name} v{d.version} (a migration does not end instances)"
+    if state == target.initial:
+        return f"{state!r} is the initial state of {d.name} v{d.version} (it means 'not started')"
+    return None
+
+
+def check_map(source: CompiledWorkflow, target: CompiledWorkflow, mapping: Mapping[str, str]) -> None:
+    """Every --map entry must name a state of the source version and a usable state of the target."""
+    s = source.definition
+    for old, new in mapping.items():
+        if old not in _states(source):
+            raise VersionMigrationError(
+                f"--map {old}={new}: {old!r} is not a state of {s.name} v{s.version} "
+                f"(states: {', '.join(_states(source))})"
+            )
+        problem = _target_problem(target, new)
+        if problem:
+            raise VersionMigrationError(f"--map {old}={new}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    to_state: str | None  # None: refused
+    reason: str | None = None  # why it was refused
+
+
+def decide(
+    source: CompiledWorkflow, target: CompiledWorkflow, mapping: Mapping[str, str], state: str, timers: Iterable[str]
+) -> Verdict:
+    """Where an instance in `state` with pending timers `timers` goes in the target version, or why not."""
+    s, t = source.definition, target.definition
+    if state not in _states(source):
+        return Verdict(None, f"state {state!r} is not a state of {s.name} v{s.version}")
+    if state in mapping:
+        to_state = mapping[state]
+    elif state in _states(target):
+        to_state = state
+    else:
+        return Verdict(
+            None, f"state {state!r} does not exist in {t.name} v{t.version} and no --map {state}=STATE was given"
+        )
+    problem = _target_problem(target, to_state)
+    if problem:
+        return Verdict(None, problem)
+    accepted = target.triggers_by_state[to_state]
+    for name in sorted(set(timers)):
+        if f"timer_{name}" not in accepted:
+            return Verdict(
+                None,
+                f"pending timer {name!r}: state {to_state!r} of {t.name} v{t.version} does not accept timer_{name}",
+            )
+    return Verdict(to_state)
+
+
+# ---- the database work ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class InstanceResult:
+    instance_id: int
+    tenant_id: str
+    entity_id: str
+    outcome: str  # "migrated" (or would be, in a dry run) | "refused" | "skipped"
+    from_state: str
+    to_state: str | None = None
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class MigrationReport:
+    workflow: str
+    from_version: int
+    to_version: int
+    dry_run: bool
+    results: list[InstanceResult] = field(default_factory=list)
+
+    def of(self, outcome: str) -> list[InstanceResult]:
+        return [r for r in self.results if r.outcome == outcome]
+
+    @property
+    def migrated(self) -> list[InstanceResult]:
+        return self.of("migrated")
+
+    @property
+    def refused(self) -> list[InstanceResult]:
+        return self.of("refused")
+
+    @property
+    def skipped(self) -> list[InstanceResult]:
+        return self.of("skipped")
+
+    def lines(self) -> list[str]:
+        """What was done (or would be), one line per instance, then the summary."""
+        verb = "would migrate" if self.dry_run else "migrated"
+        w, a, b = self.workflow, self.from_version, self.to_version
+        out = []
+        for r in self.results:
+            ref = f"{r.tenant_id}/{w}/{r.entity_id}"
+            if r.outcome == "migrated":
+                out.append(f"{verb} {ref}: v{a} {r.from_state} -> v{b} {r.to_state}")
+            elif r.outcome == "refused":
+                out.append(f"{'would refuse' if self.dry_run else 'refused'} {ref} ({r.from_state}): {r.reason}")
+            else:
+                out.append(f"skipped {ref} ({r.from_state}): {r.reason}")
+        summary = (
+            f"{w} v{a} -> v{b}{' (dry run: nothing changed)' if self.dry_run else ''}: "
+            f"{verb} {len(self.migrated)}, refused {len(self.refused)}, skipped {len(self.skipped)}"
+        )
+        out.append(summary)
+        if self.skipped:
+            out.append("skipped instances were busy or changed meanwhile: run the command again to take them")
+        return out
+
+
+_CANDIDATES = """
+SELECT id, tenant_id, entity_id, state FROM sfworkflow.instance
+WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0 AND id > $3
+ORDER BY id
+LIMIT $4
+"""
+_READ = """
+SELECT id, tenant_id, entity_id, definition_version, state, version, terminal
+FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) ORDER BY id
+"""
+_TIMERS = "SELECT instance_id, name FROM sfworkflow.timer WHERE instance_id = ANY($1::bigint[])"
+_UPDATE = """
+UPDATE sfworkflow.instance AS i
+SET definition_version = $3,
+    state = u.state,
+    version = i.version + 1,
+    state_entered_at = CASE WHEN i.state <> u.state THEN now() ELSE i.state_entered_at END,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::text[]) AS u(id, state)
+WHERE i.id = u.id AND i.definition_version = $4
+RETURNING i.id, i.version
+"""
+_HISTORY = """
+INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)
+SELECT u.id, u.seq, NULL, $4, 'migrated', u.from_state, u.to_state, $5::jsonb
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $6::text[]) AS u(id, seq, from_state, to_state)
+"""
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container without passwd entry)
+        return f"uid:{os.getuid()}"
+
+
+async def migrate_instances(
+    conn: asyncpg.Connection,
+    engine: Engine,
+    workflow: str,
+    from_version: int,
+    to_version: int,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    reason: str | None = None,
+    by: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> MigrationReport:
+    """Migrate (or, with dry_run, only decide) the non-terminal instances of `workflow` on `from_version`."""
+    source, target = check_versions(engine, workflow, from_version, to_version)
+    mapping = dict(mapping or {})
+    check_map(source, target, mapping)
+    if limit is not None and limit < 1:
+        raise VersionMigrationError(f"--limit {limit}: give a positive number")
+    detail = {"from_version": from_version, "to_version": to_version, "reason": reason, "by": by or os_user()}
+    report = MigrationReport(workflow, from_version, to_version, dry_run)
+    last_id = 0
+    while limit is None or len(report.results) < limit:
+        n = batch_size if limit is None else min(batch_size, limit - len(report.results))
+        candidates = await conn.fetch(_CANDIDATES, workflow, from_version, last_id, n)
+        if not candidates:
+            break
+        last_id = candidates[-1]["id"]
+        async with conn.transaction():
+            report.results.extend(await _batch(conn, source, target, mapping, candidates, dry_run, detail))
+    return report
+
+
+async def _batch(
+    conn: asyncpg.Connection,
+    source: CompiledWorkflow,
+    target: CompiledWorkflow,
+    mapping: Mapping[str, str],
+    candidates: Sequence[asyncpg.Record],
+    dry_run: bool,
+    detail: dict[str, Any],
+) -> list[InstanceResult]:
+    # A dry run takes no lock: it must not hold up the service, and it changes nothing.
+    ids = [c["id"] for c in candidates]
+    rows = await conn.fetch(_READ if dry_run else _READ + "FOR UPDATE SKIP LOCKED", ids)
+    by_id = {r["id"]: r for r in rows}
+    timers: dict[int, list[str]] = {}
+    for t in await conn.fetch(_TIMERS, list(by_id)):
+        timers.setdefault(t["instance_id"], []).append(t["name"])
+    from_version, workflow = source.definition.version, source.definition.name
+    results: list[InstanceResult] = []
+    moving: list[InstanceResult] = []
+    for c in candidates:
+        iid = c["id"]
+        r = by_id.get(iid)
+        if r is None:  # locked by the service (or another migration) right now, or pruned
+            results.append(
+                InstanceResult(iid, c["tenant_id"], c["entity_id"], "skipped", c["state"], reason="busy (row locked)")
+            )
+            continue
+        res = InstanceResult(iid, r["tenant_id"], r["entity_id"], "skipped", r["state"])
+        results.append(res)
+        if r["definition_version"] != from_version:
+            res.reason = f"now on definition version {r['definition_version']}"
+            continue
+        if r["terminal"]:
+            res.reason = "ended meanwhile"
+            continue
+        verdict = decide(source, target, mapping, r["state"], timers.get(iid, ()))
+        res.to_state = verdict.to_state
+        if verdict.to_state is None:
+            res.outcome, res.reason = "refused", verdict.reason
+            continue
+        res.outcome = "migrated"
+        moving.append(res)
+    if moving and not dry_run:
+        updated = {
+            r["id"]: r["version"]
+            for r in await conn.fetch(
+                _UPDATE, [m.instance_id for m in moving], [m.to_state for m in moving], target.definition.version,
+                from_version,
+            )
+        }  # fmt: skip
+        if len(updated) != len(moving):  # cannot happen: the rows are locked and were re-checked
+            raise RuntimeError(f"{len(moving) - len(updated)} locked instances changed version under the lock")
+        await conn.execute(
+            _HISTORY,
+            [m.instance_id for m in moving],
+            [updated[m.instance_id] for m in moving],
+            [m.from_state for m in moving],
+            f"{workflow}.migrated",
+            detail,
+            [m.to_state for m in moving],
+        )
+    return results

@@ -1,0 +1,375 @@
+"""The event consumer: deliveries from `sfworkflow.events`, applied in micro-batches, acked after commit.
+
+Each consumer channel has its own buffer and applies one batch at a time, so one
+`basic.ack(multiple=True)` on the batch's last delivery tag acks exactly that batch. A batch whose
+transaction fails for a transient reason (PostgreSQL down, deadlock) is retried with backoff and
+nothing is acked meanwhile; prefetch then stops the broker from sending more. A batch failing for
+any other reason is split and applied message by message, so one bad message cannot fail its
+neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from sfworkflow.contract.envelope import EventParser, IncomingEvent
+from sfworkflow.contract.storable import clean_json, clean_text
+from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE
+from sfworkflow.db.pool import is_connection_error, is_transient
+from sfworkflow.db.repository import Delivery, Store
+from sfworkflow.errors import DeadReason, Rejection
+from sfworkflow.runtime import hooks
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.settings import Settings
+
+log = structlog.get_logger("sfworkflow.consumer")
+
+BACKOFF_START_S = 0.2
+BACKOFF_CAP_S = 5.0
+MAX_TRANSIENT_RETRIES = 5  # tries of one batch or message after a transient error other than "unreachable"
+HEADERS_DROPPED = "x-sfworkflow-headers-dropped"
+MAX_HEADER_BYTES = 16 * 1024  # JSON size of the headers kept with a dead letter or parked event
+
+
+class Health:
+    """Readiness facts shared by the consumer, relay, timers and /readyz."""
+
+    def __init__(self) -> None:
+        self.db_ok = True
+        self.db_error = ""
+        self.consuming = False
+
+    def db_failed(self, exc: BaseException) -> None:
+        self.db_ok = False
+        self.db_error = type(exc).__name__
+
+    def db_recovered(self) -> None:
+        self.db_ok = True
+        self.db_error = ""
+
+
+class Consumer:
+    def __init__(
+        self,
+        settings: Settings,
+        connection: AbstractRobustConnection,
+        store: Store,
+        parser: EventParser,
+        metrics: Metrics,
+        health: Health,
+    ) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.store = store
+        self.parser = parser
+        self.metrics = metrics
+        self.health = health
+        self._channels: list[tuple[AbstractChannel, AbstractQueue, str]] = []
+        self._buffers: list[asyncio.Queue[AbstractIncomingMessage | None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._dead_channel: AbstractChannel | None = None  # publishes what cannot be stored at all
+
+    async def start(self) -> None:
+        for i in range(self.settings.consumers):
+            buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+            channel = await self.connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            queue = await channel.get_queue(EVENTS_QUEUE, ensure=True)
+            tag = await queue.consume(buffer.put, no_ack=False)
+            self._channels.append((channel, queue, tag))
+            self._buffers.append(buffer)
+            self._tasks.append(asyncio.create_task(self._batch_loop(buffer), name=f"sfworkflow-consumer-{i}"))
+        self.health.consuming = True
+        log.info("consuming", queue=EVENTS_QUEUE, consumers=self.settings.consumers, prefetch=self.settings.prefetch)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking deliveries, apply and ack what was already delivered, then close the channels."""
+        self.health.consuming = False
+        for _channel, queue, tag in self._channels:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # channel already gone: its deliveries come back to the queue
+                log.info("cancel failed", error=type(exc).__name__)
+        self._stopping.set()
+        for buffer in self._buffers:
+            buffer.put_nowait(None)  # after cancel-ok nothing more arrives: this is the end of the buffer
+        deadline = time.monotonic() + timeout
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        channels = [c for c, _q, _t in self._channels] + ([self._dead_channel] if self._dead_channel else [])
+        for channel in channels:
+            if not channel.is_closed:
+                try:
+                    await channel.close()
+                except Exception:
+                    pass
+
+    async def _batch_loop(self, buffer: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+        """Take what is buffered (up to a batch), linger briefly for more, apply; until the stop sentinel."""
+        size = self.settings.batch_size
+        linger = self.settings.batch_linger_ms / 1000.0
+        ended = False
+        while not ended:
+            first = await buffer.get()
+            if first is None:
+                return
+            batch = [first]
+            ended = self._drain(buffer, batch, size)
+            if not ended and len(batch) < size and linger > 0:
+                await asyncio.sleep(linger)
+                ended = self._drain(buffer, batch, size)
+            if not await self._process(batch):
+                # Not applied (stopping while PostgreSQL is down): acking any later batch with
+                # multiple=True would ack this one too. Stop here; the broker redelivers the rest.
+                return
+
+    @staticmethod
+    def _drain(
+        buffer: asyncio.Queue[AbstractIncomingMessage | None], batch: list[AbstractIncomingMessage], size: int
+    ) -> bool:
+        """Move buffered deliveries into `batch`; True when the stop sentinel was reached."""
+        while len(batch) < size:
+            try:
+                m = buffer.get_nowait()
+            except asyncio.QueueEmpty:
+                return False
+            if m is None:
+                return True
+            batch.append(m)
+        return False
+
+    def _delivery(self, m: AbstractIncomingMessage) -> Delivery:
+        try:
+            parsed: IncomingEvent | Rejection = self.parser.parse(m.body, m.content_type)
+        except Exception as exc:  # never let one message stop the consumer: dead-letter it, say why
+            log.error("parsing a message raised", error=repr(exc)[:300])
+            parsed = Rejection(DeadReason.INTERNAL_ERROR, f"parsing raised {type(exc).__name__}: {str(exc)[:200]}")
+        headers, replaced = json_safe_headers(m.headers)
+        return Delivery(
+            parsed=parsed,
+            body=m.body,
+            headers=headers,
+            routing_key=m.routing_key or "",
+            exchange=m.exchange or "",
+            content_type=m.content_type,
+            message_id=m.message_id,
+            replaced_in_headers=replaced,
+        )
+
+    async def _process(self, batch: list[AbstractIncomingMessage]) -> bool:
+        """Apply a batch and ack it after commit; False when it could not be applied (nothing acked)."""
+        started = time.perf_counter()
+        deliveries = [self._delivery(m) for m in batch]
+        if not await self._apply_with_retry(deliveries):
+            return False
+        hooks.fault_point("after_commit_before_ack")
+        committed = datetime.now(UTC)
+        await _ack(batch)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        observe = self.metrics.event_age.observe
+        for d in deliveries:
+            if isinstance(d.parsed, IncomingEvent):
+                observe(max(0.0, (committed - d.parsed.timestamp).total_seconds()))
+        return True
+
+    async def _backoff(self, exc: BaseException, delay: float, what: str, size: int) -> bool:
+        """Record a transient failure and wait; False when stopping (the caller gives the work up)."""
+        if is_connection_error(exc):
+            self.health.db_failed(exc)
+        self.metrics.batch_retries.inc()
+        log.warning(what, error=type(exc).__name__, detail=str(exc)[:200], retry_in_s=round(delay, 2), batch=size)
+        if self._stopping.is_set():
+            return False  # shutting down with the database failing: leave the work to redelivery
+        await asyncio.sleep(delay)
+        return True
+
+    async def _apply_with_retry(self, deliveries: list[Delivery]) -> bool:
+        delay = BACKOFF_START_S
+        transient_failures = 0
+        while True:
+            try:
+                report = await self.store.apply_deliveries(deliveries)
+            except Exception as exc:
+                if _retry_same(exc, transient_failures):
+                    transient_failures += 0 if is_connection_error(exc) else 1
+                    if not await self._backoff(exc, delay, "batch not applied; retrying", len(deliveries)):
+                        return False
+                    delay = min(BACKOFF_CAP_S, delay * 2)
+                    continue
+                log.error("batch failed; applying its messages one by one", error=repr(exc)[:300])
+                for d in deliveries:
+                    if not await self._apply_alone(d):
+                        return False
+                return True
+            if not self.health.db_ok:
+                log.info("database reachable again")
+            self.health.db_recovered()
+            self.metrics.record(report)
+            return True
+
+    async def _apply_alone(self, d: Delivery) -> bool:
+        """One message the batch path could not apply: settle it alone, in a bounded number of tries.
+
+        Each failure for a reason that is not transient takes the next, simpler form of the message:
+          the event as it is  ->  a dead letter `internal_error` (original headers kept)
+          a dead letter       ->  the same dead letter without the original headers
+          without headers     ->  published raw to sfworkflow.dead from here, reason `unstorable`
+        Transient failures retry the same form with backoff: without end while PostgreSQL is
+        unreachable (nothing can be applied then, and nothing is lost), MAX_TRANSIENT_RETRIES times for
+        the others (deadlocks, resources), after which they count as failures of that form.
+        False only when the service stops before the message is settled (it is redelivered)."""
+        delay = BACKOFF_START_S
+        ctx = _context_of(d)
+        transient_failures = 0
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                with structlog.contextvars.bound_contextvars(**ctx):
+                    report = await self.store.apply_deliveries([d])
+                self.metrics.record(report)
+                return True
+            except Exception as exc:
+                if _retry_same(exc, transient_failures):
+                    transient_failures += 0 if is_connection_error(exc) else 1
+                    if not await self._backoff(exc, delay, "message not applied; retrying", 1):
+                        return False
+                    delay = min(BACKOFF_CAP_S, delay * 2)
+                    continue
+                transient_failures = 0
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                if isinstance(d.parsed, IncomingEvent):
+                    log.error("message dead-lettered after an internal error", error=error, **ctx)
+                    d = replace(
+                        d, parsed=Rejection(DeadReason.INTERNAL_ERROR, f"applying this message failed: {error}")
+                    )
+                elif d.headers and not d.headers.get(HEADERS_DROPPED):
+                    log.error("dead letter cannot be written; retrying without headers", error=error, **ctx)
+                    d = replace(d, headers={HEADERS_DROPPED: f"could not be stored: {type(exc).__name__}"})
+                else:
+                    log.error("dead letter cannot be stored; publishing it raw", error=error, tries=tries, **ctx)
+                    return await self._publish_unstorable(d, error)
+
+    async def _publish_unstorable(self, d: Delivery, error: str) -> bool:
+        """The last resort for a message that cannot be stored even as a dead letter: publish its body
+        to sfworkflow.dead from here (publisher confirms), reason `unstorable`, then it may be acked.
+        Retried with backoff while RabbitMQ refuses; False when stopping first (it is redelivered)."""
+        reason = d.parsed.reason if isinstance(d.parsed, Rejection) else DeadReason.INTERNAL_ERROR
+        headers = unstorable_headers(d, reason, error)
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                if self._dead_channel is None or self._dead_channel.is_closed:
+                    self._dead_channel = await self.connection.channel(publisher_confirms=True)
+                message = aio_pika.Message(
+                    d.body,
+                    headers=headers,
+                    message_id=d.message_id,
+                    content_type=_storable_or_none(d.content_type),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                await self._dead_channel.default_exchange.publish(message, routing_key=DEAD_QUEUE)
+                self.metrics.dead.labels(str(DeadReason.UNSTORABLE)).inc()
+                return True
+            except Exception as exc:
+                log.warning("unstorable message not published yet; retrying", error=repr(exc)[:200])
+                if self._stopping.is_set():
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(BACKOFF_CAP_S, delay * 2)
+
+
+def _retry_same(exc: BaseException, transient_failures: int) -> bool:
+    """Whether to retry the same work after `exc`: always while PostgreSQL is unreachable (nothing can
+    be applied, nothing is lost), MAX_TRANSIENT_RETRIES times after other transient errors, never else."""
+    return is_transient(exc) and (is_connection_error(exc) or transient_failures < MAX_TRANSIENT_RETRIES)
+
+
+def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str, Any]:
+    """The headers of a message published raw to sfworkflow.dead: the reason `unstorable`, what the
+    message was rejected for first, and why it could not be stored; every text cleaned (storable.py)."""
+    routing_key, _ = clean_text(d.routing_key[:255])
+    detail, _ = clean_text(
+        f"this message could not be stored even as a dead letter ({error[:300]}); it was first rejected as "
+        f"{reason}: {d.parsed.detail if isinstance(d.parsed, Rejection) else 'applying it failed'}"
+    )
+    return {
+        "x-sfworkflow-reason": str(DeadReason.UNSTORABLE),
+        "x-sfworkflow-first-reason": str(reason),
+        "x-sfworkflow-detail": detail[:1500],
+        "x-sfworkflow-original-routing-key": routing_key,
+        "x-sfworkflow-original-exchange": clean_text(d.exchange)[0],
+        "x-sfworkflow-dead-lettered-at": datetime.now(UTC).isoformat(),
+        "x-sfworkflow-original-content-type": clean_text(d.content_type or "")[0],
+    }
+
+
+def _storable_or_none(text: str | None) -> str | None:
+    return None if text is None else clean_text(text[:255])[0]
+
+
+def _context_of(d: Delivery) -> dict[str, str]:
+    """The ids bound to every log line about this message."""
+    e = d.parsed
+    if isinstance(e, IncomingEvent):
+        return {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
+    return {"message_id": d.message_id or "", "routing_key": d.routing_key[:200]}
+
+
+async def _ack(batch: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack the batch: one multiple-ack per channel, on the last delivery from that channel."""
+    last: dict[int, AbstractIncomingMessage] = {}
+    for m in batch:
+        try:
+            last[id(m.channel)] = m
+        except Exception:  # the channel closed; the broker redelivers, the inbox drops the duplicate
+            continue
+    for m in last.values():
+        try:
+            await m.ack(multiple=True)
+        except Exception as exc:
+            log.info("ack failed; the batch will be redelivered and dropped as duplicates", error=type(exc).__name__)
+
+
+def json_safe_headers(headers: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    """AMQP headers as JSON-able values PostgreSQL can store (bytes become text or base64), bounded in
+    size; and how many characters were replaced with U+FFFD to make them storable (storable.py)."""
+    if not headers:
+        return {}, 0
+    out, replaced = clean_json({str(k)[:200]: _safe(v, 0) for k, v in list(headers.items())[:64]})
+    if len(repr(out)) > MAX_HEADER_BYTES:
+        return {HEADERS_DROPPED: f"{len(headers)} headers over {MAX_HEADER_BYTES} bytes"}, 0
+    return out, replaced
+
+
+def _safe(v: Any, depth: int) -> Any:
+    if depth > 4:
+        return "<nested too deep>"
+    if v is None or isinstance(v, bool | int | float | str):
+        return v[:2000] if isinstance(v, str) else v
+    if isinstance(v, bytes | bytearray | memoryview):
+        b = bytes(v)[:2000]
+        try:
+            return b.decode()
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(b).decode()
+    if isinstance(v, dict):
+        return {str(k)[:200]: _safe(x, depth + 1) for k, x in list(v.items())[:64]}
+    if isinstance(v, list | tuple):
+        return [_safe(x, depth + 1) for x in list(v)[:64]]
+    return str(v)[:200]

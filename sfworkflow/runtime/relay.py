@@ -1,0 +1,174 @@
+"""The outbox relay: publishes committed outbox rows with publisher confirms, then marks them.
+
+Woken by NOTIFY sfworkflow_outbox (and in-process after each commit), with a polling fallback.
+Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side. A crash
+after publishing and before marking republishes the same rows with the same message ids, which
+consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
+with backoff; `last_error` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiormq.abc
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+
+from sfworkflow.db.pool import init_connection, is_transient, q
+from sfworkflow.runtime import hooks
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.settings import Settings
+
+log = structlog.get_logger("sfworkflow.relay")
+
+NOTIFY_CHANNEL = "sfworkflow_outbox"
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 60.0
+PERSISTENT = 2  # AMQP delivery mode
+
+
+class Relay:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, connection: AbstractRobustConnection, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.connection = connection
+        self.metrics = metrics
+        self.wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._channel: AbstractChannel | None = None
+
+    async def start(self) -> None:
+        self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._task = asyncio.create_task(self._run(), name="sfworkflow-relay")
+        self._listen_task = asyncio.create_task(self._listen(), name="sfworkflow-relay-listen")
+
+    async def stop(self, timeout: float) -> None:
+        """Flush what is committed (within `timeout`), then stop."""
+        self._stop.set()
+        self.wake.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        if self._listen_task:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listen_task
+        if self._channel and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+    async def _listen(self) -> None:
+        """Keep one connection LISTENing; reconnect when it drops (polling covers the gap)."""
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.settings.database_url)
+                await init_connection(conn)
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake.set())
+                while not conn.is_closed():  # checked each second: asyncpg does not signal a dropped LISTEN
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), 1.0)
+                    if self._stop.is_set():
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(1.0)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    async def _run(self) -> None:
+        poll = self.settings.relay_poll_ms / 1000.0
+        backoff = 0.2
+        while True:
+            self.wake.clear()
+            try:
+                n = await self.publish_round()
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning("relay round failed; retrying", error=type(exc).__name__)
+                else:
+                    log.error("relay round failed; retrying", error=repr(exc)[:300])
+                if self._stop.is_set():
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            if n >= self.settings.relay_batch:
+                continue  # more is waiting
+            if self._stop.is_set():
+                if n == 0:
+                    return
+                continue  # stopping: flush until a round finds nothing (rows may have been committed meanwhile)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), poll)
+
+    async def publish_round(self) -> int:
+        """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("claim_outbox"), self.settings.relay_batch)
+            if not rows:
+                return 0
+            if self._channel is None or self._channel.is_closed:
+                raise ConnectionError("relay channel is closed")
+            # The aiormq channel under the (robust) aio-pika channel: publishing on it directly skips
+            # building an aio_pika.Message per row, which was a tenth of the service's CPU.
+            underlay = await self._channel.get_underlay_channel()
+            results = await asyncio.gather(*(_publish(underlay, r) for r in rows), return_exceptions=True)
+            hooks.fault_point("after_publish_before_mark")
+            ok, failed = [], []
+            for r, res in zip(rows, results, strict=True):
+                if isinstance(res, BaseException):
+                    delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(r["publish_attempts"], 6))
+                    failed.append((r["id"], f"{type(res).__name__}: {str(res)[:300]}", delay))
+                    self.metrics.publish_failures.labels(r["kind"]).inc()
+                else:
+                    ok.append(r["id"])
+                    self.metrics.published.labels(r["kind"]).inc()
+            if ok:
+                await conn.execute(q("mark_published"), ok)
+            if failed:
+                log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])
+                await conn.execute(q("mark_publish_failed"), *[list(c) for c in zip(*failed, strict=True)])
+            return len(rows)
+
+
+async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> Any:
+    """Publish one outbox row: persistent, message_id = the row's id; confirms and returns raise."""
+    headers: dict[str, Any] = r["headers"] or {}
+    kind = r["kind"]
+    if kind == "dead_letter":
+        content_type = headers.get("x-sfworkflow-original-content-type") or "application/octet-stream"
+    else:
+        content_type = "application/json"
+    properties = Basic.Properties(
+        content_type=content_type,
+        delivery_mode=PERSISTENT,
+        message_id=r["message_id"],
+        message_type=r["routing_key"] if kind != "dead_letter" else None,
+        headers=headers or None,
+        app_id="sfworkflow",
+    )
+    return await channel.basic_publish(
+        r["body"],
+        exchange=r["exchange"],
+        routing_key=r["routing_key"],
+        properties=properties,
+        mandatory=r["mandatory"],
+    )

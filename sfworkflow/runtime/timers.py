@@ -1,0 +1,100 @@
+"""The timer loop: fires due timers as internal events and dead-letters expired parked events.
+
+Timers are rows (sfworkflow.timer); any replica may fire them, claiming their instances with
+FOR UPDATE SKIP LOCKED. No in-memory sleep holds workflow state: a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+from sfworkflow.db.pool import is_connection_error, is_transient
+from sfworkflow.db.repository import Store
+from sfworkflow.runtime.consumer import Health
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.settings import DEFAULT_RETENTION_DAYS
+
+log = structlog.get_logger("sfworkflow.timers")
+
+TIMER_BATCH = 256  # timers fired per transaction
+PARKED_SWEEP_S = 5.0  # seconds between sweeps for expired parked events
+PRUNE_EVERY_S = 600.0  # seconds between retention sweeps
+
+
+class TimerLoop:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        health: Health,
+        poll_ms: float,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
+    ) -> None:
+        self.retention_days = retention_days
+        self.store = store
+        self.metrics = metrics
+        self.health = health
+        self.poll = poll_ms / 1000.0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sfworkflow-timers")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def _run(self) -> None:
+        next_sweep = 0.0
+        next_prune = time.monotonic() + 30.0  # not in the busy first moments after a start
+        backoff = 0.2
+        while not self._stop.is_set():
+            fired = 0
+            try:
+                report = await self.store.fire_due_timers(TIMER_BATCH)
+                fired = report.timers_fired
+                if fired or report.timer_failures:
+                    self.metrics.record(report)
+                if time.monotonic() >= next_sweep:
+                    for reason, n in (await self.store.expire_parked()).items():
+                        self.metrics.dead.labels(reason).inc(n)
+                    unfireable = await self.store.unfireable_due_timers()
+                    self.metrics.timers_unfireable.set(unfireable)
+                    if unfireable:
+                        log.warning("due timers of definition versions this replica has not loaded", timers=unfireable)
+                    unparked = await self.store.redrive_awaiting_version()
+                    if unparked:
+                        log.info("events that waited for this replica's definition versions applied", applied=unparked)
+                    next_sweep = time.monotonic() + PARKED_SWEEP_S
+                if time.monotonic() >= next_prune:
+                    pruned = await self.store.prune(self.retention_days)
+                    if any(pruned.values()):
+                        log.info("retention sweep", retention_days=self.retention_days, **pruned)
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                backoff = 0.2
+                if not self.health.db_ok:
+                    self.health.db_recovered()
+            except Exception as exc:
+                if is_connection_error(exc):
+                    self.health.db_failed(exc)
+                level = log.warning if is_transient(exc) else log.error
+                level("timer round failed; retrying", error=repr(exc)[:300], retry_in_s=backoff)
+                await self._wait(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            if fired < TIMER_BATCH:
+                await self._wait(self.poll)
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
