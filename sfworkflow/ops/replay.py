@@ -28,9 +28,10 @@ from typing import Any
 import asyncpg
 import orjson
 
+from sfworkflow.contract.topology import COMMANDS_EXCHANGE as EXCHANGE_COMMANDS
 from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
 from sfworkflow.core.engine import Engine
-from sfworkflow.db.repository import EXCHANGE_COMMANDS, Store
+from sfworkflow.db.repository import Store
 from sfworkflow.ops.stuck import Explanation, Filters, StuckInstance, explain, format_age
 
 ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something

@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sfworkflow.db.repository import BatchReport
+from sfworkflow.core.batch import BatchReport
 from sfworkflow.errors import DeadReason
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them

@@ -12,8 +12,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from sfworkflow.db import repository as store_module
-from sfworkflow.db.repository import BatchReport, Delivery, StepLimitExceeded, Store
+from sfworkflow.core import plan as plan_module
+from sfworkflow.core.batch import BatchReport, Delivery
+from sfworkflow.core.plan import StepLimitExceeded
+from sfworkflow.db.repository import Store
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick
@@ -59,7 +61,7 @@ async def test_a_batch_over_the_guard_raises_to_be_split_instead_of_dead_letteri
     store: Store, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _hot_instance(store, "hot", parked=2)
-    monkeypatch.setattr(store_module, "MAX_TRANSITIONS_PER_INSTANCE", 50)
+    monkeypatch.setattr(plan_module, "MAX_TRANSITIONS_PER_INSTANCE", 50)
     with pytest.raises(StepLimitExceeded):
         await store.apply_deliveries([delivery(e) for e in pause_resume("hot", 30)])
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'dead_letter'") == 0
@@ -68,7 +70,7 @@ async def test_a_batch_over_the_guard_raises_to_be_split_instead_of_dead_letteri
 async def test_the_consumer_splits_a_batch_that_trips_the_guard_and_applies_every_event(
     settings: Settings, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "MAX_TRANSITIONS_PER_INSTANCE", 50)
+    monkeypatch.setattr(plan_module, "MAX_TRANSITIONS_PER_INSTANCE", 50)
     # One channel that lingers long enough to take every queued event into its first batch.
     slow = quick(settings, consumers=1, batch_linger_ms=500.0)
     async with running_service(slow, consume=False) as service, Amqp(settings.amqp_url) as mq:

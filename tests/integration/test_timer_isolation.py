@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 
 from sfworkflow.core.definition import Step, Transition, WorkflowDefinition
-from sfworkflow.db.repository import RETRY_FAILED_TIMER, Store
+from sfworkflow.core.plan import RETRY_FAILED_TIMER
+from sfworkflow.db.repository import Store
 from sfworkflow.workflows import DEFINITIONS
 from tests.integration.storekit import direct_store
 from tests.support import TENANT

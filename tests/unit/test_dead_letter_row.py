@@ -1,4 +1,4 @@
-"""`store.dead_letter_row`: the outbox row that sends a rejected message to sfworkflow.dead."""
+"""`dead_letter_row`: the outbox row that sends a rejected message to sfworkflow.dead."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from sfworkflow.db.repository import dead_letter_row
+from sfworkflow.core.batch import OutboxRow, dead_letter_row
 from sfworkflow.errors import DeadReason
 
 BODY = b'{"event_type": "sequence.exploded", "x": "\xc3\xa9"}'
@@ -21,14 +21,17 @@ def row(
     detail: str = "envelope: <root>: 'tenant_id' is a required property",
     seed: str = "tenant/event-1",
     **kw: object,
-) -> tuple:
+) -> OutboxRow:
     return dead_letter_row(
         body, dict(HEADERS) if headers is None else headers, reason, detail, message_id_seed=seed, **kw
     )
 
 
 def test_row_targets_the_dead_letter_queue_through_the_default_exchange() -> None:
-    message_id, kind, exchange, routing_key, instance_id, body, _headers, mandatory = row()
+    r = row()
+    message_id, kind, exchange, routing_key, instance_id, body, mandatory = (
+        r.message_id, r.kind, r.exchange, r.routing_key, r.instance_id, r.body, r.mandatory
+    )  # fmt: skip
     assert uuid.UUID(message_id)
     assert (kind, exchange, routing_key) == ("dead_letter", "", "sfworkflow.dead")
     assert (instance_id, mandatory) == (None, True)
@@ -37,7 +40,7 @@ def test_row_targets_the_dead_letter_queue_through_the_default_exchange() -> Non
 
 @pytest.mark.parametrize("reason", list(DeadReason))
 def test_headers_carry_reason_and_detail(reason: DeadReason) -> None:
-    headers = row(reason=reason, detail=f"because {reason}")[6]
+    headers = row(reason=reason, detail=f"because {reason}").headers
     assert headers["x-sfworkflow-reason"] == reason.value
     assert type(headers["x-sfworkflow-reason"]) is str
     assert headers["x-sfworkflow-detail"] == f"because {reason}"
@@ -47,7 +50,7 @@ def test_original_headers_are_kept_and_not_mutated() -> None:
     original = {"x-trace": "abc", "x-retry": 3}
     headers = row(
         headers=original, routing_key="sequence.exploded", exchange="sfworkflow.events", content_type="application/json"
-    )[6]
+    ).headers
     assert original == {"x-trace": "abc", "x-retry": 3}
     assert headers["x-trace"] == "abc" and headers["x-retry"] == 3
     assert headers["x-sfworkflow-original-routing-key"] == "sequence.exploded"
@@ -57,22 +60,22 @@ def test_original_headers_are_kept_and_not_mutated() -> None:
 
 
 def test_no_content_type_header_without_content_type() -> None:
-    assert "x-sfworkflow-original-content-type" not in row()[6]
+    assert "x-sfworkflow-original-content-type" not in row().headers
 
 
 def test_long_detail_is_truncated() -> None:
-    assert len(row(detail="x" * 5000)[6]["x-sfworkflow-detail"]) == 1000
+    assert len(row(detail="x" * 5000).headers["x-sfworkflow-detail"]) == 1000
 
 
 @pytest.mark.parametrize("body", [b"", b"\xff\xfe", b"x" * 300_000, BODY])
 def test_body_is_passed_through_unchanged(body: bytes) -> None:
-    assert row(body=body)[5] == body
+    assert row(body=body).body == body
 
 
 def test_message_id_is_deterministic() -> None:
-    assert row()[0] == row()[0]
-    assert row(headers={})[0] == row()[0]  # headers and detail do not change the id
-    assert row(detail="other")[0] == row()[0]
+    assert row().message_id == row().message_id
+    assert row(headers={}).message_id == row().message_id  # headers and detail do not change the id
+    assert row(detail="other").message_id == row().message_id
 
 
 @pytest.mark.parametrize(
@@ -81,4 +84,4 @@ def test_message_id_is_deterministic() -> None:
     ids=["seed", "body", "reason"],
 )
 def test_message_id_changes_with_seed_body_and_reason(changes: dict) -> None:
-    assert row(**changes)[0] != row()[0]
+    assert row(**changes).message_id != row().message_id

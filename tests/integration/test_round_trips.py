@@ -1,0 +1,75 @@
+"""Round trips per batch: a constant number of statements whatever the batch's size (db/repository.py's
+docstring lists them). Counted with asyncpg's query logger on the one connection the store uses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from sfworkflow.core.engine import Engine
+from sfworkflow.db.pool import queries
+from sfworkflow.db.repository import Store
+from sfworkflow.workflows import DEFINITIONS
+from tests.integration.storekit import delivery
+from tests.support import enrolled_data, event
+
+
+class OneConnection:
+    """A pool of one connection whose statements are counted."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.statements: list[str] = []
+        names = {text: name for name, text in queries().items()}
+        # Only sfworkflow's statements: asyncpg's own type introspection on a fresh connection is not a round
+        # trip of the batch.
+        conn.add_query_logger(lambda q: q.query in names and self.statements.append(names[q.query]))
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self.conn
+
+
+async def _counted(database_url: str, n: int) -> tuple[list[str], list[str]]:
+    from sfworkflow import db
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await db.init_connection(conn)
+        pool = OneConnection(conn)
+        store = Store(pool, Engine(DEFINITIONS), park_timeout_s=3600)  # type: ignore[arg-type]
+        entities = [f"rt-{n}-{i}" for i in range(n)]
+        await store.apply_deliveries(
+            [delivery(event("sequence.enrolled", e, enrolled_data(steps=2, delay_s=0))) for e in entities]
+        )  # each fires its first step at once: effect keys are claimed in the same transaction
+        enrolled = list(pool.statements)
+        pool.statements.clear()
+        report = await store.apply_deliveries(
+            [delivery(event("sequence.step_sent", e, {"step": 0, "provider_message_id": f"p-{e}"})) for e in entities]
+        )
+        assert report.events[("sequence", "applied")] == n
+        return enrolled, list(pool.statements)
+    finally:
+        await conn.close()
+
+
+async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str, pg: Any) -> None:
+    one = await _counted(database_url, 1)
+    many = await _counted(database_url, 40)
+    assert one == many
+    enrolled, step_sent = one
+    # Enrolment: inbox, create + lock instances, parked events of new instances, the first step's effect key
+    # (its timer is due at once), then the writes. step_sent: the same without parked events (none can
+    # exist: parked_count is 0), the second step's effect key, the writes.
+    assert enrolled == [
+        "insert_inbox", "create_instances", "lock_instances", "load_parked", "insert_effects",
+        "update_instances", "insert_history", "delete_timers", "insert_outbox",
+    ]  # fmt: skip
+    assert step_sent == [
+        "insert_inbox", "create_instances", "lock_instances", "insert_effects",
+        "update_instances", "insert_history", "delete_timers", "insert_outbox",
+    ]  # fmt: skip
+    assert (await pg.fetchval("SELECT count(*) FROM sfworkflow.effect")) == 2 * 41  # two steps each, for 1 + 40 instances
