@@ -117,13 +117,7 @@ async def _execute(
     pool: asyncpg.Pool, engine: Engine, settings: Settings, plans: list[replay.Plan], args: argparse.Namespace
 ) -> list[replay.Result]:
     by = args.by or replay.operator()
-    store = Store(pool, engine, settings.park_timeout_s)
-    results = []
-    for p in plans:
-        try:
-            results.append(await replay.execute(pool, store, p, args.reason, by))
-        except Exception as exc:  # one instance failing does not stop the others
-            results.append(replay.Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+    results = await replay.replay_all(pool, Store(pool, engine, settings.park_timeout_s), plans, args.reason, by)
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

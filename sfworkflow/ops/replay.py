@@ -196,6 +196,18 @@ async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: st
     return Result(p, "done", p.detail)
 
 
+async def replay_all(pool: asyncpg.Pool, store: Store, plans: Iterable[Plan], reason: str, by: str) -> list[Result]:
+    """Carry out each plan in turn (`execute`), for `sfworkflow replay` and the admin API alike: one instance
+    failing does not stop the others; its Result says failed, with the error's type and the start of its text."""
+    results = []
+    for p in plans:
+        try:
+            results.append(await execute(pool, store, p, reason, by))
+        except Exception as exc:
+            results.append(Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return results
+
+
 async def _record(conn: asyncpg.Connection, s: StuckInstance, state: str, detail: dict[str, Any]) -> None:
     """History row + version bump + a fresh state entry time: this stuck episode is handled."""
     await conn.execute(
