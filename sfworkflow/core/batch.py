@@ -156,6 +156,8 @@ class InstanceUpdate:
     parked_count: int
     last_event_id: str | None
     last_event_type: str | None
+    definition_version: int  # changes only when an operator migrates the instance (ops/versions.py)
+    restart_clock: bool = False  # the state's stuck clock starts again (an operator acted on it: replay)
 
 
 @dataclass(slots=True)
@@ -164,7 +166,7 @@ class HistoryEntry:
     seq: int  # the instance version the entry belongs to
     event_id: str | None
     event_type: str
-    outcome: str  # applied, ignored, suppressed, failed
+    outcome: str  # applied, ignored, suppressed, failed; replayed, migrated (operator actions)
     from_state: str
     to_state: str
     detail: dict[str, Any] | None

@@ -10,6 +10,7 @@ and writes the write set; it decides nothing. Unit tests drive a plan with answe
     timers(rows, ts) parked events -> timer steps (a failing timer is undone alone) -> (resolve -> resume)* -> writes
     redrive(row)     parked events -> retry them -> (resolve -> resume)* -> writes   (replay, rolling deploys)
     expired(rows)    parked events past their deadline -> dead letters
+    replay_timer, reissue_command, migrated      the operator's actions (ops/replay.py, ops/versions.py)
 
 Per instance, in delivery order: the engine steps the event (core/engine.py); after each transition the plan
 fires timers that are already due and retries parked events, until the instance is quiet. What a step asks of
@@ -130,6 +131,7 @@ class _Run:
     terminal: bool = False
     last_event: tuple[str | None, str | None] = (None, None)
     transitions: int = 0  # applied in this batch: what the guard counts
+    restart_clock: bool = False  # an operator acted on the instance (replay): its state's clock restarts
 
     def waiting_for_answers(self) -> bool:
         return bool(self.pending_effects or self.pending_claims or self.pending_lookups)
@@ -202,14 +204,25 @@ class BatchPlan:
                 self._timer_failed(run, t["name"], t["payload"], exc)
         return (yield from self._finish())
 
-    def redrive(self, row: Row) -> Generator[Request, Any, WriteSet | None]:
+    def redrive(self, row: Row, replayed: dict[str, Any] | None = None) -> Generator[Request, Any, WriteSet | None]:
         """Retry the parked events of one locked instance; None (nothing to write) when this process has
-        not loaded its definition version."""
+        not loaded its definition version. `replayed`: an operator asked for it (replay): the instance also
+        gets a `replayed` history entry (its detail plus `applied`, the events applied) and its clock restarts."""
         run = self._run_from_row(row)
         if run is None or run.foreign_version is not None:
             return None
         yield from self._load_parked([run])
         self._settle(run)
+        yield from self._resolve()
+        if replayed is not None and run.view is not None:
+            v = run.view
+            run.view = InstanceView(v.key, v.state, v.context, v.version + 1, v.definition_version, v.correlation_id)
+            run.changed = run.restart_clock = True
+            detail = {**replayed, "applied": sum(self.report.unparked.values())}
+            run.history.append(
+                HistoryEntry(run.row_id, v.version + 1, None, f"{run.key.workflow}.replayed", "replayed", v.state,
+                             v.state, detail)
+            )  # fmt: skip
         return (yield from self._finish())
 
     def expired(self, rows: Sequence[Row]) -> WriteSet:
@@ -251,6 +264,56 @@ class BatchPlan:
             )
         self.report.outbox_rows = len(out)
         return WriteSet(outbox=out)
+
+    # ---- operator actions: the same write set and the same writer as the event path ----------------
+    def replay_timer(self, row: Row, timer: Row, detail: dict[str, Any]) -> WriteSet:
+        """Replay `fire_timer`: the timer falls due now (the timer loop fires it through `timers`)."""
+        ws = self._operator_entry(row, "replayed", row["state"], row["context"], {**detail, "timer": timer["name"]})
+        ws.timers.append(TimerSet(row["id"], timer["name"], self.now, timer["payload"]))
+        return ws
+
+    def reissue_command(self, row: Row, command: dict[str, Any], detail: dict[str, Any]) -> WriteSet:
+        """Replay `reissue_command`: publish `command` (a pending command with a new command id and the next
+        attempt) again. The instance's own attempt count follows, when it counted the attempt replaced, so the
+        workflow's retry rules see the attempt that is out."""
+        context = dict(row["context"])
+        if context.get("attempt") == command["attempt"] - 1:
+            context["attempt"] = command["attempt"]
+        detail = {**detail, "command_type": command["command_type"], "command_id": command["command_id"],
+                  "idempotency_key": command["idempotency_key"], "attempt": command["attempt"]}  # fmt: skip
+        ws = self._operator_entry(row, "replayed", row["state"], context, detail)
+        ws.outbox.append(
+            OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
+                      orjson.dumps(command), {}, True)
+        )  # fmt: skip
+        self.report.outbox_rows = len(ws.outbox)
+        return ws
+
+    def migrated(self, moves: Sequence[tuple[Row, str]], to_version: int, detail: dict[str, Any]) -> WriteSet:
+        """`sfworkflow migrate-instances`: each (locked instance row, state in the target version) moves to
+        definition version `to_version`; context, parked events and timers stay as they are."""
+        ws = WriteSet()
+        for row, to_state in moves:
+            entry = self._operator_entry(row, "migrated", to_state, row["context"], detail, to_version)
+            entry.instances[0].restart_clock = False  # the clock restarts only if the state changes
+            ws.instances += entry.instances
+            ws.history += entry.history
+        return ws
+
+    def _operator_entry(
+        self, row: Row, outcome: str, to_state: str, context: dict[str, Any], detail: dict[str, Any],
+        definition_version: int | None = None,
+    ) -> WriteSet:  # fmt: skip
+        """An operator's action on one instance: its version goes up, a history entry says what was done."""
+        version = row["version"] + 1
+        update = InstanceUpdate(
+            row["id"], to_state, context, version, row["terminal"], row["parked_count"], None, None,
+            row["definition_version"] if definition_version is None else definition_version, restart_clock=True,
+        )  # fmt: skip
+        entry = HistoryEntry(
+            row["id"], version, None, f"{row['workflow']}.{outcome}", outcome, row["state"], to_state, detail
+        )
+        return WriteSet(instances=[update], history=[entry])
 
     # ---- intake --------------------------------------------------------------------------------
     def _admit(self, deliveries: Sequence[Delivery]) -> Generator[Request, Any, list[Delivery]]:
@@ -798,7 +861,7 @@ class BatchPlan:
                 v = run.view
                 ws.instances.append(
                     InstanceUpdate(run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
-                                   run.last_event[0], run.last_event[1])
+                                   run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock)
                 )  # fmt: skip
             ws.history.extend(run.history)
             if run.cancel_all:

@@ -55,6 +55,7 @@ from sfworkflow.settings import REDELIVERY_WINDOW_DAYS
 log = structlog.get_logger("sfworkflow.store")
 
 T = TypeVar("T")
+CHANGED = "changed since it was selected (replayed by someone else, or moved on)"
 
 __all__ = ["BatchReport", "Delivery", "Store"]
 
@@ -171,16 +172,19 @@ class Store:
             out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)
         return out
 
-    async def redrive_parked(self, key: InstanceKey, expect_version: int | None = None) -> int | None:
+    async def redrive_parked(
+        self, key: InstanceKey, expect_version: int | None = None, replayed: dict[str, Any] | None = None
+    ) -> int | None:
         """Retry an instance's parked events now (replay, or events that waited for a definition version);
         how many were applied; None if it changed meanwhile (its version is not `expect_version`), is
-        gone, or is on a definition version this process has not loaded."""
+        gone, or is on a definition version this process has not loaded. `replayed`: an operator's replay
+        (ops/replay.py): the detail of the `replayed` history entry written in the same transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
             if not rows or (expect_version is not None and rows[0]["version"] != expect_version):
                 return None
             plan = BatchPlan(self.engine, self.park_timeout)
-            writes = await self._run(conn, plan.redrive(rows[0]))
+            writes = await self._run(conn, plan.redrive(rows[0], replayed))
             if writes is None:
                 return None
             await self._write(conn, writes)
@@ -210,6 +214,30 @@ class Store:
         self._committed(plan.report)
         return Counter(plan.report.dead)
 
+    async def replay(
+        self, instance_id: int, expect_version: int, detail: dict[str, Any], *, timer: str | None = None,
+        command: dict[str, Any] | None = None,
+    ) -> str | None:  # fmt: skip
+        """An operator's replay of one instance (ops/replay.py): `timer` falls due now, or `command` is published
+        again. None when done; else why nothing was done (the instance changed since it was selected, or the
+        timer is gone)."""
+        plan = BatchPlan(self.engine, self.park_timeout)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(q("lock_instance"), instance_id)
+            if row is None or row["version"] != expect_version:
+                return CHANGED
+            if timer is not None:
+                t = await conn.fetchrow(q("instance_timer"), instance_id, timer)
+                if t is None:
+                    return "the timer is gone (it fired meanwhile)"
+                writes = plan.replay_timer(row, t, detail)
+            else:
+                assert command is not None
+                writes = plan.reissue_command(row, command, detail)
+            await self._write(conn, writes)
+        self._committed(plan.report)
+        return None
+
     # ---- the executor: answers a plan's requests, writes its write set ----------------------------
     async def _run(self, conn: asyncpg.Connection, steps: Generator[Request, Any, T]) -> T:
         """Drive a plan's generator: answer each request it yields with SQL, return what it returns."""
@@ -222,66 +250,69 @@ class Store:
             return done.value  # type: ignore[no-any-return]
 
     async def _write(self, conn: asyncpg.Connection, ws: WriteSet) -> None:
-        """Write a plan's write set: one statement per kind of row, each skipped when it has none."""
-        if ws.instances:
-            u = ws.instances
-            await conn.execute(
-                q("update_instances"), [x.instance_id for x in u], [x.state for x in u], [x.context for x in u],
-                [x.version for x in u], [x.terminal for x in u], [x.parked_count for x in u],
-                [x.last_event_id for x in u], [x.last_event_type for x in u],
-            )  # fmt: skip
-        if ws.unstarted:
-            await conn.execute(q("delete_unstarted"), ws.unstarted)
-        if ws.history:
-            h = ws.history
-            await conn.execute(
-                q("insert_history"), [x.instance_id for x in h], [x.seq for x in h], [x.event_id for x in h],
-                [x.event_type for x in h], [x.outcome for x in h], [x.from_state for x in h],
-                [x.to_state for x in h], [x.detail for x in h],
-            )  # fmt: skip
-        if ws.cancel_all_timers or ws.cancel_timers:
-            c = ws.cancel_timers
-            await conn.execute(
-                q("delete_timers"), ws.cancel_all_timers, [x.instance_id for x in c], [x.name for x in c]
-            )
-        if ws.timers:
-            t = ws.timers
-            await conn.execute(
-                q("upsert_timers"), [x.instance_id for x in t], [x.name for x in t], [x.due_at for x in t],
-                [x.payload for x in t],
-            )  # fmt: skip
-        if ws.parked:
-            p = ws.parked
-            await conn.execute(
-                q("insert_parked"), [x.event.tenant_id for x in p], [x.event.workflow for x in p],
-                [x.event.entity_id for x in p], [x.event.event_id for x in p], [x.event.event_type for x in p],
-                [x.body for x in p], [x.headers for x in p], [x.reason for x in p], [x.deadline for x in p],
-                [x.awaiting_version for x in p],
-            )  # fmt: skip
-        if ws.parked_counts:
-            pc = ws.parked_counts
-            await conn.execute(q("raise_parked_counts"), [x.instance_id for x in pc], [x.added for x in pc])
-        if ws.parked_seen:
-            await conn.execute(q("clear_awaiting_version"), ws.parked_seen)
-        if ws.parked_done:
-            await conn.execute(q("delete_parked"), ws.parked_done)
-        if ws.claim_releases:
-            await _delete_keys(conn, "delete_claims", ws.claim_releases)
-        if ws.effect_releases:
-            await _delete_keys(conn, "delete_effects", ws.effect_releases)
-        if ws.registers:
-            r = ws.registers
-            await conn.execute(
-                q("upsert_registers"), [x.key for x in r], [x.value for x in r], [x.tenant_id for x in r],
-                [x.instance_id for x in r],
-            )  # fmt: skip
-        if ws.outbox:
-            o = ws.outbox
-            await conn.fetch(
-                q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
-                [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
-                [x.headers for x in o], [x.mandatory for x in o],
-            )  # fmt: skip
+        await write(conn, ws)
+
+
+async def write(conn: asyncpg.Connection, ws: WriteSet) -> None:
+    """Write a plan's write set: one statement per kind of row, each skipped when it has none."""
+    if ws.instances:
+        u = ws.instances
+        await conn.execute(
+            q("update_instances"), [x.instance_id for x in u], [x.state for x in u], [x.context for x in u],
+            [x.version for x in u], [x.terminal for x in u], [x.parked_count for x in u],
+            [x.last_event_id for x in u], [x.last_event_type for x in u], [x.definition_version for x in u],
+            [x.restart_clock for x in u],
+        )  # fmt: skip
+    if ws.unstarted:
+        await conn.execute(q("delete_unstarted"), ws.unstarted)
+    if ws.history:
+        h = ws.history
+        await conn.execute(
+            q("insert_history"), [x.instance_id for x in h], [x.seq for x in h], [x.event_id for x in h],
+            [x.event_type for x in h], [x.outcome for x in h], [x.from_state for x in h],
+            [x.to_state for x in h], [x.detail for x in h],
+        )  # fmt: skip
+    if ws.cancel_all_timers or ws.cancel_timers:
+        c = ws.cancel_timers
+        await conn.execute(q("delete_timers"), ws.cancel_all_timers, [x.instance_id for x in c], [x.name for x in c])
+    if ws.timers:
+        t = ws.timers
+        await conn.execute(
+            q("upsert_timers"), [x.instance_id for x in t], [x.name for x in t], [x.due_at for x in t],
+            [x.payload for x in t],
+        )  # fmt: skip
+    if ws.parked:
+        p = ws.parked
+        await conn.execute(
+            q("insert_parked"), [x.event.tenant_id for x in p], [x.event.workflow for x in p],
+            [x.event.entity_id for x in p], [x.event.event_id for x in p], [x.event.event_type for x in p],
+            [x.body for x in p], [x.headers for x in p], [x.reason for x in p], [x.deadline for x in p],
+            [x.awaiting_version for x in p],
+        )  # fmt: skip
+    if ws.parked_counts:
+        pc = ws.parked_counts
+        await conn.execute(q("raise_parked_counts"), [x.instance_id for x in pc], [x.added for x in pc])
+    if ws.parked_seen:
+        await conn.execute(q("clear_awaiting_version"), ws.parked_seen)
+    if ws.parked_done:
+        await conn.execute(q("delete_parked"), ws.parked_done)
+    if ws.claim_releases:
+        await _delete_keys(conn, "delete_claims", ws.claim_releases)
+    if ws.effect_releases:
+        await _delete_keys(conn, "delete_effects", ws.effect_releases)
+    if ws.registers:
+        r = ws.registers
+        await conn.execute(
+            q("upsert_registers"), [x.key for x in r], [x.value for x in r], [x.tenant_id for x in r],
+            [x.instance_id for x in r],
+        )  # fmt: skip
+    if ws.outbox:
+        o = ws.outbox
+        await conn.fetch(
+            q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
+            [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
+            [x.headers for x in o], [x.mandatory for x in o],
+        )  # fmt: skip
 
 
 async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
@@ -340,3 +371,22 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
 
 async def _delete_keys(conn: asyncpg.Connection, query: str, keys: Sequence[KeyRelease]) -> None:
     await conn.execute(q(query), [k.key for k in keys], [k.instance_id for k in keys])
+
+
+# ---- instance migration between definition versions (ops/versions.py) -----------------------------------
+async def migration_candidates(
+    conn: asyncpg.Connection, workflow: str, from_version: int, after_id: int, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("migration_candidates"), workflow, from_version, after_id, limit))
+
+
+async def instances_for_migration(conn: asyncpg.Connection, ids: list[int], *, lock: bool) -> list[asyncpg.Record]:
+    """The instances' rows; with `lock`, locked, skipping rows another transaction holds."""
+    return list(await conn.fetch(q("lock_for_migration" if lock else "read_for_migration"), ids))
+
+
+async def timer_names(conn: asyncpg.Connection, ids: list[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for t in await conn.fetch(q("timer_names"), ids):
+        out.setdefault(t["instance_id"], []).append(t["name"])
+    return out

@@ -26,12 +26,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
-from sfworkflow.contract.topology import COMMANDS_EXCHANGE as EXCHANGE_COMMANDS
 from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
 from sfworkflow.core.engine import Engine
-from sfworkflow.db.repository import Store
+from sfworkflow.db.repository import CHANGED, Store
 from sfworkflow.ops.stuck import Explanation, Filters, StuckInstance, explain, format_age
 
 ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something
@@ -148,51 +146,32 @@ def operator() -> str:
 
 
 async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: str) -> Result:
-    """Carry out one plan in its own transaction; skipped when the instance changed since it was selected."""
+    """Carry out one plan in its own transaction, through the store (the one writer of instance state);
+    skipped when the instance changed since it was selected."""
     s = p.stuck
     if p.action in ("needs_operator", "nothing"):
         return Result(p, "skipped", p.detail)
+    detail: dict[str, Any] = {"action": p.action, "by": by, "reason": reason, "forced": p.forced}
     if p.action == "redrive_parked":
-        return await _redrive(pool, store, p, reason, by)
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "SELECT version, state, context FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", s.instance_id
+        key = InstanceKey(s.tenant_id, s.workflow, s.entity_id)
+        applied = await store.redrive_parked(key, expect_version=s.version, replayed=detail)
+        if applied is None:
+            return Result(p, "skipped", CHANGED)
+        if applied == 0:
+            return Result(p, "done", "parked events re-driven; none is allowed yet (they wait for their deadline)")
+        return Result(p, "done", f"{applied} parked event(s) applied")
+    if p.action == "fire_timer":
+        why_not = await store.replay(s.instance_id, s.version, detail, timer=s.pending_timer)
+    else:  # reissue_command: the pending command again, with a new command id and the next attempt
+        body = dict(s.pending_command_body or {})
+        body.update(
+            command_id=str(uuid.uuid5(ID_NAMESPACE, f"{s.ref}/{s.version + 1}/replay/{body['command_type']}")),
+            attempt=int(body["attempt"]) + 1,
+            issued_at=datetime.now(UTC).isoformat(),
         )
-        if row is None or row["version"] != s.version:
-            return Result(p, "skipped", "changed since it was selected (replayed by someone else, or moved on)")
-        detail: dict[str, Any] = {"action": p.action, "by": by, "reason": reason, "forced": p.forced}
-        if p.action == "fire_timer":
-            n = await conn.execute(
-                "UPDATE sfworkflow.timer SET due_at = now() WHERE instance_id = $1 AND name = $2",
-                s.instance_id, s.pending_timer,
-            )  # fmt: skip
-            if n.endswith(" 0"):
-                return Result(p, "skipped", "the timer is gone (it fired meanwhile)")
-            detail["timer"] = s.pending_timer
-        else:  # reissue_command
-            body = dict(s.pending_command_body or {})
-            attempt = int(body["attempt"]) + 1
-            body.update(
-                command_id=str(uuid.uuid5(ID_NAMESPACE, f"{s.ref}/{s.version + 1}/replay/{body['command_type']}")),
-                attempt=attempt,
-                issued_at=datetime.now(UTC).isoformat(),
-            )
-            await conn.fetch(
-                "WITH ins AS (INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id,"
-                " body, headers, mandatory) VALUES ($1, 'command', $2, $3, $4, $5, '{}', true)"
-                " ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING RETURNING 1)"
-                " SELECT pg_notify('sfworkflow_outbox', '') FROM ins",
-                body["command_id"], EXCHANGE_COMMANDS, body["command_type"], s.instance_id, orjson.dumps(body),
-            )  # fmt: skip
-            context = row["context"]
-            if context.get("attempt") == attempt - 1:  # keep the workflow's own count in step
-                context["attempt"] = attempt
-            await conn.execute("UPDATE sfworkflow.instance SET context = $2 WHERE id = $1", s.instance_id, context)
-            detail.update(
-                command_type=body["command_type"], command_id=body["command_id"],
-                idempotency_key=body["idempotency_key"], attempt=attempt,
-            )  # fmt: skip
-        await _record(conn, s, row["state"], detail)
+        why_not = await store.replay(s.instance_id, s.version, detail, command=body)
+    if why_not is not None:
+        return Result(p, "skipped", why_not)
     return Result(p, "done", p.detail)
 
 
@@ -206,35 +185,3 @@ async def replay_all(pool: asyncpg.Pool, store: Store, plans: Iterable[Plan], re
         except Exception as exc:
             results.append(Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
     return results
-
-
-async def _record(conn: asyncpg.Connection, s: StuckInstance, state: str, detail: dict[str, Any]) -> None:
-    """History row + version bump + a fresh state entry time: this stuck episode is handled."""
-    await conn.execute(
-        "UPDATE sfworkflow.instance SET version = version + 1, state_entered_at = now(), updated_at = now() "
-        "WHERE id = $1",
-        s.instance_id,
-    )
-    await conn.execute(
-        "INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)"
-        " VALUES ($1, $2, NULL, $3, 'replayed', $4, $4, $5)",
-        s.instance_id, s.version + 1, f"{s.workflow}.replayed", state, detail,
-    )  # fmt: skip
-
-
-async def _redrive(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: str) -> Result:
-    s = p.stuck
-    key = InstanceKey(s.tenant_id, s.workflow, s.entity_id)
-    applied = await store.redrive_parked(key, expect_version=s.version)
-    if applied is None:
-        return Result(p, "skipped", "changed since it was selected (replayed by someone else, or moved on)")
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "SELECT version, state FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", s.instance_id
-        )
-        moved = StuckInstance(**{**s.__dict__, "version": row["version"]})
-        detail = {"action": p.action, "by": by, "reason": reason, "forced": p.forced, "applied": applied}
-        await _record(conn, moved, row["state"], detail)
-    if applied == 0:
-        return Result(p, "done", "parked events re-driven; none is allowed yet (they wait for their deadline)")
-    return Result(p, "done", f"{applied} parked event(s) applied")

@@ -26,11 +26,14 @@ import getpass
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from sfworkflow.core.engine import CompiledWorkflow, Engine
+from sfworkflow.core.plan import BatchPlan
+from sfworkflow.db import repository
 from sfworkflow.errors import SfworkflowError
 
 DEFAULT_BATCH_SIZE = 100
@@ -194,35 +197,6 @@ class MigrationReport:
         return out
 
 
-_CANDIDATES = """
-SELECT id, tenant_id, entity_id, state FROM sfworkflow.instance
-WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0 AND id > $3
-ORDER BY id
-LIMIT $4
-"""
-_READ = """
-SELECT id, tenant_id, entity_id, definition_version, state, version, terminal
-FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) ORDER BY id
-"""
-_TIMERS = "SELECT instance_id, name FROM sfworkflow.timer WHERE instance_id = ANY($1::bigint[])"
-_UPDATE = """
-UPDATE sfworkflow.instance AS i
-SET definition_version = $3,
-    state = u.state,
-    version = i.version + 1,
-    state_entered_at = CASE WHEN i.state <> u.state THEN now() ELSE i.state_entered_at END,
-    updated_at = now()
-FROM unnest($1::bigint[], $2::text[]) AS u(id, state)
-WHERE i.id = u.id AND i.definition_version = $4
-RETURNING i.id, i.version
-"""
-_HISTORY = """
-INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)
-SELECT u.id, u.seq, NULL, $4, 'migrated', u.from_state, u.to_state, $5::jsonb
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $6::text[]) AS u(id, seq, from_state, to_state)
-"""
-
-
 def os_user() -> str:
     try:
         return getpass.getuser()
@@ -255,17 +229,18 @@ async def migrate_instances(
     last_id = 0
     while limit is None or len(report.results) < limit:
         n = batch_size if limit is None else min(batch_size, limit - len(report.results))
-        candidates = await conn.fetch(_CANDIDATES, workflow, from_version, last_id, n)
+        candidates = await repository.migration_candidates(conn, workflow, from_version, last_id, n)
         if not candidates:
             break
         last_id = candidates[-1]["id"]
         async with conn.transaction():
-            report.results.extend(await _batch(conn, source, target, mapping, candidates, dry_run, detail))
+            report.results.extend(await _batch(conn, engine, source, target, mapping, candidates, dry_run, detail))
     return report
 
 
 async def _batch(
     conn: asyncpg.Connection,
+    engine: Engine,
     source: CompiledWorkflow,
     target: CompiledWorkflow,
     mapping: Mapping[str, str],
@@ -275,12 +250,10 @@ async def _batch(
 ) -> list[InstanceResult]:
     # A dry run takes no lock: it must not hold up the service, and it changes nothing.
     ids = [c["id"] for c in candidates]
-    rows = await conn.fetch(_READ if dry_run else _READ + "FOR UPDATE SKIP LOCKED", ids)
+    rows = await repository.instances_for_migration(conn, ids, lock=not dry_run)
     by_id = {r["id"]: r for r in rows}
-    timers: dict[int, list[str]] = {}
-    for t in await conn.fetch(_TIMERS, list(by_id)):
-        timers.setdefault(t["instance_id"], []).append(t["name"])
-    from_version, workflow = source.definition.version, source.definition.name
+    timers = await repository.timer_names(conn, list(by_id))
+    from_version = source.definition.version
     results: list[InstanceResult] = []
     moving: list[InstanceResult] = []
     for c in candidates:
@@ -306,23 +279,8 @@ async def _batch(
             continue
         res.outcome = "migrated"
         moving.append(res)
-    if moving and not dry_run:
-        updated = {
-            r["id"]: r["version"]
-            for r in await conn.fetch(
-                _UPDATE, [m.instance_id for m in moving], [m.to_state for m in moving], target.definition.version,
-                from_version,
-            )
-        }  # fmt: skip
-        if len(updated) != len(moving):  # cannot happen: the rows are locked and were re-checked
-            raise RuntimeError(f"{len(moving) - len(updated)} locked instances changed version under the lock")
-        await conn.execute(
-            _HISTORY,
-            [m.instance_id for m in moving],
-            [updated[m.instance_id] for m in moving],
-            [m.from_state for m in moving],
-            f"{workflow}.migrated",
-            detail,
-            [m.to_state for m in moving],
-        )
+    if moving and not dry_run:  # the rows are locked and were re-checked: the plan writes, as for events
+        moves = [(by_id[m.instance_id], m.to_state) for m in moving if m.to_state is not None]
+        plan = BatchPlan(engine, timedelta(0))
+        await repository.write(conn, plan.migrated(moves, target.definition.version, {**detail}))
     return results

@@ -273,3 +273,79 @@ def test_parked_events_past_their_deadline_become_dead_letters_with_the_reason()
     ]
     assert "toy v3" in ws.outbox[1].headers["x-sfworkflow-detail"]
     assert p.report.dead == {"transition_not_allowed": 1, "unknown_definition_version": 1}
+
+
+# ---- operator actions: the same write set ------------------------------------------------------------
+def _row(db: FakeDatabase, entity: str) -> dict[str, Any]:
+    return {**db.instances[key(entity)], "terminal": False}
+
+
+def test_replaying_a_timer_moves_it_to_now_and_records_who_did_it() -> None:
+    db = FakeDatabase()
+    started(db, "a")
+    p = plan()
+    ws = p.replay_timer(_row(db, "a"), {"name": "soon", "payload": {"x": 1}}, {"by": "oncall", "reason": "drill"})
+    assert [(t.name, t.due_at, t.payload) for t in ws.timers] == [("soon", p.now, {"x": 1})]
+    (entry,) = ws.history
+    assert (entry.outcome, entry.event_type, entry.seq) == ("replayed", "toy.replayed", 2)
+    assert entry.detail == {"by": "oncall", "reason": "drill", "timer": "soon"}
+    (update,) = ws.instances
+    assert (update.version, update.state, update.restart_clock) == (2, "waiting", True)
+
+
+def test_reissuing_a_command_queues_it_and_keeps_the_workflow_attempt_in_step() -> None:
+    db = FakeDatabase()
+    started(db, "a")
+    row = _row(db, "a")
+    row["context"] = {"attempt": 2, "other": "kept"}
+    command = {"command_id": "c-3", "command_type": "toy.do", "idempotency_key": "do/k", "attempt": 3}
+    p = plan()
+    ws = p.reissue_command(row, command, {"by": "oncall"})
+    (out,) = ws.outbox
+    assert (out.message_id, out.kind, out.exchange, out.routing_key) == (
+        "c-3",
+        "command",
+        "sfworkflow.commands",
+        "toy.do",
+    )
+    assert ws.instances[0].context == {"attempt": 3, "other": "kept"}
+    assert row["context"] == {"attempt": 2, "other": "kept"}  # the loaded row is not edited in place
+    assert ws.history[0].detail == {"by": "oncall", "command_type": "toy.do", "command_id": "c-3",
+                                    "idempotency_key": "do/k", "attempt": 3}  # fmt: skip
+    assert p.report.outbox_rows == 1
+
+
+def test_migrating_moves_the_definition_version_and_the_state_with_a_history_entry() -> None:
+    db = FakeDatabase()
+    started(db, "a", "b")
+    ws = plan().migrated([(_row(db, "a"), "holding"), (_row(db, "b"), "waiting")], 2, {"by": "oncall"})
+    assert [(u.definition_version, u.state, u.version, u.restart_clock) for u in ws.instances] == [
+        (2, "holding", 2, False),
+        (2, "waiting", 2, False),
+    ]
+    assert [(h.outcome, h.from_state, h.to_state) for h in ws.history] == [
+        ("migrated", "waiting", "holding"),
+        ("migrated", "waiting", "waiting"),
+    ]
+
+
+def test_a_replayed_redrive_records_the_replay_after_the_events_it_applied() -> None:
+    db = FakeDatabase()
+    started(db, "a")
+    db.apply(plan().deliveries([delivery("grab", "a", key="k")]))  # holding
+    db.parked[99] = {"id": 99, "tenant_id": TENANT, "workflow": "toy", "entity_id": "a", "event_id": "p1",
+                     "body": _parked_body("later", "a"), "headers": {}, "awaiting_version": None}  # fmt: skip
+    row = _row(db, "a")
+    row["parked_count"] = 1
+    p = plan()
+    ws = db.run(p.redrive(row, replayed={"by": "oncall"}))
+    assert [h.outcome for h in ws.history][-1] == "replayed"
+    assert ws.history[-1].detail == {"by": "oncall", "applied": 1}
+    assert ws.history[-1].seq == max(h.seq for h in ws.history)
+    assert ws.instances[0].restart_clock and ws.instances[0].state == "done"
+
+
+def _parked_body(name: str, entity: str) -> bytes:
+    from tests.unit.plankit import _body, event
+
+    return _body(event(name, entity))

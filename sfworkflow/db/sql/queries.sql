@@ -25,12 +25,48 @@ ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 -- lock_instances --
 -- Lock the instances of a batch in id order (a fixed order, so concurrent batches cannot deadlock).
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id
+       i.version, i.parked_count, i.correlation_id, i.terminal
 FROM sfworkflow.instance i
 JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
   USING (tenant_id, workflow, entity_id)
 ORDER BY i.id
 FOR UPDATE OF i
+
+-- lock_instance --
+-- Lock one instance by id (an operator action: replay); the columns of lock_instances.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id, i.terminal
+FROM sfworkflow.instance i
+WHERE i.id = $1
+FOR UPDATE
+
+-- instance_timer --
+-- One pending timer of an instance (an operator moving it to now: replay).
+SELECT instance_id, name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 AND name = $2
+
+-- migration_candidates --
+-- Non-terminal, started instances of a workflow on a definition version, after an id, in id order.
+SELECT id, tenant_id, entity_id, state FROM sfworkflow.instance
+WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0 AND id > $3
+ORDER BY id
+LIMIT $4
+
+-- read_for_migration --
+-- Instances to migrate, without a lock (a dry run); the columns of lock_instances.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id, i.terminal
+FROM sfworkflow.instance i WHERE i.id = ANY($1::bigint[]) ORDER BY i.id
+
+-- lock_for_migration --
+-- Instances to migrate, locked; a row the service holds right now is skipped (taken by a later run).
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+       i.version, i.parked_count, i.correlation_id, i.terminal
+FROM sfworkflow.instance i WHERE i.id = ANY($1::bigint[]) ORDER BY i.id
+FOR UPDATE SKIP LOCKED
+
+-- timer_names --
+-- Names of the pending timers of some instances.
+SELECT instance_id, name FROM sfworkflow.timer WHERE instance_id = ANY($1::bigint[])
 
 -- load_parked --
 -- Parked events of some instances, oldest first, locked so the expiry sweep cannot take them too.
@@ -42,19 +78,23 @@ ORDER BY p.id
 FOR UPDATE OF p
 
 -- update_instances --
--- Write back state, context and version of the instances a batch changed.
+-- Write back state, context, version and definition version of the instances a batch changed; the state's
+-- clock restarts when the state changes or an operator acted on the instance (restart_clock).
 UPDATE sfworkflow.instance AS i
 SET state = u.state,
     context = u.context,
     version = u.version,
     terminal = u.terminal,
     parked_count = u.parked_count,
+    definition_version = u.definition_version,
     last_event_id = COALESCE(u.last_event_id, i.last_event_id),
     last_event_type = COALESCE(u.last_event_type, i.last_event_type),
-    state_entered_at = CASE WHEN i.state <> u.state THEN now() ELSE i.state_entered_at END,
+    state_entered_at = CASE WHEN i.state <> u.state OR u.restart_clock THEN now() ELSE i.state_entered_at END,
     updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::bigint[], $5::bool[], $6::int[], $7::uuid[], $8::text[])
-     AS u(id, state, context, version, terminal, parked_count, last_event_id, last_event_type)
+FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::bigint[], $5::bool[], $6::int[], $7::uuid[], $8::text[],
+            $9::int[], $10::bool[])
+     AS u(id, state, context, version, terminal, parked_count, last_event_id, last_event_type, definition_version,
+          restart_clock)
 WHERE i.id = u.id
 
 -- delete_unstarted --
