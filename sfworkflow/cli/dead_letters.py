@@ -19,13 +19,13 @@ import asyncpg
 import orjson
 
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
+from sfworkflow.core.durations import EXAMPLES, parse_age
 from sfworkflow.errors import DeadReason, SfworkflowError
 from sfworkflow.ops.dead_letters import (
     DeadLetter,
     DeadLetterQueue,
     connect_database,
     describe,
-    parse_age,
 )
 from sfworkflow.settings import Settings
 
@@ -66,7 +66,7 @@ def register(sub: Any) -> dict[str, Action]:
         help="refuse a message already redriven this many times (default 3)",
     )
     pg = actions.add_parser("purge", help="delete dead letters older than an age")
-    pg.add_argument("--older-than", required=True, type=_age, help="age, e.g. 30m, 12h or 7d")
+    pg.add_argument("--older-than", required=True, type=_age, help=f"age, e.g. {EXAMPLES}")
     pg.add_argument("--reason", help="only this reason code")
     pg.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
     return {"dead-letters": dead_letters}
@@ -506,8 +506,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _age(text: str) -> Any:
+def _age(text: str) -> timedelta:
+    """An age as given on the command line (sfworkflow.core.durations) whose cutoff is still a date."""
     try:
-        return parse_age(text)
+        seconds = parse_age(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    if seconds >= (datetime.now(UTC) - datetime.min.replace(tzinfo=UTC)).total_seconds():
+        raise argparse.ArgumentTypeError(f"{text!r} reaches back before year 1: give a shorter age")
+    return timedelta(seconds=seconds)

@@ -12,9 +12,10 @@ import orjson
 
 from sfworkflow import db
 from sfworkflow.core.definition import InstanceKey
+from sfworkflow.core.durations import EXAMPLES, parse_age
 from sfworkflow.core.engine import Engine
 from sfworkflow.errors import UsageError
-from sfworkflow.ops.stuck import Filters, StuckInstance, check_names, find_stuck, format_age, parse_age
+from sfworkflow.ops.stuck import Filters, StuckInstance, check_names, find_stuck, format_age
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 
@@ -23,7 +24,7 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workflow", help="only this workflow")
     p.add_argument("--tenant", type=tenant_id, help="only this tenant id (a UUID)")
     p.add_argument("--state", help="only instances in this state")
-    p.add_argument("--older-than", default="0s", help="stuck for at least this long: 90s, 30m, 12h, 7d")
+    p.add_argument("--older-than", default="0s", type=age, help=f"stuck for at least this long: {EXAMPLES}")
     p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
 
 
@@ -34,9 +35,17 @@ def filters_from(args: argparse.Namespace, entity: str | None = None, settings: 
         tenant=args.tenant,
         state=args.state,
         entity=entity,
-        older_than_s=parse_age(args.older_than),
+        older_than_s=args.older_than,
         limit=args.limit,
     )
+
+
+def age(text: str) -> float:
+    """An age as given on the command line, in seconds (argparse type; sfworkflow.core.durations)."""
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def tenant_id(text: str) -> str:

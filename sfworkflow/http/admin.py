@@ -2,8 +2,9 @@
 
 Off unless SFWORKFLOW_ADMIN_TOKEN is set: then every /v1/ route answers 404 saying how to turn it on.
 On: every route but /v1/openapi.json wants `Authorization: Bearer <token>` (compared in constant time).
-Every parameter is checked against the rules in `sfworkflow.openapi` (the document states the same rules);
-errors are JSON `{"error": code, "message": text}`.
+Every parameter and request body is checked against the API's own OpenAPI document (sfworkflow.http.openapi),
+compiled once when the app is built (sfworkflow.http.validation); errors are JSON `{"error": code, "message":
+text}`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +23,13 @@ from aiohttp import web
 from sfworkflow import db
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.diagrams import render
+from sfworkflow.core.durations import parse_age
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 from sfworkflow.http import openapi
+from sfworkflow.http.validation import Checks, Invalid
 from sfworkflow.ops import replay
 from sfworkflow.ops.inspect import load_instance
-from sfworkflow.ops.stuck import Filters, find_stuck, parse_age
+from sfworkflow.ops.stuck import Filters, find_stuck
 
 if TYPE_CHECKING:
     from sfworkflow.runtime.service import Service
@@ -39,6 +41,7 @@ log = structlog.get_logger("sfworkflow.admin")
 PREFIX = "/v1"
 OPENAPI_PATH = "/v1/openapi.json"
 SERVICE: web.AppKey[Service] = web.AppKey("sfworkflow_admin_service")
+CHECKS: web.AppKey[Checks] = web.AppKey("sfworkflow_admin_checks")
 ACQUIRE_TIMEOUT_S = 5.0  # seconds to wait for a PostgreSQL connection before answering 503
 REALM = 'Bearer realm="sfworkflow-admin"'
 OFF_MESSAGE = (
@@ -59,11 +62,6 @@ WHERE ($1::text IS NULL OR workflow = $1)
 ORDER BY id
 LIMIT $6
 """
-_REPLAY_KEYS = {
-    "instance": {"instance", "state", "older_than", "dry_run", "force", "reason", "by"},
-    "all_stuck": {"all_stuck", "workflow", "tenant", "state", "older_than", "limit", "dry_run", "reason", "by"},
-}
-_INT = re.compile(r"-?[0-9]{1,20}")
 
 
 class ApiError(Exception):
@@ -72,10 +70,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def bad(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -91,6 +85,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def mount(app: web.Application, service: Service) -> None:
     """Add the /v1/ routes and the middleware that guards them."""
     app[SERVICE] = service
+    app[CHECKS] = Checks.from_document(openapi.document())  # compiled once, not per request
     app.middlewares.append(guard)
     app.router.add_get(OPENAPI_PATH, openapi_document)
     app.router.add_get(PREFIX + "/instances", list_instances)
@@ -137,6 +132,8 @@ async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    except Invalid as exc:
+        return error_response(400, "bad_request", exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -171,76 +168,13 @@ def _engine(request: web.Request) -> Engine:
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------
-def _show(value: str) -> str:
-    return repr(value[:60] + ("..." if len(value) > 60 else ""))
+def params(request: web.Request, operation_id: str) -> dict[str, Any]:
+    """The operation's path and query parameters, checked against the document, with its defaults."""
+    return request.app[CHECKS].params(operation_id, request.query, request.match_info)
 
 
-def _single(request: web.Request, name: str) -> str | None:
-    values = request.query.getall(name, [])
-    if not values:
-        return None
-    if len(values) > 1:
-        raise bad(f"{name} is given {len(values)} times: give it once")
-    return values[0]
-
-
-def check(name: str, value: str, pattern: str, max_length: int, what: str) -> str:
-    if len(value) > max_length or not re.fullmatch(pattern, value):
-        raise bad(f"{name}={_show(value)} is not valid: {what}")
-    return value
-
-
-def check_name(name: str, value: str) -> str:
-    return check(name, value, openapi.NAME, 64, "a name of letters, digits and '_', at most 64 characters")
-
-
-def check_tenant(name: str, value: str) -> str:
-    return check(name, value, openapi.UUID, 36, "a UUID such as 3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00").lower()
-
-
-def check_entity(name: str, value: str) -> str:
-    return check(name, value, openapi.ENTITY, 200, "1 to 200 characters, no '/'")
-
-
-def check_age(name: str, value: str) -> float:
-    check(name, value, openapi.AGE, 16, "an age such as 90s, 30m, 12h, 7d or plain seconds")
-    return parse_age(value)
-
-
-def check_int(name: str, value: str, low: int, high: int) -> int:
-    if not _INT.fullmatch(value) or not low <= int(value) <= high:
-        raise bad(f"{name}={_show(value)} is not valid: an integer from {low} to {high}")
-    return int(value)
-
-
-def query_name(request: web.Request, name: str) -> str | None:
-    v = _single(request, name)
-    return None if v is None else check_name(name, v)
-
-
-def query_tenant(request: web.Request) -> str | None:
-    v = _single(request, "tenant")
-    return None if v is None else check_tenant("tenant", v)
-
-
-def query_int(request: web.Request, name: str, low: int, high: int, default: int | None) -> int | None:
-    v = _single(request, name)
-    return default if v is None else check_int(name, v, low, high)
-
-
-def query_limit(request: web.Request) -> int:
-    limit = query_int(request, "limit", 1, openapi.MAX_LIMIT, openapi.DEFAULT_LIMIT)
-    assert limit is not None
-    return limit
-
-
-def query_bool(request: web.Request, name: str) -> bool | None:
-    v = _single(request, name)
-    if v is None:
-        return None
-    if v not in ("true", "false"):
-        raise bad(f"{name}={_show(v)} is not valid: true or false")
-    return v == "true"
+def _lower(tenant: str | None) -> str | None:
+    return None if tenant is None else tenant.lower()
 
 
 # ---- handlers -----------------------------------------------------------------------------------------------
@@ -249,10 +183,9 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def list_instances(request: web.Request) -> web.Response:
-    workflow, tenant, state = query_name(request, "workflow"), query_tenant(request), query_name(request, "state")
-    terminal = query_bool(request, "terminal")
-    limit = query_limit(request)
-    after = query_int(request, "after", 0, openapi.MAX_ID, 0)
+    p = params(request, "listInstances")
+    workflow, tenant, state, terminal = p.get("workflow"), _lower(p.get("tenant")), p.get("state"), p.get("terminal")
+    limit, after = p["limit"], p["after"]
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         rows = await conn.fetch(_LIST_INSTANCES, workflow, tenant, state, terminal, after, limit + 1)
     items = [
@@ -263,9 +196,8 @@ async def list_instances(request: web.Request) -> web.Response:
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    tenant = check_tenant("tenant", request.match_info["tenant"])
-    workflow = check_name("workflow", request.match_info["workflow"])
-    entity = check_entity("entity", request.match_info["entity"])
+    p = params(request, "getInstance")
+    tenant, workflow, entity = p["tenant"].lower(), p["workflow"], p["entity"]
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         found = await load_instance(conn, tenant, workflow, entity)
     if found is None:
@@ -274,13 +206,13 @@ async def get_instance(request: web.Request) -> web.Response:
 
 
 async def list_stuck(request: web.Request) -> web.Response:
-    older = _single(request, "older_than")
+    p = params(request, "listStuck")
     f = Filters(
-        workflow=query_name(request, "workflow"),
-        tenant=query_tenant(request),
-        state=query_name(request, "state"),
-        older_than_s=0.0 if older is None else check_age("older_than", older),
-        limit=query_limit(request),
+        workflow=p.get("workflow"),
+        tenant=_lower(p.get("tenant")),
+        state=p.get("state"),
+        older_than_s=parse_age(p["older_than"]),
+        limit=p["limit"],
         default_after_s=_service(request).settings.stuck_after_s,
     )
     engine = _engine(request)
@@ -293,76 +225,19 @@ async def list_stuck(request: web.Request) -> web.Response:
     return json_response({"items": items, "count": len(items)})
 
 
-async def _replay_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad(f"the body is not JSON ({exc}): send a JSON object") from None
-    if not isinstance(body, dict):
-        raise bad('the body must be a JSON object: {"instance": "T/W/E"} or {"all_stuck": true}, with "reason"')
-    mode = "instance" if "instance" in body else "all_stuck"
-    if ("instance" in body) == ("all_stuck" in body):
-        raise bad('give exactly one of "instance" (TENANT/WORKFLOW/ENTITY) and "all_stuck": true')
-    unknown = sorted(set(body) - _REPLAY_KEYS[mode])
-    if unknown:
-        raise bad(f"unknown field(s) with {mode!r}: {', '.join(unknown)}; allowed: {sorted(_REPLAY_KEYS[mode])}")
-    return body
-
-
-def _text(body: dict[str, Any], name: str, max_length: int, default: str | None) -> str:
-    v = body.get(name, default)
-    if v is None:
-        raise bad(f'"{name}" is required: say why (it is recorded in each instance\'s history)')
-    if not isinstance(v, str) or not v or len(v) > max_length or not re.fullmatch(openapi.TEXT, v):
-        raise bad(f'"{name}" must be text of 1 to {max_length} characters, without control characters')
-    return v
-
-
-def _str_field(body: dict[str, Any], name: str, checker: Callable[[str, str], Any]) -> Any:
-    v = body.get(name)
-    if v is None and name not in body:
-        return None
-    if not isinstance(v, str):
-        raise bad(f'"{name}" must be a string')
-    return checker(name, v)
-
-
-def _int_field(body: dict[str, Any], name: str, low: int, high: int, default: int) -> int:
-    v = body.get(name, default)
-    if isinstance(v, float) and v.is_integer():  # JSON Schema: 113.0 is an integer
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-        raise bad(f'"{name}" must be an integer from {low} to {high}')
-    return v
-
-
 def replay_filters(body: dict[str, Any]) -> Filters:
-    """The selection a replay body describes (same as the CLI's --instance / --all-stuck and filters)."""
-    older = _str_field(body, "older_than", check_age)
-    state = _str_field(body, "state", check_name)
+    """The selection a checked replay body describes (as the CLI's --instance / --all-stuck and filters)."""
+    older_than_s = parse_age(body["older_than"]) if "older_than" in body else 0.0
     if "instance" in body:
-        ref = body["instance"]
-        if not isinstance(ref, str) or len(ref) > 302 or not re.fullmatch(openapi.INSTANCE_REF, ref):
-            raise bad('"instance" must be TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)')
-        tenant, workflow, entity = ref.split("/", 2)
-        return Filters(workflow, tenant.lower(), state, entity, older or 0.0, openapi.MAX_LIMIT)
-    if body["all_stuck"] is not True:
-        raise bad('"all_stuck" must be true (or give "instance" instead)')
+        tenant, workflow, entity = body["instance"].split("/", 2)
+        return Filters(workflow, tenant.lower(), body.get("state"), entity, older_than_s, openapi.MAX_LIMIT)
     return Filters(
-        workflow=_str_field(body, "workflow", check_name),
-        tenant=_str_field(body, "tenant", check_tenant),
-        state=state,
-        older_than_s=older or 0.0,
-        limit=_int_field(body, "limit", 1, openapi.MAX_LIMIT, openapi.DEFAULT_LIMIT),
+        workflow=body.get("workflow"),
+        tenant=_lower(body.get("tenant")),
+        state=body.get("state"),
+        older_than_s=older_than_s,
+        limit=int(body["limit"]),  # JSON Schema counts 113.0 as an integer
     )
-
-
-def _flag(body: dict[str, Any], name: str) -> bool:
-    v = body.get(name, False)
-    if not isinstance(v, bool):
-        raise bad(f'"{name}" must be true or false')
-    return v
 
 
 async def _select(
@@ -390,12 +265,10 @@ def _nothing_message(named: replay.Named | None) -> str:
 
 
 async def post_replay(request: web.Request) -> web.Response:
-    body = await _replay_body(request)
+    body = request.app[CHECKS].body("replay", await request.read())  # a body over the app's limit: 413
     service, engine, pool = _service(request), _engine(request), _pool(request)
     f = dataclasses.replace(replay_filters(body), default_after_s=service.settings.stuck_after_s)
-    dry_run, force = _flag(body, "dry_run"), _flag(body, "force")
-    reason = _text(body, "reason", openapi.MAX_REASON, None)
-    by = _text(body, "by", openapi.MAX_BY, "admin-api")
+    dry_run, force, reason, by = body["dry_run"], body.get("force", False), body["reason"], body["by"]
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         plans, named = await _select(conn, engine, f, body, force)
     results: list[replay.Result] = []
@@ -404,11 +277,7 @@ async def post_replay(request: web.Request) -> web.Response:
     else:
         if service.store is None:
             raise ApiError(503, "store_unavailable", "the service is still starting")
-        for p in plans:
-            try:
-                results.append(await replay.execute(pool, service.store, p, reason, by))
-            except Exception as exc:  # one instance failing does not stop the others (as in the CLI)
-                results.append(replay.Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+        results = await replay.replay_all(pool, service.store, plans, reason, by)
         if results:
             log.info(
                 "admin replay",
@@ -497,8 +366,8 @@ def describe(cw: CompiledWorkflow, engine: Engine) -> dict[str, Any]:
 
 
 async def get_definition(request: web.Request) -> web.Response:
-    name = check_name("workflow", request.match_info["workflow"])
-    version = query_int(request, "version", 1, openapi.MAX_VERSION, None)
+    p = params(request, "getDefinition")
+    name, version = p["workflow"], p.get("version")
     engine = _engine(request)
     if name not in engine.latest:
         raise ApiError(404, "not_found", f"no workflow {name!r} is loaded; loaded: {', '.join(sorted(engine.latest))}")

@@ -1,18 +1,23 @@
-"""The OpenAPI 3.1 document of the admin HTTP API (served at /v1/openapi.json), and the parameter rules it states.
+"""The OpenAPI 3.1 document of the admin HTTP API (served at /v1/openapi.json): the one source of its rules.
 
-The patterns and bounds here are the ones the handlers in `sfworkflow.admin` enforce: one source for both, so
-what the document calls valid is exactly what the API accepts (schemathesis checks both directions).
-Patterns are written without anchors for `re.fullmatch`; the document anchors them (`^...$`).
+The admin API checks every request against this document (sfworkflow.http.validation compiles its schemas
+once, when the app is built), so what the document calls valid is exactly what the API accepts
+(schemathesis checks both directions). Patterns are written without anchors; the document anchors them
+(`^...$`). `IN_WORDS` says each pattern in words, for the 400 answers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from sfworkflow.core.durations import UNITS
+
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 characters
-AGE = r"[0-9]{1,6}(\.[0-9]{1,3})?[smhd]?"  # 90s, 30m, 12h, 7d or plain seconds
+# An age (sfworkflow.core.durations): the bounded part of its grammar the API takes, so every value the document
+# calls valid is a finite age: at most 6 digits, 3 decimals, then a unit (s m h d w) or none (seconds).
+AGE = rf"[0-9]{{1,6}}(\.[0-9]{{1,3}})?[{''.join(UNITS)}]?"
 INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
 # Free text (reason, by): no control characters, at least one character that is not a space.
 TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
@@ -36,6 +41,17 @@ def anchored(pattern: str) -> str:
     return f"^{pattern}$"
 
 
+# What a value matching each (anchored) pattern is, in words; `{maxLength}` etc. are the schema's own keywords.
+IN_WORDS = {
+    anchored(NAME): "a name of letters, digits and '_', at most 64 characters",
+    anchored(UUID): "a UUID such as 3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00",
+    anchored(ENTITY): "1 to 200 characters, no '/'",
+    anchored(AGE): "an age such as 90s, 30m, 12h, 7d, 2w or plain seconds",
+    anchored(INSTANCE_REF): "TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)",
+    anchored(TEXT): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
+}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
@@ -56,7 +72,7 @@ LIMIT_Q = _query(
 OLDER_THAN_Q = _query(
     "older_than",
     {"type": "string", "maxLength": 16, "pattern": anchored(AGE), "default": "0s"},
-    "Stuck for at least this long: 90s, 30m, 12h, 7d or plain seconds.",
+    "Stuck for at least this long: 90s, 30m, 12h, 7d, 2w or plain seconds.",
 )
 TENANT_P = _path("tenant", UUID, 36, "Tenant id (UUID).")
 WORKFLOW_P = _path("workflow", NAME, 64, "Workflow name, e.g. `sequence`.")
@@ -245,6 +261,9 @@ def _schemas() -> dict[str, Any]:
         },
         "ReplayRequest": {
             "description": "Either one instance (`instance`) or every stuck instance matching filters (`all_stuck`).",
+            # Each branch says it too; said once here, a body that is not an object is told so before a branch
+            # is picked (sfworkflow.http.validation).
+            "type": "object",
             "oneOf": [
                 {
                     "type": "object",
@@ -441,7 +460,7 @@ def document() -> dict[str, Any]:
                         LIMIT_Q,
                         _query(
                             "after",
-                            {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                            {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0},
                             "Cursor: instances with an id greater than this.",
                         ),
                     ],

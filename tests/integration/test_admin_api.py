@@ -147,6 +147,7 @@ async def test_routes_on_a_real_instance_then_dry_run_and_real_replay_of_it_stuc
         )
         assert s["replay"]["action"] == "reissue_command"
         assert (await _call(http, "GET", f"{base}/stuck?older_than=1h"))[1]["count"] == 0  # stuck for 5 min only
+        assert (await _call(http, "GET", f"{base}/stuck?older_than=2w"))[1]["count"] == 0  # weeks, as the CLI
 
         # dry run: the plan, nothing done
         outbox_before = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox")
