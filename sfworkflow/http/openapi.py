@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sfworkflow import __version__
 from sfworkflow.core.durations import UNITS
 
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
@@ -436,7 +437,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "sfworkflow admin API",
-            "version": "1",
+            "version": __version__,
             "description": (
                 "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions.\n\n"
                 "The API is off unless `SFWORKFLOW_ADMIN_TOKEN` is set (at least 16 characters); while it is off "
