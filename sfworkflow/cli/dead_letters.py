@@ -507,7 +507,10 @@ def _positive(text: str) -> int:
 
 
 def _age(text: str) -> timedelta:
-    """An age as given on the command line (sfworkflow.core.durations) whose cutoff is still a date."""
+    """An age as given on the command line (sfworkflow.core.durations) whose cutoff is still a date. A purge
+    deletes: a bare number (seconds elsewhere) is refused, so `30` meant as days cannot purge nearly everything."""
+    if text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: give one, e.g. 30d, 12h or 90m")
     try:
         seconds = parse_age(text)
     except ValueError as exc:

@@ -280,6 +280,14 @@ def test_purge_rejects_an_unreadable_age(capsys: pytest.CaptureFixture[str]) -> 
     assert "is not an age" in capsys.readouterr().err
 
 
+def test_purge_refuses_an_age_without_a_unit(capsys: pytest.CaptureFixture[str]) -> None:
+    """A purge deletes: `30` (seconds elsewhere) meant as 30 days would purge nearly everything."""
+    for bare in ("30", "7.5", " 2 "):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["dead-letters", "purge", "--older-than", bare])
+        assert "has no unit" in capsys.readouterr().err
+
+
 async def test_quorum_dead_letters_read_many_times_are_refreshed_not_dropped(
     settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

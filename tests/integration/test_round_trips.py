@@ -72,4 +72,5 @@ async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str
         "insert_inbox", "create_instances", "lock_instances", "insert_effects",
         "update_instances", "insert_history", "delete_timers", "insert_outbox",
     ]  # fmt: skip
-    assert (await pg.fetchval("SELECT count(*) FROM sfworkflow.effect")) == 2 * 41  # two steps each, for 1 + 40 instances
+    # Two steps each, for 1 + 40 instances.
+    assert (await pg.fetchval("SELECT count(*) FROM sfworkflow.effect")) == 2 * 41
