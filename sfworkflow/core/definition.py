@@ -48,7 +48,7 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int, seed: str) -> float:
         """Seconds to wait before attempt `attempt + 1`: base·2^(attempt-1), capped, jittered ±20 %."""
-        raw = min(self.cap_s, self.base_s * (2 ** min(max(0, attempt - 1), 62)))
+        raw = min(self.cap_s, self.base_s * (2.0 ** min(max(0, attempt - 1), 62)))
         digest = hashlib.blake2b(f"{seed}/{attempt}".encode(), digest_size=2).digest()
         jitter = 0.8 + 0.4 * (int.from_bytes(digest, "big") / 65535)
         return min(self.cap_s, raw * jitter)

@@ -10,11 +10,13 @@ from sfworkflow.core.definition import Step
 
 
 def is_current_step(step: Step) -> bool:
-    return step.data.get("step") == step.context["cursor"]
+    cursor: int = step.context["cursor"]
+    return bool(step.data.get("step") == cursor)
 
 
 def has_next_step(step: Step) -> bool:
-    return step.context["cursor"] + 1 < len(step.context["steps"])
+    cursor: int = step.context["cursor"]
+    return cursor + 1 < len(step.context["steps"])
 
 
 def is_last_step(step: Step) -> bool:

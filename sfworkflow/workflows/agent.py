@@ -76,7 +76,8 @@ def may_retry(step: Step) -> bool:
 
 
 def attempts_left(step: Step) -> bool:
-    return step.context["attempt"] < RETRY.max_attempts
+    attempt: int = step.context["attempt"]
+    return attempt < RETRY.max_attempts
 
 
 # ---- actions ----------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ RETRY = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=60.0)
 
 # ---- conditions -------------------------------------------------------------------------------
 def _current(ctx: dict[str, Any]) -> str:
-    return ctx["stages"][ctx["cursor"]]
+    stage: str = ctx["stages"][ctx["cursor"]]
+    return stage
 
 
 def is_current_stage(step: Step) -> bool:
@@ -83,7 +84,7 @@ def current_and_last(step: Step) -> bool:
 
 
 def timer_for_current_stage(step: Step) -> bool:
-    return step.data.get("stage", _current(step.context)) == _current(step.context)
+    return bool(step.data.get("stage", _current(step.context)) == _current(step.context))
 
 
 # ---- actions ----------------------------------------------------------------------------------

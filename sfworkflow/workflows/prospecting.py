@@ -96,7 +96,8 @@ def is_outreach(name: str) -> bool:
 
 # ---- conditions -------------------------------------------------------------------------------
 def _current(ctx: dict[str, Any]) -> str:
-    return ctx["steps"][ctx["cursor"]]
+    name: str = ctx["steps"][ctx["cursor"]]
+    return name
 
 
 def _gated(ctx: dict[str, Any], index: int) -> bool:
@@ -133,7 +134,8 @@ def crm_not_synced_before(step: Step) -> bool:
 
 
 def _has_next(step: Step) -> bool:
-    return step.context["cursor"] + 1 < len(step.context["steps"])
+    cursor: int = step.context["cursor"]
+    return cursor + 1 < len(step.context["steps"])
 
 
 def done_next_runs(step: Step) -> bool:

@@ -124,7 +124,8 @@ def awaiting_proposal(step: Step) -> bool:
 
 
 def patch_limit_reached(step: Step) -> bool:
-    return len(step.context["proposed"]) >= step.context["max_patches"]
+    max_patches: int = step.context["max_patches"]
+    return len(step.context["proposed"]) >= max_patches
 
 
 def is_current_patch(step: Step) -> bool:
@@ -317,7 +318,8 @@ def _in_flight_patch(step: Step) -> str | None:
     """An apply_patch whose outcome is unknown (not a failure the worker reported for it)."""
     if _pending_command(step) != "apply_patch" or step.event.name == "command_failed":
         return None
-    return step.context["patch_id"]
+    patch_id: str | None = step.context["patch_id"]
+    return patch_id
 
 
 def _roll_back(step: Step, code: str, reason: str) -> None:
