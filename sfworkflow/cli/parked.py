@@ -16,6 +16,7 @@ import orjson
 
 from sfworkflow.cli.stuck import tenant_id
 from sfworkflow.core.engine import Engine
+from sfworkflow.db import operations
 from sfworkflow.errors import MigrationError
 from sfworkflow.ops.dead_letters import connect_database
 from sfworkflow.ops.stuck import check_names
@@ -24,15 +25,6 @@ from sfworkflow.workflows import DEFINITIONS
 
 DEFAULT_LIMIT = 500
 EXPIRED = "expired, dead-lettered at the next sweep"
-
-PARKED_QUERY = """
-SELECT tenant_id, workflow, entity_id, event_type, event_id, reason, parked_at, deadline, awaiting_version,
-       deadline - now() AS time_left, count(*) OVER () AS total
-FROM sfworkflow.parked
-WHERE ($1::text IS NULL OR workflow = $1) AND ($2::uuid IS NULL OR tenant_id = $2::uuid)
-ORDER BY deadline, id
-LIMIT $3
-"""
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -60,7 +52,7 @@ async def load_parked(settings: Settings, workflow: str | None, tenant: str | No
     """Parked events, the nearest deadline first; `time_left` is measured by the database's clock."""
     conn = await connect_database(settings)
     try:
-        records = await conn.fetch(PARKED_QUERY, workflow, tenant, limit)
+        records = await operations.list_parked(conn, workflow, tenant, limit)
     except asyncpg.UndefinedTableError as exc:
         raise MigrationError(
             "table sfworkflow.parked does not exist in this database: run `sfworkflow migrate` "

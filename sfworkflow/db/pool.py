@@ -56,11 +56,35 @@ def is_connection_error(exc: BaseException) -> bool:
 
 @lru_cache(maxsize=1)
 def queries() -> dict[str, str]:
-    """Named blocks of sql/queries.sql: `-- name --`, a comment line describing it, then the SQL."""
-    text = (SQL_DIR / "queries.sql").read_text()
-    out = {m["name"]: m["body"].strip() for m in _BLOCK.finditer(text)}
+    """Named blocks of every sql/*.sql file, read once (read_queries).
+
+    queries.sql holds the event path's (db/repository.py), operations.sql what the operator tools, the admin
+    API, the status page, the service's gauges and the demo read and write (db/operations.py)."""
+    return read_queries(SQL_DIR)
+
+
+def read_queries(directory: Path) -> dict[str, str]:
+    """Named blocks of the directory's .sql files: `-- name --`, a comment line describing it, then the SQL.
+
+    A name is unique across all the files: a second block of the same name is an error, never a silent
+    override; so is a .sql file without any block (a file that holds SQL nobody can run)."""
+    out: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for path in sorted(directory.glob("*.sql")):
+        found = 0
+        for m in _BLOCK.finditer(path.read_text()):
+            name = m["name"]
+            if name in out:
+                raise RuntimeError(
+                    f"query {name!r} is defined twice, in {where[name]} and in {path.name}: "
+                    f"rename one of the blocks (names are unique across {directory}/*.sql)"
+                )
+            out[name], where[name] = m["body"].strip(), path.name
+            found += 1
+        if not found:
+            raise RuntimeError(f"no `-- name --` query blocks in {path}: each .sql file there holds named blocks")
     if not out:
-        raise RuntimeError(f"no queries found in {SQL_DIR / 'queries.sql'}")
+        raise RuntimeError(f"no queries found in {directory}/*.sql")
     return out
 
 

@@ -23,10 +23,11 @@ import structlog
 
 from sfworkflow import db
 from sfworkflow.client.producer import EventPublisher, build_event
+from sfworkflow.db import operations
 from sfworkflow.demo import profiles as simulation
 from sfworkflow.demo.profiles import Profile, Traffic
 from sfworkflow.demo.worker import SimulatedWorker
-from sfworkflow.ops.stuck import SETTLED_SQL, operator_states
+from sfworkflow.ops.stuck import operator_states
 from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
 
@@ -126,22 +127,18 @@ async def _publish_later(publisher: EventPublisher, ev: dict[str, Any], delay: f
     published[ev["event_type"]] += 1
 
 
-def _settled_sql(service: Service) -> tuple[str, list[str], list[str]]:
-    """SQL condition for 'settled' ($2, $3: the operator states of the loaded definitions)."""
-    ws, ss = operator_states(cw.definition for cw in service.engine.compiled.values())
-    return SETTLED_SQL.replace("$2", "$3").replace("$1", "$2"), ws, ss
+def _operator_states(service: Service) -> tuple[list[str], list[str]]:
+    """(workflows, states) where an instance waits for an operator, in the loaded definitions: it has settled."""
+    return operator_states(cw.definition for cw in service.engine.compiled.values())
 
 
 async def _wait_until_settled(settings: Settings, tenant: str, expected: int, service: Service, timeout: float) -> bool:
-    cond, ws, ss = _settled_sql(service)
+    ws, ss = _operator_states(service)
     conn = await asyncpg.connect(settings.database_url)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = await conn.fetchval(
-                f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND {cond}", uuid.UUID(tenant), ws, ss
-            )
-            if done >= expected:
+            if await operations.demo_settled_count(conn, tenant, ws, ss) >= expected:
                 return True
             await asyncio.sleep(0.25)
         return False
@@ -154,7 +151,7 @@ async def _wait_outbox_empty(settings: Settings, timeout: float) -> None:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not await conn.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL"):
+            if not await operations.demo_unpublished_count(conn):
                 return
             await asyncio.sleep(0.1)
     finally:
@@ -166,56 +163,22 @@ async def _summary(settings: Settings, tenant: str) -> dict[str, Any]:
     await db.init_connection(conn)
     try:
         states: dict[str, dict[str, int]] = {}
-        for r in await conn.fetch(
-            "SELECT workflow, state, count(*) AS n FROM sfworkflow.instance WHERE tenant_id = $1 "
-            "GROUP BY workflow, state ORDER BY workflow, n DESC",
-            tenant,
-        ):
+        for r in await operations.demo_states(conn, tenant):
             states.setdefault(r["workflow"], {})[r["state"]] = r["n"]
         # Each idempotency key may carry one command per attempt, never two for the same attempt.
-        over = await conn.fetchval(
-            """
-            SELECT count(*) FROM (
-                SELECT convert_from(o.body, 'UTF8')::jsonb->>'idempotency_key' AS k,
-                       convert_from(o.body, 'UTF8')::jsonb->>'attempt' AS a
-                FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
-                WHERE i.tenant_id = $1 AND o.kind = 'command'
-                GROUP BY 1, 2 HAVING count(*) > 1) d
-            """,
-            tenant,
-        )
-        retries = await conn.fetchval(
-            """
-            SELECT count(*) FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
-            WHERE i.tenant_id = $1 AND o.kind = 'command'
-              AND (convert_from(o.body, 'UTF8')::jsonb->>'attempt')::int > 1
-            """,
-            tenant,
-        )
-        outbox = {
-            r["kind"]: r["n"]
-            for r in await conn.fetch(
-                "SELECT o.kind, count(*) AS n FROM sfworkflow.outbox o JOIN sfworkflow.instance i "
-                "ON i.id = o.instance_id WHERE i.tenant_id = $1 GROUP BY o.kind",
-                tenant,
-            )
-        }
+        over = await operations.demo_commands_over_attempts(conn, tenant)
+        retries = await operations.demo_command_retries(conn, tenant)
+        outbox = await operations.demo_outbox_by_kind(conn, tenant)
         return {"states": states, "retries": retries, "commands_per_idempotency_over_attempts": over, "outbox": outbox}
     finally:
         await conn.close()
 
 
 async def _print_unsettled(settings: Settings, tenant: str, service: Service) -> None:
-    cond, ws, ss = _settled_sql(service)
+    ws, ss = _operator_states(service)
     conn = await asyncpg.connect(settings.database_url)
     try:
-        rows = await conn.fetch(
-            f"SELECT workflow, entity_id, state, updated_at FROM sfworkflow.instance WHERE tenant_id = $1 "
-            f"AND NOT {cond} ORDER BY updated_at LIMIT 20",
-            uuid.UUID(tenant),
-            ws,
-            ss,
-        )
+        rows = await operations.demo_unsettled(conn, tenant, ws, ss)
     finally:
         await conn.close()
     print("instances that did not settle (first 20):")

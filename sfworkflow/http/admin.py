@@ -25,6 +25,7 @@ from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.durations import parse_age
 from sfworkflow.core.engine import CompiledWorkflow, Engine
+from sfworkflow.db import operations
 from sfworkflow.http import openapi
 from sfworkflow.http.validation import Checks, Invalid
 from sfworkflow.ops import replay
@@ -49,19 +50,6 @@ OFF_MESSAGE = (
     "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) and restart the service, then send it as "
     "`Authorization: Bearer <token>`"
 )
-
-_LIST_INSTANCES = """
-SELECT id, tenant_id, workflow, entity_id, definition_version, state, version, terminal, parked_count,
-       last_event_type, created_at, updated_at, state_entered_at
-FROM sfworkflow.instance
-WHERE ($1::text IS NULL OR workflow = $1)
-  AND ($2::uuid IS NULL OR tenant_id = $2)
-  AND ($3::text IS NULL OR state = $3)
-  AND ($4::boolean IS NULL OR terminal = $4)
-  AND id > $5
-ORDER BY id
-LIMIT $6
-"""
 
 
 class ApiError(Exception):
@@ -187,7 +175,9 @@ async def list_instances(request: web.Request) -> web.Response:
     workflow, tenant, state, terminal = p.get("workflow"), _lower(p.get("tenant")), p.get("state"), p.get("terminal")
     limit, after = p["limit"], p["after"]
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-        rows = await conn.fetch(_LIST_INSTANCES, workflow, tenant, state, terminal, after, limit + 1)
+        rows = await operations.list_instances_page(
+            conn, workflow=workflow, tenant_id=tenant, state=state, terminal=terminal, after=after, limit=limit + 1
+        )
     items = [
         {"id": r["id"], "instance": f"{r['tenant_id']}/{r['workflow']}/{r['entity_id']}", **dict(r)}
         for r in rows[:limit]

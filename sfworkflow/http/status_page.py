@@ -18,8 +18,8 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from sfworkflow import db
 from sfworkflow.core.diagrams import render
+from sfworkflow.db import operations
 from sfworkflow.http.admin import SERVICE
 from sfworkflow.ops import replay
 from sfworkflow.ops.stuck import Filters, StuckInstance, find_stuck
@@ -44,21 +44,6 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _CACHE: web.AppKey[dict[str, Any]] = web.AppKey("sfworkflow_status_cache")
-
-_BY_STATE = """
-SELECT workflow, state, terminal, count(*) AS n FROM sfworkflow.instance GROUP BY workflow, state, terminal
-ORDER BY workflow, terminal, state
-"""
-_DEAD_BY_REASON = """
-SELECT COALESCE(headers->>'x-sfworkflow-reason', 'unknown') AS reason, count(*) AS n, max(created_at) AS last
-FROM sfworkflow.outbox
-WHERE kind = 'dead_letter' AND created_at > now() - make_interval(secs => $1)
-GROUP BY 1 ORDER BY n DESC, reason
-"""
-_BACKLOG_BY_KIND = """
-SELECT kind, count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_s
-FROM sfworkflow.outbox WHERE published_at IS NULL GROUP BY kind ORDER BY kind
-"""
 
 STYLE = """
 :root { color-scheme: light; }
@@ -116,11 +101,11 @@ async def gather(service: Service) -> dict[str, Any]:
     async with asyncio.timeout(QUERY_TIMEOUT_S), service.pool.acquire() as conn:
         stuck = await find_stuck(conn, service.engine, Filters(limit=STUCK_SHOWN + 1))
         return {
-            "by_state": await conn.fetch(_BY_STATE),
+            "by_state": await operations.instances_by_state_and_end(conn),
             "stuck": stuck,
-            "dead": await conn.fetch(_DEAD_BY_REASON, service.settings.retention_days * 86400.0),
-            "backlog": await conn.fetch(_BACKLOG_BY_KIND),
-            "parked": await conn.fetchval(db.q("parked_count")),
+            "dead": await operations.dead_letters_by_reason(conn, service.settings.retention_days * 86400.0),
+            "backlog": await operations.outbox_backlog_by_kind(conn),
+            "parked": await operations.parked_count(conn),
         }
 
 

@@ -8,48 +8,22 @@ import asyncpg
 import orjson
 
 from sfworkflow import db
+from sfworkflow.db import operations
 from sfworkflow.settings import Settings
 
 
 async def load_instance(conn: asyncpg.Connection, tenant: str, workflow: str, entity: str) -> dict[str, Any] | None:
-    row = await conn.fetchrow(
-        "SELECT * FROM sfworkflow.instance WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3",
-        tenant.lower(),
-        workflow,
-        entity,
-    )
+    row = await operations.instance_by_key(conn, tenant.lower(), workflow, entity)
     if row is None:
-        parked = await conn.fetch(
-            "SELECT event_id, event_type, reason, parked_at, deadline FROM sfworkflow.parked "
-            "WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id",
-            tenant.lower(),
-            workflow,
-            entity,
-        )
+        parked = await operations.parked_of_key(conn, tenant.lower(), workflow, entity)
         if not parked:
             return None
         return {"instance": None, "parked": [dict(r) for r in parked]}
     iid = row["id"]
-    history = await conn.fetch(
-        "SELECT seq, event_id, event_type, outcome, from_state, to_state, detail, created_at "
-        "FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id",
-        iid,
-    )
-    timers = await conn.fetch(
-        "SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at", iid
-    )
-    outbox = await conn.fetch(
-        "SELECT message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, body "
-        "FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id",
-        iid,
-    )
-    parked = await conn.fetch(
-        "SELECT event_id, event_type, reason, parked_at, deadline FROM sfworkflow.parked "
-        "WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id",
-        row["tenant_id"],
-        workflow,
-        entity,
-    )
+    history = await operations.history_of_instance(conn, iid)
+    timers = await operations.timers_of_instance(conn, iid)
+    outbox = await operations.outbox_of_instance(conn, iid)
+    parked = await operations.parked_of_key(conn, row["tenant_id"], workflow, entity)
     return {
         "instance": {k: row[k] for k in row.keys()},
         "history": [dict(r) for r in history],

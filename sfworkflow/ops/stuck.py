@@ -24,38 +24,8 @@ import orjson
 
 from sfworkflow.core.definition import DEFAULT_STUCK_AFTER_S, TIMER_GRACE_S, InstanceKey, WorkflowDefinition
 from sfworkflow.core.engine import Engine
+from sfworkflow.db import operations
 from sfworkflow.errors import UsageError
-
-# One row per instance: its earliest timer and its latest command (what a replay would act on).
-_SELECT = """
-SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
-       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
-       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
-FROM sfworkflow.instance i
-LEFT JOIN LATERAL (
-    SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
-    ORDER BY due_at LIMIT 1) t ON true
-LEFT JOIN LATERAL (
-    SELECT routing_key, body, published_at FROM sfworkflow.outbox
-    WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
-"""
-# Candidates: active instances that have been in their state a while, or whose timer is overdue.
-_CANDIDATES = (
-    _SELECT
-    + """
-WHERE NOT i.terminal
-  AND ($1::text IS NULL OR i.workflow = $1)
-  AND ($2::uuid IS NULL OR i.tenant_id = $2)
-  AND ($3::text IS NULL OR i.state = $3)
-  AND ($4::text IS NULL OR i.entity_id = $4)
-  AND (i.state_entered_at < now() - make_interval(secs => $5) OR t.next_due < now() - make_interval(secs => $6)
-       OR (i.workflow, i.state) IN (SELECT * FROM unnest($7::text[], $8::text[])))
-ORDER BY i.state_entered_at
-LIMIT $9
-"""
-)
-# One named instance, terminal or not, stuck or not.
-_ONE = _SELECT + "WHERE i.tenant_id = $1::uuid AND i.workflow = $2 AND i.entity_id = $3\n"
 
 
 @dataclass(frozen=True)
@@ -154,8 +124,9 @@ def operator_states(definitions: Iterable[WorkflowDefinition]) -> tuple[list[str
     return [w for w, _ in pairs], [s for _, s in pairs]
 
 
-# SQL for "settled" (terminal, or waiting for an operator); $1, $2: the lists of operator_states().
-SETTLED_SQL = "(terminal OR (workflow, state) IN (SELECT * FROM unnest($1::text[], $2::text[])))"
+# The SQL condition "settled" (terminal, or waiting for an operator; $1, $2: the lists of operator_states()),
+# kept here for bench/, which writes its own statements around it (sql/operations.sql, settled_condition).
+SETTLED_SQL = operations.settled_condition()
 
 
 def format_age(seconds: float) -> str:
@@ -305,7 +276,7 @@ async def explain(
     default_after_s: float = DEFAULT_STUCK_AFTER_S,
 ) -> Explanation | None:
     """How one instance stands against its definition's stuck rule; None when there is no such instance."""
-    row = await conn.fetchrow(_ONE, key.tenant_id.lower(), key.workflow, key.entity_id)
+    row = await operations.stuck_instance(conn, key.tenant_id.lower(), key.workflow, key.entity_id)
     if row is None:
         return None
     rule = stuck_rule(engine, row, default_after_s)
@@ -317,11 +288,18 @@ async def explain(
 async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> list[StuckInstance]:
     """Stuck instances matching the filters, longest stuck first."""
     ws, ss = operator_states(cw.definition for cw in engine.compiled.values())
-    rows = await conn.fetch(
-        _CANDIDATES, f.workflow, f.tenant, f.state, f.entity, _min_age_s(engine, f.default_after_s), TIMER_GRACE_S,
-        ws, ss,
-        max(f.limit * 4, f.limit),
-    )  # fmt: skip
+    rows = await operations.stuck_candidates(
+        conn,
+        workflow=f.workflow,
+        tenant_id=f.tenant,
+        state=f.state,
+        entity_id=f.entity,
+        min_age_s=_min_age_s(engine, f.default_after_s),
+        timer_grace_s=TIMER_GRACE_S,
+        operator_workflows=ws,
+        operator_states=ss,
+        limit=max(f.limit * 4, f.limit),
+    )
     now = datetime.now(UTC)
     out = []
     for r in rows:

@@ -27,7 +27,7 @@ from sfworkflow.contract import schemas, topology
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.db import migrate
+from sfworkflow.db import migrate, operations, outbox
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
@@ -171,7 +171,7 @@ class Service:
             assert self.pool is not None
             async with asyncio.timeout(timeout):
                 async with self.pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
+                    await operations.ping(conn)
             checks["postgres"] = {"ok": True}
             self.metrics.up.labels("postgres").set(1)
         except Exception as exc:
@@ -198,13 +198,13 @@ class Service:
             try:
                 assert self.pool is not None
                 async with self.pool.acquire() as conn:
-                    row = await conn.fetchrow(db.q("outbox_backlog"))
+                    row = await outbox.backlog(conn)
                     self.metrics.outbox_backlog.set(row["backlog"])
                     self.metrics.outbox_oldest.set(row["oldest_s"])
                     self.metrics.instances.clear()
-                    for r in await conn.fetch(db.q("instances_by_state")):
+                    for r in await operations.instances_by_state(conn):
                         self.metrics.instances.labels(r["workflow"], r["state"]).set(r["n"])
-                    self.metrics.parked.set(await conn.fetchval(db.q("parked_count")))
+                    self.metrics.parked.set(await operations.parked_count(conn))
                     if rounds % STUCK_EVERY == 0:
                         counts = Counter(
                             s.workflow

@@ -1,0 +1,192 @@
+"""What the operator tools, the admin API, the status page, the service's gauges and the demo read and write.
+
+Each function runs the block of the same name in sql/operations.sql (or, for the gauges the event path's file
+already had, in sql/queries.sql) and returns records or small values; callers never hold SQL. Filters that may
+be absent are NULL-able parameters of one static query (`($1::text IS NULL OR workflow = $1)`): every filter
+is a plain equality on an indexed or leading column, so the one plan serves every combination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import asyncpg
+
+from sfworkflow.db.pool import q
+
+
+# ---- readiness and the service's gauges -----------------------------------------------------------------------
+async def ping(conn: asyncpg.Connection) -> None:
+    """One round trip; raises when PostgreSQL does not answer."""
+    await conn.fetchval(q("ping"))
+
+
+async def instances_by_state(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(workflow, state, n) of every instance."""
+    return list(await conn.fetch(q("instances_by_state")))
+
+
+async def parked_count(conn: asyncpg.Connection) -> int:
+    """Events waiting in the parked table."""
+    return int(await conn.fetchval(q("parked_count")))
+
+
+# ---- stuck instances (ops/stuck.py) -------------------------------------------------------------------------
+async def stuck_candidates(
+    conn: asyncpg.Connection,
+    *,
+    workflow: str | None,
+    tenant_id: str | None,
+    state: str | None,
+    entity_id: str | None,
+    min_age_s: float,
+    timer_grace_s: float,
+    operator_workflows: Sequence[str],
+    operator_states: Sequence[str],
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Active instances that may be stuck, the longest in their state first (ops/stuck.py decides which are)."""
+    return list(
+        await conn.fetch(
+            q("stuck_candidates"),
+            workflow,
+            tenant_id,
+            state,
+            entity_id,
+            min_age_s,
+            timer_grace_s,
+            list(operator_workflows),
+            list(operator_states),
+            limit,
+        )
+    )
+
+
+async def stuck_instance(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, workflow: str, entity_id: str
+) -> asyncpg.Record | None:
+    """One named instance with its earliest timer and latest command; None when there is none."""
+    return await conn.fetchrow(q("stuck_instance"), tenant_id, workflow, entity_id)
+
+
+@lru_cache(maxsize=1)
+def settled_condition() -> str:
+    """The SQL condition "settled" ($1, $2: the parallel lists of ops.stuck.operator_states()), without its
+    description, for statements written outside the package (bench/); the package's own use static queries."""
+    lines = q("settled_condition").splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("--")).strip()
+
+
+# ---- one instance (ops/inspect.py, the admin API) -----------------------------------------------------------
+async def instance_by_key(
+    conn: asyncpg.Connection, tenant_id: str, workflow: str, entity_id: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(q("instance_by_key"), tenant_id, workflow, entity_id)
+
+
+async def parked_of_key(
+    conn: asyncpg.Connection, tenant_id: str, workflow: str, entity_id: str
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("parked_of_key"), tenant_id, workflow, entity_id))
+
+
+async def history_of_instance(conn: asyncpg.Connection, instance_id: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("history_of_instance"), instance_id))
+
+
+async def timers_of_instance(conn: asyncpg.Connection, instance_id: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("timers_of_instance"), instance_id))
+
+
+async def outbox_of_instance(conn: asyncpg.Connection, instance_id: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("outbox_of_instance"), instance_id))
+
+
+# ---- lists (the admin API, `sfworkflow parked list`) ------------------------------------------------------------
+async def list_instances_page(
+    conn: asyncpg.Connection,
+    *,
+    workflow: str | None,
+    tenant_id: str | None,
+    state: str | None,
+    terminal: bool | None,
+    after: int,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Instances with an id above `after`, in id order, `limit` at most."""
+    return list(await conn.fetch(q("list_instances_page"), workflow, tenant_id, state, terminal, after, limit))
+
+
+async def list_parked(
+    conn: asyncpg.Connection, workflow: str | None, tenant_id: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """Parked events, the nearest deadline first, with `time_left` (the database's clock) and `total`."""
+    return list(await conn.fetch(q("list_parked"), workflow, tenant_id, limit))
+
+
+# ---- dead letters (`sfworkflow dead-letters redrive`) ---------------------------------------------------------
+@dataclass(frozen=True)
+class InboxState:
+    in_inbox: bool  # the inbox has the event: a redelivery of it would be dropped as a duplicate
+    taken: bool  # history or parked rows name it: it was applied (or is waiting), not only received
+
+
+async def inbox_state_of_event(conn: asyncpg.Connection, tenant_id: str, event_id: str) -> InboxState:
+    row = await conn.fetchrow(q("inbox_state_of_event"), tenant_id, event_id)
+    return InboxState(in_inbox=bool(row["in_inbox"]), taken=bool(row["taken"]))
+
+
+async def release_inbox_entry(conn: asyncpg.Connection, tenant_id: str, event_id: str) -> None:
+    await conn.execute(q("release_inbox_entry"), tenant_id, event_id)
+
+
+# ---- the status page --------------------------------------------------------------------------------------------
+async def instances_by_state_and_end(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(workflow, state, terminal, n) of every instance."""
+    return list(await conn.fetch(q("instances_by_state_and_end")))
+
+
+async def dead_letters_by_reason(conn: asyncpg.Connection, within_s: float) -> list[asyncpg.Record]:
+    """(reason, n, last) of the dead-letter outbox rows of the last `within_s` seconds, the most frequent first."""
+    return list(await conn.fetch(q("dead_letters_by_reason"), within_s))
+
+
+async def outbox_backlog_by_kind(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(kind, n, oldest_s) of the unpublished outbox rows."""
+    return list(await conn.fetch(q("outbox_backlog_by_kind")))
+
+
+# ---- the demo's checks and summary ----------------------------------------------------------------------------
+async def demo_settled_count(
+    conn: asyncpg.Connection, tenant_id: str, operator_workflows: Sequence[str], operator_states: Sequence[str]
+) -> int:
+    return int(await conn.fetchval(q("demo_settled_count"), tenant_id, list(operator_workflows), list(operator_states)))
+
+
+async def demo_unsettled(
+    conn: asyncpg.Connection, tenant_id: str, operator_workflows: Sequence[str], operator_states: Sequence[str]
+) -> list[asyncpg.Record]:
+    """(workflow, entity_id, state, updated_at) of the first 20 instances that did not settle."""
+    return list(await conn.fetch(q("demo_unsettled"), tenant_id, list(operator_workflows), list(operator_states)))
+
+
+async def demo_unpublished_count(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(q("demo_unpublished_count")))
+
+
+async def demo_states(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("demo_states"), tenant_id))
+
+
+async def demo_commands_over_attempts(conn: asyncpg.Connection, tenant_id: str) -> int:
+    return int(await conn.fetchval(q("demo_commands_over_attempts"), tenant_id))
+
+
+async def demo_command_retries(conn: asyncpg.Connection, tenant_id: str) -> int:
+    return int(await conn.fetchval(q("demo_command_retries"), tenant_id))
+
+
+async def demo_outbox_by_kind(conn: asyncpg.Connection, tenant_id: str) -> dict[str, int]:
+    return {r["kind"]: r["n"] for r in await conn.fetch(q("demo_outbox_by_kind"), tenant_id)}

@@ -1,0 +1,164 @@
+-- What the operator tools (ops/, cli/), the admin API, the status page, the service's gauges and the demo read
+-- and write, by name (db/operations.py runs them). Each block: `-- name --`, one line saying what it does, the
+-- SQL. The event path's queries are in queries.sql; names are unique across both files.
+
+-- ping --
+-- One round trip to PostgreSQL (readiness).
+SELECT 1
+
+-- stuck_candidates --
+-- Active instances that may be stuck (in their state a while, a timer overdue, or waiting for an operator), with
+-- their earliest timer and latest command; optional filters are NULL when not given. $5: the shortest
+-- no-progress age, $6: the timer grace (seconds), $7/$8: the (workflow, state) pairs that wait for an operator.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
+       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
+       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
+FROM sfworkflow.instance i
+LEFT JOIN LATERAL (
+    SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
+    ORDER BY due_at LIMIT 1) t ON true
+LEFT JOIN LATERAL (
+    SELECT routing_key, body, published_at FROM sfworkflow.outbox
+    WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
+WHERE NOT i.terminal
+  AND ($1::text IS NULL OR i.workflow = $1)
+  AND ($2::uuid IS NULL OR i.tenant_id = $2)
+  AND ($3::text IS NULL OR i.state = $3)
+  AND ($4::text IS NULL OR i.entity_id = $4)
+  AND (i.state_entered_at < now() - make_interval(secs => $5) OR t.next_due < now() - make_interval(secs => $6)
+       OR (i.workflow, i.state) IN (SELECT * FROM unnest($7::text[], $8::text[])))
+ORDER BY i.state_entered_at
+LIMIT $9
+
+-- stuck_instance --
+-- One named instance, terminal or not, stuck or not, with its earliest timer and latest command.
+SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
+       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
+       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
+FROM sfworkflow.instance i
+LEFT JOIN LATERAL (
+    SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
+    ORDER BY due_at LIMIT 1) t ON true
+LEFT JOIN LATERAL (
+    SELECT routing_key, body, published_at FROM sfworkflow.outbox
+    WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
+WHERE i.tenant_id = $1::uuid AND i.workflow = $2 AND i.entity_id = $3
+
+-- settled_condition --
+-- Not a query: the condition "settled" (terminal, or waiting for an operator; $1/$2 the operator states' parallel
+-- lists) for SQL written outside the package (bench/), which adds it to its own statements.
+(terminal OR (workflow, state) IN (SELECT * FROM unnest($1::text[], $2::text[])))
+
+-- instance_by_key --
+-- One instance, every column, by its key.
+SELECT * FROM sfworkflow.instance WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3
+
+-- parked_of_key --
+-- The events parked for one instance key (the instance may not exist yet), in parking order.
+SELECT event_id, event_type, reason, parked_at, deadline FROM sfworkflow.parked
+WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id
+
+-- history_of_instance --
+-- One instance's history, in order.
+SELECT seq, event_id, event_type, outcome, from_state, to_state, detail, created_at
+FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id
+
+-- timers_of_instance --
+-- One instance's pending timers, the next due first.
+SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at
+
+-- outbox_of_instance --
+-- One instance's outbox rows (published or not), in order.
+SELECT message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, body
+FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id
+
+-- list_instances_page --
+-- One page of instances in id order after $5 ($6 rows at most); the filters are NULL when not given.
+SELECT id, tenant_id, workflow, entity_id, definition_version, state, version, terminal, parked_count,
+       last_event_type, created_at, updated_at, state_entered_at
+FROM sfworkflow.instance
+WHERE ($1::text IS NULL OR workflow = $1)
+  AND ($2::uuid IS NULL OR tenant_id = $2)
+  AND ($3::text IS NULL OR state = $3)
+  AND ($4::boolean IS NULL OR terminal = $4)
+  AND id > $5
+ORDER BY id
+LIMIT $6
+
+-- list_parked --
+-- Parked events, the nearest deadline first, with the time left by the database's clock and the total matching;
+-- the filters are NULL when not given.
+SELECT tenant_id, workflow, entity_id, event_type, event_id, reason, parked_at, deadline, awaiting_version,
+       deadline - now() AS time_left, count(*) OVER () AS total
+FROM sfworkflow.parked
+WHERE ($1::text IS NULL OR workflow = $1) AND ($2::uuid IS NULL OR tenant_id = $2::uuid)
+ORDER BY deadline, id
+LIMIT $3
+
+-- inbox_state_of_event --
+-- Whether an event is in the inbox, and whether it was taken (history or parked rows name it).
+SELECT EXISTS (SELECT 1 FROM sfworkflow.inbox WHERE tenant_id = $1 AND event_id = $2) AS in_inbox,
+       EXISTS (SELECT 1 FROM sfworkflow.history h JOIN sfworkflow.instance i ON i.id = h.instance_id
+               WHERE h.event_id = $2 AND i.tenant_id = $1)
+       OR EXISTS (SELECT 1 FROM sfworkflow.parked WHERE tenant_id = $1 AND event_id = $2) AS taken
+
+-- release_inbox_entry --
+-- Forget that an event was received, so that its redrive is not dropped as a duplicate.
+DELETE FROM sfworkflow.inbox WHERE tenant_id = $1 AND event_id = $2
+
+-- instances_by_state_and_end --
+-- Instances per workflow, state and whether they ended (the status page).
+SELECT workflow, state, terminal, count(*) AS n FROM sfworkflow.instance GROUP BY workflow, state, terminal
+ORDER BY workflow, terminal, state
+
+-- dead_letters_by_reason --
+-- Dead-letter outbox rows of the last $1 seconds per reason code, with the newest one's time.
+SELECT COALESCE(headers->>'x-sfworkflow-reason', 'unknown') AS reason, count(*) AS n, max(created_at) AS last
+FROM sfworkflow.outbox
+WHERE kind = 'dead_letter' AND created_at > now() - make_interval(secs => $1)
+GROUP BY 1 ORDER BY n DESC, reason
+
+-- outbox_backlog_by_kind --
+-- Unpublished messages per kind and the age in seconds of the oldest of each.
+SELECT kind, count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_s
+FROM sfworkflow.outbox WHERE published_at IS NULL GROUP BY kind ORDER BY kind
+
+-- demo_settled_count --
+-- The demo: how many of a tenant's instances have settled (terminal, or waiting for an operator: $2/$3).
+SELECT count(*) FROM sfworkflow.instance
+WHERE tenant_id = $1 AND (terminal OR (workflow, state) IN (SELECT * FROM unnest($2::text[], $3::text[])))
+
+-- demo_unsettled --
+-- The demo: a tenant's first 20 instances that have not settled ($2/$3: the operator states), oldest change first.
+SELECT workflow, entity_id, state, updated_at FROM sfworkflow.instance
+WHERE tenant_id = $1 AND NOT (terminal OR (workflow, state) IN (SELECT * FROM unnest($2::text[], $3::text[])))
+ORDER BY updated_at LIMIT 20
+
+-- demo_unpublished_count --
+-- The demo: outbox rows not published yet (every tenant).
+SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL
+
+-- demo_states --
+-- The demo: a tenant's instances per workflow and state, the most frequent state first.
+SELECT workflow, state, count(*) AS n FROM sfworkflow.instance WHERE tenant_id = $1
+GROUP BY workflow, state ORDER BY workflow, n DESC
+
+-- demo_commands_over_attempts --
+-- The demo: (idempotency key, attempt) pairs of a tenant that carry more than one command (should be none).
+SELECT count(*) FROM (
+    SELECT convert_from(o.body, 'UTF8')::jsonb->>'idempotency_key' AS k,
+           convert_from(o.body, 'UTF8')::jsonb->>'attempt' AS a
+    FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
+    WHERE i.tenant_id = $1 AND o.kind = 'command'
+    GROUP BY 1, 2 HAVING count(*) > 1) d
+
+-- demo_command_retries --
+-- The demo: a tenant's commands that are retries (attempt above 1).
+SELECT count(*) FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
+WHERE i.tenant_id = $1 AND o.kind = 'command'
+  AND (convert_from(o.body, 'UTF8')::jsonb->>'attempt')::int > 1
+
+-- demo_outbox_by_kind --
+-- The demo: a tenant's outbox rows per kind.
+SELECT o.kind, count(*) AS n FROM sfworkflow.outbox o JOIN sfworkflow.instance i
+ON i.id = o.instance_id WHERE i.tenant_id = $1 GROUP BY o.kind
