@@ -18,8 +18,10 @@ from typing import Any
 import asyncpg
 import orjson
 
+from sfworkflow.contract.headers import DEAD_LETTERED_AT
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
 from sfworkflow.core.durations import EXAMPLES, parse_age
+from sfworkflow.db import operations
 from sfworkflow.errors import DeadReason, SfworkflowError
 from sfworkflow.ops.dead_letters import (
     DeadLetter,
@@ -256,29 +258,20 @@ class InboxGuard:
         if self.conn is None:
             raise SfworkflowError(self.error or "no database connection")
         async with self.conn.transaction():
-            state = await self.conn.fetchrow(INBOX_STATE, tenant_id, event_id)
-            if state["taken"]:
+            state = await operations.inbox_state_of_event(self.conn, tenant_id, event_id)
+            if state.taken:
                 return "applied"
-            if not state["in_inbox"]:
+            if not state.in_inbox:
                 return "absent"
             if not release:
                 return "would release"
-            await self.conn.execute(RELEASE_INBOX, tenant_id, event_id)
+            await operations.release_inbox_entry(self.conn, tenant_id, event_id)
             return "released"
 
     async def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 await self.conn.close()
-
-
-INBOX_STATE = """
-SELECT EXISTS (SELECT 1 FROM sfworkflow.inbox WHERE tenant_id = $1 AND event_id = $2) AS in_inbox,
-       EXISTS (SELECT 1 FROM sfworkflow.history h JOIN sfworkflow.instance i ON i.id = h.instance_id
-               WHERE h.event_id = $2 AND i.tenant_id = $1)
-       OR EXISTS (SELECT 1 FROM sfworkflow.parked WHERE tenant_id = $1 AND event_id = $2) AS taken
-"""
-RELEASE_INBOX = "DELETE FROM sfworkflow.inbox WHERE tenant_id = $1 AND event_id = $2"
 
 
 async def redrive_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
@@ -452,7 +445,7 @@ async def purge_dead_letters(settings: Settings, args: argparse.Namespace) -> in
         f"{_when(cutoff.isoformat())}; kept {kept}"
     )
     if undated:
-        print(f"kept {undated} without a readable x-sfworkflow-dead-lettered-at header (`dead-letters show` them)")
+        print(f"kept {undated} without a readable {DEAD_LETTERED_AT} header (`dead-letters show` them)")
     if failed:
         print(f"{failed} could not be removed; they stay in the queue: run the purge again")
     return 1 if failed else 0

@@ -18,20 +18,24 @@ from aiormq.exceptions import ChannelPreconditionFailed
 
 from sfworkflow.errors import ConfigurationError
 
-EVENTS_EXCHANGE = "sfworkflow.events"
-EVENTS_QUEUE = "sfworkflow.events"
-COMMANDS_EXCHANGE = "sfworkflow.commands"
-COMPENSATIONS_EXCHANGE = "sfworkflow.compensations"
-LIFECYCLE_EXCHANGE = "sfworkflow.lifecycle"
-DEAD_QUEUE = "sfworkflow.dead"
+# Every exchange and queue name sfworkflow uses is defined here, once (header names: contract/headers.py).
+EVENTS_EXCHANGE = "sfworkflow.events"  # events in, routing key = event_type
+EVENTS_QUEUE = "sfworkflow.events"  # the queue the service consumes, bound to EVENTS_EXCHANGE with '#'
+COMMANDS_EXCHANGE = "sfworkflow.commands"  # commands out, routing key = command_type
+COMPENSATIONS_EXCHANGE = "sfworkflow.compensations"  # compensation commands out, routing key = command_type
+LIFECYCLE_EXCHANGE = "sfworkflow.lifecycle"  # workflow.started/completed/failed/compensated, for observers
+DEAD_QUEUE = "sfworkflow.dead"  # dead letters, published to it through DEFAULT_EXCHANGE
+DEFAULT_EXCHANGE = ""  # AMQP's default exchange: the routing key is the queue's name
 
 
 def commands_queue(workflow: str) -> str:
-    return f"sfworkflow.commands.{workflow}"
+    """The queue of one workflow's commands: sfworkflow.commands.<workflow>."""
+    return f"{COMMANDS_EXCHANGE}.{workflow}"
 
 
 def compensations_queue(workflow: str) -> str:
-    return f"sfworkflow.compensations.{workflow}"
+    """The queue of one workflow's compensation commands: sfworkflow.compensations.<workflow>."""
+    return f"{COMPENSATIONS_EXCHANGE}.{workflow}"
 
 
 def queue_arguments(queue_type: str) -> dict[str, Any]:

@@ -27,18 +27,19 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from sfworkflow import db
+from sfworkflow.contract.headers import (
+    DEAD_LETTERED_AT,
+    DETAIL,
+    ORIGINAL_CONTENT_TYPE,
+    ORIGINAL_ROUTING_KEY,
+    PREFIX,
+    REASON,
+    REDRIVES,
+)
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
 from sfworkflow.errors import SfworkflowError, StoreUnavailable
 from sfworkflow.settings import Settings, redact_url
 
-REASON = "x-sfworkflow-reason"
-DETAIL = "x-sfworkflow-detail"
-ORIGINAL_ROUTING_KEY = "x-sfworkflow-original-routing-key"
-ORIGINAL_EXCHANGE = "x-sfworkflow-original-exchange"
-DEAD_LETTERED_AT = "x-sfworkflow-dead-lettered-at"
-ORIGINAL_CONTENT_TYPE = "x-sfworkflow-original-content-type"
-REDRIVES = "x-sfworkflow-redrives"
-SFWORKFLOW_HEADER_PREFIX = "x-sfworkflow-"
 DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues
 
 REFRESH_AT = 10  # returns after which a dead letter is re-published to reset its delivery count
@@ -119,7 +120,7 @@ class DeadLetter:
 
     def redrive_headers(self) -> dict[str, Any]:
         """The original headers without sfworkflow's, plus the redrive count + 1."""
-        out = {k: v for k, v in self.headers.items() if not k.startswith(SFWORKFLOW_HEADER_PREFIX)}
+        out = {k: v for k, v in self.headers.items() if not k.startswith(PREFIX)}
         out[REDRIVES] = self.redrives + 1
         return out
 

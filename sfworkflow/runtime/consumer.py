@@ -23,6 +23,16 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from sfworkflow.contract.envelope import EventParser, IncomingEvent
+from sfworkflow.contract.headers import (
+    DEAD_LETTERED_AT,
+    DETAIL,
+    FIRST_REASON,
+    HEADERS_DROPPED,
+    ORIGINAL_CONTENT_TYPE,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    REASON,
+)
 from sfworkflow.contract.storable import clean_json, clean_text
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE
 from sfworkflow.db.pool import is_connection_error, is_transient
@@ -37,7 +47,6 @@ log = structlog.get_logger("sfworkflow.consumer")
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 5.0
 MAX_TRANSIENT_RETRIES = 5  # tries of one batch or message after a transient error other than "unreachable"
-HEADERS_DROPPED = "x-sfworkflow-headers-dropped"
 MAX_HEADER_BYTES = 16 * 1024  # JSON size of the headers kept with a dead letter or parked event
 
 
@@ -309,13 +318,13 @@ def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str,
         f"{reason}: {d.parsed.detail if isinstance(d.parsed, Rejection) else 'applying it failed'}"
     )
     return {
-        "x-sfworkflow-reason": str(DeadReason.UNSTORABLE),
-        "x-sfworkflow-first-reason": str(reason),
-        "x-sfworkflow-detail": detail[:1500],
-        "x-sfworkflow-original-routing-key": routing_key,
-        "x-sfworkflow-original-exchange": clean_text(d.exchange)[0],
-        "x-sfworkflow-dead-lettered-at": datetime.now(UTC).isoformat(),
-        "x-sfworkflow-original-content-type": clean_text(d.content_type or "")[0],
+        REASON: str(DeadReason.UNSTORABLE),
+        FIRST_REASON: str(reason),
+        DETAIL: detail[:1500],
+        ORIGINAL_ROUTING_KEY: routing_key,
+        ORIGINAL_EXCHANGE: clean_text(d.exchange)[0],
+        DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
+        ORIGINAL_CONTENT_TYPE: clean_text(d.content_type or "")[0],
     }
 
 

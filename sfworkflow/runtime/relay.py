@@ -19,7 +19,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from sfworkflow.db.pool import init_connection, is_transient, q
+from sfworkflow.contract.headers import ORIGINAL_CONTENT_TYPE
+from sfworkflow.db import outbox
+from sfworkflow.db.pool import init_connection, is_transient
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.settings import Settings
@@ -122,7 +124,7 @@ class Relay:
     async def publish_round(self) -> int:
         """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q("claim_outbox"), self.settings.relay_batch)
+            rows = await outbox.claim_due(conn, self.settings.relay_batch)
             if not rows:
                 return 0
             if self._channel is None or self._channel.is_closed:
@@ -142,10 +144,10 @@ class Relay:
                     ok.append(r["id"])
                     self.metrics.published.labels(r["kind"]).inc()
             if ok:
-                await conn.execute(q("mark_published"), ok)
+                await outbox.mark_published(conn, ok)
             if failed:
                 log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])
-                await conn.execute(q("mark_publish_failed"), *[list(c) for c in zip(*failed, strict=True)])
+                await outbox.mark_publish_failed(conn, failed)
             return len(rows)
 
 
@@ -154,7 +156,7 @@ async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> An
     headers: dict[str, Any] = r["headers"] or {}
     kind = r["kind"]
     if kind == "dead_letter":
-        content_type = headers.get("x-sfworkflow-original-content-type") or "application/octet-stream"
+        content_type = headers.get(ORIGINAL_CONTENT_TYPE) or "application/octet-stream"
     else:
         content_type = "application/json"
     properties = Basic.Properties(

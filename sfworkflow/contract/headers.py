@@ -1,0 +1,33 @@
+"""The AMQP header names sfworkflow writes and reads, each defined once (every module imports them from here).
+
+All of them start with PREFIX. A dead letter in sfworkflow.dead carries the original message's body and
+headers plus REASON, DETAIL and the ORIGINAL_* headers; `sfworkflow dead-letters redrive` strips every
+PREFIX header before it re-publishes the original, and adds REDRIVES.
+"""
+
+from __future__ import annotations
+
+PREFIX = "x-sfworkflow-"  # every sfworkflow header starts with this; others belong to the message's producer
+
+REASON = "x-sfworkflow-reason"  # a dead letter's reason code (sfworkflow.errors.DeadReason)
+FIRST_REASON = "x-sfworkflow-first-reason"  # an unstorable dead letter: the reason it was rejected for first
+DETAIL = "x-sfworkflow-detail"  # a dead letter's readable sentence: what was wrong, what to do
+ORIGINAL_ROUTING_KEY = "x-sfworkflow-original-routing-key"  # the routing key the message arrived with
+ORIGINAL_EXCHANGE = "x-sfworkflow-original-exchange"  # the exchange the message arrived through
+ORIGINAL_CONTENT_TYPE = "x-sfworkflow-original-content-type"  # the content type the message arrived with
+DEAD_LETTERED_AT = "x-sfworkflow-dead-lettered-at"  # when it was dead-lettered (ISO 8601, UTC)
+REDRIVES = "x-sfworkflow-redrives"  # how many times `dead-letters redrive` re-published this message
+HEADERS_DROPPED = "x-sfworkflow-headers-dropped"  # the original headers were dropped (too large, unstorable): why
+
+__all__ = [
+    "DEAD_LETTERED_AT",
+    "DETAIL",
+    "FIRST_REASON",
+    "HEADERS_DROPPED",
+    "ORIGINAL_CONTENT_TYPE",
+    "ORIGINAL_EXCHANGE",
+    "ORIGINAL_ROUTING_KEY",
+    "PREFIX",
+    "REASON",
+    "REDRIVES",
+]
