@@ -369,8 +369,8 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
     """Schema and topology before the service starts, so the drain mode can preload the queue."""
     import aio_pika
 
-    from sfworkflow.contract import topology
     from sfworkflow.db import migrate
+    from sfworkflow.runtime.declare import declare
 
     conn = await asyncpg.connect(db_url)
     try:
@@ -381,7 +381,7 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
     try:
         from sfworkflow.workflows import DEFINITIONS
 
-        await topology.declare(connection, sorted({d.name for d in DEFINITIONS}), queue_type)
+        await declare(connection, sorted({d.name for d in DEFINITIONS}), queue_type)
     finally:
         await connection.close()
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sfworkflow.contract import headers as wire
 from sfworkflow.contract.envelope import IncomingEvent
 from sfworkflow.contract.storable import clean_json, clean_text, replaced_note
-from sfworkflow.contract.topology import DEAD_QUEUE
+from sfworkflow.contract.topology import DEAD_QUEUE, DEFAULT_EXCHANGE
 from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
 from sfworkflow.errors import DeadReason, Rejection
 
@@ -298,13 +299,13 @@ def dead_letter_row(
         "exchange": in_exchange,
         "detail": in_detail,
     }
-    h["x-sfworkflow-reason"] = str(reason)
-    h["x-sfworkflow-original-routing-key"] = routing_key
-    h["x-sfworkflow-original-exchange"] = exchange
-    h["x-sfworkflow-dead-lettered-at"] = datetime.now(UTC).isoformat()
+    h[wire.REASON] = str(reason)
+    h[wire.ORIGINAL_ROUTING_KEY] = routing_key
+    h[wire.ORIGINAL_EXCHANGE] = exchange
+    h[wire.DEAD_LETTERED_AT] = datetime.now(UTC).isoformat()
     if content_type:
-        h["x-sfworkflow-original-content-type"], counts["content type"] = clean_text(content_type)
-    h["x-sfworkflow-detail"] = detail + replaced_note(counts)
+        h[wire.ORIGINAL_CONTENT_TYPE], counts["content type"] = clean_text(content_type)
+    h[wire.DETAIL] = detail + replaced_note(counts)
     digest = hashlib.sha256(body).hexdigest()
     message_id = str(uuid.uuid5(ID_NAMESPACE, f"dead/{reason}/{message_id_seed}/{digest}"))
-    return OutboxRow(message_id, "dead_letter", "", DEAD_QUEUE, None, body, h, True)
+    return OutboxRow(message_id, "dead_letter", DEFAULT_EXCHANGE, DEAD_QUEUE, None, body, h, True)

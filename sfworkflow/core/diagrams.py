@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sfworkflow.contract.topology import commands_queue, compensations_queue
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 
 DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "workflows.md"
@@ -48,9 +49,9 @@ def workflows_doc(engine: Engine) -> str:
             ),
             f"- **events in**: {', '.join(f'`{name}.{e}`' for e in sorted(d.events))} "
             f"(start: {', '.join(f'`{name}.{e}`' for e in sorted(d.start_events))})",
-            f"- **commands out** (`sfworkflow.commands.{name}`): "
+            f"- **commands out** (`{commands_queue(name)}`): "
             + (", ".join(f"`{name}.{c}`" for c in sorted(d.commands)) or "none"),
-            f"- **compensations out** (`sfworkflow.compensations.{name}`): "
+            f"- **compensations out** (`{compensations_queue(name)}`): "
             + (", ".join(f"`{name}.{c}`" for c in sorted(d.compensations)) or "none"),
             f"- **internal events**: {', '.join(f'`{e}`' for e in sorted(d.internal_events)) or 'none'}",
             f"- **retries**: {d.retry.max_attempts} attempts, backoff {d.retry.base_s:g} s doubling, "

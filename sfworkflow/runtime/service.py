@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from sfworkflow import db
-from sfworkflow.contract import schemas, topology
+from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
@@ -34,6 +34,7 @@ from sfworkflow.http.app import build_app
 from sfworkflow.ops.stuck import Filters, find_stuck
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.consumer import Consumer, Health
+from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
 from sfworkflow.runtime.timers import TimerLoop
@@ -96,9 +97,7 @@ class Service:
             log.info("migrations applied", versions=applied)
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: aio_pika.connect_robust(s.amqp_url))
-        await topology.declare(
-            self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type
-        )
+        await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
         self.relay = Relay(s, self.pool, self.amqp, self.metrics)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)

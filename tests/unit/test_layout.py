@@ -41,13 +41,8 @@ WIRE_NAME_PREFIX = re.compile(r"(?<![\w.])" + EXCHANGE + r"\.$")
 # ops/replay.py and ops/versions.py were allowed SQL "until their writes go through the batch plan (issue 9)":
 # they do now, so neither is allowed any more.
 SQL_ALLOWED: dict[str, str] = {}
-WIRE_NAMES_ALLOWED = {
-    "sfworkflow/core/batch.py": "dead_letter_row writes the header names as literals until it imports contract/headers",
-    "sfworkflow/core/diagrams.py": "the docs name the queues as literals until it calls topology.commands_queue()",
-}
-IO_IMPORTS_ALLOWED = {
-    "sfworkflow/contract/topology.py": "declare() runs the declarations with aio-pika until it moves to runtime/",
-}
+WIRE_NAMES_ALLOWED: dict[str, str] = {}
+IO_IMPORTS_ALLOWED: dict[str, str] = {}
 
 
 # ---- reading the source -------------------------------------------------------------------------------------
