@@ -57,7 +57,7 @@ log = structlog.get_logger("sfworkflow.store")
 T = TypeVar("T")
 CHANGED = "changed since it was selected (replayed by someone else, or moved on)"
 
-__all__ = ["BatchReport", "Delivery", "Store"]
+__all__ = ["CHANGED", "Store", "write"]
 
 
 class Store:

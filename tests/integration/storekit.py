@@ -12,9 +12,10 @@ import orjson
 from sfworkflow import db
 from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
+from sfworkflow.core.batch import Delivery
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.db.repository import Delivery, Store
+from sfworkflow.db.repository import Store
 from sfworkflow.runtime.service import known_event_types
 from sfworkflow.workflows import DEFINITIONS
 

@@ -13,9 +13,10 @@ import pytest
 
 from sfworkflow import db
 from sfworkflow.contract.envelope import IncomingEvent
+from sfworkflow.core.batch import Delivery
 from sfworkflow.core.definition import Step, Transition, WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.db.repository import Delivery, Store
+from sfworkflow.db.repository import Store
 from tests.support import OTHER_TENANT, TENANT
 
 

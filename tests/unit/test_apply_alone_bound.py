@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sfworkflow.db.repository import Delivery
+from sfworkflow.core.batch import Delivery
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.runtime import consumer as consumer_module
 from sfworkflow.runtime.consumer import MAX_TRANSIENT_RETRIES, Consumer, Health
