@@ -35,8 +35,8 @@ from sfworkflow.contract.headers import (
 )
 from sfworkflow.contract.storable import clean_json, clean_text
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE
-from sfworkflow.db.pool import is_connection_error, is_transient
 from sfworkflow.core.batch import Delivery
+from sfworkflow.db.pool import is_connection_error, is_transient
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.runtime import hooks
