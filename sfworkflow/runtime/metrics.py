@@ -23,6 +23,7 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = ("command", "compensation", "lifecycle", "dead_letter")
+BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "stats")  # runtime/supervisor.py kinds
 
 
 class Metrics:
@@ -80,6 +81,13 @@ class Metrics:
         self.timer_failures = Counter(
             "sfworkflow_timer_failures",
             "Timers put back (RETRY_FAILED_TIMER later) because firing them failed; the instance's history says why.",
+            registry=r,
+        )
+        self.task_exits = Counter(
+            "sfworkflow_background_task_exits",
+            "Background tasks that died (raised, or ended without being stopped); the process then stops and "
+            "exits 70 to be restarted. By task: consumer, relay, relay-listen, timers, stats.",
+            ["task"],
             registry=r,
         )
         self.timers_unfireable = Gauge(
@@ -168,6 +176,8 @@ class Metrics:
             self.dead.labels(str(reason))
         for dep in ("postgres", "rabbitmq"):
             self.up.labels(dep)
+        for task in BACKGROUND_TASKS:
+            self.task_exits.labels(task)
 
     def record(self, report: BatchReport) -> None:
         for (workflow, outcome), n in report.events.items():
