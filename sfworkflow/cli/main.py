@@ -28,8 +28,7 @@ def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
 async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from sfworkflow.runtime.service import Service
 
-    await Service(settings).run_until_signal()
-    return 0
+    return await Service(settings).run_until_signal()
 
 
 async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from sfworkflow.db.repository import Store
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.supervisor import Supervisor
 from sfworkflow.settings import Settings
 
 log = structlog.get_logger("sfworkflow.consumer")
@@ -77,8 +78,10 @@ class Consumer:
         parser: EventParser,
         metrics: Metrics,
         health: Health,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.supervisor = supervisor or Supervisor()  # the service's, which stops it when a batch loop dies
         self.connection = connection
         self.store = store
         self.parser = parser
@@ -99,13 +102,18 @@ class Consumer:
             tag = await queue.consume(buffer.put, no_ack=False)
             self._channels.append((channel, queue, tag))
             self._buffers.append(buffer)
-            self._tasks.append(asyncio.create_task(self._batch_loop(buffer), name=f"sfworkflow-consumer-{i}"))
+            self._tasks.append(self.supervisor.spawn("consumer", self._batch_loop(buffer), index=i))
         self.health.consuming = True
         log.info("consuming", queue=EVENTS_QUEUE, consumers=self.settings.consumers, prefetch=self.settings.prefetch)
 
     async def stop(self, timeout: float) -> None:
-        """Stop taking deliveries, apply and ack what was already delivered, then close the channels."""
+        """Stop taking deliveries, apply and ack what was already delivered, then close the channels.
+
+        A batch loop that died before (the supervisor reported it) acks nothing more: closing its channel
+        hands its unacked deliveries back to RabbitMQ, which redelivers them."""
         self.health.consuming = False
+        for task in self._tasks:
+            self.supervisor.stopping(task)  # before any loop can see the end of its buffer and return
         for _channel, queue, tag in self._channels:
             try:
                 await queue.cancel(tag)
@@ -116,10 +124,7 @@ class Consumer:
             buffer.put_nowait(None)  # after cancel-ok nothing more arrives: this is the end of the buffer
         deadline = time.monotonic() + timeout
         for task in self._tasks:
-            try:
-                await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
+            await self.supervisor.stop(task, max(0.1, deadline - time.monotonic()))
         channels = [c for c, _q, _t in self._channels] + ([self._dead_channel] if self._dead_channel else [])
         for channel in channels:
             if not channel.is_closed:
@@ -189,6 +194,7 @@ class Consumer:
         hooks.fault_point("after_commit_before_ack")
         committed = datetime.now(UTC)
         await _ack(batch)
+        hooks.fault_point("after_batch_acked")
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         observe = self.metrics.event_age.observe

@@ -1,7 +1,8 @@
 """Test hooks on the event path; no-ops in production.
 
 `fault_point(name)` marks a point where the chaos suite makes the process exit abruptly (between commit and
-ack, between publish and mark). The fault points themselves live with the demo code
+ack, between publish and mark), or where a test makes the task passing it raise (`NAME:raise`: a consumer
+batch loop that dies, for supervision). The fault points themselves live with the demo code
 (sfworkflow/demo/faults.py), which is not part of the service image: `install_fault_points()` puts them in
 place only when SFWORKFLOW_FAULT_POINT is set and that module is present.
 """

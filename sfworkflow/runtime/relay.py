@@ -24,6 +24,7 @@ from sfworkflow.db import outbox
 from sfworkflow.db.pool import init_connection, is_transient
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.supervisor import Supervisor
 from sfworkflow.settings import Settings
 
 log = structlog.get_logger("sfworkflow.relay")
@@ -36,9 +37,15 @@ PERSISTENT = 2  # AMQP delivery mode
 
 class Relay:
     def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, connection: AbstractRobustConnection, metrics: Metrics
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        connection: AbstractRobustConnection,
+        metrics: Metrics,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        self.supervisor = supervisor or Supervisor()  # the service's, which stops it when a relay task dies
         self.pool = pool
         self.connection = connection
         self.metrics = metrics
@@ -50,22 +57,22 @@ class Relay:
 
     async def start(self) -> None:
         self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._task = asyncio.create_task(self._run(), name="sfworkflow-relay")
-        self._listen_task = asyncio.create_task(self._listen(), name="sfworkflow-relay-listen")
+        self._task = self.supervisor.spawn("relay", self._run())
+        self._listen_task = self.supervisor.spawn("relay-listen", self._listen())
 
     async def stop(self, timeout: float) -> None:
-        """Flush what is committed (within `timeout`), then stop."""
+        """Flush what is committed (within `timeout`), then stop. A publish loop that died before (the
+        supervisor reported it) flushes nothing: its rows stay in the outbox for the next relay."""
+        for task in (self._task, self._listen_task):
+            if task is not None:
+                self.supervisor.stopping(task)  # before either loop can see the stop and return
         self._stop.set()
         self.wake.set()
         if self._task:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+            await self.supervisor.stop(self._task, timeout)
         if self._listen_task:
-            self._listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listen_task
+            self.supervisor.cancel(self._listen_task)
+            await self.supervisor.stop(self._listen_task, timeout)
         if self._channel and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.close()

@@ -4,16 +4,19 @@ start: create database if missing -> migrate -> pool -> RabbitMQ (robust) -> dec
        -> relay, timers, consumer, stats, HTTP
 stop (SIGTERM/SIGINT): stop consuming, apply and ack what was delivered, flush the relay,
        stop timers, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
+background task died (runtime/supervisor.py): /readyz 503 naming it, then the same graceful stop (its own
+       unapplied deliveries stay unacked and are redelivered); run_until_signal returns 70, not 0.
+failed start: what was started is stopped in reverse order (HTTP site, consumer, timers, relay, AMQP, pool),
+       then the error is raised.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import aio_pika
@@ -37,6 +40,7 @@ from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
+from sfworkflow.runtime.supervisor import EXIT_TASK_DIED, Supervisor, TaskExit
 from sfworkflow.runtime.timers import TimerLoop
 from sfworkflow.settings import Settings, redact_url
 from sfworkflow.workflows import DEFINITIONS
@@ -53,6 +57,9 @@ def known_event_types(engine: Engine) -> set[str]:
 
 
 class Service:
+    """One sfworkflow process. `async with Service(settings) as service:` starts it and stops it gracefully;
+    `run_until_signal()` runs it until SIGTERM/SIGINT or a dead background task and returns the exit code."""
+
     def __init__(
         self, settings: Settings, *, http: bool = True, definitions: Iterable[WorkflowDefinition] = DEFINITIONS
     ) -> None:
@@ -71,12 +78,45 @@ class Service:
         self.timers: TimerLoop | None = None
         self._runner: web.AppRunner | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor(self._task_died, self.metrics.task_exits)
+        self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or a background task died
         self.stopped = asyncio.Event()
         self.http_port: int | None = None
 
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit code: 0, or EXIT_TASK_DIED (70) once a background task died."""
+        return EXIT_TASK_DIED if self.supervisor.failure is not None else 0
+
+    def request_stop(self) -> None:
+        """Ask whoever runs the service (run_until_signal) to stop it."""
+        self.stop_requested.set()
+
+    def _task_died(self, exit_: TaskExit) -> None:
+        # Stop the whole process and exit 70 rather than restart the task in-process (runtime/supervisor.py
+        # says why): the orchestrator restarts it (Kubernetes restarts the pod). /readyz is 503 from now on.
+        self.request_stop()
+
     async def start(self, consume: bool = True) -> None:
+        """Start everything. A step that fails stops what was started before it, in reverse order (HTTP site,
+        consumer, timers, relay, AMQP connection, pool), then its error is raised."""
         try:
             await self._start(consume)
+        except BaseException as exc:
+            log.error("start failed; stopping what was started", error=type(exc).__name__)
+            await self._shutdown(failed_start=True)
+            raise
+
+    async def _start(self, consume: bool) -> None:
+        try:
+            await self._start_parts(consume)
         except ValueError as exc:  # a malformed URL: the drivers' messages may quote it, password included
             raise ConfigurationError(
                 f"cannot use the connection settings ({type(exc).__name__}); check SFWORKFLOW_DATABASE_URL "
@@ -84,7 +124,7 @@ class Service:
                 f"({redact_url(self.settings.amqp_url)}): special characters in a password must be %-encoded"
             ) from None
 
-    async def _start(self, consume: bool) -> None:
+    async def _start_parts(self, consume: bool) -> None:
         s = self.settings
         hooks.install_fault_points()
         await _retry("PostgreSQL", s.database_url, lambda: db.ensure_database(s.database_url))
@@ -98,15 +138,17 @@ class Service:
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: aio_pika.connect_robust(s.amqp_url))
         await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
-        self.relay = Relay(s, self.pool, self.amqp, self.metrics)
+        self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)
-        self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, s.retention_days)
+        self.timers = TimerLoop(
+            self.store, self.metrics, self.health, s.timer_poll_ms, s.retention_days, self.supervisor
+        )
         self.timers.start()
-        self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health)
+        self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor)
         if consume:
             await self.consumer.start()
-        self._stats_task = asyncio.create_task(self._stats(), name="sfworkflow-stats")
+        self._stats_task = self.supervisor.spawn("stats", self._stats())
         if self.http_enabled:
             self._runner = web.AppRunner(build_app(self), access_log=None)
             await self._runner.setup()
@@ -123,7 +165,14 @@ class Service:
         )
 
     async def stop(self) -> None:
-        """Graceful stop: drain the consumer, flush the relay, close connections."""
+        """Graceful stop: drain the consumer, flush the relay, close connections. Once only: a second call
+        (or one after a start that failed and cleaned up) returns at once."""
+        if not self.stopped.is_set():
+            await self._shutdown(failed_start=False)
+
+    async def _shutdown(self, *, failed_start: bool) -> None:
+        """Stop what is running, within SFWORKFLOW_SHUTDOWN_TIMEOUT_S. A graceful stop keeps HTTP up to the
+        end (/readyz says 503 meanwhile); a failed start undoes itself in reverse order, HTTP first."""
         started = time.monotonic()
         deadline = started + self.settings.shutdown_timeout_s  # one budget for every step below
 
@@ -131,38 +180,53 @@ class Service:
             return max(0.1, (deadline - time.monotonic()) * share)
 
         log.info("stopping")
-        if self.consumer:
-            await self.consumer.stop(timeout=left(0.5))
-        if self.timers:
-            await self.timers.stop(timeout=left(0.2))
-        if self.relay:
-            await self.relay.stop(timeout=left(0.7))
+        if failed_start:
+            await _step("http", self._close_http())
         if self._stats_task:
-            self._stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stats_task
-        if self._runner:
-            await self._runner.cleanup()
+            self.supervisor.cancel(self._stats_task)
+            await _step("stats", self.supervisor.stop(self._stats_task, left(0.1)))
+        if self.consumer:
+            await _step("consumer", self.consumer.stop(timeout=left(0.5)))
+        if self.timers:
+            await _step("timers", self.timers.stop(timeout=left(0.2)))
+        if self.relay:
+            await _step("relay", self.relay.stop(timeout=left(0.7)))
+        await _step("tasks", self.supervisor.close(left(0.2)))  # none is left; one cut short mid-start might be
+        if not failed_start:
+            await _step("http", self._close_http())
         if self.amqp:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.amqp.close(), left(0.5))
+            await _step("rabbitmq", asyncio.wait_for(self.amqp.close(), left(0.5)))
         if self.pool:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), left())
+            await _step("postgres", asyncio.wait_for(self.pool.close(), left()))
             if not self.pool.is_closing():
                 self.pool.terminate()
         log.info("stopped", seconds=round(time.monotonic() - started, 2))
         self.stopped.set()
 
-    async def run_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
-        stop = asyncio.Event()
+    async def _close_http(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def run_until_signal(self) -> int:
+        """Run until SIGTERM or SIGINT, or until a background task dies; stop gracefully either way. Returns
+        the process's exit code: 0 after a signal, EXIT_TASK_DIED (70) after a dead task."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            async with self:
+                await self.stop_requested.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        if self.supervisor.failure is not None:
+            log.info(  # the error line with the traceback came when it died (runtime/supervisor.py)
+                "exiting after a background task died; the orchestrator should restart the process",
+                task=self.supervisor.failure.name,
+                exit_code=self.exit_code,
+            )
+        return self.exit_code
 
     async def readiness(self, timeout: float) -> dict[str, dict[str, Any]]:
         checks: dict[str, dict[str, Any]] = {}
@@ -189,6 +253,11 @@ class Service:
             checks["migrations"] = {"ok": not pending} if not pending else {"ok": False, "pending": pending}
         except Exception as exc:
             checks["migrations"] = {"ok": False, "error": type(exc).__name__}
+        if (failure := self.supervisor.failure) is not None:  # present only once a task died (the process stops)
+            checks["background_tasks"] = {
+                "ok": False,
+                "error": f"{failure.describe()}; the process is stopping and exits {EXIT_TASK_DIED}",
+            }
         return checks
 
     async def _stats(self) -> None:
@@ -219,6 +288,15 @@ class Service:
                 log.debug("stats refresh failed", error=type(exc).__name__)
             rounds += 1
             await asyncio.sleep(STATS_INTERVAL_S)
+
+
+async def _step(part: str, step: Awaitable[Any]) -> None:
+    """One step of a stop: a step that fails is logged and the stop goes on (after a failed start, the error
+    raised is the start's own, never the clean-up's)."""
+    try:
+        await step
+    except Exception as exc:
+        log.warning("stopping a part failed; going on", part=part, error=repr(exc)[:200])
 
 
 async def _retry(what: str, url: str, fn: Any) -> Any:

@@ -16,6 +16,7 @@ from sfworkflow.db.pool import is_connection_error, is_transient
 from sfworkflow.db.repository import Store
 from sfworkflow.runtime.consumer import Health
 from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.supervisor import Supervisor
 from sfworkflow.settings import DEFAULT_RETENTION_DAYS
 
 log = structlog.get_logger("sfworkflow.timers")
@@ -33,7 +34,9 @@ class TimerLoop:
         health: Health,
         poll_ms: float,
         retention_days: float = DEFAULT_RETENTION_DAYS,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        self.supervisor = supervisor or Supervisor()  # the service's, which stops it when the loop dies
         self.retention_days = retention_days
         self.store = store
         self.metrics = metrics
@@ -43,15 +46,16 @@ class TimerLoop:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="sfworkflow-timers")
+        self._task = self.supervisor.spawn("timers", self._run())
 
     async def stop(self, timeout: float = 5.0) -> None:
+        """Let the round in progress finish (within `timeout`, else it is cancelled: its transaction rolls
+        back and the timers fire later), then stop."""
+        if self._task:
+            self.supervisor.stopping(self._task)  # before the loop can see the stop and return
         self._stop.set()
         if self._task:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+            await self.supervisor.stop(self._task, timeout)
 
     async def _run(self) -> None:
         next_sweep = 0.0
