@@ -56,10 +56,11 @@ STEPS = 3
 
 def _settled() -> tuple[str, list[list[str]]]:
     """SQL for 'settled': terminal, or waiting for an operator (per the definitions)."""
-    from sfworkflow.ops.stuck import SETTLED_SQL, operator_states
+    from sfworkflow.core.stuck import operator_states
+    from sfworkflow.db.operations import settled_condition
     from sfworkflow.workflows import DEFINITIONS
 
-    return SETTLED_SQL, list(operator_states(DEFINITIONS))
+    return settled_condition(), list(operator_states(DEFINITIONS))
 
 
 SETTLED, SETTLED_ARGS = _settled()

@@ -5,7 +5,15 @@
     ├── DefinitionError         a workflow definition is inconsistent (found at start-up)
     ├── MigrationError          the database schema cannot be brought up to date
     ├── StoreUnavailable        PostgreSQL cannot be reached; the caller retries with backoff
+    ├── StepLimitExceeded       one instance looped in a batch; the consumer splits the batch
+    ├── InvalidEvent            an event to publish does not match its schema (client.producer)
+    ├── DeadLetterQueueError    sfworkflow.dead cannot be read (the dead-letters tools)
+    ├── VersionMigrationError   a migration between definition versions cannot run as asked
     └── UsageError              a command was given arguments it cannot use (the CLI exits 2)
+
+Exceptions that never leave their module are not listed: the admin API's ApiError and validation's
+Invalid (both become an HTTP answer), SettingsError (a ValueError naming the SFWORKFLOW_* variable,
+which the CLI prints and exits 2 on) and the demo's FaultInjected.
 
 A message that cannot be applied never raises out of the consumer: it becomes a `Rejection`
 with a `DeadReason` code, lands in `sfworkflow.dead` and is acked.
@@ -38,6 +46,22 @@ class MigrationError(SfworkflowError):
 
 class StoreUnavailable(SfworkflowError):
     """PostgreSQL cannot be reached; nothing was acked and the work will be retried."""
+
+
+class StepLimitExceeded(SfworkflowError):
+    """An instance made more than MAX_TRANSITIONS_PER_INSTANCE transitions in one batch; the batch is split."""
+
+
+class InvalidEvent(SfworkflowError):
+    """The event does not match its JSON Schema; fix the fields named in the message before publishing."""
+
+
+class DeadLetterQueueError(SfworkflowError):
+    """sfworkflow.dead cannot be read; check that RabbitMQ runs and SFWORKFLOW_AMQP_URL points to it."""
+
+
+class VersionMigrationError(SfworkflowError):
+    """The migration cannot run as asked (a version not loaded, a bad --map entry); nothing was changed."""
 
 
 class UsageError(SfworkflowError):

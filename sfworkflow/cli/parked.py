@@ -11,15 +11,12 @@ import argparse
 from datetime import UTC, timedelta
 from typing import Any
 
-import asyncpg
 import orjson
 
 from sfworkflow.cli.stuck import tenant_id
 from sfworkflow.core.engine import Engine
-from sfworkflow.db import operations
-from sfworkflow.errors import MigrationError
-from sfworkflow.ops.dead_letters import connect_database
-from sfworkflow.ops.stuck import check_names
+from sfworkflow.core.stuck import check_names
+from sfworkflow.ops.parked import list_parked
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 
@@ -40,27 +37,12 @@ def register(sub: Any) -> dict[str, Any]:
 
 async def parked(settings: Settings, args: argparse.Namespace) -> int:
     check_names(Engine(DEFINITIONS), args.workflow, None)
-    rows = await load_parked(settings, args.workflow, args.tenant, args.limit)
+    rows = await list_parked(settings, args.workflow, args.tenant, args.limit)
     if args.json:
         print(orjson.dumps([as_json(r) for r in rows], option=orjson.OPT_INDENT_2).decode())
     else:
         print_table(rows, args)
     return 0
-
-
-async def load_parked(settings: Settings, workflow: str | None, tenant: str | None, limit: int) -> list[dict[str, Any]]:
-    """Parked events, the nearest deadline first; `time_left` is measured by the database's clock."""
-    conn = await connect_database(settings)
-    try:
-        records = await operations.list_parked(conn, workflow, tenant, limit)
-    except asyncpg.UndefinedTableError as exc:
-        raise MigrationError(
-            "table sfworkflow.parked does not exist in this database: run `sfworkflow migrate` "
-            "(or check SFWORKFLOW_DATABASE_URL)"
-        ) from exc
-    finally:
-        await conn.close()
-    return [dict(r) for r in records]
 
 
 def as_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -16,10 +16,11 @@ import asyncpg
 from sfworkflow import db
 from sfworkflow.cli.stuck import add_filters, filters_from, instance_key
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.stuck import Filters, check_names, format_age
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import UsageError
 from sfworkflow.ops import replay
-from sfworkflow.ops.stuck import Filters, check_names, find_stuck, format_age
+from sfworkflow.ops.stuck import find_stuck
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 

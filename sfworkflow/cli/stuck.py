@@ -14,8 +14,9 @@ from sfworkflow import db
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.durations import EXAMPLES, parse_age
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.stuck import Filters, StuckInstance, check_names, format_age
 from sfworkflow.errors import UsageError
-from sfworkflow.ops.stuck import Filters, StuckInstance, check_names, find_stuck, format_age
+from sfworkflow.ops.stuck import find_stuck
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 

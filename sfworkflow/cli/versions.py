@@ -5,7 +5,7 @@
 
 Exit codes: 0 every selected instance was migrated (or skipped because busy: run again), 1 some instance was
 refused (it stays on its version; the lines above the summary say why), 2 the migration cannot run as asked
-(a version not loaded, a bad --map entry). The rules are in sfworkflow/ops/versions.py.
+(a version not loaded, a bad --map entry). The rules are in sfworkflow/core/versions.py.
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ import asyncpg
 from sfworkflow import db
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.ops.versions import (
-    DEFAULT_BATCH_SIZE,
-    VersionMigrationError,
-    check_versions,
-    migrate_instances,
-    parse_map,
-)
+from sfworkflow.core.versions import check_versions, parse_map
+from sfworkflow.errors import VersionMigrationError
+from sfworkflow.ops.versions import DEFAULT_BATCH_SIZE, migrate_instances
 from sfworkflow.settings import Settings
 
 

@@ -18,11 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from sfworkflow.contract import schemas
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
-from sfworkflow.errors import SfworkflowError
-
-
-class InvalidEvent(SfworkflowError):
-    """The event does not match its JSON Schema; fix the fields named in the message before publishing."""
+from sfworkflow.errors import InvalidEvent
 
 
 def build_event(

@@ -70,7 +70,7 @@ from sfworkflow.core.definition import (
     TimerRequest,
 )
 from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
-from sfworkflow.errors import DeadReason, Rejection
+from sfworkflow.errors import DeadReason, Rejection, StepLimitExceeded
 
 log = structlog.get_logger("sfworkflow.store")
 
@@ -85,10 +85,6 @@ EXCHANGE_OF_KIND = {
 }
 
 Steps = Generator[Request, Any, WriteSet]
-
-
-class StepLimitExceeded(RuntimeError):
-    """An instance made more than MAX_TRANSITIONS_PER_INSTANCE transitions in one batch; the batch is split."""
 
 
 @dataclass(slots=True)

@@ -47,7 +47,7 @@ async def stuck_candidates(
     operator_states: Sequence[str],
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Active instances that may be stuck, the longest in their state first (ops/stuck.py decides which are)."""
+    """Active instances that may be stuck, the longest in their state first (core/stuck.py decides which are)."""
     return list(
         await conn.fetch(
             q("stuck_candidates"),
@@ -73,7 +73,7 @@ async def stuck_instance(
 
 @lru_cache(maxsize=1)
 def settled_condition() -> str:
-    """The SQL condition "settled" ($1, $2: the parallel lists of ops.stuck.operator_states()), without its
+    """The SQL condition "settled" ($1, $2: the parallel lists of core.stuck.operator_states()), without its
     description, for statements written outside the package (bench/); the package's own use static queries."""
     lines = q("settled_condition").splitlines()
     return "\n".join(line for line in lines if not line.lstrip().startswith("--")).strip()

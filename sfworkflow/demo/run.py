@@ -23,11 +23,11 @@ import structlog
 
 from sfworkflow import db
 from sfworkflow.client.producer import EventPublisher, build_event
+from sfworkflow.core.stuck import operator_states
 from sfworkflow.db import operations
 from sfworkflow.demo import profiles as simulation
 from sfworkflow.demo.profiles import Profile, Traffic
 from sfworkflow.demo.worker import SimulatedWorker
-from sfworkflow.ops.stuck import operator_states
 from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
 
@@ -117,6 +117,8 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         _print_hung(hung, tenant)
     if not ok:
         await _print_unsettled(settings, tenant, service)
+    if service.exit_code:  # a background task died (its traceback was logged): exit as `sfworkflow run` does
+        return service.exit_code
     bad = summary["sends_twice"] or summary["commands_per_idempotency_over_attempts"]
     return 0 if ok and not bad else 1
 
@@ -137,7 +139,7 @@ async def _wait_until_settled(settings: Settings, tenant: str, expected: int, se
     conn = await asyncpg.connect(settings.database_url)
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not service.stop_requested.is_set():  # set once a task died
             if await operations.demo_settled_count(conn, tenant, ws, ss) >= expected:
                 return True
             await asyncio.sleep(0.25)

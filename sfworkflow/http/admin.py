@@ -25,12 +25,13 @@ from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.durations import parse_age
 from sfworkflow.core.engine import CompiledWorkflow, Engine
+from sfworkflow.core.stuck import Filters
 from sfworkflow.db import operations
 from sfworkflow.http import openapi
 from sfworkflow.http.validation import Checks, Invalid
 from sfworkflow.ops import replay
 from sfworkflow.ops.inspect import load_instance
-from sfworkflow.ops.stuck import Filters, find_stuck
+from sfworkflow.ops.stuck import find_stuck
 
 if TYPE_CHECKING:
     from sfworkflow.runtime.service import Service

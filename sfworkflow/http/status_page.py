@@ -19,11 +19,12 @@ import structlog
 from aiohttp import web
 
 from sfworkflow.core.diagrams import render
+from sfworkflow.core.stuck import Filters, StuckInstance
+from sfworkflow.core.stuck import format_age as age
 from sfworkflow.db import operations
 from sfworkflow.http.admin import SERVICE
 from sfworkflow.ops import replay
-from sfworkflow.ops.stuck import Filters, StuckInstance, find_stuck
-from sfworkflow.ops.stuck import format_age as age
+from sfworkflow.ops.stuck import find_stuck
 
 if TYPE_CHECKING:
     from sfworkflow.runtime.service import Service

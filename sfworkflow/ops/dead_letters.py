@@ -15,7 +15,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +37,7 @@ from sfworkflow.contract.headers import (
     REDRIVES,
 )
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
-from sfworkflow.errors import SfworkflowError, StoreUnavailable
+from sfworkflow.errors import DeadLetterQueueError, StoreUnavailable
 from sfworkflow.settings import Settings, redact_url
 
 DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues
@@ -46,12 +46,6 @@ REFRESH_AT = 10  # returns after which a dead letter is re-published to reset it
 CONNECT_TIMEOUT_S = 10.0
 CONFIRM_TIMEOUT_S = 30.0
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
-
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-class DeadLetterQueueError(SfworkflowError):
-    """sfworkflow.dead cannot be read; check that RabbitMQ runs and SFWORKFLOW_AMQP_URL points to it."""
 
 
 @dataclass
@@ -290,15 +284,6 @@ def parse_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
-def parse_age(text: str) -> timedelta:
-    """`30m`, `12h`, `7d` (also `s` and `w`) as a timedelta; ValueError otherwise."""
-    text = text.strip().lower()
-    number, unit = text[:-1], text[-1:]
-    if unit not in _AGE_UNITS or not number.isdigit():
-        raise ValueError(f"{text!r} is not an age: write a whole number and a unit, e.g. 30m, 12h or 7d")
-    return timedelta(seconds=int(number) * _AGE_UNITS[unit])
 
 
 def _text(value: Any) -> Any:

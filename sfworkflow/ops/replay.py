@@ -29,8 +29,9 @@ import asyncpg
 
 from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.stuck import Explanation, Filters, StuckInstance, format_age
 from sfworkflow.db.repository import CHANGED, Store
-from sfworkflow.ops.stuck import Explanation, Filters, StuckInstance, explain, format_age
+from sfworkflow.ops.stuck import explain
 
 ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something
 

@@ -30,11 +30,12 @@ from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.stuck import Filters
 from sfworkflow.db import migrate, operations, outbox
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
-from sfworkflow.ops.stuck import Filters, find_stuck
+from sfworkflow.ops.stuck import find_stuck
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare

@@ -13,7 +13,7 @@ from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 
 
-def main(release: str) -> None:
+def main(release: str) -> int:
     definitions = DEFINITIONS
     if release == "2":
         from tests.unit.test_versions import V2
@@ -21,8 +21,8 @@ def main(release: str) -> None:
         definitions = (*DEFINITIONS, V2)
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
-    asyncio.run(Service(settings, definitions=definitions).run_until_signal())
+    return asyncio.run(Service(settings, definitions=definitions).run_until_signal())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1]))

@@ -14,8 +14,8 @@ import pytest
 
 from sfworkflow.core import plan as plan_module
 from sfworkflow.core.batch import BatchReport, Delivery
-from sfworkflow.core.plan import StepLimitExceeded
 from sfworkflow.db.repository import Store
+from sfworkflow.errors import StepLimitExceeded
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick

@@ -17,9 +17,10 @@ from sfworkflow.cli import stuck as stuck_cmd
 from sfworkflow.cli.main import build_parser
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.stuck import Filters
 from sfworkflow.db.repository import Store
 from sfworkflow.ops import replay
-from sfworkflow.ops.stuck import Filters, find_stuck
+from sfworkflow.ops.stuck import find_stuck
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for

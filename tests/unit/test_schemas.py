@@ -9,9 +9,10 @@ import jsonschema_rs
 import orjson
 import pytest
 
-from sfworkflow.client.producer import InvalidEvent, build_event, validate_event
+from sfworkflow.client.producer import build_event, validate_event
 from sfworkflow.contract import schemas
 from sfworkflow.core.engine import LIFECYCLE_ENDS
+from sfworkflow.errors import InvalidEvent
 from sfworkflow.workflows import DEFINITIONS
 
 SET = schemas.default()

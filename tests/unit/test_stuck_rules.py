@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sfworkflow.core.engine import Engine
-from sfworkflow.ops.stuck import classify, stuck_rule, when
+from sfworkflow.core.stuck import classify, stuck_rule, when
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)

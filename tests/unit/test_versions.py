@@ -16,15 +16,9 @@ from sfworkflow.cli import versions as versions_cmd
 from sfworkflow.cli.main import build_parser
 from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView, Step, Transition, WorkflowDefinition
 from sfworkflow.core.engine import Engine, Outcome
-from sfworkflow.ops.versions import (
-    InstanceResult,
-    MigrationReport,
-    VersionMigrationError,
-    check_map,
-    check_versions,
-    decide,
-    parse_map,
-)
+from sfworkflow.core.versions import check_map, check_versions, decide, parse_map
+from sfworkflow.errors import VersionMigrationError
+from sfworkflow.ops.versions import InstanceResult, MigrationReport
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS, sequence
 from sfworkflow.workflows.sequence import S
