@@ -107,10 +107,13 @@ INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome,
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[])
 
 -- delete_timers --
--- Cancel timers: every timer of some instances, and named timers of others.
+-- Cancel timers: every timer of some instances ($1), and named timers of others ($2, $3). One join over both
+-- lists, so each is looked up in the primary key (instance_id, name) instead of reading the whole table.
 DELETE FROM sfworkflow.timer t
-WHERE t.instance_id = ANY($1::bigint[])
-   OR (t.instance_id, t.name) IN (SELECT * FROM unnest($2::bigint[], $3::text[]))
+USING (SELECT unnest($1::bigint[]), NULL::text
+       UNION ALL
+       SELECT * FROM unnest($2::bigint[], $3::text[])) AS c(instance_id, name)
+WHERE t.instance_id = c.instance_id AND (c.name IS NULL OR t.name = c.name)
 
 -- upsert_timers --
 -- Schedule or move timers.

@@ -1,0 +1,57 @@
+"""The statements that run on every batch or every retention sweep can be answered from an index.
+
+A statement that can only be answered by reading a whole table costs more as the table grows: at 300k timer
+rows `delete_timers` read every row of sfworkflow.timer on nearly every batch. Each statement here is
+planned with sequential scans disabled (`enable_seqscan = off` makes the planner take any index path
+there is, whatever the table's size), so a sequential scan left in its plan means that no index can serve
+it: the test fails whatever the data, and stays quiet whatever the planner would pick on small tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from sfworkflow.db.pool import q
+
+# The tables that grow with the data: a sequential scan of any of them is a cost that grows too.
+GROWING = {"instance", "history", "inbox", "outbox", "timer", "effect", "claim", "parked"}
+
+# (query name, sample arguments)
+STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
+    ("delete_timers", ([1, 2], [3, 4], ["retry", "step"])),
+    ("prune_outbox", (14.0, 5000)),
+    ("prune_inbox", (14.0, 5000)),
+    ("prune_instances", (14.0, 5000)),
+]
+
+
+def _scans(node: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    yield node["Node Type"], node.get("Relation Name", "")
+    for child in node.get("Plans", ()):
+        yield from _scans(child)
+
+
+async def _plan(pg: asyncpg.Connection, sql: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    async with pg.transaction():
+        await pg.execute("SET LOCAL enable_seqscan = off")
+        text = await pg.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+    plan: dict[str, Any] = orjson.loads(text)[0]["Plan"]
+    return plan
+
+
+@pytest.mark.parametrize(("name", "args"), STATEMENTS, ids=[s[0] for s in STATEMENTS])
+async def test_no_growing_table_is_read_whole(pg: asyncpg.Connection, name: str, args: tuple[Any, ...]) -> None:
+    plan = await _plan(pg, q(name), args)
+    whole = sorted({rel for kind, rel in _scans(plan) if kind == "Seq Scan" and rel in GROWING})
+    assert not whole, f"{name} reads sfworkflow.{', sfworkflow.'.join(whole)} whole: no index serves it"
+
+
+async def test_a_statement_without_an_index_is_caught(pg: asyncpg.Connection) -> None:
+    """The check itself: a filter on a column no index covers leaves a sequential scan in the plan."""
+    plan = await _plan(pg, "DELETE FROM sfworkflow.timer WHERE payload = '{}'::jsonb", ())
+    assert ("Seq Scan", "timer") in set(_scans(plan))
