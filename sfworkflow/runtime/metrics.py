@@ -86,8 +86,14 @@ class Metrics:
         self.task_exits = Counter(
             "sfworkflow_background_task_exits",
             "Background tasks that died (raised, or ended without being stopped); the process then stops and "
-            "exits 70 to be restarted. By task: consumer, relay, relay-listen, timers, stats.",
+            "exits 70 to be restarted. By task: consumer, relay, relay-listen, timers, retention, stats.",
             ["task"],
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "sfworkflow_retention_deleted_rows",
+            "Rows the retention sweep deleted, by table: outbox, inbox, instances (each with what it owns).",
+            ["table"],
             registry=r,
         )
         self.timers_unfireable = Gauge(

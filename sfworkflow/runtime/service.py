@@ -1,12 +1,13 @@
-"""The sfworkflow process: consumer, outbox relay, timer loop, stats and HTTP, with one lifecycle.
+"""The sfworkflow process: consumer, outbox relay, timer loop, retention sweep, stats and HTTP, with one lifecycle.
 
 start: create database if missing -> migrate -> pool -> RabbitMQ (robust) -> declare topology
-       -> relay, timers, consumer, stats, HTTP
+       -> relay, timers, retention, consumer, stats, HTTP
 stop (SIGTERM/SIGINT): stop consuming, apply and ack what was delivered, flush the relay,
-       stop timers, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
+       stop timers and retention, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
 background task died (runtime/supervisor.py): /readyz 503 naming it, then the same graceful stop (its own
        unapplied deliveries stay unacked and are redelivered); run_until_signal returns 70, not 0.
-failed start: what was started is stopped in reverse order (HTTP site, consumer, timers, relay, AMQP, pool),
+failed start: what was started is stopped in reverse order (HTTP site, consumer, retention, timers, relay,
+       AMQP, pool),
        then the error is raised.
 """
 
@@ -41,6 +42,7 @@ from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
+from sfworkflow.runtime.retention import RetentionLoop
 from sfworkflow.runtime.supervisor import EXIT_TASK_DIED, Supervisor, TaskExit
 from sfworkflow.runtime.timers import TimerLoop
 from sfworkflow.settings import Settings, redact_url
@@ -77,6 +79,7 @@ class Service:
         self.consumer: Consumer | None = None
         self.relay: Relay | None = None
         self.timers: TimerLoop | None = None
+        self.retention: RetentionLoop | None = None
         self._runner: web.AppRunner | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.supervisor = Supervisor(self._task_died, self.metrics.task_exits)
@@ -142,10 +145,10 @@ class Service:
         self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)
-        self.timers = TimerLoop(
-            self.store, self.metrics, self.health, s.timer_poll_ms, s.retention_days, self.supervisor
-        )
+        self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
         self.timers.start()
+        self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)
+        self.retention.start()
         self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor)
         if consume:
             await self.consumer.start()
@@ -188,6 +191,8 @@ class Service:
             await _step("stats", self.supervisor.stop(self._stats_task, left(0.1)))
         if self.consumer:
             await _step("consumer", self.consumer.stop(timeout=left(0.5)))
+        if self.retention:
+            await _step("retention", self.retention.stop(timeout=left(0.1)))
         if self.timers:
             await _step("timers", self.timers.stop(timeout=left(0.2)))
         if self.relay:

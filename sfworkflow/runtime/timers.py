@@ -1,4 +1,5 @@
-"""The timer loop: fires due timers as internal events and dead-letters expired parked events.
+"""The timer loop: fires due timers as internal events and dead-letters expired parked events (the
+retention sweep is a task of its own, runtime/retention.py, so a long sweep never delays a timer).
 
 Timers are rows (sfworkflow.timer); any replica may fire them, claiming their instances with
 FOR UPDATE SKIP LOCKED. No in-memory sleep holds workflow state: a restart loses nothing.
@@ -17,13 +18,11 @@ from sfworkflow.db.repository import Store
 from sfworkflow.runtime.consumer import Health
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.supervisor import Supervisor
-from sfworkflow.settings import DEFAULT_RETENTION_DAYS
 
 log = structlog.get_logger("sfworkflow.timers")
 
 TIMER_BATCH = 256  # timers fired per transaction
 PARKED_SWEEP_S = 5.0  # seconds between sweeps for expired parked events
-PRUNE_EVERY_S = 600.0  # seconds between retention sweeps
 
 
 class TimerLoop:
@@ -33,11 +32,9 @@ class TimerLoop:
         metrics: Metrics,
         health: Health,
         poll_ms: float,
-        retention_days: float = DEFAULT_RETENTION_DAYS,
         supervisor: Supervisor | None = None,
     ) -> None:
         self.supervisor = supervisor or Supervisor()  # the service's, which stops it when the loop dies
-        self.retention_days = retention_days
         self.store = store
         self.metrics = metrics
         self.health = health
@@ -59,7 +56,6 @@ class TimerLoop:
 
     async def _run(self) -> None:
         next_sweep = 0.0
-        next_prune = time.monotonic() + 30.0  # not in the busy first moments after a start
         backoff = 0.2
         while not self._stop.is_set():
             fired = 0
@@ -79,11 +75,6 @@ class TimerLoop:
                     if unparked:
                         log.info("events that waited for this replica's definition versions applied", applied=unparked)
                     next_sweep = time.monotonic() + PARKED_SWEEP_S
-                if time.monotonic() >= next_prune:
-                    pruned = await self.store.prune(self.retention_days)
-                    if any(pruned.values()):
-                        log.info("retention sweep", retention_days=self.retention_days, **pruned)
-                    next_prune = time.monotonic() + PRUNE_EVERY_S
                 backoff = 0.2
                 if not self.health.db_ok:
                     self.health.db_recovered()

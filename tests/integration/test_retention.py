@@ -1,15 +1,19 @@
 """Retention prunes an ended instance with everything it owns: history, timers, effect keys, claims and
 parked events go in the same statement as the instance, whatever slice size the sweep uses, so nothing is
-left orphaned (an effect key or claim without a date in it would otherwise stay held for ever)."""
+left orphaned (an effect key or claim without a date in it would otherwise stay held for ever). A sweep
+(runtime/retention.py) slices until nothing is due and skips rows other transactions hold."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from sfworkflow.db.repository import Store
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.retention import RetentionLoop
 from tests.integration.storekit import direct_store
 from tests.support import TENANT
 
@@ -88,3 +92,51 @@ async def test_fractions_of_a_day_count(store: Store, pg: asyncpg.Connection) ->
 async def test_the_inbox_is_never_pruned_inside_the_redelivery_window(store: Store) -> None:
     with pytest.raises(ValueError, match="redelivery window"):
         await store.prune(retention_days=0)
+
+
+async def _old_inbox_and_outbox(pg: asyncpg.Connection, inbox: int, outbox: int) -> None:
+    await pg.execute(
+        "INSERT INTO sfworkflow.inbox (tenant_id, event_id, event_type, entity_id, received_at)"
+        " SELECT $1, gen_random_uuid(), 'sequence.step_sent', 'e' || g, now() - interval '30 days'"
+        " FROM generate_series(1, $2) g",
+        TENANT, inbox,
+    )  # fmt: skip
+    await pg.execute(
+        "INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, body, published_at)"
+        " SELECT gen_random_uuid(), 'lifecycle', 'sfworkflow.lifecycle', 'workflow.started.sequence', '\\x7b7d',"
+        " now() - interval '30 days' FROM generate_series(1, $1) g",
+        outbox,
+    )  # fmt: skip
+
+
+async def test_a_sweep_keeps_going_until_nothing_is_due(store: Store, pg: asyncpg.Connection) -> None:
+    """One round deletes everything past the retention period, however many slices that takes: a sweep that
+    deleted one slice per round could not keep up with the ingest."""
+    for i in range(7):
+        await _ended_instance(pg, f"old-{i}", days_ago=30)
+    recent = await _ended_instance(pg, "recent", days_ago=1)
+    await _old_inbox_and_outbox(pg, inbox=25, outbox=11)
+    metrics = Metrics()
+    sweep = RetentionLoop(store, metrics, retention_days=14, slice_rows=3, pause_s=0.0)
+    assert await sweep.sweep() == {"instances": 7, "inbox": 25, "outbox": 11}
+    assert [r["id"] for r in await pg.fetch("SELECT id FROM sfworkflow.instance")] == [recent]
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox") == 0
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox") == 0
+    deleted = {t: metrics.retention_deleted.labels(t)._value.get() for t in ("instances", "inbox", "outbox")}
+    assert deleted == {"instances": 7, "inbox": 25, "outbox": 11}
+    assert await sweep.sweep() == {}  # nothing left: one slice per table, all short
+
+
+async def test_a_slice_skips_rows_another_transaction_holds(store: Store, pg: asyncpg.Connection) -> None:
+    """An ended instance locked right now (a late event for it, another replica's sweep) is left for a later
+    slice instead of holding the sweep until that transaction ends."""
+    held = await _ended_instance(pg, "held", days_ago=30)
+    free = await _ended_instance(pg, "free", days_ago=30)
+    async with pg.transaction():
+        await pg.execute("SELECT 1 FROM sfworkflow.instance WHERE id = $1 FOR UPDATE", held)
+        async with asyncio.timeout(10):
+            deleted = await store.prune(retention_days=14)
+    assert deleted["instances"] == 1
+    assert [r["id"] for r in await pg.fetch("SELECT id FROM sfworkflow.instance")] == [held]
+    assert free != held
+    assert (await store.prune(retention_days=14))["instances"] == 1  # released: taken by the next slice

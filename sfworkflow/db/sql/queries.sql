@@ -304,23 +304,26 @@ USING unnest($1::text[], $2::bigint[]) AS r(effect_key, instance_id)
 WHERE e.effect_key = r.effect_key AND e.instance_id = r.instance_id
 
 -- prune_outbox --
--- Retention: published outbox rows older than $1 days (fractions count; a bounded slice per call).
+-- Retention: published outbox rows older than $1 days (fractions count; a slice of at most $2 rows per call,
+-- skipping rows another sweep's slice holds).
 DELETE FROM sfworkflow.outbox WHERE id IN (
-    SELECT id FROM sfworkflow.outbox WHERE published_at < now() - $1::float8 * interval '1 day' LIMIT $2)
+    SELECT id FROM sfworkflow.outbox WHERE published_at < now() - $1::float8 * interval '1 day' LIMIT $2
+    FOR UPDATE SKIP LOCKED)
 
 -- prune_inbox --
 -- Retention: inbox rows older than $1 days (dedupe covers redeliveries within it).
 DELETE FROM sfworkflow.inbox WHERE (tenant_id, event_id) IN (
     SELECT tenant_id, event_id FROM sfworkflow.inbox WHERE received_at < now() - $1::float8 * interval '1 day'
-    LIMIT $2)
+    LIMIT $2 FOR UPDATE SKIP LOCKED)
 
 -- prune_instances --
 -- Retention: instances that ended more than $1 days ago, each with everything it owns (history, timers,
--- effect keys, claims, parked events) in this one statement, so no slice leaves an orphan behind.
+-- effect keys, claims, parked events) in this one statement, so no slice leaves an orphan behind. An
+-- instance locked right now (a late event for it, another sweep) is skipped: the next slice takes it.
 WITH gone AS (
     DELETE FROM sfworkflow.instance WHERE id IN (
         SELECT id FROM sfworkflow.instance
-        WHERE terminal AND updated_at < now() - $1::float8 * interval '1 day' LIMIT $2)
+        WHERE terminal AND updated_at < now() - $1::float8 * interval '1 day' LIMIT $2 FOR UPDATE SKIP LOCKED)
     RETURNING id, tenant_id, workflow, entity_id
 ), h AS (
     DELETE FROM sfworkflow.history WHERE instance_id IN (SELECT id FROM gone)
