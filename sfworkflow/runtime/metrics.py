@@ -23,7 +23,7 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = ("command", "compensation", "lifecycle", "dead_letter")
-BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "stats")  # runtime/supervisor.py kinds
+BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "retention", "stats")  # runtime/supervisor.py kinds
 
 
 class Metrics:
