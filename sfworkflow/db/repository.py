@@ -100,7 +100,8 @@ class Store:
         rows: list[asyncpg.Record] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
+                locked = await conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
+                rows = sorted({r["id"]: r for r in locked}.values(), key=lambda r: r["id"])  # one per instance
                 if not rows:
                     return BatchReport()
                 report = await self._fire_locked(conn, rows)

@@ -24,6 +24,7 @@ GROWING = {"instance", "history", "inbox", "outbox", "timer", "effect", "claim",
 # (query name, sample arguments)
 STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
     ("delete_timers", ([1, 2], [3, 4], ["retry", "step"])),
+    ("lock_due_timer_instances", (256, ["sequence"], [1])),
     ("prune_outbox", (14.0, 5000)),
     ("prune_inbox", (14.0, 5000)),
     ("prune_instances", (14.0, 5000)),

@@ -175,15 +175,17 @@ FROM ins
 
 -- lock_due_timer_instances --
 -- Instances with a due timer that no other process holds, on the given (workflow, definition version)
--- pairs (the versions this process has loaded), oldest due first.
+-- pairs (the versions this process has loaded), oldest due first: one row per due timer, at most $1 (an
+-- instance with two due timers comes twice; the caller keeps one). The limit counts rows after the locked
+-- ones are skipped, so replicas firing at once take different timers instead of all choosing the same
+-- oldest ones. Nothing here waits: an instance another transaction holds is skipped.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id
-FROM sfworkflow.instance i
-WHERE i.id IN (SELECT t.instance_id FROM sfworkflow.timer t JOIN sfworkflow.instance d ON d.id = t.instance_id
-               WHERE t.due_at <= now()
-                 AND (d.workflow, d.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
-               ORDER BY t.due_at LIMIT $1)
-ORDER BY i.id
+FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
+WHERE t.due_at <= now()
+  AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
+ORDER BY t.due_at
+LIMIT $1
 FOR UPDATE OF i SKIP LOCKED
 
 -- lock_timer_instance --
