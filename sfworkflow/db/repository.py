@@ -13,7 +13,8 @@ its write set. For a batch of deliveries one transaction makes these round trips
       read_registers
     writes, each only when there are such rows: update_instances, delete_unstarted, insert_history,
       delete_timers, upsert_timers, insert_parked, raise_parked_counts, clear_awaiting_version,
-      delete_parked, delete_claims, delete_effects, upsert_registers, insert_outbox (+ NOTIFY)
+      delete_parked, delete_claims, delete_effects, upsert_registers, insert_outbox (+ NOTIFY only from a
+      process without a relay: the service wakes its own relay in-process, on_commit)
 
 Every bad message of the batch becomes a dead-letter outbox row in the same transaction, so acking the whole
 batch after commit loses nothing. Timers, parked re-drives and the expiry of parked events run the same plan
@@ -251,11 +252,13 @@ class Store:
             return done.value  # type: ignore[no-any-return]
 
     async def _write(self, conn: asyncpg.Connection, ws: WriteSet) -> None:
-        await write(conn, ws)
+        await write(conn, ws, notify=self.on_commit is None)
 
 
-async def write(conn: asyncpg.Connection, ws: WriteSet) -> None:
-    """Write a plan's write set: one statement per kind of row, each skipped when it has none."""
+async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) -> None:
+    """Write a plan's write set: one statement per kind of row, each skipped when it has none. With `notify`,
+    queued outbox rows wake every replica's relay by NOTIFY (a process without a relay of its own: an
+    operator's command); the service passes False and wakes its own relay after the commit."""
     if ws.instances:
         u = ws.instances
         await conn.execute(
@@ -309,11 +312,13 @@ async def write(conn: asyncpg.Connection, ws: WriteSet) -> None:
         )  # fmt: skip
     if ws.outbox:
         o = ws.outbox
-        await conn.fetch(
+        queued = await conn.fetchval(
             q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
             [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
             [x.headers for x in o], [x.mandatory for x in o],
         )  # fmt: skip
+        if queued and notify:
+            await conn.execute(q("notify_relays"))
 
 
 async def _answer(conn: asyncpg.Connection, request: Request) -> Any:

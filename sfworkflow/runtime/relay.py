@@ -1,6 +1,7 @@
 """The outbox relay: publishes committed outbox rows with publisher confirms, then marks them.
 
-Woken by NOTIFY sfworkflow_outbox (and in-process after each commit), with a polling fallback.
+Woken in-process after each commit of this process's batches, by NOTIFY sfworkflow_outbox when an operator's
+command (a process without a relay) queued rows, and otherwise by polling every SFWORKFLOW_RELAY_POLL_MS.
 Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side. A crash
 after publishing and before marking republishes the same rows with the same message ids, which
 consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried

@@ -162,7 +162,7 @@ LIMIT $3
 DELETE FROM sfworkflow.parked WHERE id = ANY($1::bigint[])
 
 -- insert_outbox --
--- Queue messages for the relay (a message id already queued is skipped) and wake relays by NOTIFY.
+-- Queue messages for the relay (a message id already queued is skipped); how many were queued.
 WITH ins AS (
     INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[],
@@ -170,8 +170,13 @@ WITH ins AS (
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
     RETURNING 1
 )
-SELECT count(*) AS inserted, CASE WHEN count(*) > 0 THEN pg_notify('sfworkflow_outbox', '') END AS notified
-FROM ins
+SELECT count(*) FROM ins
+
+-- notify_relays --
+-- Wake the relays of every replica (LISTEN sfworkflow_outbox): for rows queued by a process without a relay
+-- of its own (an operator's command). The service's own batches wake their relay in-process instead: a
+-- NOTIFYing commit takes a cluster-wide lock through its WAL flush, so every replica's commits would queue.
+SELECT pg_notify('sfworkflow_outbox', '')
 
 -- lock_due_timer_instances --
 -- Instances with a due timer that no other process holds, on the given (workflow, definition version)
