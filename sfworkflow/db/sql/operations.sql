@@ -10,6 +10,8 @@ SELECT 1
 -- Active instances that may be stuck (in their state a while, a timer overdue, or waiting for an operator), with
 -- their earliest timer and latest command; optional filters are NULL when not given. $5: the shortest
 -- no-progress age, $6: the timer grace (seconds), $7/$8: the (workflow, state) pairs that wait for an operator.
+-- An instance with a pending timer counts by that timer only (core/stuck.py), so one waiting for a timer not
+-- yet overdue is never a candidate, however long it has been in its state.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
@@ -25,7 +27,8 @@ WHERE NOT i.terminal
   AND ($2::uuid IS NULL OR i.tenant_id = $2)
   AND ($3::text IS NULL OR i.state = $3)
   AND ($4::text IS NULL OR i.entity_id = $4)
-  AND (i.state_entered_at < now() - make_interval(secs => $5) OR t.next_due < now() - make_interval(secs => $6)
+  AND ((t.next_due IS NULL AND i.state_entered_at < now() - make_interval(secs => $5))
+       OR t.next_due < now() - make_interval(secs => $6)
        OR (i.workflow, i.state) IN (SELECT * FROM unnest($7::text[], $8::text[])))
 ORDER BY i.state_entered_at
 LIMIT $9
