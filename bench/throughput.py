@@ -279,6 +279,15 @@ async def publisher_main(args: argparse.Namespace) -> None:
 
 
 # ---- orchestration ----------------------------------------------------------------------------
+async def scrape_all(session: aiohttp.ClientSession, ports: list[int]) -> dict[str, float]:
+    """Every replica's /metrics, summed series by series (counters and histogram buckets add up)."""
+    out: dict[str, float] = {}
+    for port in ports:
+        for name, value in (await scrape(session, port)).items():
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
 async def scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
     async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
         text = await r.text()
@@ -387,8 +396,10 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
         await connection.close()
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    db_url = await _reset_database()
+async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, Any]:
+    """One run of the workload on a fresh vhost: on a fresh database, or on `db_url` as it is (bench/growth.py
+    preloads one); every count is of the run's own tenant, so rows already there are not counted."""
+    db_url = db_url or await _reset_database()
     amqp_url = _reset_vhost()
     tenant = str(uuid.uuid4())
     env = dict(os.environ)
@@ -405,11 +416,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         publisher.wait(args.timeout)
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-service.log", "wb")
-    service = subprocess.Popen([sys.executable, "-m", "sfworkflow", "run"], env=env, stdout=log, stderr=log, cwd=ROOT)
+    ports = [HTTP_PORT + k for k in range(args.replicas)]
+    services = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sfworkflow", "run"], env={**env, "SFWORKFLOW_HTTP_PORT": str(port)},
+            stdout=log, stderr=log, cwd=ROOT,
+        )
+        for port in ports
+    ]  # fmt: skip
     worker: SimulatedWorker | None = None
     try:
-        sproc = psutil.Process(service.pid)
-        await wait_ready(HTTP_PORT, service)
+        sprocs = [psutil.Process(p.pid) for p in services]
+        for port, service in zip(ports, services, strict=True):
+            await wait_ready(port, service)
         if args.mode in ("live", "mix"):
             profile = WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed)
             if args.mode == "mix":  # the demo's failure mix: retries, compensations, duplicates
@@ -420,7 +439,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await worker.start()
             publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         assert publisher is not None
-        samples: list[tuple[float, float, float]] = []  # (t, applied total, service cpu seconds)
+        samples: list[tuple[float, float, float, float]] = []  # (t, applied, batches, service cpu seconds)
         t0 = time.monotonic()
         pg = await asyncpg.connect(db_url)
         done_at = None
@@ -428,37 +447,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pub_out: dict[str, Any] | None = None
         async with aiohttp.ClientSession() as http:
             while time.monotonic() - t0 < args.timeout:
-                m = await scrape(http, HTTP_PORT)
-                ct = sproc.cpu_times()
+                m = await scrape_all(http, ports)
+                cpu_s = sum(ct.user + ct.system for ct in (p.cpu_times() for p in sprocs))
                 applied = metric(m, "sfworkflow_events_total", outcome="applied")
-                samples.append((time.monotonic() - t0, applied, ct.user + ct.system))
+                batches = metric(m, "sfworkflow_batch_size_count")
+                samples.append((time.monotonic() - t0, applied, batches, cpu_s))
                 if publisher.poll() is not None:
                     if pub_out is None:
                         out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
                         pub_out = json.loads(out[-1] if out else "{}")
                         expected = pub_out.get("instances", expected)
-                    sql = f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}"
-                    finished = await pg.fetchval(sql, *SETTLED_ARGS)
+                    sql = f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $3 AND {SETTLED}"
+                    finished = await pg.fetchval(sql, *SETTLED_ARGS, tenant)
                     backlog = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
                     if finished >= expected and backlog == 0:
                         done_at = time.monotonic() - t0
                         break
                 await asyncio.sleep(0.25)
             await asyncio.sleep(1.0)  # the last answers and duplicates arrive and are counted
-            final = await scrape(http, HTTP_PORT)
+            final = await scrape_all(http, ports)
         if pub_out is None:
             out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
             pub_out = json.loads(out[-1] if out else "{}")
-        checks = await invariants(pg, final, pub_out.get("published", 0), worker, expected, mix=args.mode == "mix")
+        checks = await invariants(
+            pg, final, pub_out.get("published", 0), worker, expected, tenant, mix=args.mode == "mix"
+        )
         await pg.close()
     finally:
         if worker:
             await worker.stop()
-        service.terminate()
-        try:
-            service.wait(15)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        for service in services:
+            service.terminate()
+        for service in services:
+            try:
+                service.wait(15)
+            except subprocess.TimeoutExpired:
+                service.kill()
         log.close()
 
     # Steady state: the middle 60 % of the applied events.
@@ -466,13 +490,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     a = next((x for x in samples if x[1] >= 0.2 * total), None)
     b = next((x for x in samples if x[1] >= 0.8 * total), None)
     steady = (b[1] - a[1]) / (b[0] - a[0]) if a and b and b[0] > a[0] else None
-    cpu = (b[2] - a[2]) / (b[0] - a[0]) * 100 if a and b and b[0] > a[0] else None
+    commits = (b[2] - a[2]) / (b[0] - a[0]) if a and b and b[0] > a[0] else None
+    cpu = (b[3] - a[3]) / (b[0] - a[0]) * 100 if a and b and b[0] > a[0] else None
     age = "sfworkflow_event_age_at_commit_seconds"
     live = args.mode in ("live", "mix")
     if args.mode == "drain":
         mode = "drain a preloaded queue"
     elif args.mode == "mix":
-        by_wf = await _instances_by_workflow(db_url)
+        by_wf = await _instances_by_workflow(db_url, tenant)
         offered = f"{args.rate:.0f} events/s offered" if args.rate else "closed loop"
         mode = f"mix of every workflow, {offered}: {by_wf}"
     else:
@@ -481,10 +506,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "sfworkflow throughput",
         "mode": mode,
         "queue_type": args.queue_type,
+        "replicas": args.replicas,
         "instances": expected,
         "events_applied": int(metric(final, "sfworkflow_events_total", outcome="applied")),
         "events_applied_per_s_steady": round(steady, 1) if steady else None,
         "wall_s": round(done_at, 2) if done_at else None,
+        "batch_commits_per_s_steady": round(commits, 1) if commits else None,
         "event_age_at_commit_p50_ms": _ms(quantile_from_buckets(final, age, 0.50)) if live else None,
         "event_age_at_commit_p99_ms": _ms(quantile_from_buckets(final, age, 0.99)) if live else None,
         "share_committed_within_100ms": _round(share_within(final, age, "0.1"), 4) if live else None,
@@ -498,10 +525,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def _instances_by_workflow(db_url: str) -> dict[str, int]:
+async def _instances_by_workflow(db_url: str, tenant: str) -> dict[str, int]:
     conn = await asyncpg.connect(db_url)
     try:
-        rows = await conn.fetch("SELECT workflow, count(*) AS n FROM sfworkflow.instance GROUP BY 1 ORDER BY 2 DESC")
+        rows = await conn.fetch(
+            "SELECT workflow, count(*) AS n FROM sfworkflow.instance WHERE tenant_id = $1 GROUP BY 1 ORDER BY 2 DESC",
+            tenant,
+        )
         return {r["workflow"]: r["n"] for r in rows}
     finally:
         await conn.close()
@@ -521,6 +551,7 @@ async def invariants(
     publisher_sent: int,
     worker: SimulatedWorker | None,
     expected_instances: int,
+    tenant: str,
     mix: bool = False,
 ) -> dict[str, Any]:
     outcomes = {
@@ -530,18 +561,27 @@ async def invariants(
     worker_sent = sum(worker.stats.answers.values()) if worker else 0
     published = publisher_sent + worker_sent
     accounted = sum(outcomes.values())
-    inbox = await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox")
+    t = tenant
+    inbox = await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox WHERE tenant_id = $1", t)
     distinct_published = published - outcomes["duplicate"]
-    parked_left = await pg.fetchval("SELECT count(*) FROM sfworkflow.parked")
+    parked_left = await pg.fetchval("SELECT count(*) FROM sfworkflow.parked WHERE tenant_id = $1", t)
     unpublished = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
-    completed = await pg.fetchval("SELECT count(*) FROM sfworkflow.instance WHERE state = 'completed'")
-    settled = await pg.fetchval(f"SELECT count(*) FROM sfworkflow.instance WHERE {SETTLED}", *SETTLED_ARGS)
-    sends = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE kind = 'command'")
+    completed = await pg.fetchval(
+        "SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND state = 'completed'", t
+    )
+    settled = await pg.fetchval(
+        f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $3 AND {SETTLED}", *SETTLED_ARGS, t
+    )
+    commands = (
+        "FROM sfworkflow.outbox WHERE kind = 'command'"
+        " AND instance_id IN (SELECT id FROM sfworkflow.instance WHERE tenant_id = $1)"
+    )
+    sends = await pg.fetchval(f"SELECT count(*) {commands}", t)
     # One command per idempotency key and attempt: a retry is attempt + 1, never a second copy.
     sends_per_key = await pg.fetchval(
         "SELECT count(*) FROM (SELECT convert_from(body, 'UTF8')::jsonb->>'idempotency_key',"
-        " convert_from(body, 'UTF8')::jsonb->>'attempt' FROM sfworkflow.outbox"
-        " WHERE kind = 'command' GROUP BY 1, 2 HAVING count(*) > 1) d"
+        f" convert_from(body, 'UTF8')::jsonb->>'attempt' {commands} GROUP BY 1, 2 HAVING count(*) > 1) d",
+        t,
     )
     twice = worker.stats.sends_twice() if worker else 0
     ok = (
@@ -579,6 +619,7 @@ def main() -> None:
     p.add_argument("--dup-rate", type=float, default=0.05)
     p.add_argument("--ooo-rate", type=float, default=0.02)
     p.add_argument("--queue-type", default="classic", choices=("classic", "quorum"))
+    p.add_argument("--replicas", type=int, default=1, help="service processes side by side (default 1)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--amqp-url", default="")
