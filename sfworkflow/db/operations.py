@@ -23,9 +23,14 @@ async def ping(conn: asyncpg.Connection) -> None:
     await conn.fetchval(q("ping"))
 
 
-async def instances_by_state(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """(workflow, state, n) of every instance."""
-    return list(await conn.fetch(q("instances_by_state")))
+async def active_instances_by_state(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """(workflow, state, n) of the instances that have not ended."""
+    return list(await conn.fetch(q("active_instances_by_state")))
+
+
+async def try_lead_cluster_stats(conn: asyncpg.Connection) -> bool:
+    """Take the lead of the cluster gauges for this session, when no other session holds it."""
+    return bool(await conn.fetchval(q("try_lead_cluster_stats")))
 
 
 async def parked_count(conn: asyncpg.Connection) -> int:

@@ -144,19 +144,32 @@ class Metrics:
             ),
             registry=r,
         )
-        self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=r)
+        # The cluster gauges: database-wide, computed and exported by one replica at a time (runtime/stats.py),
+        # so they live in a registry of their own that render() includes only on that replica.
+        c = self.cluster = CollectorRegistry(auto_describe=True)
+        self.cluster_exported = False
+        self.cluster_leader = Gauge(
+            "sfworkflow_cluster_stats_leader",
+            "1 on the one replica that exports the cluster gauges (outbox backlog and age, instances, parked, "
+            "stuck); the other replicas export none of them, so a sum() over replicas counts each once.",
+            registry=r,
+        )
+        self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=c)
         self.outbox_oldest = Gauge(
-            "sfworkflow_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row.", registry=r
+            "sfworkflow_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row.", registry=c
         )
         self.instances = Gauge(
-            "sfworkflow_instances", "Workflow instances by workflow and state.", ["workflow", "state"], registry=r
+            "sfworkflow_instances",
+            "Active (not ended) workflow instances by workflow and state.",
+            ["workflow", "state"],
+            registry=c,
         )
-        self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=r)
+        self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=c)
         self.stuck = Gauge(
             "sfworkflow_stuck_instances",
             "Instances stuck by their definition's rules (see `sfworkflow stuck`), refreshed every 30 s.",
             ["workflow"],
-            registry=r,
+            registry=c,
         )
         self.up = Gauge(
             "sfworkflow_dependency_up",
@@ -203,5 +216,11 @@ class Metrics:
         if report.timer_failures:
             self.timer_failures.inc(report.timer_failures)
 
+    def export_cluster(self, on: bool) -> None:
+        """This replica exports the cluster gauges (it holds the lead of runtime/stats.py) or stops exporting."""
+        self.cluster_exported = on
+        self.cluster_leader.set(1 if on else 0)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.cluster) if self.cluster_exported else text

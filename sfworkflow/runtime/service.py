@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import Counter
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
@@ -31,18 +30,17 @@ from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.stuck import Filters
-from sfworkflow.db import migrate, operations, outbox
+from sfworkflow.db import migrate, operations
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
-from sfworkflow.ops.stuck import find_stuck
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
 from sfworkflow.runtime.retention import RetentionLoop
+from sfworkflow.runtime.stats import ClusterStats
 from sfworkflow.runtime.supervisor import EXIT_TASK_DIED, Supervisor, TaskExit
 from sfworkflow.runtime.timers import TimerLoop
 from sfworkflow.settings import Settings, redact_url
@@ -50,9 +48,7 @@ from sfworkflow.workflows import DEFINITIONS
 
 log = structlog.get_logger("sfworkflow.service")
 
-STATS_INTERVAL_S = 5.0  # seconds between refreshes of the gauges read from PostgreSQL
 STARTUP_RETRY_S = 30.0  # seconds start-up keeps retrying a dependency that is not up yet
-STUCK_EVERY = 6  # stats rounds between refreshes of the stuck gauge (a heavier query)
 
 
 def known_event_types(engine: Engine) -> set[str]:
@@ -81,6 +77,7 @@ class Service:
         self.timers: TimerLoop | None = None
         self.retention: RetentionLoop | None = None
         self._runner: web.AppRunner | None = None
+        self.stats: ClusterStats | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.supervisor = Supervisor(self._task_died, self.metrics.task_exits)
         self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or a background task died
@@ -152,7 +149,8 @@ class Service:
         self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor)
         if consume:
             await self.consumer.start()
-        self._stats_task = self.supervisor.spawn("stats", self._stats())
+        self.stats = ClusterStats(s.database_url, self.engine, self.metrics, s.stuck_after_s)
+        self._stats_task = self.supervisor.spawn("stats", self.stats.run())
         if self.http_enabled:
             self._runner = web.AppRunner(build_app(self), access_log=None)
             await self._runner.setup()
@@ -265,35 +263,6 @@ class Service:
                 "error": f"{failure.describe()}; the process is stopping and exits {EXIT_TASK_DIED}",
             }
         return checks
-
-    async def _stats(self) -> None:
-        rounds = 0
-        while True:
-            try:
-                assert self.pool is not None
-                async with self.pool.acquire() as conn:
-                    row = await outbox.backlog(conn)
-                    self.metrics.outbox_backlog.set(row["backlog"])
-                    self.metrics.outbox_oldest.set(row["oldest_s"])
-                    self.metrics.instances.clear()
-                    for r in await operations.instances_by_state(conn):
-                        self.metrics.instances.labels(r["workflow"], r["state"]).set(r["n"])
-                    self.metrics.parked.set(await operations.parked_count(conn))
-                    if rounds % STUCK_EVERY == 0:
-                        counts = Counter(
-                            s.workflow
-                            for s in await find_stuck(
-                                conn, self.engine, Filters(limit=100_000, default_after_s=self.settings.stuck_after_s)
-                            )
-                        )
-                        for name in self.engine.latest:
-                            self.metrics.stuck.labels(name).set(counts.get(name, 0))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("stats refresh failed", error=type(exc).__name__)
-            rounds += 1
-            await asyncio.sleep(STATS_INTERVAL_S)
 
 
 async def _step(part: str, step: Awaitable[Any]) -> None:

@@ -155,6 +155,11 @@ async def test_http_health_readiness_and_metrics(settings: Settings, pg: asyncpg
         await mq.publish(event("sequence.enrolled", "http-1", enrolled_data(steps=1)))
         await wait_state(pg, "http-1", "sending")
         await wait_all_published(pg)
+
+        async def exporting_cluster_gauges() -> bool:  # the only replica takes the lead at its first stats round
+            return service.metrics.cluster_exported
+
+        await wait_for(exporting_cluster_gauges, what="the service exporting the cluster gauges")
         base = f"http://127.0.0.1:{service.http_port}"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/healthz") as r:
@@ -182,6 +187,7 @@ async def test_http_health_readiness_and_metrics(settings: Settings, pg: asyncpg
         "sfworkflow_batch_processing_seconds_bucket",
         "sfworkflow_outbox_backlog",
         "sfworkflow_instances",
+        "sfworkflow_cluster_stats_leader",
     ):
         assert name in text, name
     assert 'sfworkflow_events_total{outcome="applied",workflow="sequence"} 1.0' in text

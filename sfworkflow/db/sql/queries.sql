@@ -268,9 +268,15 @@ WHERE o.id = f.id
 SELECT count(*) AS backlog, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_s
 FROM sfworkflow.outbox WHERE published_at IS NULL
 
--- instances_by_state --
--- Instances per workflow and state.
-SELECT workflow, state, count(*) AS n FROM sfworkflow.instance GROUP BY workflow, state
+-- active_instances_by_state --
+-- Active (not ended) instances per workflow and state, read through the partial index instance_active_idx:
+-- ended instances, which pile up until retention removes them, are not read.
+SELECT workflow, state, count(*) AS n FROM sfworkflow.instance WHERE NOT terminal GROUP BY workflow, state
+
+-- try_lead_cluster_stats --
+-- Take the session advisory lock of the replica that exports the cluster gauges (runtime/stats.py); true when
+-- taken. Held until the session ends.
+SELECT pg_try_advisory_lock(1937207154)
 
 -- parked_count --
 -- Events waiting in the parked table.
