@@ -33,6 +33,7 @@ DEFAULT_PARK_TIMEOUT_S = 3600.0  # seconds an out-of-place event waits before de
 DEFAULT_TIMER_POLL_MS = 200.0  # milliseconds between due-timer polls
 DEFAULT_RELAY_POLL_MS = 500.0  # milliseconds between outbox polls when no NOTIFY arrives
 DEFAULT_RELAY_BATCH = 500  # outbox rows claimed per relay round
+DEFAULT_RELAY_MAX_ATTEMPTS = 20  # publishes the broker refused (unroutable, nacked) before a row is given up
 DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0  # seconds to drain on SIGTERM before giving up
 DEFAULT_QUEUE_TYPE = "quorum"  # or "classic"
 DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress before an instance counts as stuck (unless its
@@ -82,6 +83,7 @@ class Settings:
     timer_poll_ms: float = DEFAULT_TIMER_POLL_MS
     relay_poll_ms: float = DEFAULT_RELAY_POLL_MS
     relay_batch: int = DEFAULT_RELAY_BATCH
+    relay_max_attempts: int = DEFAULT_RELAY_MAX_ATTEMPTS
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     queue_type: str = DEFAULT_QUEUE_TYPE
     retention_days: float = DEFAULT_RETENTION_DAYS
@@ -222,6 +224,7 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "timer_poll_ms": _number("milliseconds", 0, low_ok=False),
     "relay_poll_ms": _number("milliseconds", 0, low_ok=False),
     "relay_batch": _count(),
+    "relay_max_attempts": _count(),
     "shutdown_timeout_s": _number("seconds", 0, low_ok=False),
     "queue_type": _one_of(QUEUE_TYPES),
     "retention_days": _number(

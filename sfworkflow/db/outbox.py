@@ -1,7 +1,8 @@
 """The outbox as the relay and the gauges see it: claim due rows, mark what was published or failed, the backlog.
 
 The statements are the event path's named blocks in sql/queries.sql (claim_outbox, mark_published,
-mark_publish_failed, outbox_backlog); the relay calls these functions, never the SQL.
+mark_publish_failed, outbox_backlog, and the rows given up: outbox_failed_count, outbox_failed,
+republish_failed); the relay, the gauges and ops/outbox.py call these functions, never the SQL.
 """
 
 from __future__ import annotations
@@ -24,13 +25,30 @@ async def mark_published(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
     await conn.execute(q("mark_published"), list(ids))
 
 
-async def mark_publish_failed(conn: asyncpg.Connection, failures: Sequence[tuple[int, str, float]]) -> None:
-    """(row id, error, seconds until the next attempt) of each row whose publish failed."""
-    await conn.execute(
-        q("mark_publish_failed"), [f[0] for f in failures], [f[1] for f in failures], [f[2] for f in failures]
-    )
+async def mark_publish_failed(conn: asyncpg.Connection, failures: Sequence[tuple[int, str, float, bool]]) -> None:
+    """(row id, error, seconds until the next attempt, give up) of each row whose publish failed; a row given up
+    is not attempted again until republished."""
+    await conn.execute(q("mark_publish_failed"), *(list(column) for column in zip(*failures, strict=True)))
 
 
 async def backlog(conn: asyncpg.Connection) -> asyncpg.Record:
     """`backlog`: unpublished rows; `oldest_s`: the age in seconds of the oldest (0 when none)."""
     return await conn.fetchrow(q("outbox_backlog"))
+
+
+async def failed_count(conn: asyncpg.Connection) -> int:
+    """Rows given up, waiting for an operator's republish."""
+    return int(await conn.fetchval(q("outbox_failed_count")))
+
+
+async def list_failed(conn: asyncpg.Connection, kind: str | None, limit: int) -> list[asyncpg.Record]:
+    """Rows given up, oldest first."""
+    return list(await conn.fetch(q("outbox_failed"), kind, limit))
+
+
+async def republish_failed(conn: asyncpg.Connection, ids: Sequence[int] | None, kind: str | None) -> int:
+    """Make given-up rows (these ids, or all; of `kind` when given) due again and wake every relay; how many."""
+    n = int(await conn.fetchval(q("republish_failed"), None if ids is None else list(ids), kind))
+    if n:
+        await conn.execute(q("notify_relays"))
+    return n

@@ -112,7 +112,9 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
             init=init_connection,
             command_timeout=30,
             statement_cache_size=256,
-            server_settings={"application_name": "sfworkflow"},
+            # No JIT compilation: the event path's statements are short, and JIT only ever triggered on the
+            # large estimates of the stuck count, adding 0.4 s of compiling to a 0.25 s query.
+            server_settings={"application_name": "sfworkflow", "jit": "off"},
         )
     except Exception as exc:
         if not is_transient(exc):

@@ -1,9 +1,10 @@
 """The read-only status page at `/`: server-rendered HTML, no script, no external asset, every value escaped.
 
 It shows instances by workflow and state, stuck instances (why, since when, the pending command), dead letters
-by reason (outbox rows of kind `dead_letter` within the retention period), the outbox backlog, parked events,
-and each loaded workflow's diagram as Mermaid source. It needs no token: it shows ids, states and counts,
-never a message body or a context (no recipient address, no personal data). It refreshes itself every 10 s.
+by reason (outbox rows of kind `dead_letter` within the retention period), the outbox backlog, the outbox rows
+the relay gave up, parked events, and each loaded workflow's diagram as Mermaid source. It needs no token: it
+shows ids, states and counts, never a message body or a context (no recipient address, no personal data). It
+refreshes itself every 10 s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp import web
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.stuck import Filters, StuckInstance
 from sfworkflow.core.stuck import format_age as age
-from sfworkflow.db import operations
+from sfworkflow.db import operations, outbox
 from sfworkflow.http.admin import SERVICE
 from sfworkflow.ops import replay
 from sfworkflow.ops.stuck import find_stuck
@@ -36,6 +37,7 @@ log = structlog.get_logger("sfworkflow.status_page")
 REFRESH_S = 10  # seconds between the page's own reloads
 CACHE_S = 3.0  # seconds one rendering is served to every viewer (bounds the load many open pages put on PostgreSQL)
 STUCK_SHOWN = 50
+FAILED_SHOWN = 50  # outbox rows given up listed at most
 QUERY_TIMEOUT_S = 5.0
 HEADERS = {
     "Cache-Control": "no-store",
@@ -107,6 +109,8 @@ async def gather(service: Service) -> dict[str, Any]:
             "dead": await operations.dead_letters_by_reason(conn, service.settings.retention_days * 86400.0),
             "backlog": await operations.outbox_backlog_by_kind(conn),
             "parked": await operations.parked_count(conn),
+            "failed": await outbox.list_failed(conn, None, FAILED_SHOWN),
+            "failed_total": await outbox.failed_count(conn),
         }
 
 
@@ -123,6 +127,7 @@ def _cards(data: dict[str, Any]) -> str:
         (f"{STUCK_SHOWN}+" if n_stuck > STUCK_SHOWN else f"{n_stuck}", "stuck instances", "bad" if n_stuck else "ok"),
         (f"{dead}", "dead letters (retention)", "bad" if dead else "ok"),
         (f"{backlog}", f"outbox backlog (oldest {age(oldest)})", "bad" if oldest > 60 else ""),
+        (f"{data['failed_total']}", "outbox rows given up", "bad" if data["failed_total"] else "ok"),
         (f"{data['parked']}", "parked events", ""),
     ]
     return '<div class="cards">' + "".join(
@@ -180,6 +185,16 @@ def render_page(service: Service, data: dict[str, Any], health: dict[str, dict[s
         {1, 2},
         "empty: every message is published",
     )
+    failed = table(
+        ["id", "kind", "routing key", "attempts", "last error", "given up"],
+        [
+            [e(r["id"]), e(r["kind"]), e(r["routing_key"]), e(r["publish_attempts"]), e(r["last_error"] or ""),
+             e(r["failed_at"].strftime("%Y-%m-%d %H:%M:%S"))]
+            for r in data["failed"]
+        ],
+        {0, 3},
+        "none: the relay gave nothing up",
+    )  # fmt: skip
     stuck_in = {(s.workflow, s.definition_version) for s in stuck}
     diagrams = "".join(  # open where something is stuck: the states it is stuck in, and the way out
         f"<details{' open' if (name, version) in stuck_in else ''}><summary>{e(name)} v{e(version)}"
@@ -215,6 +230,9 @@ then without <code>--dry-run</code>; details: <code>sfworkflow inspect TENANT/WO
 <p class="muted">Within the retention period ({e(f"{service.settings.retention_days:g}")} days);
 <code>sfworkflow dead-letters list</code> shows what is in sfworkflow.dead.</p></section>
 <section id="outbox"><h2>Outbox backlog</h2>{backlog}</section>
+<section id="outbox-failed"><h2>Outbox rows given up ({e(data["failed_total"])})</h2>{failed}
+<p class="muted">The broker refused them SFWORKFLOW_RELAY_MAX_ATTEMPTS times (unroutable or nacked); fix the cause,
+then <code>sfworkflow outbox republish --id ID</code> (or <code>--all</code>).</p></section>
 <section id="diagrams"><h2>Workflow diagrams (Mermaid)</h2>{diagrams}</section>
 </main>
 </body>

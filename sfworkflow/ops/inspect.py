@@ -71,11 +71,15 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
             print(f"  {t['name']:<12} due {t['due_at']:%Y-%m-%d %H:%M:%S}")
         print("outbox:")
         for o in found["outbox"]:
-            status = (
-                f"published {o['published_at']:%H:%M:%S}"
-                if o["published_at"]
-                else (f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})")
-            )
+            if o["published_at"]:
+                status = f"published {o['published_at']:%H:%M:%S}"
+            elif o.get("failed_at"):
+                status = (
+                    f"FAILED, given up after {o['publish_attempts']} attempts ({o['last_error']}); "
+                    f"republish: sfworkflow outbox republish --id {o['id']}"
+                )
+            else:
+                status = f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})"
             attempt = o["body"].get("attempt")
             print(
                 f"  {o['kind']:<12} {o['routing_key']:<32} {status}"

@@ -59,6 +59,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.publish_given_up = Counter(
+            "sfworkflow_outbox_given_up",
+            "Outbox rows the relay gave up after SFWORKFLOW_RELAY_MAX_ATTEMPTS refused publishes (republish them "
+            "with `sfworkflow outbox republish`).",
+            ["kind"],
+            registry=r,
+        )
         self.suppressed = Counter(
             "sfworkflow_effects_suppressed",
             "Commands not published because their effect key was already claimed.",
@@ -164,6 +171,11 @@ class Metrics:
             ["workflow", "state"],
             registry=c,
         )
+        self.outbox_failed = Gauge(
+            "sfworkflow_outbox_failed",
+            "Outbox rows given up by the relay, waiting for `sfworkflow outbox republish`.",
+            registry=c,
+        )
         self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=c)
         self.stuck = Gauge(
             "sfworkflow_stuck_instances",
@@ -191,6 +203,7 @@ class Metrics:
         for k in KINDS:
             self.published.labels(k)
             self.publish_failures.labels(k)
+            self.publish_given_up.labels(k)
         for reason in DeadReason:
             self.dead.labels(str(reason))
         for dep in ("postgres", "rabbitmq"):

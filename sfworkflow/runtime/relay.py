@@ -5,7 +5,15 @@ command (a process without a relay) queued rows, and otherwise by polling every 
 Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side. A crash
 after publishing and before marking republishes the same rows with the same message ids, which
 consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
-with backoff; `last_error` says why.
+with back-off; `last_error` says why; after SFWORKFLOW_RELAY_MAX_ATTEMPTS such refusals a row is given
+up (failed_at set, sfworkflow_outbox_given_up_total, the cluster gauge sfworkflow_outbox_failed) until
+`sfworkflow outbox republish` makes it due again.
+
+Order: an instance's rows reach the broker in the order they were committed (outbox id order). A row is
+not claimed while an earlier row of its instance is unpublished (backing off, or held by another relay),
+and a round publishes an instance's rows one after the other, each confirmed before the next, so a failed
+publish never lets a later row overtake it. Rows of different instances carry no order. A row given up
+no longer holds back its instance's later rows: once it is republished it arrives after them.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import aiormq.abc
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
 from sfworkflow.contract.headers import ORIGINAL_CONTENT_TYPE
@@ -57,9 +66,13 @@ class Relay:
         self._channel: AbstractChannel | None = None
 
     async def start(self) -> None:
-        self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self.start_channel()
         self._task = self.supervisor.spawn("relay", self._run())
         self._listen_task = self.supervisor.spawn("relay-listen", self._listen())
+
+    async def start_channel(self) -> None:
+        """Open the publishing channel (start() does, then runs the loops; tests call publish_round)."""
+        self._channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def stop(self, timeout: float) -> None:
         """Flush what is committed (within `timeout`), then stop. A publish loop that died before (the
@@ -140,14 +153,16 @@ class Relay:
             # The aiormq channel under the (robust) aio-pika channel: publishing on it directly skips
             # building an aio_pika.Message per row, which was a tenth of the service's CPU.
             underlay = await self._channel.get_underlay_channel()
-            results = await asyncio.gather(*(_publish(underlay, r) for r in rows), return_exceptions=True)
+            results = await _publish_in_instance_order(underlay, rows)
             hooks.fault_point("after_publish_before_mark")
-            ok, failed = [], []
-            for r, res in zip(rows, results, strict=True):
+            ok: list[int] = []
+            failed: list[tuple[int, str, float, bool]] = []
+            for r in rows:
+                res = results.get(r["id"], _HELD_BACK)
+                if res is _HELD_BACK:
+                    continue  # an earlier row of its instance failed this round: it waits for that one
                 if isinstance(res, BaseException):
-                    delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(r["publish_attempts"], 6))
-                    failed.append((r["id"], f"{type(res).__name__}: {str(res)[:300]}", delay))
-                    self.metrics.publish_failures.labels(r["kind"]).inc()
+                    failed.append(self._failure(r, res))
                 else:
                     ok.append(r["id"])
                     self.metrics.published.labels(r["kind"]).inc()
@@ -157,6 +172,56 @@ class Relay:
                 log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])
                 await outbox.mark_publish_failed(conn, failed)
             return len(rows)
+
+    def _failure(self, r: asyncpg.Record, exc: BaseException) -> tuple[int, str, float, bool]:
+        """(id, error, back-off, give up) of a row whose publish failed. Only a refusal by the broker (returned
+        as unroutable, or nacked: the message's own fault, or the broker's state) counts towards giving up; a
+        connection lost mid-round never gives a row up."""
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(r["publish_attempts"], 6))
+        give_up = isinstance(exc, DeliveryError) and r["publish_attempts"] + 1 >= self.settings.relay_max_attempts
+        self.metrics.publish_failures.labels(r["kind"]).inc()
+        if give_up:
+            self.metrics.publish_given_up.labels(r["kind"]).inc()
+            log.error(
+                "gave up publishing a message; republish it with `sfworkflow outbox republish --id` once the "
+                "cause is fixed",
+                outbox_id=r["id"],
+                message_id=r["message_id"],
+                kind=r["kind"],
+                exchange=r["exchange"],
+                routing_key=r["routing_key"],
+                attempts=r["publish_attempts"] + 1,
+                error=error,
+            )
+        return r["id"], error, delay, give_up
+
+
+_HELD_BACK = object()  # a row not attempted this round
+
+
+async def _publish_in_instance_order(
+    channel: aiormq.abc.AbstractChannel, rows: list[asyncpg.Record]
+) -> dict[int, object]:
+    """Publish every row, an instance's rows one after the other (each confirmed before the next; a failure
+    leaves its later rows unattempted), different instances' rows concurrently. Returns id -> confirmation or
+    exception; rows held back behind a failure are absent."""
+    chains: dict[object, list[asyncpg.Record]] = {}
+    for r in rows:  # in id order
+        key = r["instance_id"] if r["instance_id"] is not None else ("row", r["id"])
+        chains.setdefault(key, []).append(r)
+    results: dict[int, object] = {}
+
+    async def chain(chain_rows: list[asyncpg.Record]) -> None:
+        for r in chain_rows:
+            try:
+                results[r["id"]] = await _publish(channel, r)
+            except Exception as exc:
+                results[r["id"]] = exc
+                return
+
+    await asyncio.gather(*(chain(c) for c in chains.values()))
+    return results
 
 
 async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> Any:

@@ -1,5 +1,5 @@
-"""The cluster gauges: database-wide figures (outbox backlog and age, active instances by state, parked events,
-stuck instances) computed by one replica of the cluster at a time.
+"""The cluster gauges: database-wide figures (outbox backlog and age, outbox rows given up, active instances by
+state, parked events, stuck instances) computed by one replica of the cluster at a time.
 
 Every replica runs this task; the one that holds a PostgreSQL advisory lock (taken with
 pg_try_advisory_lock on a connection of its own, outside the pool) computes the figures and exports them;
@@ -79,7 +79,7 @@ class ClusterStats:
             self._conn = await asyncpg.connect(
                 self.database_url,
                 command_timeout=30,
-                server_settings={"application_name": "sfworkflow-stats"},
+                server_settings={"application_name": "sfworkflow-stats", "jit": "off"},
             )
             await init_connection(self._conn)
         if not self.leading:
@@ -97,6 +97,7 @@ class ClusterStats:
         row = await outbox.backlog(conn)
         m.outbox_backlog.set(row["backlog"])
         m.outbox_oldest.set(row["oldest_s"])
+        m.outbox_failed.set(await outbox.failed_count(conn))
         rows = await operations.active_instances_by_state(conn)
         m.instances.clear()
         for r in rows:

@@ -21,6 +21,7 @@ from tests.support import TENANT
 CLUSTER_SERIES = (
     "sfworkflow_outbox_backlog",
     "sfworkflow_outbox_oldest_age_seconds",
+    "sfworkflow_outbox_failed",
     "sfworkflow_parked_events",
     "sfworkflow_stuck_instances",
     "sfworkflow_instances",

@@ -28,6 +28,11 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
     ("prune_outbox", (14.0, 5000)),
     ("prune_inbox", (14.0, 5000)),
     ("prune_instances", (14.0, 5000)),
+    ("claim_outbox", (500,)),
+    ("outbox_backlog", ()),
+    ("outbox_failed_count", ()),
+    ("active_instances_by_state", ()),
+    ("stuck_candidates", (None, None, None, None, 900.0, 60.0, ["partner_approval"], ["pending_review"], 100_000)),
 ]
 
 

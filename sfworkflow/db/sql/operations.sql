@@ -7,15 +7,28 @@
 SELECT 1
 
 -- stuck_candidates --
--- Active instances that may be stuck (in their state a while, a timer overdue, or waiting for an operator), with
--- their earliest timer and latest command; optional filters are NULL when not given. $5: the shortest
--- no-progress age, $6: the timer grace (seconds), $7/$8: the (workflow, state) pairs that wait for an operator.
--- An instance with a pending timer counts by that timer only (core/stuck.py), so one waiting for a timer not
--- yet overdue is never a candidate, however long it has been in its state.
+-- Active instances that may be stuck (in their state a while without a pending timer, a timer overdue, or
+-- waiting for an operator), with their earliest timer and latest command; optional filters are NULL when not
+-- given. $5: the shortest no-progress age, $6: the timer grace (seconds), $7/$8: the (workflow, state) pairs that
+-- wait for an operator. An instance with a pending timer counts by that timer only (core/stuck.py), so one
+-- waiting for a timer not yet overdue is never a candidate, however long it has been in its state. The
+-- candidates are found through indexes (overdue timers, the operator states, and an index-only scan of active
+-- instances anti-joined with the timers), never by reading every active instance's row.
+WITH candidate AS (
+    SELECT t.instance_id AS id FROM sfworkflow.timer t
+    WHERE t.due_at < now() - make_interval(secs => $6)
+    UNION
+    SELECT a.id FROM sfworkflow.instance a
+    WHERE NOT a.terminal AND (a.workflow, a.state) IN (SELECT * FROM unnest($7::text[], $8::text[]))
+    UNION
+    SELECT a.id FROM sfworkflow.instance a
+    WHERE NOT a.terminal AND a.state_entered_at < now() - make_interval(secs => $5)
+      AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id))
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
-FROM sfworkflow.instance i
+FROM candidate k
+JOIN sfworkflow.instance i ON i.id = k.id
 LEFT JOIN LATERAL (
     SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
     ORDER BY due_at LIMIT 1) t ON true
@@ -72,7 +85,7 @@ SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER 
 
 -- outbox_of_instance --
 -- One instance's outbox rows (published or not), in order.
-SELECT message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, body
+SELECT id, message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, failed_at, body
 FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id
 
 -- list_instances_page --
@@ -124,7 +137,7 @@ GROUP BY 1 ORDER BY n DESC, reason
 -- outbox_backlog_by_kind --
 -- Unpublished messages per kind and the age in seconds of the oldest of each.
 SELECT kind, count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_s
-FROM sfworkflow.outbox WHERE published_at IS NULL GROUP BY kind ORDER BY kind
+FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL GROUP BY kind ORDER BY kind
 
 -- demo_settled_count --
 -- The demo: how many of a tenant's instances have settled (terminal, or waiting for an operator: $2/$3).

@@ -241,13 +241,28 @@ RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, header
           awaiting_version
 
 -- claim_outbox --
--- Unpublished messages due for a publish attempt, in order, skipping rows another relay holds.
-SELECT id, message_id, kind, exchange, routing_key, body, headers, mandatory, publish_attempts
-FROM sfworkflow.outbox
-WHERE published_at IS NULL AND next_attempt_at <= now()
+-- Unpublished messages due for a publish attempt, oldest due first, skipping rows another relay holds and rows
+-- behind an earlier unpublished row of their instance: one backing off (inside, so they take no place in the
+-- limit) or one not claimed here (held by another relay, or past the limit). An instance's rows come out in id
+-- order; the relay publishes them one after the other. Rows given up (failed_at) hold nothing back.
+WITH due AS (
+    SELECT d.id, d.message_id, d.kind, d.exchange, d.routing_key, d.body, d.headers, d.mandatory,
+           d.publish_attempts, d.instance_id
+    FROM sfworkflow.outbox d
+    WHERE d.published_at IS NULL AND d.failed_at IS NULL AND d.next_attempt_at <= now()
+      AND (d.instance_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM sfworkflow.outbox e
+          WHERE e.instance_id = d.instance_id AND e.id < d.id AND e.published_at IS NULL AND e.failed_at IS NULL
+            AND e.next_attempt_at > now()))
+    ORDER BY d.next_attempt_at, d.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+SELECT * FROM due
+WHERE instance_id IS NULL OR NOT EXISTS (
+    SELECT 1 FROM sfworkflow.outbox e
+    WHERE e.instance_id = due.instance_id AND e.id < due.id AND e.published_at IS NULL AND e.failed_at IS NULL
+      AND e.id NOT IN (SELECT id FROM due))
 ORDER BY id
-LIMIT $1
-FOR UPDATE SKIP LOCKED
 
 -- mark_published --
 -- Mark messages the broker confirmed.
@@ -255,18 +270,41 @@ UPDATE sfworkflow.outbox SET published_at = now(), publish_attempts = publish_at
 WHERE id = ANY($1::bigint[])
 
 -- mark_publish_failed --
--- Record a failed publish attempt and when to try again.
+-- Record a failed publish attempt and when to try again; a row whose $4 is true is given up (failed_at set).
 UPDATE sfworkflow.outbox AS o
 SET publish_attempts = o.publish_attempts + 1,
     last_error = f.error,
-    next_attempt_at = now() + make_interval(secs => f.delay_s)
-FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay_s)
+    next_attempt_at = now() + make_interval(secs => f.delay_s),
+    failed_at = CASE WHEN f.give_up THEN now() END
+FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::boolean[]) AS f(id, error, delay_s, give_up)
 WHERE o.id = f.id
 
 -- outbox_backlog --
--- Unpublished messages and the age in seconds of the oldest.
+-- Unpublished messages the relay still tries, and the age in seconds of the oldest (rows given up not counted).
 SELECT count(*) AS backlog, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_s
-FROM sfworkflow.outbox WHERE published_at IS NULL
+FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL
+
+-- outbox_failed_count --
+-- Rows the relay gave up, waiting for an operator's republish.
+SELECT count(*) FROM sfworkflow.outbox WHERE failed_at IS NOT NULL AND published_at IS NULL
+
+-- outbox_failed --
+-- Rows the relay gave up, oldest first ($1: a kind or NULL), at most $2.
+SELECT id, message_id, kind, exchange, routing_key, instance_id, publish_attempts, last_error, created_at, failed_at
+FROM sfworkflow.outbox
+WHERE failed_at IS NOT NULL AND published_at IS NULL AND ($1::text IS NULL OR kind = $1)
+ORDER BY id
+LIMIT $2
+
+-- republish_failed --
+-- Make given-up rows due again ($1: their ids, or NULL for all; $2: a kind or NULL); how many.
+WITH again AS (
+    UPDATE sfworkflow.outbox
+    SET failed_at = NULL, publish_attempts = 0, next_attempt_at = now()
+    WHERE failed_at IS NOT NULL AND published_at IS NULL
+      AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR kind = $2)
+    RETURNING id)
+SELECT count(*) FROM again
 
 -- active_instances_by_state --
 -- Active (not ended) instances per workflow and state, read through the partial index instance_active_idx:

@@ -1,0 +1,227 @@
+"""What the relay promises about order and about messages it cannot deliver.
+
+Order: an instance's outbox rows reach the broker in the order they were committed. A row is not published
+while an earlier row of the same instance is unpublished (backing off after a failure, or held by another
+relay), and within a round an instance's rows are published one after the other, each confirmed before the
+next. Bounded retries: a row the broker keeps refusing (returned as unroutable, or nacked) is given up after
+SFWORKFLOW_RELAY_MAX_ATTEMPTS attempts: marked failed, counted, no longer retried nor holding back the
+instance's later rows, until an operator republishes it (ops/outbox.py, `sfworkflow outbox republish`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aio_pika
+import asyncpg
+import orjson
+import pytest
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+
+from sfworkflow import db
+from sfworkflow.cli.main import build_parser
+from sfworkflow.cli.outbox import outbox as outbox_cli
+from sfworkflow.contract.topology import COMMANDS_EXCHANGE
+from sfworkflow.db import outbox
+from sfworkflow.ops import outbox as outbox_ops
+from sfworkflow.runtime.declare import declare
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.relay import Relay
+from sfworkflow.settings import Settings
+from tests.conftest import wait_for
+
+ROUTED = "ordertest.routed"
+UNROUTED = "ordertest.unrouted"  # no queue is bound to it at first: the broker returns it (mandatory)
+
+
+@dataclass
+class Rig:
+    relay: Relay
+    pool: asyncpg.Pool
+    amqp: AbstractRobustConnection
+    queue: AbstractQueue
+    metrics: Metrics
+
+
+@pytest.fixture
+async def rig(settings: Settings) -> AsyncIterator[Rig]:
+    s = dataclasses.replace(settings, relay_max_attempts=3)
+    pool = await db.create_pool(s.database_url, 4)
+    amqp = await aio_pika.connect_robust(s.amqp_url)
+    await declare(amqp, ["sequence"], s.queue_type)
+    channel = await amqp.channel()
+    queue = await channel.declare_queue("ordertest", durable=True)
+    await queue.bind(COMMANDS_EXCHANGE, ROUTED)
+    metrics = Metrics(["sequence"])
+    relay = Relay(s, pool, amqp, metrics)
+    await relay.start_channel()  # publishes on demand (publish_round), no background loop
+    try:
+        yield Rig(relay, pool, amqp, queue, metrics)
+    finally:
+        await relay.stop(timeout=2.0)
+        await amqp.close()
+        await pool.close()
+
+
+async def add_row(pg: asyncpg.Connection, instance_id: int | None, routing_key: str, body: str) -> int:
+    return int(
+        await pg.fetchval(
+            "INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body) "
+            "VALUES ($1, 'command', $2, $3, $4, $5) RETURNING id",
+            str(uuid.uuid4()), COMMANDS_EXCHANGE, routing_key, instance_id, body.encode(),
+        )
+    )  # fmt: skip
+
+
+async def published(pg: asyncpg.Connection, row_id: int) -> bool:
+    return bool(await pg.fetchval("SELECT published_at IS NOT NULL FROM sfworkflow.outbox WHERE id = $1", row_id))
+
+
+async def due_now(pg: asyncpg.Connection) -> None:
+    """End every back-off at once (the test does not wait out the relay's delays)."""
+    await pg.execute("UPDATE sfworkflow.outbox SET next_attempt_at = now() WHERE published_at IS NULL")
+
+
+async def received(queue: AbstractQueue, n: int) -> list[str]:
+    bodies: list[str] = []
+
+    async def more() -> bool:
+        m = await queue.get(fail=False, no_ack=True)
+        if m is not None:
+            bodies.append(m.body.decode())
+        return len(bodies) >= n
+
+    await wait_for(more, interval=0.01, what=f"{n} messages on the test queue")
+    return bodies
+
+
+async def test_a_later_row_waits_while_an_earlier_row_of_its_instance_backs_off(
+    rig: Rig, pg: asyncpg.Connection
+) -> None:
+    first = await add_row(pg, 1, UNROUTED, "first")
+    second = await add_row(pg, 1, ROUTED, "second")
+    other = await add_row(pg, 2, ROUTED, "other instance")
+    await rig.relay.publish_round()
+    assert not await published(pg, first)  # returned: unroutable
+    assert not await published(pg, second)  # held back behind it
+    assert await published(pg, other)  # another instance's row is not held back
+    await rig.relay.publish_round()  # the first row backs off; the second is still not published
+    assert not await published(pg, second)
+
+    await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
+    await due_now(pg)
+    await rig.relay.publish_round()
+    assert await published(pg, first) and await published(pg, second)
+    assert await received(rig.queue, 3) == ["other instance", "first", "second"]
+
+
+async def test_a_later_row_waits_while_another_relay_holds_the_earlier_one(rig: Rig, pg: asyncpg.Connection) -> None:
+    await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
+    first = await add_row(pg, 7, ROUTED, "first")
+    second = await add_row(pg, 7, ROUTED, "second")
+    other_relay = await asyncpg.connect(rig.relay.settings.database_url)
+    try:
+        tx = other_relay.transaction()
+        await tx.start()
+        await other_relay.execute("SELECT 1 FROM sfworkflow.outbox WHERE id = $1 FOR UPDATE", first)
+        await rig.relay.publish_round()
+        assert not await published(pg, second)
+        await tx.rollback()
+    finally:
+        await other_relay.close()
+    await rig.relay.publish_round()
+    assert await received(rig.queue, 2) == ["first", "second"]
+
+
+async def test_an_instances_rows_of_one_round_arrive_in_commit_order(rig: Rig, pg: asyncpg.Connection) -> None:
+    for instance in range(20):
+        for i in range(5):
+            await add_row(pg, instance, ROUTED, f"{instance}/{i}")
+    while await rig.relay.publish_round():
+        pass
+    bodies = await received(rig.queue, 100)
+    for instance in range(20):
+        assert [b for b in bodies if b.startswith(f"{instance}/")] == [f"{instance}/{i}" for i in range(5)]
+
+
+async def test_a_row_refused_max_attempts_times_is_given_up_and_republished_on_demand(
+    rig: Rig, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    doomed = await add_row(pg, 3, UNROUTED, "doomed")
+    after = await add_row(pg, 3, ROUTED, "after")
+    for _ in range(3):
+        await due_now(pg)
+        await rig.relay.publish_round()
+    row = await pg.fetchrow("SELECT * FROM sfworkflow.outbox WHERE id = $1", doomed)
+    assert row["publish_attempts"] == 3 and row["failed_at"] is not None and row["published_at"] is None
+    assert "NO_ROUTE" in row["last_error"] or "unroutable" in row["last_error"].lower()
+    assert rig.metrics.publish_given_up.labels("command")._value.get() == 1
+    # no longer retried, no longer holding the instance's later row back, not in the backlog
+    await due_now(pg)
+    await rig.relay.publish_round()
+    assert await published(pg, after)
+    assert await pg.fetchval("SELECT publish_attempts FROM sfworkflow.outbox WHERE id = $1", doomed) == 3
+    async with rig.pool.acquire() as conn:
+        assert (await outbox.backlog(conn))["backlog"] == 0
+        assert await outbox.failed_count(conn) == 1
+
+    failed = await outbox_ops.list_failed(settings, kind=None, limit=10)
+    assert [(f["id"], f["routing_key"], f["publish_attempts"]) for f in failed] == [(doomed, UNROUTED, 3)]
+    await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
+    assert await outbox_ops.republish(settings, ids=[doomed]) == 1
+    await rig.relay.publish_round()
+    assert await published(pg, doomed)
+    assert await received(rig.queue, 2) == ["after", "doomed"]
+    assert await outbox_ops.list_failed(settings, kind=None, limit=10) == []
+
+
+async def test_republish_all_takes_every_failed_row_of_a_kind(
+    rig: Rig, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    rows = [await add_row(pg, None, UNROUTED, f"r{i}") for i in range(4)]
+    await pg.execute("UPDATE sfworkflow.outbox SET failed_at = now(), publish_attempts = 3 WHERE id = ANY($1)", rows)
+    await pg.execute("UPDATE sfworkflow.outbox SET kind = 'compensation' WHERE id = $1", rows[0])
+    assert await outbox_ops.republish(settings, kind="command") == 3
+    assert await outbox_ops.republish(settings, kind="command") == 0
+    assert len(await outbox_ops.list_failed(settings, kind=None, limit=10)) == 1
+
+
+async def test_a_connection_failure_never_gives_a_row_up(rig: Rig, pg: asyncpg.Connection) -> None:
+    row = await add_row(pg, 5, ROUTED, "x")
+    await pg.execute("UPDATE sfworkflow.outbox SET publish_attempts = 10 WHERE id = $1", row)
+    assert rig.relay._channel is not None
+    await rig.relay._channel.close()
+    with pytest.raises(ConnectionError):
+        await rig.relay.publish_round()
+    assert await pg.fetchval("SELECT failed_at FROM sfworkflow.outbox WHERE id = $1", row) is None
+
+
+async def test_the_cli_lists_the_rows_given_up_and_republishes_one(
+    rig: Rig, pg: asyncpg.Connection, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone = await add_row(pg, 9, UNROUTED, "gone")
+    await pg.execute(
+        "UPDATE sfworkflow.outbox SET failed_at = now(), publish_attempts = 20, last_error = 'PublishError: NO_ROUTE' "
+        "WHERE id = $1",
+        gone,
+    )
+
+    async def cli(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = await outbox_cli(settings, build_parser().parse_args(["outbox", *argv]))
+        return rc, capsys.readouterr().out
+
+    rc, out = await cli("failed")
+    assert rc == 0 and str(gone) in out and UNROUTED in out and "NO_ROUTE" in out
+    rc, out = await cli("failed", "--json")
+    assert rc == 0 and [(r["id"], r["attempts"]) for r in orjson.loads(out)] == [(gone, 20)]
+    rc, out = await cli("republish", "--id", str(gone), "--id", "999999")
+    assert rc == 1 and "republished 1 of 2" in out
+    rc, out = await cli("failed")
+    assert rc == 0 and "no outbox rows given up" in out
+    await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
+    await rig.relay.publish_round()
+    assert await received(rig.queue, 1) == ["gone"]
