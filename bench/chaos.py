@@ -130,6 +130,7 @@ def _env(db_url: str, amqp_url: str, port: int, extra: dict[str, str] | None = N
         SFWORKFLOW_HTTP_HOST="127.0.0.1",
         SFWORKFLOW_QUEUE_TYPE="quorum",
         SFWORKFLOW_LOG_LEVEL="warning",
+        SFWORKFLOW_PROCESSES="1",  # one process per replica: the suite counts and kills replicas
         SFWORKFLOW_SHUTDOWN_TIMEOUT_S="8",
     )
     env.update(extra or {})

@@ -409,6 +409,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         SFWORKFLOW_HTTP_PORT=str(HTTP_PORT),
         SFWORKFLOW_QUEUE_TYPE=args.queue_type,
         SFWORKFLOW_LOG_LEVEL="warning",
+        SFWORKFLOW_PROCESSES="1",  # one process per --replicas
     )
     publisher: subprocess.Popen[bytes] | None = None
     if args.mode == "drain":

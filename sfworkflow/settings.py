@@ -91,6 +91,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"  # or "console"
     use_uvloop: bool = True
+    processes: int = 0  # service processes of `sfworkflow run`; 0: one per usable core
     # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never
     # logged, never in repr().
     admin_token: str = field(default="", repr=False)
@@ -238,6 +239,7 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "stuck_after_s": _number("seconds", 0, low_ok=False),
     "log_level": _one_of(LOG_LEVELS, any_case=True),
     "log_format": _one_of(LOG_FORMATS, any_case=True),
+    "processes": Rule("a whole number, 0 or more (0: one per usable core)", _whole_in(0)),
     "use_uvloop": Rule("one of " + ", ".join(BOOLEANS) + " (any case)", lambda v: isinstance(v, bool)),
     "admin_token": Rule(
         f"at least {MIN_ADMIN_TOKEN_LENGTH} random characters (e.g. python -c 'import secrets; "

@@ -26,6 +26,11 @@ def _run(coro: Coroutine[Any, Any, int], settings: Settings) -> int:
 
 
 async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from sfworkflow.runtime.processes import process_count, run_processes
+
+    n = process_count(settings, args.processes)
+    if n > 1:
+        return await run_processes(n, settings)
     from sfworkflow.runtime.service import Service
 
     return await Service(settings).run_until_signal()
@@ -88,10 +93,24 @@ async def _cmd_inspect(settings: Settings, args: argparse.Namespace) -> int:
     return await inspect_instance(settings, args.instance, as_json=args.json)
 
 
+def _at_least_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sfworkflow", description="Durable workflows for SalesFlow.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
+    r = sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
+    r.add_argument(
+        "--processes",
+        type=_at_least_zero,
+        default=None,
+        help="service processes, each a replica with HTTP on SFWORKFLOW_HTTP_PORT + its index "
+        "(default: SFWORKFLOW_PROCESSES, 0: one per usable core)",
+    )
     sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
     d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")
     d.add_argument("--instances", type=int, default=300, help="workflow instances to drive (default 300)")

@@ -328,6 +328,7 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
         SFWORKFLOW_HTTP_HOST="127.0.0.1",
         SFWORKFLOW_QUEUE_TYPE="classic",
         SFWORKFLOW_LOG_FORMAT="console",
+        SFWORKFLOW_PROCESSES="1",
     )
     log_path = tmp_path / "service.log"
     events = [event("sequence.enrolled", f"term-{i:03d}", enrolled_data(steps=1)) for i in range(n)]

@@ -195,7 +195,7 @@ def _with_password(url: str, password: str) -> str:
 
 def _env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SFWORKFLOW_")}
-    env.update({"SFWORKFLOW_" + k.upper(): v for k, v in settings.items()})
+    env.update({"SFWORKFLOW_PROCESSES": "1", **{"SFWORKFLOW_" + k.upper(): v for k, v in settings.items()}})
     env.setdefault("SFWORKFLOW_LOG_FORMAT", "json")
     env.setdefault("SFWORKFLOW_HTTP_HOST", "127.0.0.1")
     env.setdefault("SFWORKFLOW_QUEUE_TYPE", "classic")

@@ -54,6 +54,7 @@ class Run:
             SFWORKFLOW_HTTP_HOST="127.0.0.1",
             SFWORKFLOW_HTTP_PORT=str(self.port),
             SFWORKFLOW_QUEUE_TYPE="classic",
+            SFWORKFLOW_PROCESSES="1",
             SFWORKFLOW_LOG_FORMAT="json",
             **extra,
         )
