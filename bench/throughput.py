@@ -417,19 +417,22 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         publisher.wait(args.timeout)
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-service.log", "wb")
-    ports = [HTTP_PORT + k for k in range(args.replicas)]
+    processes = getattr(args, "processes", 1)
+    bases = [HTTP_PORT + k * processes for k in range(args.replicas)]
+    ports = [base + j for base in bases for j in range(processes)]  # `run --processes N`: base port + index
     services = [
         subprocess.Popen(
-            [sys.executable, "-m", "sfworkflow", "run"], env={**env, "SFWORKFLOW_HTTP_PORT": str(port)},
-            stdout=log, stderr=log, cwd=ROOT,
+            [sys.executable, "-m", "sfworkflow", "run", *(["--processes", str(processes)] if processes > 1 else [])],
+            env={**env, "SFWORKFLOW_HTTP_PORT": str(base)}, stdout=log, stderr=log, cwd=ROOT,
         )
-        for port in ports
+        for base in bases
     ]  # fmt: skip
     worker: SimulatedWorker | None = None
     try:
-        sprocs = [psutil.Process(p.pid) for p in services]
-        for port, service in zip(ports, services, strict=True):
-            await wait_ready(port, service)
+        for k, service in enumerate(services):
+            for port in ports[k * processes : (k + 1) * processes]:
+                await wait_ready(port, service)
+        sprocs = [q for p in services for q in (psutil.Process(p.pid), *psutil.Process(p.pid).children())]
         if args.mode in ("live", "mix"):
             profile = WorkerProfile(duplicate_rate=args.dup_rate, seed=args.seed)
             if args.mode == "mix":  # the demo's failure mix: retries, compensations, duplicates
@@ -508,6 +511,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         "mode": mode,
         "queue_type": args.queue_type,
         "replicas": args.replicas,
+        "processes_per_replica": processes,
         "instances": expected,
         "events_applied": int(metric(final, "sfworkflow_events_total", outcome="applied")),
         "events_applied_per_s_steady": round(steady, 1) if steady else None,
@@ -620,7 +624,8 @@ def main() -> None:
     p.add_argument("--dup-rate", type=float, default=0.05)
     p.add_argument("--ooo-rate", type=float, default=0.02)
     p.add_argument("--queue-type", default="classic", choices=("classic", "quorum"))
-    p.add_argument("--replicas", type=int, default=1, help="service processes side by side (default 1)")
+    p.add_argument("--replicas", type=int, default=1, help="service commands side by side (default 1)")
+    p.add_argument("--processes", type=int, default=1, help="`sfworkflow run --processes N` of each (default 1)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--amqp-url", default="")

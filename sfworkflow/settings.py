@@ -91,7 +91,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"  # or "console"
     use_uvloop: bool = True
-    processes: int = 0  # service processes of `sfworkflow run`; 0: one per usable core
+    processes: int = 1  # service processes of `sfworkflow run`; 0: one per usable core
     # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never
     # logged, never in repr().
     admin_token: str = field(default="", repr=False)

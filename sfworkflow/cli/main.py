@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least_zero,
         default=None,
         help="service processes, each a replica with HTTP on SFWORKFLOW_HTTP_PORT + its index "
-        "(default: SFWORKFLOW_PROCESSES, 0: one per usable core)",
+        "(default: SFWORKFLOW_PROCESSES, 1; 0: one per usable core)",
     )
     sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
     d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")

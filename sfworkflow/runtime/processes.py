@@ -9,8 +9,12 @@ Replicas share the work through RabbitMQ and PostgreSQL, so nothing else is shar
 The parent only supervises: SIGTERM or SIGINT is passed to every child, which drains and exits; when a child
 exits on its own (its background task died: 70, or it was killed), the parent stops the others the same way and
 exits with that child's code (70 for a kill), so the orchestrator restarts the whole set, as it would one
-replica. The number of usable cores (the default, SFWORKFLOW_PROCESSES=0) counts the CPUs this process may
-run on and a cgroup CPU quota (a container's limit), not every core of the host.
+replica. SFWORKFLOW_PROCESSES=0 runs one per usable core: the CPUs this process may run on, capped by a cgroup
+CPU quota (a container's limit), not every core of the host.
+
+The default is 1: more processes pay only on cores that PostgreSQL and RabbitMQ do not need. On this project's
+2-core machine, where they share the cores with the service, 2 processes drained 0.7x what 1 did
+(bench/throughput.py --processes 2); give sfworkflow N dedicated cores, then --processes N.
 """
 
 from __future__ import annotations
