@@ -46,6 +46,9 @@ async def outbox(settings: Settings, args: argparse.Namespace) -> int:
     if args.ids and n < len(set(args.ids)):
         print(f"republished {n} of {len(set(args.ids))} row(s): the others are not given up (published, or unknown)")
         return 1
+    if n == 0:
+        print("no outbox rows given up" + (f" of kind {args.kind}" if args.kind else "") + ": nothing to republish")
+        return 0
     print(f"republished {n} row(s); the running relays publish them now")
     return 0
 
