@@ -145,21 +145,33 @@ SELECT {PICK}, h.seq, CASE WHEN h.event_id IS NULL THEN NULL ELSE gen_random_uui
        h.event_type, h.outcome, h.from_state, h.to_state, h.detail, {SPREAD}
 FROM generate_series($1::bigint, $2::bigint) g JOIN h ON h.k = g % $3::bigint
 """
-COPY_INBOX = f"""
+
+
+def copy_inbox(at: str, suffix: str = "-") -> str:
+    """Copies of the template inbox ids, received at `at` (SQL of the copy's number g)."""
+    return f"""
 WITH t AS (SELECT row_number() OVER (ORDER BY event_id) - 1 AS k, * FROM sfworkflow.inbox WHERE {TEMPLATE})
 INSERT INTO sfworkflow.inbox (tenant_id, event_id, event_type, entity_id, received_at)
-SELECT {TENANT_OF}, gen_random_uuid(), t.event_type, t.entity_id || '-' || g, {SPREAD}
+SELECT {TENANT_OF}, gen_random_uuid(), t.event_type, t.entity_id || '{suffix}' || g, {at}
 FROM generate_series($1::bigint, $2::bigint) g JOIN t ON t.k = g % $3::bigint
 """
-COPY_OUTBOX = f"""
+
+
+def copy_outbox(at: str, instance: str) -> str:
+    """Copies of the template outbox rows, published at `at`, owned by the instance `instance` (SQL of g)."""
+    return f"""
 WITH o AS (SELECT row_number() OVER (ORDER BY id) - 1 AS k, o.* FROM sfworkflow.outbox o
            WHERE instance_id IN (SELECT id FROM sfworkflow.instance WHERE {TEMPLATE}))
 INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory,
     created_at, next_attempt_at, published_at, publish_attempts)
-SELECT gen_random_uuid(), o.kind, o.exchange, o.routing_key, {PICK}, o.body, o.headers,
-       o.mandatory, {SPREAD}, {SPREAD}, {SPREAD} + interval '20 milliseconds', 1
+SELECT gen_random_uuid(), o.kind, o.exchange, o.routing_key, {instance}, o.body, o.headers,
+       o.mandatory, {at}, {at}, {at} + interval '20 milliseconds', 1
 FROM generate_series($1::bigint, $2::bigint) g JOIN o ON o.k = g % $3::bigint
 """
+
+
+COPY_INBOX = copy_inbox(SPREAD)
+COPY_OUTBOX = copy_outbox(SPREAD, PICK)
 TEMPLATE_COUNTS = {
     "instance": f"SELECT count(*) FROM sfworkflow.instance WHERE {TEMPLATE} AND NOT terminal",
     "history": f"SELECT count(*) FROM sfworkflow.history WHERE instance_id IN "

@@ -60,21 +60,8 @@ CROSS JOIN (SELECT * FROM sfworkflow.history WHERE instance_id =
     (SELECT min(id) FROM sfworkflow.instance WHERE {TEMPLATE} AND terminal)) h
 WHERE i.id BETWEEN $1 AND $2 AND i.terminal AND NOT (i.{TEMPLATE})
 """
-COPY_INBOX = f"""
-WITH t AS (SELECT row_number() OVER (ORDER BY event_id) - 1 AS k, * FROM sfworkflow.inbox WHERE {TEMPLATE})
-INSERT INTO sfworkflow.inbox (tenant_id, event_id, event_type, entity_id, received_at)
-SELECT {growth.TENANT_OF}, gen_random_uuid(), t.event_type, t.entity_id || '-old-' || g, {OLD}
-FROM generate_series($1::bigint, $2::bigint) g JOIN t ON t.k = g % $3::bigint
-"""
-COPY_OUTBOX = f"""
-WITH o AS (SELECT row_number() OVER (ORDER BY id) - 1 AS k, o.* FROM sfworkflow.outbox o
-           WHERE instance_id IN (SELECT id FROM sfworkflow.instance WHERE {TEMPLATE}))
-INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory,
-    created_at, next_attempt_at, published_at, publish_attempts)
-SELECT gen_random_uuid(), o.kind, o.exchange, o.routing_key, NULL, o.body, o.headers, o.mandatory,
-       {OLD}, {OLD}, {OLD}, 1
-FROM generate_series($1::bigint, $2::bigint) g JOIN o ON o.k = g % $3::bigint
-"""
+COPY_INBOX = growth.copy_inbox(OLD, "-old-")
+COPY_OUTBOX = growth.copy_outbox(OLD, "NULL")
 ROWS = {t: f"SELECT count(*) FROM sfworkflow.{t}" for t in ("instance", "history", "inbox", "outbox")}
 # Rows written since $1 (whatever the sweeps deleted meanwhile: only old rows are deleted).
 NEW_ROWS = {

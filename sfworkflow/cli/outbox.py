@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from sfworkflow.ops.outbox import KINDS, list_failed, republish
+from sfworkflow.core.batch import OUTBOX_KINDS as KINDS
+from sfworkflow.ops.outbox import list_failed, republish
 from sfworkflow.settings import Settings
 
 DEFAULT_LIMIT = 500

@@ -213,10 +213,13 @@ class RegisterWrite:
     instance_id: int | None
 
 
+OUTBOX_KINDS = ("command", "compensation", "lifecycle", "dead_letter")  # what an outbox row carries
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     message_id: str
-    kind: str  # command, compensation, lifecycle, dead_letter
+    kind: str  # one of OUTBOX_KINDS
     exchange: str
     routing_key: str
     instance_id: int | None

@@ -18,8 +18,6 @@ from sfworkflow.errors import MigrationError
 from sfworkflow.ops.dead_letters import connect_database
 from sfworkflow.settings import Settings
 
-KINDS = ("command", "compensation", "lifecycle", "dead_letter")
-
 
 async def list_failed(settings: Settings, kind: str | None, limit: int) -> list[dict[str, Any]]:
     """Rows given up, oldest first: id, message_id, kind, routing_key, instance, attempts, last_error, times."""

@@ -16,13 +16,13 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sfworkflow.core.batch import BatchReport
+from sfworkflow.core.batch import OUTBOX_KINDS, BatchReport
 from sfworkflow.errors import DeadReason
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
-KINDS = ("command", "compensation", "lifecycle", "dead_letter")
+KINDS = OUTBOX_KINDS
 BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "retention", "stats")  # runtime/supervisor.py kinds
 
 

@@ -57,10 +57,14 @@ def process_count(settings: Settings, requested: int | None) -> int:
     return n if n > 0 else usable_cores()
 
 
+def child_port(http_port: int, index: int) -> int:
+    """A child's HTTP port: the base port plus its index (0, any free port, stays 0)."""
+    return http_port + index if http_port else 0
+
+
 def child_environment(base: dict[str, str], index: int, http_port: int) -> dict[str, str]:
-    """A child's environment: the parent's, with its own HTTP port (0 stays 0) and one process."""
-    port = http_port + index if http_port else 0
-    return {**base, PREFIX + "HTTP_PORT": str(port), PREFIX + "PROCESSES": "1"}
+    """A child's environment: the parent's, with its own HTTP port and one process."""
+    return {**base, PREFIX + "HTTP_PORT": str(child_port(http_port, index)), PREFIX + "PROCESSES": "1"}
 
 
 async def run_processes(n: int, settings: Settings) -> int:
@@ -85,7 +89,7 @@ async def run_processes(n: int, settings: Settings) -> int:
             "started service processes",
             processes=n,
             pids=[c.pid for c in children],
-            http_ports=[int(child_environment({}, k, settings.http_port)[PREFIX + "HTTP_PORT"]) for k in range(n)],
+            http_ports=[child_port(settings.http_port, k) for k in range(n)],
         )
         waits = {asyncio.ensure_future(c.wait()): c for c in children}
         stop = asyncio.ensure_future(stopping.wait())

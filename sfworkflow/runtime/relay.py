@@ -158,9 +158,9 @@ class Relay:
             ok: list[int] = []
             failed: list[tuple[int, str, float, bool]] = []
             for r in rows:
-                res = results.get(r["id"], _HELD_BACK)
-                if res is _HELD_BACK:
+                if r["id"] not in results:
                     continue  # an earlier row of its instance failed this round: it waits for that one
+                res = results[r["id"]]
                 if isinstance(res, BaseException):
                     failed.append(self._failure(r, res))
                 else:
@@ -195,9 +195,6 @@ class Relay:
                 error=error,
             )
         return r["id"], error, delay, give_up
-
-
-_HELD_BACK = object()  # a row not attempted this round
 
 
 async def _publish_in_instance_order(

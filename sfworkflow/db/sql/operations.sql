@@ -40,9 +40,6 @@ WHERE NOT i.terminal
   AND ($2::uuid IS NULL OR i.tenant_id = $2)
   AND ($3::text IS NULL OR i.state = $3)
   AND ($4::text IS NULL OR i.entity_id = $4)
-  AND ((t.next_due IS NULL AND i.state_entered_at < now() - make_interval(secs => $5))
-       OR t.next_due < now() - make_interval(secs => $6)
-       OR (i.workflow, i.state) IN (SELECT * FROM unnest($7::text[], $8::text[])))
 ORDER BY i.state_entered_at
 LIMIT $9
 
