@@ -142,6 +142,7 @@ class FakeDatabase:
     outbox: list[Any] = field(default_factory=list)
     timers: dict[tuple[int, str], Any] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    keys_by_id: dict[int, InstanceKey] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def run(self, steps: Generator[Request, Any, Any]) -> Any:
@@ -174,6 +175,7 @@ class FakeDatabase:
                             "state": n.initial_state, "context": {}, "version": 0, "parked_count": 0,
                             "correlation_id": n.correlation_id,
                         }  # fmt: skip
+                        self.keys_by_id[self.instances[n.key]["id"]] = n.key
                 rows = [self.instances[n.key] for n in new if n.key in self.instances]
                 return sorted((dict(r) for r in rows), key=lambda r: r["id"])
             case LoadParked(keys=keys):
@@ -210,12 +212,11 @@ class FakeDatabase:
                 del self.claims[r.key]
 
     def write(self, ws: WriteSet) -> None:
-        by_id = {row["id"]: key for key, row in self.instances.items()}
         for u in ws.instances:
-            row = self.instances[by_id[u.instance_id]]
+            row = self.instances[self.keys_by_id[u.instance_id]]
             row.update(state=u.state, context=u.context, version=u.version, parked_count=u.parked_count)
         for i in ws.unstarted:
-            del self.instances[by_id[i]]
+            del self.instances[self.keys_by_id.pop(i)]
         self.history += ws.history
         for i in ws.cancel_all_timers:
             self.timers = {k: v for k, v in self.timers.items() if k[0] != i}
