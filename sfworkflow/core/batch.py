@@ -16,7 +16,6 @@ every row the transaction writes, as dataclasses. Nothing here touches PostgreSQ
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from sfworkflow.contract import headers as wire
 from sfworkflow.contract.envelope import IncomingEvent
 from sfworkflow.contract.storable import clean_json, clean_text, replaced_note
 from sfworkflow.contract.topology import DEAD_QUEUE, DEFAULT_EXCHANGE
-from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
+from sfworkflow.core.definition import InstanceKey, derive_id
 from sfworkflow.errors import DeadReason, Rejection
 
 
@@ -310,5 +309,5 @@ def dead_letter_row(
         h[wire.ORIGINAL_CONTENT_TYPE], counts["content type"] = clean_text(content_type)
     h[wire.DETAIL] = detail + replaced_note(counts)
     digest = hashlib.sha256(body).hexdigest()
-    message_id = str(uuid.uuid5(ID_NAMESPACE, f"dead/{reason}/{message_id_seed}/{digest}"))
+    message_id = derive_id(f"dead/{reason}/{message_id_seed}/{digest}")
     return OutboxRow(message_id, "dead_letter", DEFAULT_EXCHANGE, DEAD_QUEUE, None, body, h, True)

@@ -18,6 +18,18 @@ from typing import Any
 
 # Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+
+
+def derive_id(name: str) -> str:
+    """`str(uuid.uuid5(ID_NAMESPACE, name))`, the same text, in a third of the time (no UUID object): ids
+    derived on the event path, a few per event. Its unit test holds it to `uuid.uuid5`."""
+    d = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    d[6] = (d[6] & 0x0F) | 0x50  # version 5
+    d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
 
 ANY_ACTIVE = "*"  # source wildcard: every non-terminal state except the initial one
 DEFAULT_STUCK_AFTER_S = 900.0  # seconds without progress (and no pending timer) before an instance is stuck
@@ -223,7 +235,7 @@ class Step:
 
     def _derive_id(self, what: str) -> str:
         self._n += 1
-        return str(uuid.uuid5(ID_NAMESPACE, f"{self.key}/{self.seq}/{self._n}/{what}"))
+        return derive_id(f"{self.key}/{self.seq}/{self._n}/{what}")
 
     def command(
         self,

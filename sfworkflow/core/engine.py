@@ -1,9 +1,10 @@
 """The pure engine step: (definition, instance, event, now) -> Decision. No I/O.
 
 One `transitions.Machine` per loaded (workflow, version) is built once, with one reusable model
-(`_Cursor`). Each step sets the cursor's state and `Step`, fires the trigger, and reads the decision
-the actions wrote on the `Step`. Asking for an event the state does not accept returns a PARKED
-decision (or IGNORED when the instance is terminal, the event is stale, or it is internal).
+(`_Cursor`). Each step sets the cursor's state, fires the trigger with the `Step` as its argument
+(guards and actions take the Step), and reads the decision the actions wrote on it. Asking for an
+event the state does not accept returns a PARKED decision (or IGNORED when the instance is terminal,
+the event is stale, or it is internal).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from transitions import EventData, Machine
+from transitions import Machine
 
 from sfworkflow.core.definition import (
     ANY_ACTIVE,
@@ -66,23 +67,14 @@ class _Cursor:
 
     def __init__(self, initial: str) -> None:
         self.state = initial
-        self.step: Step | None = None
 
 
 def _wrap_condition(cond: Any) -> Any:
-    def check(event_data: EventData) -> bool:
-        return bool(cond(event_data.model.step))  # type: ignore[attr-defined]
+    def check(step: Step) -> bool:  # a guard's truthy value counts as True (transitions compares `== True`)
+        return bool(cond(step))
 
     check.__name__ = getattr(cond, "__name__", "condition")
     return check
-
-
-def _wrap_action(action: Any) -> Any:
-    def run(event_data: EventData) -> None:
-        action(event_data.model.step)  # type: ignore[attr-defined]
-
-    run.__name__ = getattr(action, "__name__", "action")
-    return run
 
 
 class CompiledWorkflow:
@@ -109,7 +101,7 @@ class CompiledWorkflow:
                     "source": sources,
                     "dest": None if t.dest is None else str(t.dest),
                     "conditions": [_wrap_condition(c) for c in t.conditions],
-                    "after": [_wrap_action(t.action)] if t.action else [],
+                    "after": [t.action] if t.action else [],
                 }
             )
         self.initial = str(definition.initial)
@@ -120,7 +112,7 @@ class CompiledWorkflow:
             transitions=table,
             initial=str(definition.initial),
             auto_transitions=False,
-            send_event=True,
+            send_event=False,  # callbacks get the trigger's arguments: the Step, as actions and guards take it
             ignore_invalid_triggers=False,
             model_attribute="state",
         )
@@ -231,11 +223,7 @@ class Engine:
         if trigger in compiled.triggers_by_state[state]:
             cursor = compiled.cursor
             cursor.state = state
-            cursor.step = step
-            try:
-                moved = compiled.events[trigger].trigger(cursor)
-            finally:
-                cursor.step = None
+            moved = compiled.events[trigger].trigger(cursor, step)
         else:
             moved = False
         if not moved:

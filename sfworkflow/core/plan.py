@@ -62,12 +62,12 @@ from sfworkflow.core.batch import (
     dead_letter_row,
 )
 from sfworkflow.core.definition import (
-    ID_NAMESPACE,
     EngineEvent,
     InstanceKey,
     InstanceView,
     OutgoingMessage,
     TimerRequest,
+    derive_id,
 )
 from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
 from sfworkflow.errors import DeadReason, Rejection, StepLimitExceeded
@@ -603,7 +603,7 @@ class BatchPlan:
         self.report.transitions[run.key.workflow] += 1
 
     def _fire_timer(self, run: _Run, name: str, due_at: datetime, payload: dict[str, Any]) -> None:
-        event_id = str(uuid.uuid5(ID_NAMESPACE, f"timer/{run.key}/{name}/{due_at.isoformat()}"))
+        event_id = derive_id(f"timer/{run.key}/{name}/{due_at.isoformat()}")
         event = EngineEvent(event_id, f"timer_{name}", payload, due_at, internal=True)
         try:
             decision = self._step(run, event)
@@ -799,7 +799,7 @@ class BatchPlan:
         """Step an internal event carrying the database's answer, then settle the instance."""
         if run.view is None:
             return
-        event_id = str(uuid.uuid5(ID_NAMESPACE, f"{seed}/{run.view.version}"))
+        event_id = derive_id(f"{seed}/{run.view.version}")
         event = EngineEvent(event_id, trigger, data, self.now, internal=True)
         decision = self._step(run, event)
         assert decision is not None

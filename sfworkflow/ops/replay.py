@@ -19,7 +19,6 @@ replay is a history row (outcome "replayed") saying who, when, why and what.
 from __future__ import annotations
 
 import getpass
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -27,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from sfworkflow.core.definition import ID_NAMESPACE, InstanceKey
+from sfworkflow.core.definition import InstanceKey, derive_id
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.stuck import Explanation, Filters, StuckInstance, format_age
 from sfworkflow.db.repository import CHANGED, Store
@@ -166,7 +165,7 @@ async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: st
     else:  # reissue_command: the pending command again, with a new command id and the next attempt
         body = dict(s.pending_command_body or {})
         body.update(
-            command_id=str(uuid.uuid5(ID_NAMESPACE, f"{s.ref}/{s.version + 1}/replay/{body['command_type']}")),
+            command_id=derive_id(f"{s.ref}/{s.version + 1}/replay/{body['command_type']}"),
             attempt=int(body["attempt"]) + 1,
             issued_at=datetime.now(UTC).isoformat(),
         )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from enum import StrEnum
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sfworkflow.core.definition import ANY_ACTIVE, Transition, WorkflowDefinition
+from sfworkflow.core.definition import ANY_ACTIVE, ID_NAMESPACE, Transition, WorkflowDefinition, derive_id
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 from sfworkflow.errors import DefinitionError
 from sfworkflow.workflows import DEFINITIONS
@@ -142,3 +145,16 @@ def test_same_version_of_different_workflows_is_fine() -> None:
 def test_engine_rejects_an_unknown_source_state() -> None:
     with pytest.raises(DefinitionError):
         Engine([toy(transitions=(*TOY.transitions, Transition("flip", "nowhere", T.DONE)))])
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a", "timer/t/sequence/e/step/2026-03-10T08:00:00+00:00", "dead/x/ü/\u2603", "k" * 5000]
+)
+def test_derive_id_is_uuid5_in_the_id_namespace(name: str) -> None:
+    assert derive_id(name) == str(uuid.uuid5(ID_NAMESPACE, name))
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.text())
+def test_derive_id_matches_uuid5_on_any_text(name: str) -> None:
+    assert derive_id(name) == str(uuid.uuid5(ID_NAMESPACE, name))
