@@ -34,7 +34,7 @@ from sfworkflow.db import migrate, operations
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
-from sfworkflow.runtime import hooks
+from sfworkflow.runtime import hooks, memory
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
@@ -220,6 +220,7 @@ class Service:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             async with self:
+                memory.settle_heap()
                 await self.stop_requested.wait()
         finally:
             for sig in signals:
