@@ -473,12 +473,8 @@ class BatchPlan:
         )  # fmt: skip
 
     def _offer_now(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
-        with structlog.contextvars.bound_contextvars(
-            tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id
-        ):
-            self._offer_bound(run, e, d)
-
-    def _offer_bound(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
+        """Step the instance with `e`. What is logged names the instance and the event in its own fields
+        (no per-event context binding: its cost was 6 % of planning, for lines that are rare)."""
         workflow = run.key.workflow
         try:
             decision = self._step(run, _engine_event(e))
