@@ -263,6 +263,9 @@ async def _inject(name: str, replicas: list[Replica], rnd: random.Random, out: O
             victim.start()
             await _recovered(pg, out, t)
     elif name == "rabbit_restart":
+        # The broker goes away under a running load, not before the publisher has connected (its first
+        # connect fails fast, as a producer's does): wait until its events are being applied.
+        await _until_applied(pg, 20)
         t = time.monotonic()
         subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
         await asyncio.sleep(2.0)
@@ -305,6 +308,15 @@ def _dsn(pg: asyncpg.Connection) -> str:
     p = pg._params
     addr = pg._addr
     return f"postgresql://{p.user}@{addr[0]}:{addr[1]}/{p.database}"
+
+
+async def _until_applied(pg: asyncpg.Connection, n: int, timeout: float = 120.0) -> None:
+    """Wait until at least `n` events were applied (the load is running)."""
+    deadline = time.monotonic() + timeout
+    while await _applied(pg) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n} events applied after {timeout:.0f} s: is the publisher running?")
+        await asyncio.sleep(0.1)
 
 
 async def _recovered(pg: asyncpg.Connection | None, out: Outcome, since: float, db_url: str | None = None) -> None:
