@@ -4,6 +4,7 @@
     python bench/throughput.py --mode live          # live loop with a simulated worker, as fast as it goes
     python bench/throughput.py --mode live --rate 1000   # open loop, ~1,000 events/s offered: latency
     python bench/throughput.py --mode mix           # every workflow in the demo's mix, with failures
+    python bench/throughput.py --mode enroll        # drain: enrollments alone, the heaviest event
 
 Everything runs on the same cores as PostgreSQL and RabbitMQ, each in its own process: the service
 (`python -m sfworkflow run`, fresh database, fresh vhost), a publisher process, and this process.
@@ -12,6 +13,9 @@ drain: the publisher preloads every event of N enrollments (enrolled, then step_
   steps; ~5 % of events published twice at a random later point; ~2 % of instances with two answers
   swapped, so one is parked and applied later), then the service starts and drains the queue. This
   is the figure to compare with the reference bench's consume -> transaction -> ack loop.
+enroll: the drain of enrollments alone (the heaviest event: an instance created, its first timer fired
+  inline, the first send_step and workflow.started queued), ~5 % delivered twice; done when every
+  instance waits for its first answer.
 live: the publisher sends enrollments (~5 % twice, ~2 % preceded by an out-of-order `paused` and
   followed by `resumed`) while this process runs the simulated SalesFlow worker, which answers every
   send_step with step_sent (~5 % of answers twice). With --rate it is paced (open loop).
@@ -145,6 +149,8 @@ def plan_drain(n: int, seed: int, dup_rate: float, ooo_rate: float) -> list[tupl
 async def preload_main(args: argparse.Namespace) -> None:
     rnd = random.Random(args.seed + 1)
     items = plan_drain(args.enrollments, args.seed, args.dup_rate, args.ooo_rate)
+    if args.mode == "enroll":
+        items = [x for x in items if x[0] == "sequence.enrolled"]
     events = [build_event(t, tenant_id=args.tenant, entity_id=e, data=d, source="bench.publisher") for t, e, d in items]
     # Duplicates: a share of events delivered a second time, at a random later point of the stream.
     stream = [(float(k), ev) for k, ev in enumerate(events)]
@@ -229,7 +235,7 @@ async def mix_main(args: argparse.Namespace) -> None:
 
 
 async def publisher_main(args: argparse.Namespace) -> None:
-    if args.mode == "drain":
+    if args.mode in ("drain", "enroll"):
         await preload_main(args)
         return
     if args.mode == "mix":
@@ -412,7 +418,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         SFWORKFLOW_PROCESSES="1",  # one process per --replicas
     )
     publisher: subprocess.Popen[bytes] | None = None
-    if args.mode == "drain":
+    if args.mode in ("drain", "enroll"):
         await _declare(db_url, amqp_url, args.queue_type)
         publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         publisher.wait(args.timeout)
@@ -461,8 +467,12 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
                         out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
                         pub_out = json.loads(out[-1] if out else "{}")
                         expected = pub_out.get("instances", expected)
-                    sql = f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $3 AND {SETTLED}"
-                    finished = await pg.fetchval(sql, *SETTLED_ARGS, tenant)
+                    if args.mode == "enroll":  # every instance waits for its first answer
+                        sql = "SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND state = 'sending'"
+                        finished = await pg.fetchval(sql, tenant)
+                    else:
+                        sql = f"SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $3 AND {SETTLED}"
+                        finished = await pg.fetchval(sql, *SETTLED_ARGS, tenant)
                     backlog = await pg.fetchval("SELECT count(*) FROM sfworkflow.outbox WHERE published_at IS NULL")
                     if finished >= expected and backlog == 0:
                         done_at = time.monotonic() - t0
@@ -474,8 +484,9 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
             out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
             pub_out = json.loads(out[-1] if out else "{}")
         checks = await invariants(
-            pg, final, pub_out.get("published", 0), worker, expected, tenant, mix=args.mode == "mix"
-        )
+            pg, final, pub_out.get("published", 0), worker, expected, tenant, mix=args.mode == "mix",
+            enroll=args.mode == "enroll",
+        )  # fmt: skip
         await pg.close()
     finally:
         if worker:
@@ -500,6 +511,8 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
     live = args.mode in ("live", "mix")
     if args.mode == "drain":
         mode = "drain a preloaded queue"
+    elif args.mode == "enroll":
+        mode = "drain a preloaded queue of enrollments"
     elif args.mode == "mix":
         by_wf = await _instances_by_workflow(db_url, tenant)
         offered = f"{args.rate:.0f} events/s offered" if args.rate else "closed loop"
@@ -558,6 +571,7 @@ async def invariants(
     expected_instances: int,
     tenant: str,
     mix: bool = False,
+    enroll: bool = False,
 ) -> dict[str, Any]:
     outcomes = {
         o: int(metric(m, "sfworkflow_events_total", outcome=o))
@@ -589,15 +603,20 @@ async def invariants(
         t,
     )
     twice = worker.stats.sends_twice() if worker else 0
+    sending = await pg.fetchval(
+        "SELECT count(*) FROM sfworkflow.instance WHERE tenant_id = $1 AND state = 'sending'", t
+    )
     ok = (
         published == accounted
         and inbox == distinct_published
         and unpublished == 0
-        and settled == expected_instances
+        and (sending if enroll else settled) == expected_instances
         and sends_per_key == 0
         and twice == 0
     )
-    if not mix:  # the sequence-only mixes have no failures: every step sent exactly once, nothing left parked
+    if enroll:  # every instance started and sent its first step, once
+        ok = ok and parked_left == 0 and sends == expected_instances
+    elif not mix:  # the sequence-only mixes have no failures: every step sent exactly once, nothing left parked
         ok = ok and parked_left == 0 and completed == expected_instances and sends == expected_instances * STEPS
     return {
         "published": published,
@@ -608,6 +627,7 @@ async def invariants(
         "outbox_unpublished": unpublished,
         "instances_completed": completed,
         "instances_settled": settled,
+        "instances_waiting_for_an_answer": sending,
         "send_step_commands": sends,
         "idempotency_keys_sent_twice": sends_per_key,
         "same_send_under_two_decisions_seen_by_worker": twice,
@@ -618,7 +638,7 @@ async def invariants(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", default="main", choices=("main", "publisher"))
-    p.add_argument("--mode", default="drain", choices=("drain", "live", "mix"))
+    p.add_argument("--mode", default="drain", choices=("drain", "enroll", "live", "mix"))
     p.add_argument("--enrollments", type=int, default=4000)
     p.add_argument("--rate", type=float, default=0.0, help="offered events/s (0: as fast as possible)")
     p.add_argument("--dup-rate", type=float, default=0.05)
