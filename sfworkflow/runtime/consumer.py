@@ -9,11 +9,12 @@ neighbours.
 
 Deliveries take aiormq's path, not aio-pika's: the consumer is registered through aio-pika (so its robust
 channel restores it after a reconnect and recovers it after a broker-side cancel), then its callback on the
-underlying aiormq channel is swapped for `_fast`, which buffers the frame's fields as a `Received` without
+underlying aiormq channel is swapped for `fast`, which buffers the frame's fields as a `Received` without
 building an aio-pika `IncomingMessage` and a second task per message: 107 against 76 us of CPU per message
 consumed and acked on this machine, the largest single cost of the event path after the plan itself. After
 a channel is reopened the swap is made again; until then, or whenever aio-pika re-registers the consumer on
-its own, `_slow` receives aio-pika's message and buffers the same `Received`.
+its own, `slow` receives aio-pika's message and buffers the same `Received` (both are made per channel in
+`Consumer.start`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ MAX_HEADER_BYTES = 16 * 1024  # JSON size of the headers kept with a dead letter
 
 @dataclass(slots=True)
 class Received:
-    """One delivery as the batch loop needs it, from either path (`Consumer._fast`, `Consumer._slow`)."""
+    """One delivery as the batch loop needs it, from either path (`fast` or `slow`, see the module docstring)."""
 
     body: bytes
     headers: dict[str, Any] | None
