@@ -27,12 +27,13 @@ DEFAULT_PREFETCH = 256  # deliveries in flight per consumer channel
 DEFAULT_CONSUMERS = 2  # consumer channels, each applying one micro-batch at a time
 DEFAULT_BATCH_SIZE = 128  # events per transaction at most
 DEFAULT_BATCH_LINGER_MS = 2.0  # milliseconds a batch waits for more deliveries
-DEFAULT_POOL_SIZE = 8  # PostgreSQL connections
+DEFAULT_POOL_SIZE = 10  # PostgreSQL connections: consumers, relay rounds, timers, retention, HTTP
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024  # bytes; larger bodies are dead-lettered `too_large`
 DEFAULT_PARK_TIMEOUT_S = 3600.0  # seconds an out-of-place event waits before dead-lettering
 DEFAULT_TIMER_POLL_MS = 200.0  # milliseconds between due-timer polls
 DEFAULT_RELAY_POLL_MS = 500.0  # milliseconds between outbox polls when no NOTIFY arrives
 DEFAULT_RELAY_BATCH = 500  # outbox rows claimed per relay round
+DEFAULT_RELAY_ROUNDS = 4  # relay rounds in flight at once, each waiting for its confirms on its own connection
 DEFAULT_RELAY_MAX_ATTEMPTS = 20  # publishes the broker refused (unroutable, nacked) before a row is given up
 DEFAULT_SHUTDOWN_TIMEOUT_S = 8.0  # seconds to drain on SIGTERM before giving up
 DEFAULT_QUEUE_TYPE = "quorum"  # or "classic"
@@ -83,6 +84,7 @@ class Settings:
     timer_poll_ms: float = DEFAULT_TIMER_POLL_MS
     relay_poll_ms: float = DEFAULT_RELAY_POLL_MS
     relay_batch: int = DEFAULT_RELAY_BATCH
+    relay_rounds: int = DEFAULT_RELAY_ROUNDS
     relay_max_attempts: int = DEFAULT_RELAY_MAX_ATTEMPTS
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     queue_type: str = DEFAULT_QUEUE_TYPE
@@ -225,6 +227,7 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "timer_poll_ms": _number("milliseconds", 0, low_ok=False),
     "relay_poll_ms": _number("milliseconds", 0, low_ok=False),
     "relay_batch": _count(),
+    "relay_rounds": _count(),
     "relay_max_attempts": _count(),
     "shutdown_timeout_s": _number("seconds", 0, low_ok=False),
     "queue_type": _one_of(QUEUE_TYPES),

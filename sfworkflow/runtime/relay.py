@@ -2,9 +2,12 @@
 
 Woken in-process after each commit of this process's batches, by NOTIFY sfworkflow_outbox when an operator's
 command (a process without a relay) queued rows, and otherwise by polling every SFWORKFLOW_RELAY_POLL_MS.
-Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side. A crash
-after publishing and before marking republishes the same rows with the same message ids, which
-consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
+Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side, and so do the
+SFWORKFLOW_RELAY_ROUNDS rounds of one relay: a round holds its rows until the broker confirmed them (RabbitMQ
+confirms a persistent message once it is on disk, up to ~200 ms on a busy queue), and rows committed meanwhile
+go out in another round instead of waiting behind it. A wake-up starts one round that is waiting for work
+(`Doorbell`). A crash after publishing and before marking republishes the same rows with the same message
+ids, which consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
 with back-off; `last_error` says why; after SFWORKFLOW_RELAY_MAX_ATTEMPTS such refusals a row is given
 up (failed_at set, sfworkflow_outbox_given_up_total, the cluster gauge sfworkflow_outbox_failed) until
 `sfworkflow outbox republish` makes it due again.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 import aiormq.abc
@@ -45,6 +49,44 @@ RETRY_CAP_S = 60.0
 PERSISTENT = 2  # AMQP delivery mode
 
 
+class Doorbell:
+    """Wakes one waiting round per ring; a ring while no round waits is kept for the next one that would wait,
+    so a commit made during a round is never missed. `ring` is synchronous: the store calls it after a commit."""
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._kept = False
+
+    def ring(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._kept = True
+
+    def ring_all(self) -> None:
+        self._kept = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a ring (or one kept from before), or `timeout` seconds."""
+        if self._kept:
+            self._kept = False
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout)
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class Relay:
     def __init__(
         self,
@@ -59,15 +101,15 @@ class Relay:
         self.pool = pool
         self.connection = connection
         self.metrics = metrics
-        self.wake = asyncio.Event()
+        self.doorbell = Doorbell()
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._listen_task: asyncio.Task[None] | None = None
         self._channel: AbstractChannel | None = None
 
     async def start(self) -> None:
         await self.start_channel()
-        self._task = self.supervisor.spawn("relay", self._run())
+        self._tasks = [self.supervisor.spawn("relay", self._run(), index=i) for i in range(self.settings.relay_rounds)]
         self._listen_task = self.supervisor.spawn("relay-listen", self._listen())
 
     async def start_channel(self) -> None:
@@ -77,13 +119,14 @@ class Relay:
     async def stop(self, timeout: float) -> None:
         """Flush what is committed (within `timeout`), then stop. A publish loop that died before (the
         supervisor reported it) flushes nothing: its rows stay in the outbox for the next relay."""
-        for task in (self._task, self._listen_task):
+        for task in [*self._tasks, self._listen_task]:
             if task is not None:
-                self.supervisor.stopping(task)  # before either loop can see the stop and return
+                self.supervisor.stopping(task)  # before any loop can see the stop and return
         self._stop.set()
-        self.wake.set()
-        if self._task:
-            await self.supervisor.stop(self._task, timeout)
+        self.doorbell.ring_all()
+        deadline = asyncio.get_running_loop().time() + timeout
+        for task in self._tasks:
+            await self.supervisor.stop(task, max(0.1, deadline - asyncio.get_running_loop().time()))
         if self._listen_task:
             self.supervisor.cancel(self._listen_task)
             await self.supervisor.stop(self._listen_task, timeout)
@@ -98,7 +141,7 @@ class Relay:
             try:
                 conn = await asyncpg.connect(self.settings.database_url)
                 await init_connection(conn)
-                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake.set())
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.doorbell.ring())
                 while not conn.is_closed():  # checked each second: asyncpg does not signal a dropped LISTEN
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 1.0)
@@ -114,10 +157,10 @@ class Relay:
                         await conn.close()
 
     async def _run(self) -> None:
+        """One of the relay's rounds, again and again: at once while there is more, else after a wake-up."""
         poll = self.settings.relay_poll_ms / 1000.0
         backoff = 0.2
         while True:
-            self.wake.clear()
             try:
                 n = await self.publish_round()
                 backoff = 0.2
@@ -139,8 +182,7 @@ class Relay:
                 if n == 0:
                     return
                 continue  # stopping: flush until a round finds nothing (rows may have been committed meanwhile)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), poll)
+            await self.doorbell.wait(poll)
 
     async def publish_round(self) -> int:
         """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""

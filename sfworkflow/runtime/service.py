@@ -141,7 +141,7 @@ class Service:
         await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
         self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor)
         await self.relay.start()
-        self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.wake.set)
+        self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.doorbell.ring)
         self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
         self.timers.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)

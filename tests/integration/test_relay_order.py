@@ -10,10 +10,12 @@ instance's later rows, until an operator republishes it (ops/outbox.py, `sfworkf
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -27,6 +29,7 @@ from sfworkflow.cli.outbox import outbox as outbox_cli
 from sfworkflow.contract.topology import COMMANDS_EXCHANGE
 from sfworkflow.db import outbox
 from sfworkflow.ops import outbox as outbox_ops
+from sfworkflow.runtime import relay as relay_module
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
@@ -225,3 +228,46 @@ async def test_the_cli_lists_the_rows_given_up_and_republishes_one(
     await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
     await rig.relay.publish_round()
     assert await received(rig.queue, 1) == ["gone"]
+
+
+async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_after_it(
+    rig: Rig, pg: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds overlap: a round waits for the broker's confirms (RabbitMQ confirms a persistent message once it
+    is on disk: up to ~200 ms on a busy queue), and rows committed meanwhile go out in another round instead of
+    queueing behind it. With one round at a time the closed loop of the live benchmark went at the pace of those
+    confirms: ~1,000 events/s with the service at 59 % of a core."""
+    await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
+    held, release = asyncio.Event(), asyncio.Event()
+    publish = relay_module._publish_in_instance_order
+
+    async def slow_first_round(channel: Any, rows: list[asyncpg.Record]) -> dict[int, object]:
+        if not held.is_set():  # the first round waits for its confirms until the test says
+            held.set()
+            await release.wait()
+        return await publish(channel, rows)
+
+    async def holding() -> bool:
+        return held.is_set()
+
+    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
+    relay = Relay(settings, rig.pool, rig.amqp, rig.metrics)
+    await relay.start()
+    try:
+        first = await add_row(pg, 11, ROUTED, "first")
+        ring(relay)
+        await wait_for(holding, what="the first round publishing")
+        second = await add_row(pg, 12, ROUTED, "second")
+        ring(relay)
+        await wait_for(lambda: published(pg, second), what="a row committed after a round that is still waiting")
+        assert not await published(pg, first)
+        release.set()
+        await wait_for(lambda: published(pg, first), what="the first round's row")
+    finally:
+        release.set()
+        await relay.stop(timeout=2.0)
+
+
+def ring(relay: Relay) -> None:
+    """What a commit of the service does: wake the relay."""
+    relay.doorbell.ring()
