@@ -653,9 +653,16 @@ def main() -> None:
     p.add_argument("--events-log", default="", help="(publisher) write every event published, one JSON a line")
     args = p.parse_args()
     if args.role == "publisher":
-        asyncio.run(publisher_main(args))
+        run_loop(publisher_main(args))
         return
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    print(json.dumps(run_loop(run(args))), flush=True)
+
+
+def run_loop(coro: Any) -> Any:
+    """Run on uvloop, as the service does: the publisher and the simulated worker share the cores with it."""
+    import uvloop
+
+    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

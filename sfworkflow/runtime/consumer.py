@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -57,6 +56,14 @@ from sfworkflow.db.pool import is_connection_error, is_transient
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import DeadReason, Rejection
 from sfworkflow.runtime import hooks
+from sfworkflow.runtime.deliveries import (
+    Received,
+    ack_batch,
+    received_from_aio_pika,
+    received_from_frames,
+    retake_fast_path,
+    take_fast_path,
+)
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.supervisor import Supervisor
 from sfworkflow.settings import Settings
@@ -67,35 +74,6 @@ BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 5.0
 MAX_TRANSIENT_RETRIES = 5  # tries of one batch or message after a transient error other than "unreachable"
 MAX_HEADER_BYTES = 16 * 1024  # JSON size of the headers kept with a dead letter or parked event
-
-
-@dataclass(slots=True)
-class Received:
-    """One delivery as the batch loop needs it, from either path (`fast` or `slow`, see the module docstring)."""
-
-    body: bytes
-    headers: dict[str, Any] | None
-    content_type: str | None
-    message_id: str | None
-    routing_key: str
-    exchange: str
-    channel: aiormq.abc.AbstractChannel  # the aiormq channel it came on: the only one that may ack it
-    delivery_tag: int
-
-
-def received_from_frames(m: aiormq.abc.DeliveredMessage) -> Received:
-    """A delivery as aiormq hands it over (a deliver frame, a content header and the body)."""
-    p = m.header.properties
-    d = m.delivery
-    assert isinstance(d, aiormq.spec.Basic.Deliver)  # what a consumer is handed (not a get or a return)
-    return Received(m.body, p.headers, p.content_type, p.message_id, d.routing_key or "", d.exchange or "",
-                    m.channel, d.delivery_tag or 0)  # fmt: skip
-
-
-def received_from_aio_pika(m: AbstractIncomingMessage) -> Received:
-    """A delivery as aio-pika hands it over."""
-    return Received(m.body, m.headers, m.content_type, m.message_id, m.routing_key or "", m.exchange or "",
-                    m.channel, m.delivery_tag or 0)  # fmt: skip
 
 
 class Health:
@@ -156,9 +134,9 @@ class Consumer:
                 buffer.put_nowait(received_from_frames(m))
 
             tag = await queue.consume(slow, no_ack=False)
-            await _take_fast_path(channel, tag, fast)
+            await take_fast_path(channel, tag, fast)
             assert isinstance(channel, AbstractRobustChannel)
-            channel.reopen_callbacks.add(partial(_retake_fast_path, tag=tag, fast=fast))
+            channel.reopen_callbacks.add(partial(retake_fast_path, tag=tag, fast=fast))
             self._channels.append((channel, queue, tag))
             self._buffers.append(buffer)
             self._tasks.append(self.supervisor.spawn("consumer", self._batch_loop(buffer), index=i))
@@ -250,7 +228,7 @@ class Consumer:
             return False
         hooks.fault_point("after_commit_before_ack")
         committed = datetime.now(UTC)
-        await _ack(batch)
+        await ack_batch(batch)
         hooks.fault_point("after_batch_acked")
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
@@ -402,35 +380,6 @@ def _context_of(d: Delivery) -> dict[str, str]:
     if isinstance(e, IncomingEvent):
         return {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
     return {"message_id": d.message_id or "", "routing_key": d.routing_key[:200]}
-
-
-async def _ack(batch: Sequence[Received]) -> None:
-    """Ack the batch: one multiple-ack per channel, on the last delivery from that channel."""
-    last: dict[int, Received] = {}
-    for m in batch:
-        last[id(m.channel)] = m
-    for m in last.values():
-        try:
-            if m.channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError("the channel closed")
-            await m.channel.basic_ack(m.delivery_tag, multiple=True)
-        except Exception as exc:  # the channel closed: the broker redelivers, the inbox drops the duplicates
-            log.info("ack failed; the batch will be redelivered and dropped as duplicates", error=type(exc).__name__)
-
-
-async def _take_fast_path(channel: AbstractChannel, tag: str, fast: Callable[..., Any]) -> None:
-    """Swap aio-pika's per-message callback of consumer `tag` for `fast` on the channel's aiormq channel."""
-    underlay = await channel.get_underlay_channel()
-    assert isinstance(underlay, aiormq.Channel)
-    if tag in underlay.consumers:
-        underlay.consumers[tag] = fast
-
-
-async def _retake_fast_path(channel: AbstractChannel, *, tag: str, fast: Callable[..., Any]) -> None:
-    try:
-        await _take_fast_path(channel, tag, fast)
-    except Exception as exc:  # the slow path keeps delivering
-        log.info("consumer stays on aio-pika's delivery path", error=type(exc).__name__)
 
 
 def json_safe_headers(headers: dict[str, Any] | None) -> tuple[dict[str, Any], int]:

@@ -13,7 +13,7 @@ import aio_pika
 import aiormq
 import asyncpg
 
-from sfworkflow.runtime.consumer import Received, received_from_aio_pika, received_from_frames
+from sfworkflow.runtime.deliveries import Received, received_from_aio_pika, received_from_frames
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.support import Amqp, enrolled_data, event, running_service, state_of
