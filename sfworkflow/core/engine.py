@@ -1,15 +1,20 @@
 """The pure engine step: (definition, instance, event, now) -> Decision. No I/O.
 
-One `transitions.Machine` per loaded (workflow, version) is built once, with one reusable model
-(`_Cursor`). Each step sets the cursor's state, fires the trigger with the `Step` as its argument
-(guards and actions take the Step), and reads the decision the actions wrote on it. Asking for an
-event the state does not accept returns a PARKED decision (or IGNORED when the instance is terminal,
+One `transitions.Machine` per loaded (workflow, version) is built once from the definition's table: it checks
+the table and holds the machine's transitions, per trigger and source state, in the order they are tried.
+The step runs those `Transition` objects itself (`Route`: their conditions, destination and `after` actions,
+with the `Step` as the argument guards and actions take) instead of calling the machine's trigger, which
+built an `EventData`, walked every callback list and logged at each stage: 22 % of planning an event.
+That is all a transition of ours does: a definition has guards and one action per transition, no state,
+`before`, `prepare` or machine-level callbacks (`CompiledWorkflow` refuses a machine that has any), so the
+result is the machine's own; tests/unit/test_engine_routes.py holds the two to the same decisions. Asking
+for an event the state does not accept returns a PARKED decision (or IGNORED when the instance is terminal,
 the event is stale, or it is internal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -60,13 +65,51 @@ class Decision:
 
 
 class _Cursor:
-    """The single model bound to a machine; rebound to each instance for one step.
+    """The model bound to a machine (`transitions` needs one to build it; the step does not use it).
 
     No __slots__: `transitions` attaches its convenience methods to the model.
     """
 
     def __init__(self, initial: str) -> None:
         self.state = initial
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One of the machine's `Transition` objects as the step runs it: it applies when every condition's
+    predicate, given the Step, equals its target (True; False for an `unless`); then the state becomes `dest`
+    (None: an internal transition, the state stays) and the `after` actions run, in order."""
+
+    conditions: tuple[tuple[Callable[[Step], Any], bool], ...]
+    dest: str | None
+    actions: tuple[Callable[[Step], Any], ...]
+
+
+def machine_routes(machine: Machine) -> dict[tuple[str, str], tuple[Route, ...]]:
+    """(source state, trigger) -> the machine's transitions for it, in the order the machine tries them."""
+    extra = [
+        name for name in ("prepare_event", "finalize_event", "before_state_change", "after_state_change",
+                          "on_exception", "on_final") if getattr(machine, name, None)
+    ]  # fmt: skip
+    extra += [f"{s.name}.{c}" for s in machine.states.values() for c in ("on_enter", "on_exit") if getattr(s, c)]
+    routes: dict[tuple[str, str], tuple[Route, ...]] = {}
+    for trigger, event in machine.events.items():
+        for source, transitions in event.transitions.items():
+            out = []
+            for t in transitions:
+                extra += [f"{trigger} from {source}: {c}" for c in ("prepare", "before") if getattr(t, c)]
+                conditions = tuple((c.func, bool(c.target)) for c in t.conditions if callable(c.func))
+                actions = tuple(a for a in t.after if callable(a))
+                if len(conditions) < len(t.conditions) or len(actions) < len(t.after):
+                    extra.append(f"{trigger} from {source}: a callback named by a string")
+                out.append(Route(conditions, t.dest, actions))
+            routes[(source, trigger)] = tuple(out)
+    if extra:
+        raise DefinitionError(
+            f"{machine.name or 'a workflow'}: the engine runs guards and one action per transition, not "
+            f"{', '.join(sorted(set(extra)))}"
+        )
+    return routes
 
 
 def _wrap_condition(cond: Any) -> Any:
@@ -116,7 +159,7 @@ class CompiledWorkflow:
             ignore_invalid_triggers=False,
             model_attribute="state",
         )
-        self.events = self.machine.events
+        self.routes = machine_routes(self.machine)
         self.triggers_by_state: dict[str, frozenset[str]] = {s: frozenset(self.machine.get_triggers(s)) for s in states}
         self.table = table
 
@@ -220,13 +263,8 @@ class Engine:
         stale = d.stale(step) if d.stale and instance is not None else None
         if stale is not None:
             return Decision(Outcome.IGNORED, state, state, version, context, stale, trigger)
-        if trigger in compiled.triggers_by_state[state]:
-            cursor = compiled.cursor
-            cursor.state = state
-            moved = compiled.events[trigger].trigger(cursor, step)
-        else:
-            moved = False
-        if not moved:
+        new_state = _fire(compiled.routes.get((state, trigger), ()), state, step)
+        if new_state is None:
             if event.internal:
                 reason = f"{trigger} does not apply in state {state}"
                 return Decision(Outcome.IGNORED, state, state, version, context, reason, trigger)
@@ -234,7 +272,6 @@ class Engine:
                 Outcome.PARKED, state, state, version, context, f"{trigger} is not allowed in state {state}", trigger
             )
 
-        new_state = compiled.cursor.state
         terminal = new_state in d.terminal
         if state == compiled.initial:
             step.lifecycle("workflow.started", new_state, {"start_event_type": d.event_type(trigger)})
@@ -257,3 +294,16 @@ class Engine:
             terminal=terminal,
             requests=step.requests,
         )
+
+
+def _fire(routes: tuple[Route, ...], state: str, step: Step) -> str | None:
+    """The state after the first route whose conditions hold has run its actions; None when none applies."""
+    for route in routes:
+        for predicate, target in route.conditions:
+            if predicate(step) != target:
+                break
+        else:
+            for action in route.actions:
+                action(step)
+            return route.dest or state
+    return None
