@@ -15,10 +15,14 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from pamqp.commands import Basic
 
+from sfworkflow.client import amqp
 from sfworkflow.contract import schemas
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
 from sfworkflow.errors import InvalidEvent
+
+PERSISTENT = 2  # AMQP delivery mode
 
 
 def build_event(
@@ -78,7 +82,7 @@ class EventPublisher:
 
     @classmethod
     async def connect(cls, amqp_url: str) -> EventPublisher:
-        connection = await aio_pika.connect_robust(amqp_url)
+        connection = await amqp.connect_robust(amqp_url)
         # Confirms, and a returned (unroutable) event raises instead of being confirmed and lost.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -98,18 +102,15 @@ class EventPublisher:
         content_type: str | None = "application/json",
         headers: dict[str, Any] | None = None,
     ) -> None:
-        """Publish bytes as they are (tests and tools use this to send what producers get wrong)."""
-        await self.exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type=content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message_id,
-                headers=headers,
-            ),
-            routing_key=routing_key,
-            mandatory=True,
+        """Publish bytes as they are (tests and tools use this to send what producers get wrong). Many may be in
+        flight at once (each awaits its own confirm): they are queued on the channel without waiting for the
+        socket (client/amqp.py)."""
+        properties = Basic.Properties(
+            content_type=content_type, delivery_mode=PERSISTENT, message_id=message_id, headers=headers
         )
+        channel = await self.channel.get_underlay_channel()
+        await amqp.publish(channel, body, exchange=EVENTS_EXCHANGE, routing_key=routing_key, mandatory=True,
+                           properties=properties)  # fmt: skip
 
     async def close(self) -> None:
         await self.connection.close()

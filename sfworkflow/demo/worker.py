@@ -25,9 +25,11 @@ from typing import Any
 import aio_pika
 import aiormq
 import orjson
+import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 from pamqp.commands import Basic
 
+from sfworkflow.client import amqp
 from sfworkflow.client.producer import EventPublisher, build_event
 from sfworkflow.contract.topology import EVENTS_EXCHANGE, commands_queue, compensations_queue
 from sfworkflow.demo import profiles as simulation
@@ -42,6 +44,7 @@ from sfworkflow.runtime.deliveries import (
 )
 
 PERSISTENT = 2  # AMQP delivery mode
+log = structlog.get_logger("sfworkflow.demo.worker")
 
 WorkerProfile = Profile  # the name the benchmark and tests use
 
@@ -51,6 +54,7 @@ class WorkerStats:
     commands: Counter[str] = field(default_factory=Counter)
     duplicate_commands: int = 0  # same command_id delivered again (deduped here)
     hung: int = 0  # commands taken and never answered (a hung worker)
+    unreadable: int = 0  # commands it could not read (skipped)
     answers: Counter[str] = field(default_factory=Counter)
     compensations: Counter[str] = field(default_factory=Counter)
     # (tenant, command type, template, recipient address, UTC day) -> idempotency keys of the sends the
@@ -86,7 +90,7 @@ class SimulatedWorker:
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.amqp_url)
+        self._connection = await amqp.connect_robust(self.amqp_url)
         self._publisher = await EventPublisher.connect(self.amqp_url)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=256)
@@ -132,11 +136,15 @@ class SimulatedWorker:
             await ack_batch(taken)
             now: list[dict[str, Any]] = []
             for m in taken:
-                cmd = orjson.loads(m.body)
-                if cmd.get("kind") == "compensation":
-                    self.stats.compensations[cmd["command_type"]] += 1
-                else:
-                    self._on_command(cmd, now)
+                try:
+                    cmd = orjson.loads(m.body)
+                    if cmd.get("kind") == "compensation":
+                        self.stats.compensations[cmd["command_type"]] += 1
+                    else:
+                        self._on_command(cmd, now)
+                except Exception as exc:  # one command it cannot read must not stop the worker
+                    self.stats.unreadable += 1
+                    log.warning("command not understood; skipped", error=repr(exc)[:200], routing_key=m.routing_key)
             if now:
                 self._spawn(self._publish_all(now))
 
@@ -203,7 +211,8 @@ class SimulatedWorker:
         try:
             channel = await self._publisher.channel.get_underlay_channel()
             confirms = [
-                channel.basic_publish(
+                amqp.publish(
+                    channel,
                     orjson.dumps(e),
                     exchange=EVENTS_EXCHANGE,
                     routing_key=e["event_type"],
