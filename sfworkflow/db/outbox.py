@@ -1,6 +1,6 @@
 """The outbox as the relay and the gauges see it: claim due rows, mark what was published or failed, the backlog.
 
-The statements are the event path's named blocks in sql/queries.sql (claim_outbox, mark_published,
+The statements are the event path's named blocks in sql/queries.sql (claim_outbox, claim_handed, mark_published,
 mark_publish_failed, outbox_backlog, and the rows given up: outbox_failed_count, outbox_failed,
 republish_failed); the relay, the gauges and ops/outbox.py call these functions, never the SQL.
 """
@@ -8,16 +8,33 @@ republish_failed); the relay, the gauges and ops/outbox.py call these functions,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
+from sfworkflow.core.batch import OutboxRow
 from sfworkflow.db.pool import q
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """An outbox row as its transaction committed it: its id in sfworkflow.outbox, and the row."""
+
+    id: int
+    row: OutboxRow
 
 
 async def claim_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
     """Up to `limit` unpublished rows due for a publish attempt, in id order, locked (rows another relay holds
     are skipped); call inside the transaction that marks them."""
     return list(await conn.fetch(q("claim_outbox"), limit))
+
+
+async def claim_handed(conn: asyncpg.Connection, ids: Sequence[int]) -> set[int]:
+    """Of these rows (committed by this process), those locked here for publishing now; call inside the
+    transaction that marks them. The others are another relay's, or wait behind an earlier row of their
+    instance: claim_due takes them once they are due."""
+    return {r["id"] for r in await conn.fetch(q("claim_handed"), list(ids))}
 
 
 async def mark_published(conn: asyncpg.Connection, ids: Sequence[int]) -> None:

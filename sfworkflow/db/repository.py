@@ -14,7 +14,7 @@ its write set. For a batch of deliveries one transaction makes these round trips
     writes, each only when there are such rows: update_instances, delete_unstarted, insert_history,
       delete_timers, upsert_timers, insert_parked, raise_parked_counts, clear_awaiting_version,
       delete_parked, delete_claims, delete_effects, upsert_registers, insert_outbox (+ NOTIFY only from a
-      process without a relay: the service wakes its own relay in-process, on_commit)
+      process without a relay; the service hands the rows queued to its own relay after the commit: on_commit)
 
 Every bad message of the batch becomes a dead-letter outbox row in the same transaction, so acking the whole
 batch after commit loses nothing. Timers, parked re-drives and the expiry of parked events run the same plan
@@ -23,9 +23,11 @@ through the same executor.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
+import uuid
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -50,6 +52,7 @@ from sfworkflow.core.batch import (
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.plan import RETRY_FAILED_TIMER, BatchPlan
+from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import is_transient, q
 from sfworkflow.settings import REDELIVERY_WINDOW_DAYS
 
@@ -69,24 +72,30 @@ class Store:
         pool: asyncpg.Pool,
         engine: Engine,
         park_timeout_s: float,
-        on_commit: Callable[[], None] | None = None,
+        on_commit: Callable[[list[Queued]], None] | None = None,
     ) -> None:
         self.pool = pool
         self.engine = engine
         self.park_timeout = timedelta(seconds=park_timeout_s)
-        self.on_commit = on_commit  # called after a commit that queued outbox rows (wakes the relay)
+        # Called with the outbox rows a transaction queued, once it committed: the service hands them to its
+        # relay, which publishes them from memory. Without it (an operator's command), rows are NOTIFYed.
+        self.on_commit = on_commit
 
-    def _committed(self, report: BatchReport) -> BatchReport:
-        if report.outbox_rows and self.on_commit is not None:
-            self.on_commit()
-        return report
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_Unit]:
+        """One transaction; the outbox rows it queued go to `on_commit` once it committed (not if it failed)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            unit = _Unit(conn)
+            yield unit
+        if unit.queued and self.on_commit is not None:
+            self.on_commit(unit.queued)
 
     async def apply_deliveries(self, deliveries: Sequence[Delivery]) -> BatchReport:
         """Apply a micro-batch in one transaction. Raises only when the transaction failed as a whole."""
         plan = BatchPlan(self.engine, self.park_timeout)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self._write(conn, await self._run(conn, plan.deliveries(deliveries)))
-        return self._committed(plan.report)
+        async with self._transaction() as unit:
+            await self._write(unit, await self._run(unit.conn, plan.deliveries(deliveries)))
+        return plan.report
 
     async def fire_due_timers(self, limit: int = 256) -> BatchReport:
         """Fire due timers of instances no other process holds, on definition versions this process has
@@ -100,12 +109,12 @@ class Store:
         workflows, versions = self._loaded_pairs()
         rows: list[asyncpg.Record] = []
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                locked = await conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
+            async with self._transaction() as unit:
+                locked = await unit.conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
                 rows = sorted({r["id"]: r for r in locked}.values(), key=lambda r: r["id"])  # one per instance
                 if not rows:
                     return BatchReport()
-                report = await self._fire_locked(conn, rows)
+                report = await self._fire_locked(unit, rows)
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -114,22 +123,22 @@ class Store:
             for r in rows:
                 report.merge(await self._fire_instance_alone(r["id"]))
             return report
-        return self._committed(report)
+        return report
 
-    async def _fire_locked(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> BatchReport:
-        timers = await conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
+    async def _fire_locked(self, unit: _Unit, rows: Sequence[asyncpg.Record]) -> BatchReport:
+        timers = await unit.conn.fetch(q("take_due_timers"), [r["id"] for r in rows])
         plan = BatchPlan(self.engine, self.park_timeout)
-        await self._write(conn, await self._run(conn, plan.timers(rows, timers)))
+        await self._write(unit, await self._run(unit.conn, plan.timers(rows, timers)))
         return plan.report
 
     async def _fire_instance_alone(self, instance_id: int) -> BatchReport:
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(q("lock_timer_instance"), instance_id)
+            async with self._transaction() as unit:
+                rows = await unit.conn.fetch(q("lock_timer_instance"), instance_id)
                 if not rows:
                     return BatchReport()  # taken by another replica meanwhile, or its timers are gone
-                report = await self._fire_locked(conn, rows)
-            return self._committed(report)
+                report = await self._fire_locked(unit, rows)
+            return report
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -181,16 +190,15 @@ class Store:
         how many were applied; None if it changed meanwhile (its version is not `expect_version`), is
         gone, or is on a definition version this process has not loaded. `replayed`: an operator's replay
         (ops/replay.py): the detail of the `replayed` history entry written in the same transaction."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
+        async with self._transaction() as unit:
+            rows = await unit.conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
             if not rows or (expect_version is not None and rows[0]["version"] != expect_version):
                 return None
             plan = BatchPlan(self.engine, self.park_timeout)
-            writes = await self._run(conn, plan.redrive(rows[0], replayed))
+            writes = await self._run(unit.conn, plan.redrive(rows[0], replayed))
             if writes is None:
                 return None
-            await self._write(conn, writes)
-        self._committed(plan.report)
+            await self._write(unit, writes)
         return sum(plan.report.unparked.values())
 
     async def redrive_awaiting_version(self, limit: int = 100) -> int:
@@ -208,12 +216,11 @@ class Store:
     async def expire_parked(self, limit: int = 500) -> Counter[str]:
         """Dead-letter parked events past their deadline (see BatchPlan.expired); counts by reason."""
         plan = BatchPlan(self.engine, self.park_timeout)
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(q("take_expired_parked"), limit)
+        async with self._transaction() as unit:
+            rows = await unit.conn.fetch(q("take_expired_parked"), limit)
             if not rows:
                 return Counter()
-            await self._write(conn, plan.expired(rows))
-        self._committed(plan.report)
+            await self._write(unit, plan.expired(rows))
         return Counter(plan.report.dead)
 
     async def replay(
@@ -224,20 +231,19 @@ class Store:
         again. None when done; else why nothing was done (the instance changed since it was selected, or the
         timer is gone)."""
         plan = BatchPlan(self.engine, self.park_timeout)
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(q("lock_instance"), instance_id)
+        async with self._transaction() as unit:
+            row = await unit.conn.fetchrow(q("lock_instance"), instance_id)
             if row is None or row["version"] != expect_version:
                 return CHANGED
             if timer is not None:
-                t = await conn.fetchrow(q("instance_timer"), instance_id, timer)
+                t = await unit.conn.fetchrow(q("instance_timer"), instance_id, timer)
                 if t is None:
                     return "the timer is gone (it fired meanwhile)"
                 writes = plan.replay_timer(row, t, detail)
             else:
                 assert command is not None
                 writes = plan.reissue_command(row, command, detail)
-            await self._write(conn, writes)
-        self._committed(plan.report)
+            await self._write(unit, writes)
         return None
 
     # ---- the executor: answers a plan's requests, writes its write set ----------------------------
@@ -251,14 +257,25 @@ class Store:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    async def _write(self, conn: asyncpg.Connection, ws: WriteSet) -> None:
-        await write(conn, ws, notify=self.on_commit is None)
+    async def _write(self, unit: _Unit, ws: WriteSet) -> None:
+        unit.queued += await write(unit.conn, ws, notify=self.on_commit is None)
 
 
-async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) -> None:
-    """Write a plan's write set: one statement per kind of row, each skipped when it has none. With `notify`,
-    queued outbox rows wake every replica's relay by NOTIFY (a process without a relay of its own: an
-    operator's command); the service passes False and wakes its own relay after the commit."""
+class _Unit:
+    """One transaction of the store: its connection, and the outbox rows it queued so far."""
+
+    __slots__ = ("conn", "queued")
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.queued: list[Queued] = []
+
+
+async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) -> list[Queued]:
+    """Write a plan's write set: one statement per kind of row, each skipped when it has none; the outbox rows
+    queued (a message id queued before is skipped). With `notify`, they wake every replica's relay by NOTIFY (a
+    process without a relay of its own: an operator's command); the service passes False and hands them to
+    its own relay after the commit."""
     if ws.instances:
         u = ws.instances
         await conn.execute(
@@ -310,15 +327,20 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             q("upsert_registers"), [x.key for x in r], [x.value for x in r], [x.tenant_id for x in r],
             [x.instance_id for x in r],
         )  # fmt: skip
-    if ws.outbox:
-        o = ws.outbox
-        queued = await conn.fetchval(
-            q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
-            [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
-            [x.headers for x in o], [x.mandatory for x in o],
-        )  # fmt: skip
-        if queued and notify:
-            await conn.execute(q("notify_relays"))
+    if not ws.outbox:
+        return []
+    o = ws.outbox
+    inserted = await conn.fetch(
+        q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
+        [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
+        [x.headers for x in o], [x.mandatory for x in o],
+    )  # fmt: skip
+    if inserted and notify:
+        await conn.execute(q("notify_relays"))
+    rows = {x.message_id: x for x in o}
+    if any(r["message_id"] not in rows for r in inserted):  # ids written other than PostgreSQL writes them back
+        rows = {str(uuid.UUID(x.message_id)): x for x in o}
+    return sorted((Queued(r["id"], rows[r["message_id"]]) for r in inserted), key=lambda x: x.id)
 
 
 async def _answer(conn: asyncpg.Connection, request: Request) -> Any:

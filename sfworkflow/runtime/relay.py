@@ -1,15 +1,22 @@
 """The outbox relay: publishes committed outbox rows with publisher confirms, then marks them.
 
-Woken in-process after each commit of this process's batches, by NOTIFY sfworkflow_outbox when an operator's
-command (a process without a relay) queued rows, and otherwise by polling every SFWORKFLOW_RELAY_POLL_MS.
-Rows are claimed with FOR UPDATE SKIP LOCKED, so any number of replicas relay side by side, and so do the
-SFWORKFLOW_RELAY_ROUNDS rounds of one relay: a round holds its rows until the broker confirmed them (RabbitMQ
-confirms a persistent message once it is on disk, up to ~200 ms on a busy queue), and rows committed meanwhile
-go out in another round instead of waiting behind it. A wake-up starts one round that is waiting for work
-(`Doorbell`). A crash after publishing and before marking republishes the same rows with the same message
-ids, which consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried
-with back-off; `last_error` says why; after SFWORKFLOW_RELAY_MAX_ATTEMPTS such refusals a row is given
-up (failed_at set, sfworkflow_outbox_given_up_total, the cluster gauge sfworkflow_outbox_failed) until
+Two ways in. Rows this process commits are handed over in memory after the commit (`hand`, the store's
+on_commit): a round locks them by id (claim_handed) and publishes them from memory, so no query searches the
+outbox for them. Rows anyone else queued (an operator's command: NOTIFY sfworkflow_outbox), rows backing off
+after a failed publish, rows left by a process that stopped, and handed rows a round could not take are
+found by polling the outbox (claim_due) on a NOTIFY, every SFWORKFLOW_RELAY_POLL_MS, and after a full round.
+
+Rounds. A round holds its rows until the broker confirmed them, then marks them in the same transaction.
+Rows handed over while a round is out gather for the next one, so a relay under load publishes in big
+rounds; up to SFWORKFLOW_RELAY_ROUNDS rounds are out at once when a full batch is waiting (or a NOTIFY or a
+poll finds rows), each on a connection of its own; a wake-up starts one waiting round (`Doorbell`). Rows are
+locked with FOR UPDATE SKIP LOCKED, so rounds, like replicas, never take the same row. Publishes are queued
+for the connection's writer at once (client/amqp.py), so a round's latency is the broker's confirms.
+
+A crash after publishing and before marking republishes the same rows with the same message ids, which
+consumers dedupe on. Unroutable (mandatory) and nacked messages stay in the outbox and are retried with
+back-off; `last_error` says why; after SFWORKFLOW_RELAY_MAX_ATTEMPTS such refusals a row is given up
+(failed_at set, sfworkflow_outbox_given_up_total, the cluster gauge sfworkflow_outbox_failed) until
 `sfworkflow outbox republish` makes it due again.
 
 Order: an instance's rows reach the broker in the order they were committed (outbox id order). A row is
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import aiormq.abc
@@ -33,8 +41,10 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
+from sfworkflow.client import amqp
 from sfworkflow.contract.headers import ORIGINAL_CONTENT_TYPE
 from sfworkflow.db import outbox
+from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import init_connection, is_transient
 from sfworkflow.runtime import hooks
 from sfworkflow.runtime.metrics import Metrics
@@ -51,37 +61,39 @@ PERSISTENT = 2  # AMQP delivery mode
 
 class Doorbell:
     """Wakes one waiting round per ring; a ring while no round waits is kept for the next one that would wait,
-    so a commit made during a round is never missed. `ring` is synchronous: the store calls it after a commit."""
+    so a commit made during a round is never missed. A ring says whether the round should poll the outbox
+    (`poll`: rows it was not handed) or only take the rows handed over. Synchronous: rung after a commit."""
 
     def __init__(self) -> None:
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._kept = False
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._kept: bool | None = None  # a ring no round took yet: whether it asked for a poll
 
-    def ring(self) -> None:
+    def ring(self, poll: bool = True) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(poll)
                 return
-        self._kept = True
+        self._kept = poll or bool(self._kept)
 
     def ring_all(self) -> None:
         self._kept = True
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
 
-    async def wait(self, timeout: float) -> None:
-        """Until a ring (or one kept from before), or `timeout` seconds."""
-        if self._kept:
-            self._kept = False
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(self, timeout: float) -> bool:
+        """Until a ring (or one kept from before), or `timeout` seconds; whether to poll (True after a timeout)."""
+        if self._kept is not None:
+            poll, self._kept = self._kept, None
+            return poll
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout)
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return True
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -102,6 +114,11 @@ class Relay:
         self.connection = connection
         self.metrics = metrics
         self.doorbell = Doorbell()
+        # Rows handed over after this process's commits, as claim_due returns rows; bounded: past the bound the
+        # rest is left to the polling claim.
+        self._handed: deque[dict[str, Any]] = deque()
+        self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
+        self._rounds_out = 0  # rounds between their claim and their commit
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listen_task: asyncio.Task[None] | None = None
@@ -156,13 +173,34 @@ class Relay:
                     with contextlib.suppress(Exception):
                         await conn.close()
 
+    def hand(self, queued: Sequence[Queued]) -> None:
+        """Rows a transaction of this process committed: published from memory by the next round that takes them."""
+        room = self._handed_cap - len(self._handed)
+        for x in queued[:room]:
+            r = x.row
+            self._handed.append(
+                {"id": x.id, "message_id": r.message_id, "kind": r.kind, "exchange": r.exchange,
+                 "routing_key": r.routing_key, "body": r.body, "headers": r.headers, "mandatory": r.mandatory,
+                 "publish_attempts": 0, "instance_id": r.instance_id}
+            )  # fmt: skip
+        overflow = len(queued) > room  # what did not fit is found by polling
+        # While a round is out, rows gather for the next: another round starts only for a full batch, so a
+        # relay under load publishes in big rounds, and in parallel only when it is behind.
+        if overflow or self._rounds_out == 0 or len(self._handed) >= self.settings.relay_batch:
+            self.doorbell.ring(poll=overflow)
+
+    def _take_handed(self) -> list[dict[str, Any]]:
+        n = min(len(self._handed), self.settings.relay_batch)
+        return sorted((self._handed.popleft() for _ in range(n)), key=lambda r: int(r["id"]))
+
     async def _run(self) -> None:
         """One of the relay's rounds, again and again: at once while there is more, else after a wake-up."""
-        poll = self.settings.relay_poll_ms / 1000.0
+        poll_s = self.settings.relay_poll_ms / 1000.0
         backoff = 0.2
+        poll = True  # the first round looks for rows committed before this relay started
         while True:
             try:
-                n = await self.publish_round()
+                n = await self.publish_round(poll)
                 backoff = 0.2
             except asyncio.CancelledError:
                 raise
@@ -175,21 +213,43 @@ class Relay:
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
+                poll = True
                 continue
-            if n >= self.settings.relay_batch:
-                continue  # more is waiting
+            if self._handed:
+                poll = False  # handed over meanwhile: take them now
+                continue
             if self._stop.is_set():
-                if n == 0:
+                if n == 0 and poll:
                     return
-                continue  # stopping: flush until a round finds nothing (rows may have been committed meanwhile)
-            await self.doorbell.wait(poll)
+                poll = True  # stopping: flush until a polling round finds nothing
+                continue
+            if n >= self.settings.relay_batch and poll:
+                continue  # a full polling round: more is waiting
+            poll = await self.doorbell.wait(poll_s)
 
-    async def publish_round(self) -> int:
-        """Claim a batch of due rows, publish them concurrently with confirms, mark the outcome."""
+    async def publish_round(self, poll: bool = True) -> int:
+        """Publish a batch concurrently with confirms and mark the outcome; how many rows it took. The batch is
+        the rows handed over in memory when there are any, else (with `poll`) due rows claimed from the outbox."""
+        handed = self._take_handed()
+        if not handed and not poll:
+            return 0
+        self._rounds_out += 1
+        try:
+            return await self._round(handed)
+        finally:
+            self._rounds_out -= 1
+
+    async def _round(self, handed: list[dict[str, Any]]) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await outbox.claim_due(conn, self.settings.relay_batch)
+            if handed:
+                claimed = await outbox.claim_handed(conn, [r["id"] for r in handed])
+                rows: list[Any] = [r for r in handed if r["id"] in claimed]
+                if len(rows) < len(handed):  # another relay's, or behind an earlier row of their instance
+                    self.doorbell.ring(poll=True)
+            else:
+                rows = await outbox.claim_due(conn, self.settings.relay_batch)
             if not rows:
-                return 0
+                return len(handed)
             if self._channel is None or self._channel.is_closed:
                 raise ConnectionError("relay channel is closed")
             # The aiormq channel under the (robust) aio-pika channel: publishing on it directly skips
@@ -279,10 +339,7 @@ async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> An
         headers=headers or None,
         app_id="sfworkflow",
     )
-    return await channel.basic_publish(
-        r["body"],
-        exchange=r["exchange"],
-        routing_key=r["routing_key"],
+    return await amqp.publish(
+        channel, r["body"], exchange=r["exchange"], routing_key=r["routing_key"], mandatory=r["mandatory"],
         properties=properties,
-        mandatory=r["mandatory"],
-    )
+    )  # fmt: skip

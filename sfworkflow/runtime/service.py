@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from sfworkflow import db
+from sfworkflow.client import amqp
 from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
@@ -137,11 +138,11 @@ class Service:
         if applied:
             log.info("migrations applied", versions=applied)
         self.pool = await db.create_pool(s.database_url, s.pool_size)
-        self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: aio_pika.connect_robust(s.amqp_url))
+        self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: amqp.connect_robust(s.amqp_url))
         await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
         self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor)
         await self.relay.start()
-        self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.doorbell.ring)
+        self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.hand)
         self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
         self.timers.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)

@@ -27,7 +27,9 @@ from sfworkflow import db
 from sfworkflow.cli.main import build_parser
 from sfworkflow.cli.outbox import outbox as outbox_cli
 from sfworkflow.contract.topology import COMMANDS_EXCHANGE
+from sfworkflow.core.batch import OutboxRow
 from sfworkflow.db import outbox
+from sfworkflow.db.outbox import Queued
 from sfworkflow.ops import outbox as outbox_ops
 from sfworkflow.runtime import relay as relay_module
 from sfworkflow.runtime.declare import declare
@@ -233,10 +235,8 @@ async def test_the_cli_lists_the_rows_given_up_and_republishes_one(
 async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_after_it(
     rig: Rig, pg: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rounds overlap: a round waits for the broker's confirms (RabbitMQ confirms a persistent message once it
-    is on disk: up to ~200 ms on a busy queue), and rows committed meanwhile go out in another round instead of
-    queueing behind it. With one round at a time the closed loop of the live benchmark went at the pace of those
-    confirms: ~1,000 events/s with the service at 59 % of a core."""
+    """Rounds overlap: a round holds its rows until the broker confirmed them, and rows a poll finds meanwhile go
+    out in another round instead of queueing behind it (SFWORKFLOW_RELAY_ROUNDS)."""
     await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
     held, release = asyncio.Event(), asyncio.Event()
     publish = relay_module._publish_in_instance_order
@@ -271,3 +271,50 @@ async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_
 def ring(relay: Relay) -> None:
     """What a commit of the service does: wake the relay."""
     relay.doorbell.ring()
+
+
+async def handed_row(pg: asyncpg.Connection, instance_id: int | None, routing_key: str, body: str) -> Queued:
+    """A row as a transaction of the service queues it, and as the store hands it to the relay after commit."""
+    message_id = str(uuid.uuid4())
+    row_id = await pg.fetchval(
+        "INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body) "
+        "VALUES ($1, 'command', $2, $3, $4, $5) RETURNING id",
+        message_id, COMMANDS_EXCHANGE, routing_key, instance_id, body.encode(),
+    )  # fmt: skip
+    return Queued(row_id, OutboxRow(message_id, "command", COMMANDS_EXCHANGE, routing_key, instance_id,
+                                    body.encode(), {}, True))  # fmt: skip
+
+
+async def test_rows_handed_over_are_published_from_memory_without_searching_the_outbox(
+    rig: Rig, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_search(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        raise AssertionError("the outbox was searched for rows the relay was handed")
+
+    rows = [await handed_row(pg, 20 + i % 3, ROUTED, f"handed {i}") for i in range(9)]
+    monkeypatch.setattr(outbox, "claim_due", no_search)
+    rig.relay.hand(rows)
+    assert await rig.relay.publish_round(poll=False) == 9
+    assert all([await published(pg, r.id) for r in rows])
+    assert sorted(await received(rig.queue, 9)) == sorted(f"handed {i}" for i in range(9))
+    assert await rig.relay.publish_round(poll=False) == 0  # nothing handed: a round without a poll does nothing
+
+
+async def test_a_handed_row_behind_an_earlier_row_held_elsewhere_is_left_for_the_polling_claim(
+    rig: Rig, pg: asyncpg.Connection
+) -> None:
+    first = await add_row(pg, 30, ROUTED, "first")  # committed by someone else, held by another relay
+    second = await handed_row(pg, 30, ROUTED, "second")
+    other_relay = await asyncpg.connect(rig.relay.settings.database_url)
+    try:
+        tx = other_relay.transaction()
+        await tx.start()
+        await other_relay.execute("SELECT 1 FROM sfworkflow.outbox WHERE id = $1 FOR UPDATE", first)
+        rig.relay.hand([second])
+        assert await rig.relay.publish_round(poll=False) == 1
+        assert not await published(pg, second.id)  # it would overtake the first row
+        await tx.rollback()
+    finally:
+        await other_relay.close()
+    await rig.relay.publish_round()  # the polling claim finds both, in order
+    assert await received(rig.queue, 2) == ["first", "second"]

@@ -40,8 +40,8 @@ async def _counted(database_url: str, n: int) -> tuple[list[str], list[str]]:
     try:
         await db.init_connection(conn)
         pool = OneConnection(conn)
-        # As the service makes it: the relay is woken in-process after the commit (no NOTIFY statement).
-        store = Store(pool, Engine(DEFINITIONS), park_timeout_s=3600, on_commit=lambda: None)  # type: ignore[arg-type]
+        # As the service makes it: the rows queued go to the relay in-process after the commit (no NOTIFY statement).
+        store = Store(pool, Engine(DEFINITIONS), park_timeout_s=3600, on_commit=lambda queued: None)  # type: ignore[arg-type]
         entities = [f"rt-{n}-{i}" for i in range(n)]
         await store.apply_deliveries(
             [delivery(event("sequence.enrolled", e, enrolled_data(steps=2, delay_s=0))) for e in entities]

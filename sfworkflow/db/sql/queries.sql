@@ -162,15 +162,12 @@ LIMIT $3
 DELETE FROM sfworkflow.parked WHERE id = ANY($1::bigint[])
 
 -- insert_outbox --
--- Queue messages for the relay (a message id already queued is skipped); how many were queued.
-WITH ins AS (
-    INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[],
-                         $7::jsonb[], $8::bool[])
-    ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
-    RETURNING 1
-)
-SELECT count(*) FROM ins
+-- Queue messages for the relay (a message id already queued is skipped); the ids and message ids queued.
+INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[], $7::jsonb[],
+                     $8::bool[])
+ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
+RETURNING id, message_id
 
 -- notify_relays --
 -- Wake the relays of every replica (LISTEN sfworkflow_outbox): for rows queued by a process without a relay
@@ -272,6 +269,20 @@ WHERE instance_id IS NULL OR NOT EXISTS (
     WHERE e.instance_id = due.instance_id AND e.id < due.id AND e.published_at IS NULL AND e.failed_at IS NULL
       AND e.id NOT IN (SELECT id FROM due))
 ORDER BY id
+
+-- claim_handed --
+-- Rows this process just committed and handed to its relay in memory (their ids), locked for publishing:
+-- those another relay holds are skipped, and so is a row behind an earlier unpublished row of its instance
+-- that is not locked here (held by another relay, backing off); the polling claim takes those later.
+WITH mine AS (
+    SELECT o.id, o.instance_id FROM sfworkflow.outbox o
+    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL
+    FOR UPDATE SKIP LOCKED)
+SELECT id FROM mine
+WHERE instance_id IS NULL OR NOT EXISTS (
+    SELECT 1 FROM sfworkflow.outbox e
+    WHERE e.instance_id = mine.instance_id AND e.id < mine.id AND e.published_at IS NULL AND e.failed_at IS NULL
+      AND e.id NOT IN (SELECT id FROM mine))
 
 -- mark_published --
 -- Mark messages the broker confirmed.
