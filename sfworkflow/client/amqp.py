@@ -10,13 +10,23 @@ the same queue in 3 ms, and the closed loop ran at the relay's ~1,000 messages/s
 - `connect_robust` deepens the write queue (WRITE_QUEUE_FRAMES) before it connects: aiormq reads it from a class
   attribute when it makes a connection (a reconnect too), and its `connect` takes no argument for it;
 - `publish` hands a message to the writer without waiting for the socket (`wait=False`) and returns the
-  broker's confirmation: the channel's lock is held only to queue the frames, which keeps the channel's order.
+  broker's confirmation: the channel's lock is held only to queue the frames, which keeps the channel's order;
+- `publish_many` publishes a batch as one write: the channel's lock taken once, one delivery tag and one
+  confirmation future per message, as `basic_publish` makes them, and every frame marshalled into one buffer.
+  35 against 84 us of client CPU per message confirmed (20,000 messages of 700 bytes in chunks of 500), and a
+  write syscall per batch instead of one per message. It uses aiormq's channel internals (the attributes
+  `basic_publish` uses, the same from aiormq 6.8 to 7.x); on a channel without them it publishes one by one.
 
-tests/integration/test_amqp_publishing.py holds both: 500 publishes on one channel are all queued in one turn.
+tests/integration/test_amqp_publishing.py holds these: 500 publishes on one channel are all queued in one turn,
+and a batch is confirmed, returned or failed message by message as single publishes are.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -24,6 +34,7 @@ import aiormq.abc
 import aiormq.connection
 from aio_pika.abc import AbstractRobustConnection
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 WRITE_QUEUE_FRAMES = 4096  # frames a connection's writer may have waiting (aiormq's default: 10)
 
@@ -56,3 +67,62 @@ async def publish(
     return await channel.basic_publish(
         body, exchange=exchange, routing_key=routing_key, mandatory=mandatory, properties=properties, wait=False
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message of a `publish_many` batch; its properties carry a message_id (returns are matched by it)."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    mandatory: bool
+    properties: Basic.Properties
+
+
+_INTERNALS = ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "number",
+              "publisher_confirms", "_split_body", "create_future")  # fmt: skip
+
+
+async def publish_many(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> list[object]:
+    """Publish `messages` in order, in one write; each one's confirmation (Basic.Ack), or the exception its
+    single publish would raise (returned: PublishError; nacked: DeliveryError; the channel closed)."""
+    if not messages:
+        return []
+    if not isinstance(channel, aiormq.Channel) or not all(hasattr(channel, a) for a in _INTERNALS):
+        return await _one_by_one(channel, messages)
+    if not channel.publisher_confirms:
+        raise ValueError("publish_many needs a channel with publisher confirms")
+    confirmations: list[asyncio.Future[Any]] = []
+    frames: list[Any] = []
+    async with channel.lock:
+        for m in messages:
+            message_id = m.properties.message_id
+            if not message_id:
+                raise ValueError("publish_many needs a message_id on every message (returns are matched by it)")
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            confirmation = channel.create_future()
+            channel.confirmations[tag] = confirmation
+            channel.message_id_delivery_tag[message_id] = tag
+            confirmation.add_done_callback(partial(_forget, channel, message_id, tag))
+            confirmations.append(confirmation)
+            frames.append(Basic.Publish(exchange=m.exchange, routing_key=m.routing_key, mandatory=m.mandatory))
+            frames.append(ContentHeader(properties=m.properties, body_size=len(m.body)))
+            frames += channel._split_body(m.body)
+        await channel.write_queue.put(aiormq.abc.ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+    return list(await asyncio.gather(*confirmations, return_exceptions=True))
+
+
+def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        channel.message_id_delivery_tag.pop(message_id)
+
+
+async def _one_by_one(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> list[object]:
+    singles = [
+        publish(channel, m.body, exchange=m.exchange, routing_key=m.routing_key, mandatory=m.mandatory,
+                properties=m.properties)
+        for m in messages
+    ]  # fmt: skip
+    return list(await asyncio.gather(*singles, return_exceptions=True))

@@ -205,27 +205,17 @@ class SimulatedWorker:
         await self._publish_all(self._answer(cmd, a))
 
     async def _publish_all(self, events: list[dict[str, Any]]) -> None:
-        """Publish events, in the list's order on one channel, their confirms awaited together; one that fails
-        (RabbitMQ away) is published again through aio-pika, retried as a real worker must, for a minute."""
+        """Publish events in the list's order as one batch, confirms awaited together; one that fails (RabbitMQ
+        away) is published again through aio-pika, retried as a real worker must, for a minute."""
         assert self._publisher is not None
+        batch = [amqp.Outgoing(orjson.dumps(e), EVENTS_EXCHANGE, e["event_type"], True, _properties(e)) for e in events]
         try:
             channel = await self._publisher.channel.get_underlay_channel()
-            confirms = [
-                amqp.publish(
-                    channel,
-                    orjson.dumps(e),
-                    exchange=EVENTS_EXCHANGE,
-                    routing_key=e["event_type"],
-                    mandatory=True,
-                    properties=_properties(e),
-                )
-                for e in events
-            ]
-            results = await asyncio.gather(*confirms, return_exceptions=True)
-        except Exception:
-            results = [ConnectionError("channel")] * len(events)
-        for e, r in zip(events, results, strict=True):
-            if isinstance(r, BaseException) or not isinstance(r, Basic.Ack):
+            outcomes = await amqp.publish_many(channel, batch)
+        except Exception as exc:
+            outcomes = [exc] * len(events)
+        for e, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, BaseException) or not isinstance(outcome, Basic.Ack):
                 await self._publish(e)
 
     async def _publish(self, event: dict[str, Any]) -> None:

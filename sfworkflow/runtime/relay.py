@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiormq.abc
@@ -300,31 +300,29 @@ class Relay:
 
 
 async def _publish_in_instance_order(
-    channel: aiormq.abc.AbstractChannel, rows: list[asyncpg.Record]
+    channel: aiormq.abc.AbstractChannel, rows: Sequence[Mapping[str, Any]]
 ) -> dict[int, object]:
     """Publish every row, an instance's rows one after the other (each confirmed before the next; a failure
-    leaves its later rows unattempted), different instances' rows concurrently. Returns id -> confirmation or
+    leaves its later rows unattempted), different instances' rows together: in waves, each the next row of every
+    instance still going, published as one batch (client/amqp.py publish_many). Returns id -> confirmation or
     exception; rows held back behind a failure are absent."""
-    chains: dict[object, list[asyncpg.Record]] = {}
+    chains: dict[object, deque[Mapping[str, Any]]] = {}
     for r in rows:  # in id order
         key = r["instance_id"] if r["instance_id"] is not None else ("row", r["id"])
-        chains.setdefault(key, []).append(r)
+        chains.setdefault(key, deque()).append(r)
     results: dict[int, object] = {}
-
-    async def chain(chain_rows: list[asyncpg.Record]) -> None:
-        for r in chain_rows:
-            try:
-                results[r["id"]] = await _publish(channel, r)
-            except Exception as exc:
-                results[r["id"]] = exc
-                return
-
-    await asyncio.gather(*(chain(c) for c in chains.values()))
+    going = list(chains.values())
+    while going:
+        wave = [c.popleft() for c in going]
+        outcomes = await amqp.publish_many(channel, [_outgoing(r) for r in wave])
+        for r, outcome in zip(wave, outcomes, strict=True):
+            results[r["id"]] = outcome
+        going = [c for c, outcome in zip(going, outcomes, strict=True) if c and not isinstance(outcome, BaseException)]
     return results
 
 
-async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> Any:
-    """Publish one outbox row: persistent, message_id = the row's id; confirms and returns raise."""
+def _outgoing(r: Mapping[str, Any]) -> amqp.Outgoing:
+    """One outbox row as published: persistent, message_id = the row's; confirms and returns raise."""
     headers: dict[str, Any] = r["headers"] or {}
     kind = r["kind"]
     if kind == "dead_letter":
@@ -339,7 +337,4 @@ async def _publish(channel: aiormq.abc.AbstractChannel, r: asyncpg.Record) -> An
         headers=headers or None,
         app_id="sfworkflow",
     )
-    return await amqp.publish(
-        channel, r["body"], exchange=r["exchange"], routing_key=r["routing_key"], mandatory=r["mandatory"],
-        properties=properties,
-    )  # fmt: skip
+    return amqp.Outgoing(r["body"], r["exchange"], r["routing_key"], r["mandatory"], properties)

@@ -11,8 +11,10 @@ while RabbitMQ confirmed a probe on the same queue in 3 ms, and the closed loop 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import aiormq
+from pamqp.commands import Basic
 
 from sfworkflow.client import amqp
 
@@ -36,5 +38,49 @@ async def test_publishes_in_flight_on_one_channel_are_queued_for_the_writer_in_o
         assert underlay.delivery_tag - before == IN_FLIGHT  # every publish is past its channel's lock
         confirms = await asyncio.gather(*pending)
         assert all(isinstance(c, aiormq.spec.Basic.Ack) for c in confirms)
+    finally:
+        await connection.close()
+
+
+def _message(n: int, routing_key: str, mandatory: bool = True) -> amqp.Outgoing:
+    return amqp.Outgoing(f"m{n}".encode(), "", routing_key, mandatory, Basic.Properties(message_id=str(uuid.uuid4())))
+
+
+async def test_a_batch_is_published_in_order_and_confirmed_message_by_message(amqp_url: str) -> None:
+    """A batch is one write, and each message in it is confirmed, returned or failed as a single publish is."""
+    connection = await amqp.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        underlay = await channel.get_underlay_channel()
+        batch = [_message(n, queue.name) for n in range(300)]
+        batch[100] = _message(100, "nowhere")  # mandatory and unroutable: returned
+        batch[101] = _message(101, "nowhere", mandatory=False)  # not mandatory: dropped by the broker, confirmed
+        outcomes = await amqp.publish_many(underlay, batch)
+        assert isinstance(outcomes[100], aiormq.exceptions.DeliveryError)
+        assert all(isinstance(o, aiormq.spec.Basic.Ack) for n, o in enumerate(outcomes) if n != 100)
+        got: list[bytes] = []
+        async with queue.iterator(no_ack=True) as messages:
+            async for m in messages:
+                got.append(m.body)
+                if len(got) == 298:
+                    break
+        assert got == [f"m{n}".encode() for n in range(300) if n not in (100, 101)]
+        # and one by one, as publish_many does on a channel without the internals it uses: the same outcomes
+        again = await amqp._one_by_one(underlay, [_message(1, queue.name), _message(2, "nowhere")])
+        assert isinstance(again[0], aiormq.spec.Basic.Ack) and isinstance(again[1], aiormq.exceptions.DeliveryError)
+    finally:
+        await connection.close()
+
+
+async def test_a_batch_on_a_channel_that_closes_fails_instead_of_waiting(amqp_url: str) -> None:
+    connection = await amqp.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay = await channel.get_underlay_channel()
+        # publishing to an exchange that does not exist closes the channel (404): the batch's confirmations fail
+        batch = [amqp.Outgoing(b"x", "no-such-exchange", "k", True, Basic.Properties(message_id=str(uuid.uuid4())))]
+        outcomes = await asyncio.wait_for(amqp.publish_many(underlay, batch * 3), 10)
+        assert all(isinstance(o, BaseException) for o in outcomes)
     finally:
         await connection.close()
