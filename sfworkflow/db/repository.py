@@ -11,10 +11,11 @@ its write set. For a batch of deliveries one transaction makes these round trips
       insert_effects                   effect keys: a key claimed before suppresses the command
       delete_claims, insert_claims, claim_holders
       read_registers
-    writes, each only when there are such rows: update_instances, delete_unstarted, insert_history,
-      delete_timers, upsert_timers, insert_parked, raise_parked_counts, clear_awaiting_version,
-      delete_parked, delete_claims, delete_effects, upsert_registers, insert_outbox (+ NOTIFY only from a
-      process without a relay; the service hands the rows queued to its own relay after the commit: on_commit)
+    writes, each only when there are such rows: write_batch (instances, history, timers cancelled and
+      outbox rows in one statement), delete_unstarted, upsert_timers, insert_parked, raise_parked_counts,
+      clear_awaiting_version, delete_parked, delete_claims, delete_effects, upsert_registers (+ NOTIFY only
+      from a process without a relay; the service hands the rows queued to its own relay after the commit:
+      on_commit)
 
 Every bad message of the batch becomes a dead-letter outbox row in the same transaction, so acking the whole
 batch after commit loses nothing. Timers, parked re-drives and the expiry of parked events run the same plan
@@ -272,30 +273,27 @@ class _Unit:
 
 
 async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) -> list[Queued]:
-    """Write a plan's write set: one statement per kind of row, each skipped when it has none; the outbox rows
-    queued (a message id queued before is skipped). With `notify`, they wake every replica's relay by NOTIFY (a
+    """Write a plan's write set: instances, history, timers cancelled and outbox rows in one statement
+    (write_batch), then a statement per other kind of row, each skipped when it has none; the outbox rows queued
+    (a message id queued before is skipped). With `notify`, they wake every replica's relay by NOTIFY (a
     process without a relay of its own: an operator's command); the service passes False and hands them to
     its own relay after the commit."""
-    if ws.instances:
-        u = ws.instances
-        await conn.execute(
-            q("update_instances"), [x.instance_id for x in u], [x.state for x in u], [x.context for x in u],
-            [x.version for x in u], [x.terminal for x in u], [x.parked_count for x in u],
-            [x.last_event_id for x in u], [x.last_event_type for x in u], [x.definition_version for x in u],
-            [x.restart_clock for x in u],
+    u, h, c, o = ws.instances, ws.history, ws.cancel_timers, ws.outbox
+    inserted: list[asyncpg.Record] = []
+    if u or h or c or ws.cancel_all_timers or o:
+        inserted = await conn.fetch(
+            q("write_batch"),
+            [x.instance_id for x in u], [x.state for x in u], [x.context for x in u], [x.version for x in u],
+            [x.terminal for x in u], [x.parked_count for x in u], [x.last_event_id for x in u],
+            [x.last_event_type for x in u], [x.definition_version for x in u], [x.restart_clock for x in u],
+            [x.instance_id for x in h], [x.seq for x in h], [x.event_id for x in h], [x.event_type for x in h],
+            [x.outcome for x in h], [x.from_state for x in h], [x.to_state for x in h], [x.detail for x in h],
+            ws.cancel_all_timers, [x.instance_id for x in c], [x.name for x in c],
+            [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o], [x.routing_key for x in o],
+            [x.instance_id for x in o], [x.body for x in o], [x.headers for x in o], [x.mandatory for x in o],
         )  # fmt: skip
     if ws.unstarted:
         await conn.execute(q("delete_unstarted"), ws.unstarted)
-    if ws.history:
-        h = ws.history
-        await conn.execute(
-            q("insert_history"), [x.instance_id for x in h], [x.seq for x in h], [x.event_id for x in h],
-            [x.event_type for x in h], [x.outcome for x in h], [x.from_state for x in h],
-            [x.to_state for x in h], [x.detail for x in h],
-        )  # fmt: skip
-    if ws.cancel_all_timers or ws.cancel_timers:
-        c = ws.cancel_timers
-        await conn.execute(q("delete_timers"), ws.cancel_all_timers, [x.instance_id for x in c], [x.name for x in c])
     if ws.timers:
         t = ws.timers
         await conn.execute(
@@ -327,14 +325,6 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             q("upsert_registers"), [x.key for x in r], [x.value for x in r], [x.tenant_id for x in r],
             [x.instance_id for x in r],
         )  # fmt: skip
-    if not ws.outbox:
-        return []
-    o = ws.outbox
-    inserted = await conn.fetch(
-        q("insert_outbox"), [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o],
-        [x.routing_key for x in o], [x.instance_id for x in o], [x.body for x in o],
-        [x.headers for x in o], [x.mandatory for x in o],
-    )  # fmt: skip
     if inserted and notify:
         await conn.execute(q("notify_relays"))
     rows = {x.message_id: x for x in o}

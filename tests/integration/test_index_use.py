@@ -23,7 +23,27 @@ GROWING = {"instance", "history", "inbox", "outbox", "timer", "effect", "claim",
 
 # (query name, sample arguments)
 STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
-    ("delete_timers", ([1, 2], [3, 4], ["retry", "step"])),
+    # instances, history, timers cancelled (every timer of 1 and 2; "retry" of 3, "step" of 4), outbox
+    (
+        "write_batch",
+        (
+            [7],
+            ["s"],
+            [{}],
+            [1],
+            [False],
+            [0],
+            [None],
+            ["e"],
+            [1],
+            [False],
+            *[[]] * 8,
+            [1, 2],
+            [3, 4],
+            ["retry", "step"],
+            *[[]] * 8,
+        ),
+    ),
     ("lock_due_timer_instances", (256, ["sequence"], [1])),
     ("prune_outbox", (14.0, 5000)),
     ("prune_inbox", (14.0, 5000)),

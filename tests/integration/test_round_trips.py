@@ -67,11 +67,11 @@ async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str
     # exist: parked_count is 0), the second step's effect key, the writes.
     assert enrolled == [
         "insert_inbox", "create_instances", "lock_instances", "load_parked", "insert_effects",
-        "update_instances", "insert_history", "delete_timers", "insert_outbox",
+        "write_batch",
     ]  # fmt: skip
     assert step_sent == [
         "insert_inbox", "create_instances", "lock_instances", "insert_effects",
-        "update_instances", "insert_history", "delete_timers", "insert_outbox",
+        "write_batch",
     ]  # fmt: skip
     # Two steps each, for 1 + 40 instances.
     assert (await pg.fetchval("SELECT count(*) FROM sfworkflow.effect")) == 2 * 41
