@@ -8,6 +8,7 @@ import asyncio
 import asyncpg
 import orjson
 
+from sfworkflow.db.pool import q
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import (
@@ -295,8 +296,8 @@ async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
     """enrolled and cancelled for one entity, taken by the two consumer channels at the same time.
 
     To make the overlap certain, the test holds a SHARE lock on sfworkflow.outbox: the enrollment's
-    batch then waits at its last statement (outbox insert) with the new instance uncommitted, while the
-    other channel takes the cancellation (which writes no outbox row)."""
+    batch then waits at its write statement (write_batch, which queues its outbox rows) with the new instance
+    uncommitted, while the other channel takes the cancellation (which writes no outbox row)."""
     async with running_service(quick(settings, consumers=2)), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
         locker = await asyncpg.connect(database_url)
@@ -306,7 +307,7 @@ async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
             await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
             await mq.publish(event("sequence.enrolled", "race-1", enrolled_data(steps=1, delay_s=1)))
             await wait_for(
-                lambda: _waiting_on_lock(pg, "INSERT INTO sfworkflow.outbox"),
+                lambda: _waiting_on_lock(pg, q("write_batch").splitlines()[0]),  # the text is long: its first line
                 timeout=5,
                 what="the enrollment's batch waiting at its outbox insert",
             )
