@@ -192,7 +192,7 @@ class Store:
         gone, or is on a definition version this process has not loaded. `replayed`: an operator's replay
         (ops/replay.py): the detail of the `replayed` history entry written in the same transaction."""
         async with self._transaction() as unit:
-            rows = await unit.conn.fetch(q("lock_instances"), [key.tenant_id], [key.workflow], [key.entity_id])
+            rows = await unit.conn.fetch(q("lock_instances"), _keys([key]))
             if not rows or (expect_version is not None and rows[0]["version"] != expect_version):
                 return None
             plan = BatchPlan(self.engine, self.park_timeout)
@@ -283,14 +283,18 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
     if u or h or c or ws.cancel_all_timers or o:
         inserted = await conn.fetch(
             q("write_batch"),
-            [x.instance_id for x in u], [x.state for x in u], [x.context for x in u], [x.version for x in u],
-            [x.terminal for x in u], [x.parked_count for x in u], [x.last_event_id for x in u],
-            [x.last_event_type for x in u], [x.definition_version for x in u], [x.restart_clock for x in u],
-            [x.instance_id for x in h], [x.seq for x in h], [x.event_id for x in h], [x.event_type for x in h],
-            [x.outcome for x in h], [x.from_state for x in h], [x.to_state for x in h], [x.detail for x in h],
-            ws.cancel_all_timers, [x.instance_id for x in c], [x.name for x in c],
-            [x.message_id for x in o], [x.kind for x in o], [x.exchange for x in o], [x.routing_key for x in o],
-            [x.instance_id for x in o], [x.body for x in o], [x.headers for x in o], [x.mandatory for x in o],
+            [{"id": x.instance_id, "state": x.state, "context": x.context, "version": x.version,
+              "terminal": x.terminal, "parked_count": x.parked_count, "last_event_id": x.last_event_id,
+              "last_event_type": x.last_event_type, "definition_version": x.definition_version,
+              "restart_clock": x.restart_clock} for x in u],
+            [{"instance_id": x.instance_id, "seq": x.seq, "event_id": x.event_id, "event_type": x.event_type,
+              "outcome": x.outcome, "from_state": x.from_state, "to_state": x.to_state, "detail": x.detail}
+             for x in h],
+            ws.cancel_all_timers,
+            [{"instance_id": x.instance_id, "name": x.name} for x in c],
+            [{"message_id": x.message_id, "kind": x.kind, "exchange": x.exchange, "routing_key": x.routing_key,
+              "instance_id": x.instance_id, "headers": x.headers, "mandatory": x.mandatory} for x in o],
+            [x.body for x in o],
         )  # fmt: skip
     if ws.unstarted:
         await conn.execute(q("delete_unstarted"), ws.unstarted)
@@ -338,31 +342,26 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
     match request:
         case InsertInbox(events=events):
             inserted = await conn.fetch(
-                q("insert_inbox"), [e.tenant_id for e in events], [e.event_id for e in events],
-                [e.event_type for e in events], [e.entity_id for e in events],
+                q("insert_inbox"),
+                [{"tenant_id": e.tenant_id, "event_id": e.event_id, "event_type": e.event_type,
+                  "entity_id": e.entity_id} for e in events],
             )  # fmt: skip
             return {(r["tenant_id"], r["event_id"]) for r in inserted}
         case LockInstances(instances=new):
-            keys = [n.key for n in new]
             await conn.execute(
-                q("create_instances"), [k.tenant_id for k in keys], [k.workflow for k in keys],
-                [k.entity_id for k in keys], [n.definition_version for n in new], [n.initial_state for n in new],
-                [n.correlation_id for n in new],
+                q("create_instances"),
+                [{"tenant_id": n.key.tenant_id, "workflow": n.key.workflow, "entity_id": n.key.entity_id,
+                  "definition_version": n.definition_version, "state": n.initial_state,
+                  "correlation_id": n.correlation_id} for n in new],
             )  # fmt: skip
-            return await conn.fetch(
-                q("lock_instances"),
-                [k.tenant_id for k in keys],
-                [k.workflow for k in keys],
-                [k.entity_id for k in keys],
-            )
+            return await conn.fetch(q("lock_instances"), _keys([n.key for n in new]))
         case LoadParked(keys=keys):
-            return await conn.fetch(
-                q("load_parked"), [k.tenant_id for k in keys], [k.workflow for k in keys], [k.entity_id for k in keys]
-            )
+            return await conn.fetch(q("load_parked"), _keys(keys))
         case ClaimEffects(claims=claims):
             rows = await conn.fetch(
-                q("insert_effects"), [c.effect_key for c in claims], [c.tenant_id for c in claims],
-                [c.instance_id for c in claims], [c.command_id for c in claims], [c.idempotency_key for c in claims],
+                q("insert_effects"),
+                [{"effect_key": c.effect_key, "tenant_id": c.tenant_id, "instance_id": c.instance_id,
+                  "command_id": c.command_id, "idempotency_key": c.idempotency_key} for c in claims],
             )  # fmt: skip
             return {r["effect_key"] for r in rows}
         case ClaimKeys(releases=releases, claims=claims):
@@ -385,6 +384,11 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
         case ReadRegisters(keys=keys):
             return {r["key"]: r["value"] for r in await conn.fetch(q("read_registers"), keys)}
     raise TypeError(f"a batch plan asked for {type(request).__name__}, which the repository cannot answer")
+
+
+def _keys(keys: Sequence[InstanceKey]) -> list[dict[str, str]]:
+    """Instance keys as the statements that take them read them (a JSON array of objects)."""
+    return [{"tenant_id": k.tenant_id, "workflow": k.workflow, "entity_id": k.entity_id} for k in keys]
 
 
 async def _delete_keys(conn: asyncpg.Connection, query: str, keys: Sequence[KeyRelease]) -> None:

@@ -3,31 +3,38 @@
 -- of round trips whatever its size.
 
 -- insert_inbox --
--- Record events as received; returns the ones not seen before (the rest are duplicates).
+-- Record events as received ($1: [{tenant_id, event_id, event_type, entity_id}], in the order to insert them);
+-- returns the ones not seen before (the rest are duplicates).
 INSERT INTO sfworkflow.inbox (tenant_id, event_id, event_type, entity_id)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])
+SELECT e.tenant_id, e.event_id, e.event_type, e.entity_id
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(doc, n),
+     jsonb_to_record(a.doc) AS e(tenant_id uuid, event_id uuid, event_type text, entity_id text)
+ORDER BY a.n
 ON CONFLICT DO NOTHING
 RETURNING tenant_id, event_id
 
 -- create_instances --
 -- Create the instances a batch names that do not exist yet (in their initial state, version 0), in the
--- order given (sorted by key: the first lock of a batch is taken in key order). Existing keys are skipped
--- before the insert is tried, so they take no identity value and no lock.
+-- order given ($1: [{tenant_id, workflow, entity_id, definition_version, state, correlation_id}], sorted by key:
+-- the first lock of a batch is taken in key order). Existing keys are skipped before the insert is tried, so
+-- they take no identity value and no lock.
 INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, correlation_id)
 SELECT k.tenant_id, k.workflow, k.entity_id, k.definition_version, k.state, k.correlation_id
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[]) WITH ORDINALITY
-     AS k(tenant_id, workflow, entity_id, definition_version, state, correlation_id, n)
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(doc, n),
+     jsonb_to_record(a.doc) AS k(tenant_id uuid, workflow text, entity_id text, definition_version int, state text,
+                                 correlation_id text)
 WHERE NOT EXISTS (SELECT 1 FROM sfworkflow.instance i
                   WHERE (i.tenant_id, i.workflow, i.entity_id) = (k.tenant_id, k.workflow, k.entity_id))
-ORDER BY k.n
+ORDER BY a.n
 ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 
 -- lock_instances --
--- Lock the instances of a batch in id order (a fixed order, so concurrent batches cannot deadlock).
+-- Lock the instances of a batch ($1: [{tenant_id, workflow, entity_id}]) in id order (a fixed order, so
+-- concurrent batches cannot deadlock).
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id, i.terminal
 FROM sfworkflow.instance i
-JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
+JOIN jsonb_to_recordset($1::jsonb) AS k(tenant_id uuid, workflow text, entity_id text)
   USING (tenant_id, workflow, entity_id)
 ORDER BY i.id
 FOR UPDATE OF i
@@ -69,24 +76,27 @@ FOR UPDATE SKIP LOCKED
 SELECT instance_id, name FROM sfworkflow.timer WHERE instance_id = ANY($1::bigint[])
 
 -- load_parked --
--- Parked events of some instances, oldest first, locked so the expiry sweep cannot take them too.
+-- Parked events of some instances ($1: [{tenant_id, workflow, entity_id}]), oldest first, locked so the expiry
+-- sweep cannot take them too.
 SELECT p.id, p.tenant_id, p.workflow, p.entity_id, p.event_id, p.body, p.headers, p.deadline, p.awaiting_version
 FROM sfworkflow.parked p
-JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(tenant_id, workflow, entity_id)
+JOIN jsonb_to_recordset($1::jsonb) AS k(tenant_id uuid, workflow text, entity_id text)
   USING (tenant_id, workflow, entity_id)
 ORDER BY p.id
 FOR UPDATE OF p
 
 -- write_batch --
 -- The rows nearly every batch writes, in one statement: one round trip instead of four, each part doing nothing
--- when its arrays are empty. The parts touch four different tables, so running them as sub-statements of one
--- statement changes nothing any of them sees. Returns the ids and message ids of the messages queued.
---   instances ($1-$10): state, context, version and definition version of the instances a batch changed; the
---     state's clock restarts when the state changes or an operator acted on the instance (restart_clock);
---   history ($11-$18): entries appended;
---   timers cancelled: every timer of some instances ($19), named timers of others ($20, $21); one join over
---     both lists, so each is looked up in the primary key (instance_id, name), never the whole table;
---   outbox ($22-$29): messages queued for the relay; a message id queued before is skipped.
+-- when it has no rows. The parts touch four different tables, so running them as sub-statements of one
+-- statement changes nothing any of them sees. Rows come as JSON arrays of objects (jsonb_to_recordset): the
+-- client encodes one document per kind instead of an array per column and an element at a time (5.8 against
+-- 1.6 us of client CPU per history row). Returns the ids and message ids of the messages queued.
+--   $1 instances: state, context, version and definition version of the instances a batch changed; the state's
+--      clock restarts when the state changes or an operator acted on the instance (restart_clock);
+--   $2 history: entries appended;
+--   timers cancelled: every timer of some instances ($3), named timers of others ($4); one join over both
+--      lists, so each is looked up in the primary key (instance_id, name), never the whole table;
+--   $5 outbox, with $6 the bodies in the same order: messages queued; a message id queued before is skipped.
 WITH changed AS (
     UPDATE sfworkflow.instance AS i
     SET state = u.state,
@@ -99,25 +109,29 @@ WITH changed AS (
         last_event_type = COALESCE(u.last_event_type, i.last_event_type),
         state_entered_at = CASE WHEN i.state <> u.state OR u.restart_clock THEN now() ELSE i.state_entered_at END,
         updated_at = now()
-    FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::bigint[], $5::bool[], $6::int[], $7::uuid[], $8::text[],
-                $9::int[], $10::bool[])
-         AS u(id, state, context, version, terminal, parked_count, last_event_id, last_event_type,
-              definition_version, restart_clock)
+    FROM jsonb_to_recordset($1::jsonb)
+         AS u(id bigint, state text, context jsonb, version bigint, terminal bool, parked_count int,
+              last_event_id uuid, last_event_type text, definition_version int, restart_clock bool)
     WHERE i.id = u.id),
 history AS (
     INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail)
-    SELECT * FROM unnest($11::bigint[], $12::bigint[], $13::uuid[], $14::text[], $15::text[], $16::text[],
-                         $17::text[], $18::jsonb[])),
+    SELECT * FROM jsonb_to_recordset($2::jsonb)
+         AS h(instance_id bigint, seq bigint, event_id uuid, event_type text, outcome text, from_state text,
+              to_state text, detail jsonb)),
 cancelled AS (
     DELETE FROM sfworkflow.timer t
-    USING (SELECT unnest($19::bigint[]), NULL::text
+    USING (SELECT unnest($3::bigint[]), NULL::text
            UNION ALL
-           SELECT * FROM unnest($20::bigint[], $21::text[])) AS c(instance_id, name)
+           SELECT * FROM jsonb_to_recordset($4::jsonb) AS n(instance_id bigint, name text)) AS c(instance_id, name)
     WHERE t.instance_id = c.instance_id AND (c.name IS NULL OR t.name = c.name)),
 queued AS (
     INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
-    SELECT * FROM unnest($22::uuid[], $23::text[], $24::text[], $25::text[], $26::bigint[], $27::bytea[],
-                         $28::jsonb[], $29::bool[])
+    SELECT o.message_id, o.kind, o.exchange, o.routing_key, o.instance_id, o.body, o.headers, o.mandatory
+    FROM ROWS FROM (jsonb_to_recordset($5::jsonb)
+                        AS (message_id uuid, kind text, exchange text, routing_key text, instance_id bigint,
+                            headers jsonb, mandatory bool),
+                    unnest($6::bytea[]))
+         AS o(message_id, kind, exchange, routing_key, instance_id, headers, mandatory, body)
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
     RETURNING id, message_id)
 SELECT id, message_id FROM queued
@@ -134,9 +148,14 @@ ON CONFLICT (instance_id, name) DO UPDATE SET due_at = EXCLUDED.due_at, payload 
     created_at = now()
 
 -- insert_effects --
--- Claim effect keys; returns the keys claimed now (the others were claimed before: suppressed).
+-- Claim effect keys ($1: [{effect_key, tenant_id, instance_id, command_id, idempotency_key}], in key order);
+-- returns the keys claimed now (the others were claimed before: suppressed).
 INSERT INTO sfworkflow.effect (effect_key, tenant_id, instance_id, command_id, idempotency_key)
-SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[])
+SELECT c.effect_key, c.tenant_id, c.instance_id, c.command_id, c.idempotency_key
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(doc, n),
+     jsonb_to_record(a.doc) AS c(effect_key text, tenant_id uuid, instance_id bigint, command_id uuid,
+                                 idempotency_key text)
+ORDER BY a.n
 ON CONFLICT (effect_key) DO NOTHING
 RETURNING effect_key
 
