@@ -327,3 +327,44 @@ async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
 
     assert sends == []
     assert await parked_rows(pg) == []
+
+
+async def test_cancel_racing_the_enrollment_on_another_replica_is_not_lost(
+    settings: Settings, pg: asyncpg.Connection, database_url: str
+) -> None:
+    """enrolled and cancelled for one entity, taken by two replicas at the same time.
+
+    As above, a SHARE lock on sfworkflow.outbox holds the enrollment's batch at its write statement with the new
+    instance uncommitted. The first replica has a prefetch of 1, so while the enrollment is unacked the broker
+    can only deliver the cancellation to the second replica, which parks it (the defect) or waits for the
+    enrollment's key (fixed)."""
+    first = quick(settings, consumers=1, prefetch=1, batch_size=1)
+    async with running_service(first), Amqp(settings.amqp_url) as mq:
+        commands = Inbox(mq, COMMANDS_Q)
+        locker = await asyncpg.connect(database_url)
+        try:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
+            await mq.publish(event("sequence.enrolled", "race-2", enrolled_data(steps=1, delay_s=1)))
+            await wait_for(
+                lambda: _waiting_on_lock(pg, q("write_batch").splitlines()[0]),
+                timeout=5,
+                what="the enrollment's batch waiting at its outbox insert",
+            )
+            async with running_service(quick(settings, consumers=1)):
+                await mq.publish(event("sequence.cancelled", "race-2", {"reason": "enrolled by mistake"}))
+                await wait_for(
+                    lambda: _parked_or_waiting(pg), timeout=5, what="the cancellation taken by the second replica"
+                )
+                await tx.rollback()
+                await wait_state(pg, "race-2", "cancelled", timeout=5)
+                await wait_all_published(pg)
+        finally:
+            await locker.close()
+        await asyncio.sleep(1.5)  # past the step's due time: nothing may be sent
+        await wait_all_published(pg)
+        sends = await commands.settle(0.2)
+
+    assert sends == []
+    assert await parked_rows(pg) == []
