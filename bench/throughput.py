@@ -449,7 +449,8 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
             await worker.start()
             publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         assert publisher is not None
-        samples: list[tuple[float, float, float, float]] = []  # (t, applied, batches, service cpu seconds)
+        # (t, applied, batches, service cpu seconds, cpu seconds of PostgreSQL, RabbitMQ and the machine)
+        samples: list[tuple[float, float, float, float, dict[str, float]]] = []
         t0 = time.monotonic()
         pg = await asyncpg.connect(db_url)
         done_at = None
@@ -461,7 +462,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
                 cpu_s = sum(ct.user + ct.system for ct in (p.cpu_times() for p in sprocs))
                 applied = metric(m, "sfworkflow_events_total", outcome="applied")
                 batches = metric(m, "sfworkflow_batch_size_count")
-                samples.append((time.monotonic() - t0, applied, batches, cpu_s))
+                samples.append((time.monotonic() - t0, applied, batches, cpu_s, _cpu_elsewhere()))
                 if publisher.poll() is not None:
                     if pub_out is None:
                         out = (publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()
@@ -544,6 +545,15 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         "service_cpu_us_per_event": _round(
             (samples[-1][3] - samples[0][3]) / max(1.0, samples[-1][1]) * 1e6 if samples else None, 1
         ),
+        # Where the machine's CPU went per event applied, over the steady state: what the same work costs in
+        # PostgreSQL and RabbitMQ, and how busy the cores were (200 % = two cores saturated).
+        "cpu_us_per_event_steady": {"service": _round((b[3] - a[3]) / (b[1] - a[1]) * 1e6, 1)}
+        | {k: _round((b[4][k] - a[4][k]) / (b[1] - a[1]) * 1e6, 1) for k in ("postgresql", "rabbitmq", "machine")}
+        if a and b and b[1] > a[1]
+        else None,
+        "machine_busy_pct_steady": _round((b[4]["machine"] - a[4]["machine"]) / (b[0] - a[0]) * 100, 1)
+        if a and b and b[0] > a[0]
+        else None,
         "mean_batch_size": _round(
             metric(final, "sfworkflow_batch_size_sum") / max(1.0, metric(final, "sfworkflow_batch_size_count")), 1
         ),
@@ -551,6 +561,19 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         "checks": checks,
         "cores": psutil.cpu_count(),
     }
+
+
+def _cpu_elsewhere() -> dict[str, float]:
+    """CPU seconds so far of PostgreSQL's processes, RabbitMQ's and the machine as a whole (not idle)."""
+    out = {"postgresql": 0.0, "rabbitmq": 0.0}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        name, times = p.info["name"] or "", p.info["cpu_times"]
+        group = "postgresql" if name.startswith("postgres") else "rabbitmq" if name == "beam.smp" else None
+        if group and times is not None:
+            out[group] += times.user + times.system
+    machine = psutil.cpu_times()
+    out["machine"] = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0) - getattr(machine, "guest", 0.0)
+    return out
 
 
 async def _instances_by_workflow(db_url: str, tenant: str) -> dict[str, int]:
