@@ -248,7 +248,7 @@ class InboxGuard:
         self.conn: asyncpg.Connection | None = None
         self.error: str | None = None
 
-    async def prepare(self, tenant_id: str, event_id: str, release: bool) -> str:
+    async def prepare(self, key: operations.EventKey, release: bool) -> str:
         """'applied' (history or parked rows have the event), 'released'/'would release', or 'absent'."""
         if self.error is None and self.conn is None:
             try:
@@ -258,14 +258,14 @@ class InboxGuard:
         if self.conn is None:
             raise SfworkflowError(self.error or "no database connection")
         async with self.conn.transaction():
-            state = await operations.inbox_state_of_event(self.conn, tenant_id, event_id)
+            state = await operations.inbox_state_of_event(self.conn, key)
             if state.taken:
                 return "applied"
             if not state.in_inbox:
                 return "absent"
             if not release:
                 return "would release"
-            await operations.release_inbox_entry(self.conn, tenant_id, event_id)
+            await operations.release_inbox_entry(self.conn, key.tenant_id, key.event_id)
             return "released"
 
     async def close(self) -> None:
@@ -340,26 +340,26 @@ async def redrive_one(
 
 async def release_inbox(dl: DeadLetter, guard: InboxGuard, run: RedriveRun) -> bool:
     """For events the service already recorded as seen: False (and the reason said) when not redrivable."""
-    ids = event_ids(dl) if dl.reason in INBOX_REASONS else None
-    if ids is None:
+    key = event_key(dl) if dl.reason in INBOX_REASONS else None
+    if key is None:
         return True
     try:
-        state = await guard.prepare(*ids, release=not run.dry_run)
+        state = await guard.prepare(key, release=not run.dry_run)
     except Exception as exc:
         run.failed += 1
-        run.say("failed", dl, f"cannot check whether event {ids[1]} was applied since: {exc}; it stays")
+        run.say("failed", dl, f"cannot check whether event {key.event_id} was applied since: {exc}; it stays")
         return False
     if state == "applied":
         run.skipped += 1
         run.say(
             "skipped",
             dl,
-            f"event {ids[1]} was applied or parked since; a redrive would be dropped as a duplicate "
+            f"event {key.event_id} was applied or parked since; a redrive would be dropped as a duplicate "
             "(purge it when no longer needed)",
         )
         return False
     if state in ("released", "would release"):
-        print(f"{'':<10} {safe(dl.message_id or '-')}: inbox entry of event {ids[1]} {state}")
+        print(f"{'':<10} {safe(dl.message_id or '-')}: inbox entry of event {key.event_id} {state}")
     return True
 
 
@@ -388,15 +388,18 @@ async def remove_after_publish(dlq: DeadLetterQueue, dl: DeadLetter, run: Redriv
     run.say("redriven", dl, text)
 
 
-def event_ids(dl: DeadLetter) -> tuple[str, str] | None:
-    """(tenant_id, event_id) of the body when both are UUIDs."""
+def event_key(dl: DeadLetter) -> operations.EventKey | None:
+    """The body's tenant and event ids (when both are UUIDs), its workflow (its event type's prefix) and entity."""
     body = dl.parsed_body
     if not isinstance(body, dict):
         return None
     try:
-        return str(uuid.UUID(str(body.get("tenant_id")))), str(uuid.UUID(str(body.get("event_id"))))
+        tenant_id, event_id = str(uuid.UUID(str(body.get("tenant_id")))), str(uuid.UUID(str(body.get("event_id"))))
     except ValueError:
         return None
+    return operations.EventKey(
+        tenant_id, event_id, str(body.get("event_type", "")).partition(".")[0], str(body.get("entity_id", ""))
+    )
 
 
 def print_redrive_summary(run: RedriveRun) -> None:

@@ -133,13 +133,25 @@ async def list_parked(
 
 # ---- dead letters (`sfworkflow dead-letters redrive`) ---------------------------------------------------------
 @dataclass(frozen=True)
+class EventKey:
+    """What finds an event in the inbox (tenant, event id) and in its instance's history (workflow, entity)."""
+
+    tenant_id: str
+    event_id: str
+    workflow: str
+    entity_id: str
+
+
+@dataclass(frozen=True)
 class InboxState:
     in_inbox: bool  # the inbox has the event: a redelivery of it would be dropped as a duplicate
     taken: bool  # history or parked rows name it: it was applied (or is waiting), not only received
 
 
-async def inbox_state_of_event(conn: asyncpg.Connection, tenant_id: str, event_id: str) -> InboxState:
-    row = await conn.fetchrow(q("inbox_state_of_event"), tenant_id, event_id)
+async def inbox_state_of_event(conn: asyncpg.Connection, event: EventKey) -> InboxState:
+    row = await conn.fetchrow(
+        q("inbox_state_of_event"), event.tenant_id, event.event_id, event.workflow, event.entity_id
+    )
     return InboxState(in_inbox=bool(row["in_inbox"]), taken=bool(row["taken"]))
 
 

@@ -242,6 +242,13 @@ async def test_redrive_of_an_expired_parked_event_is_applied_once_its_instance_a
         assert "0 redriven, 0 refused, 0 failed, 1 skipped" in out
         assert await _depth(settings) == 1
 
+        # Still so once retention has pruned its inbox entry: its instance's history names it.
+        await pg.execute("DELETE FROM sfworkflow.inbox WHERE event_id = $1", early["event_id"])
+        rc, out = await _cli(settings, capsys, "redrive")
+        assert rc == 0 and "was applied or parked since" in out
+        assert "0 redriven, 0 refused, 0 failed, 1 skipped" in out
+        assert await _depth(settings) == 1
+
 
 async def _cursor_is(pg: asyncpg.Connection, entity: str, cursor: int) -> bool:
     row = await instance(pg, entity)

@@ -109,10 +109,12 @@ ORDER BY deadline, id
 LIMIT $3
 
 -- inbox_state_of_event --
--- Whether an event is in the inbox, and whether it was taken (history or parked rows name it).
+-- Whether an event ($2 of tenant $1, of workflow $3 and entity $4) is in the inbox, and whether it was taken (the
+-- history of its instance, or a parked row, names it). History has no index on event_id
+-- (migration 0010): the instance is found by its key, its history by history_instance_idx.
 SELECT EXISTS (SELECT 1 FROM sfworkflow.inbox WHERE tenant_id = $1 AND event_id = $2) AS in_inbox,
-       EXISTS (SELECT 1 FROM sfworkflow.history h JOIN sfworkflow.instance i ON i.id = h.instance_id
-               WHERE h.event_id = $2 AND i.tenant_id = $1)
+       EXISTS (SELECT 1 FROM sfworkflow.instance i JOIN sfworkflow.history h ON h.instance_id = i.id
+               WHERE i.tenant_id = $1 AND i.workflow = $3 AND i.entity_id = $4 AND h.event_id = $2)
        OR EXISTS (SELECT 1 FROM sfworkflow.parked WHERE tenant_id = $1 AND event_id = $2) AS taken
 
 -- release_inbox_entry --
