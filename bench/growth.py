@@ -265,6 +265,17 @@ KEPT = (
 )
 
 
+async def _wal(db_url: str) -> dict[str, int]:
+    """The cluster's WAL written so far (pg_stat_wal): bytes, and full-page images (a page's first change after a
+    checkpoint is written whole: what an index that outgrew the cache costs on every random insert)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        row = await conn.fetchrow("SELECT wal_bytes::bigint AS wal_bytes, wal_fpi FROM pg_stat_wal")
+    finally:
+        await conn.close()
+    return {"wal_bytes": int(row["wal_bytes"]), "wal_fpi": int(row["wal_fpi"])}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     rows = [int(x) for x in args.rows.split(",")]
     modes = args.modes.split(",")
@@ -276,8 +287,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         size: dict[str, Any] = {"active_instances": n, "preloaded": loaded, "workloads": {}}
         for mode in modes:
+            before = await _wal(db_url)
             r = await throughput.run(_workload_args(mode, args), db_url=db_url)
-            size["workloads"][mode] = {k: r[k] for k in KEPT} | {"checks_ok": r["checks"]["ok"], "checks": r["checks"]}
+            after = await _wal(db_url)
+            wal = {
+                "wal_bytes_per_event": round((after["wal_bytes"] - before["wal_bytes"]) / max(1, r["events_applied"])),
+                "wal_full_page_images": after["wal_fpi"] - before["wal_fpi"],
+            }
+            size["workloads"][mode] = (
+                {k: r[k] for k in KEPT} | wal | {"checks_ok": r["checks"]["ok"], "checks": r["checks"]}
+            )
         size["sizes"] = await sizes(db_url)
         results.append(size)
         print(json.dumps({"progress": n, **size["workloads"]}), file=sys.stderr, flush=True)
