@@ -4,6 +4,8 @@ events for ended instances are ignored; paused instances fire no timers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
@@ -290,27 +292,39 @@ async def _parked_or_waiting(pg: asyncpg.Connection) -> bool:
     return bool(await _parked_count(pg)) or bool(await _waiting_on_lock(pg, "INSERT INTO sfworkflow.instance"))
 
 
+@contextlib.asynccontextmanager
+async def _enrollment_held_uncommitted(
+    pg: asyncpg.Connection, database_url: str, mq: Amqp, entity: str
+) -> AsyncIterator[asyncpg.transaction.Transaction]:
+    """Publish an enrollment and hold its batch at its write statement (write_batch, which queues its outbox rows),
+    with the new instance uncommitted, by a SHARE lock on sfworkflow.outbox; yields the lock's transaction, which
+    the caller rolls back to let the batch go on."""
+    locker = await asyncpg.connect(database_url)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
+        await mq.publish(event("sequence.enrolled", entity, enrolled_data(steps=1, delay_s=1)))
+        await wait_for(
+            lambda: _waiting_on_lock(pg, q("write_batch").splitlines()[0]),  # the text is long: its first line
+            timeout=5,
+            what="the enrollment's batch waiting at its outbox insert",
+        )
+        yield tx
+    finally:
+        await locker.close()
+
+
 async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
     settings: Settings, pg: asyncpg.Connection, database_url: str
 ) -> None:
     """enrolled and cancelled for one entity, taken by the two consumer channels at the same time.
 
-    To make the overlap certain, the test holds a SHARE lock on sfworkflow.outbox: the enrollment's
-    batch then waits at its write statement (write_batch, which queues its outbox rows) with the new instance
+    To make the overlap certain, the enrollment's batch is held at its write statement with the new instance
     uncommitted, while the other channel takes the cancellation (which writes no outbox row)."""
     async with running_service(quick(settings, consumers=2)), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
-        locker = await asyncpg.connect(database_url)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
-            await mq.publish(event("sequence.enrolled", "race-1", enrolled_data(steps=1, delay_s=1)))
-            await wait_for(
-                lambda: _waiting_on_lock(pg, q("write_batch").splitlines()[0]),  # the text is long: its first line
-                timeout=5,
-                what="the enrollment's batch waiting at its outbox insert",
-            )
+        async with _enrollment_held_uncommitted(pg, database_url, mq, "race-1") as tx:
             await mq.publish(event("sequence.cancelled", "race-1", {"reason": "enrolled by mistake"}))
             # Round robin hands the cancellation to the other channel: it parks it (bug) or waits for the
             # enrollment's insert (fixed).
@@ -318,8 +332,6 @@ async def test_cancel_racing_the_enrollment_on_another_consumer_is_not_lost(
                 lambda: _parked_or_waiting(pg), timeout=5, what="the cancellation taken by the second consumer channel"
             )
             await tx.rollback()
-        finally:
-            await locker.close()
         await wait_state(pg, "race-1", "cancelled", timeout=5)
         await asyncio.sleep(1.5)  # past the step's due time: nothing may be sent
         await wait_all_published(pg)
@@ -334,24 +346,13 @@ async def test_cancel_racing_the_enrollment_on_another_replica_is_not_lost(
 ) -> None:
     """enrolled and cancelled for one entity, taken by two replicas at the same time.
 
-    As above, a SHARE lock on sfworkflow.outbox holds the enrollment's batch at its write statement with the new
-    instance uncommitted. The first replica has a prefetch of 1, so while the enrollment is unacked the broker
-    can only deliver the cancellation to the second replica, which parks it (the defect) or waits for the
-    enrollment's key (fixed)."""
+    As above, the enrollment's batch is held at its write statement with the new instance uncommitted. The first
+    replica has a prefetch of 1, so while the enrollment is unacked the broker can only deliver the cancellation
+    to the second replica, which parks it (the defect) or waits for the enrollment's key (fixed)."""
     first = quick(settings, consumers=1, prefetch=1, batch_size=1)
     async with running_service(first), Amqp(settings.amqp_url) as mq:
         commands = Inbox(mq, COMMANDS_Q)
-        locker = await asyncpg.connect(database_url)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE sfworkflow.outbox IN SHARE MODE")
-            await mq.publish(event("sequence.enrolled", "race-2", enrolled_data(steps=1, delay_s=1)))
-            await wait_for(
-                lambda: _waiting_on_lock(pg, q("write_batch").splitlines()[0]),
-                timeout=5,
-                what="the enrollment's batch waiting at its outbox insert",
-            )
+        async with _enrollment_held_uncommitted(pg, database_url, mq, "race-2") as tx:
             async with running_service(quick(settings, consumers=1)):
                 await mq.publish(event("sequence.cancelled", "race-2", {"reason": "enrolled by mistake"}))
                 await wait_for(
@@ -360,8 +361,6 @@ async def test_cancel_racing_the_enrollment_on_another_replica_is_not_lost(
                 await tx.rollback()
                 await wait_state(pg, "race-2", "cancelled", timeout=5)
                 await wait_all_published(pg)
-        finally:
-            await locker.close()
         await asyncio.sleep(1.5)  # past the step's due time: nothing may be sent
         await wait_all_published(pg)
         sends = await commands.settle(0.2)
