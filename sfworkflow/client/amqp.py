@@ -36,6 +36,7 @@ from aio_pika.abc import AbstractRobustConnection
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
 WRITE_QUEUE_FRAMES = 4096  # frames a connection's writer may have waiting (aiormq's default: 10)
 
 

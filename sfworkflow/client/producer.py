@@ -22,8 +22,6 @@ from sfworkflow.contract import schemas
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
 from sfworkflow.errors import InvalidEvent
 
-PERSISTENT = 2  # AMQP delivery mode
-
 
 def build_event(
     event_type: str,
@@ -106,7 +104,7 @@ class EventPublisher:
         flight at once (each awaits its own confirm): they are queued on the channel without waiting for the
         socket (client/amqp.py)."""
         properties = Basic.Properties(
-            content_type=content_type, delivery_mode=PERSISTENT, message_id=message_id, headers=headers
+            content_type=content_type, delivery_mode=amqp.PERSISTENT, message_id=message_id, headers=headers
         )
         channel = await self.channel.get_underlay_channel()
         await amqp.publish(channel, body, exchange=EVENTS_EXCHANGE, routing_key=routing_key, mandatory=True,

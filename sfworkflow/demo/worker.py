@@ -43,7 +43,6 @@ from sfworkflow.runtime.deliveries import (
     take_fast_path,
 )
 
-PERSISTENT = 2  # AMQP delivery mode
 log = structlog.get_logger("sfworkflow.demo.worker")
 
 WorkerProfile = Profile  # the name the benchmark and tests use
@@ -236,4 +235,6 @@ class SimulatedWorker:
 
 def _properties(event: dict[str, Any]) -> Basic.Properties:
     """What EventPublisher sets: JSON, persistent, message_id = event_id."""
-    return Basic.Properties(content_type="application/json", delivery_mode=PERSISTENT, message_id=event["event_id"])
+    return Basic.Properties(
+        content_type="application/json", delivery_mode=amqp.PERSISTENT, message_id=event["event_id"]
+    )

@@ -56,7 +56,6 @@ log = structlog.get_logger("sfworkflow.relay")
 NOTIFY_CHANNEL = "sfworkflow_outbox"
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
-PERSISTENT = 2  # AMQP delivery mode
 
 
 class Doorbell:
@@ -331,7 +330,7 @@ def _outgoing(r: Mapping[str, Any]) -> amqp.Outgoing:
         content_type = "application/json"
     properties = Basic.Properties(
         content_type=content_type,
-        delivery_mode=PERSISTENT,
+        delivery_mode=amqp.PERSISTENT,
         message_id=r["message_id"],
         message_type=r["routing_key"] if kind != "dead_letter" else None,
         headers=headers or None,

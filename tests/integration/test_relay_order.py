@@ -11,6 +11,7 @@ instance's later rows, until an operator republishes it (ops/outbox.py, `sfworkf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -103,6 +104,18 @@ async def received(queue: AbstractQueue, n: int) -> list[str]:
     return bodies
 
 
+@contextlib.asynccontextmanager
+async def held_by_another_relay(rig: Rig, row_id: int) -> AsyncIterator[None]:
+    """The row locked FOR UPDATE, as another relay's round holds it, until the block ends."""
+    other_relay = await asyncpg.connect(rig.relay.settings.database_url)
+    try:
+        async with other_relay.transaction():
+            await other_relay.execute("SELECT 1 FROM sfworkflow.outbox WHERE id = $1 FOR UPDATE", row_id)
+            yield
+    finally:
+        await other_relay.close()
+
+
 async def test_a_later_row_waits_while_an_earlier_row_of_its_instance_backs_off(
     rig: Rig, pg: asyncpg.Connection
 ) -> None:
@@ -127,16 +140,9 @@ async def test_a_later_row_waits_while_another_relay_holds_the_earlier_one(rig: 
     await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
     first = await add_row(pg, 7, ROUTED, "first")
     second = await add_row(pg, 7, ROUTED, "second")
-    other_relay = await asyncpg.connect(rig.relay.settings.database_url)
-    try:
-        tx = other_relay.transaction()
-        await tx.start()
-        await other_relay.execute("SELECT 1 FROM sfworkflow.outbox WHERE id = $1 FOR UPDATE", first)
+    async with held_by_another_relay(rig, first):
         await rig.relay.publish_round()
         assert not await published(pg, second)
-        await tx.rollback()
-    finally:
-        await other_relay.close()
     await rig.relay.publish_round()
     assert await received(rig.queue, 2) == ["first", "second"]
 
@@ -305,16 +311,9 @@ async def test_a_handed_row_behind_an_earlier_row_held_elsewhere_is_left_for_the
 ) -> None:
     first = await add_row(pg, 30, ROUTED, "first")  # committed by someone else, held by another relay
     second = await handed_row(pg, 30, ROUTED, "second")
-    other_relay = await asyncpg.connect(rig.relay.settings.database_url)
-    try:
-        tx = other_relay.transaction()
-        await tx.start()
-        await other_relay.execute("SELECT 1 FROM sfworkflow.outbox WHERE id = $1 FOR UPDATE", first)
+    async with held_by_another_relay(rig, first):
         rig.relay.hand([second])
         assert await rig.relay.publish_round(poll=False) == 1
         assert not await published(pg, second.id)  # it would overtake the first row
-        await tx.rollback()
-    finally:
-        await other_relay.close()
     await rig.relay.publish_round()  # the polling claim finds both, in order
     assert await received(rig.queue, 2) == ["first", "second"]
