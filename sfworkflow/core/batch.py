@@ -6,7 +6,8 @@ every row the transaction writes, as dataclasses. Nothing here touches PostgreSQ
 
     request           the repository answers with
     InsertInbox       set of (tenant_id, event_id) inserted now (the others were seen before: duplicates)
-    LockInstances     the instance rows, created when missing, locked in key order (Row)
+    LockInstances     the instance rows, created when missing, locked in key order (Row; `parked_for_key`: a
+                      row created now whose key has events parked before it existed)
     LoadParked        the parked rows of those instances (Row)
     ClaimEffects      set of effect keys claimed now (the others were claimed before: suppressed)
     ClaimKeys         ClaimAnswer: keys taken now, and who holds the others

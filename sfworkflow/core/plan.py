@@ -110,8 +110,8 @@ class _Run:
     foreign_version: int | None = None
     view: InstanceView | None = None
     correlation_id: str | None = None  # the instance's, from its row (set when it was created)
-    loaded_version: int = 0
     loaded_parked_count: int = 0
+    parked_for_key: bool = False  # created now, and events were parked under its key before it existed
     parked: list[_Parked] = field(default_factory=list)
     outgoing: list[OutgoingMessage] = field(default_factory=list)
     pending_effects: list[OutgoingMessage] = field(default_factory=list)
@@ -372,6 +372,7 @@ class BatchPlan:
             run = self._run_from_row(r)
             if run is not None and r["version"] == 0:
                 self.created.append(r["id"])
+                run.parked_for_key = r["parked_for_key"]
         for key in ks:
             if key not in self.runs:  # gone meanwhile (pruned): its events are parked without an instance
                 compiled = self.engine.workflow(key.workflow)
@@ -383,7 +384,7 @@ class BatchPlan:
                 for run in self.runs.values()
                 if run.row_id is not None
                 and run.foreign_version is None
-                and (run.loaded_parked_count > 0 or run.loaded_version == 0)
+                and (run.loaded_parked_count > 0 or run.parked_for_key)
             ]
         )
         for run in self.runs.values():
@@ -402,7 +403,6 @@ class BatchPlan:
                 key=key,
                 compiled=latest,
                 row_id=r["id"],
-                loaded_version=r["version"],
                 loaded_parked_count=r["parked_count"],
                 foreign_version=r["definition_version"],
             )
@@ -418,7 +418,6 @@ class BatchPlan:
             compiled=compiled,
             row_id=r["id"],
             view=view,
-            loaded_version=r["version"],
             correlation_id=r["correlation_id"],
             loaded_parked_count=r["parked_count"],
             terminal=r["state"] in compiled.definition.terminal,

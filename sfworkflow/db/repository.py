@@ -5,7 +5,9 @@ its write set. For a batch of deliveries one transaction makes these round trips
 
     insert_inbox                       dedupe on (tenant_id, event_id): duplicates are dropped here
     create_instances, lock_instances   every key inserted in key order, then every row locked in id order
-    load_parked                        only when an instance of the batch may have parked events
+                                       (each row says whether events were parked under its key before it
+                                       was created now)
+    load_parked                        only when an instance of the batch has parked events
     per resolution round, each only when some step asked for it (a round answers what the steps of the
     round before asked; most batches need one round, feedback chains a few):
       insert_effects                   effect keys: a key claimed before suppresses the command

@@ -62,12 +62,11 @@ async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str
     many = await _counted(database_url, 40)
     assert one == many
     enrolled, step_sent = one
-    # Enrolment: inbox, create + lock instances, parked events of new instances, the first step's effect key
-    # (its timer is due at once), then the writes. step_sent: the same without parked events (none can
-    # exist: parked_count is 0), the second step's effect key, the writes.
+    # Enrolment: inbox, create + lock instances (which say whether events were parked under a new instance's
+    # key before it existed: none here, so no parked events are read), the first step's effect key (its timer
+    # is due at once), then the writes. step_sent: the same, the second step's effect key, the writes.
     assert enrolled == [
-        "insert_inbox", "create_instances", "lock_instances", "load_parked", "insert_effects",
-        "write_batch",
+        "insert_inbox", "create_instances", "lock_instances", "insert_effects", "write_batch",
     ]  # fmt: skip
     assert step_sent == [
         "insert_inbox", "create_instances", "lock_instances", "insert_effects",
@@ -75,3 +74,31 @@ async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str
     ]  # fmt: skip
     # Two steps each, for 1 + 40 instances.
     assert (await pg.fetchval("SELECT count(*) FROM sfworkflow.effect")) == 2 * 41
+
+
+async def test_a_connection_goes_back_to_the_pool_without_a_round_trip(database_url: str) -> None:
+    """asyncpg's default release sends a reset (advisory locks, cursors, LISTEN, settings: ~0.4 ms on a busy
+    machine) on every release, i.e. after every batch and relay round, before the batch is acked. The service's
+    pool connections carry no session state (advisory locks and LISTEN live on connections of their own), so
+    the pool only rolls back a transaction left open."""
+    from sfworkflow import db
+
+    pool = await db.create_pool(database_url, 1)
+    try:
+        sent: list[str] = []
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda q: sent.append(q.query))
+            async with conn.transaction():
+                await conn.fetchval("SELECT 1")
+        assert sent == ["BEGIN;", "SELECT 1", "COMMIT;"]
+        async with pool.acquire() as conn:
+            assert conn.is_in_transaction() is False
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute("CREATE TEMP TABLE left_open (x int)")
+        # A transaction left open is still rolled back when the connection goes back.
+        async with pool.acquire() as conn:
+            assert conn.is_in_transaction() is False
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+    finally:
+        await pool.close()

@@ -177,7 +177,15 @@ class FakeDatabase:
                         }  # fmt: skip
                         self.keys_by_id[self.instances[n.key]["id"]] = n.key
                 rows = [self.instances[n.key] for n in new if n.key in self.instances]
-                return sorted((dict(r) for r in rows), key=lambda r: r["id"])
+                parked_keys = {(p["tenant_id"], p["workflow"], p["entity_id"]) for p in self.parked.values()}
+                return sorted(
+                    (
+                        dict(r, parked_for_key=r["version"] == 0
+                             and (r["tenant_id"], r["workflow"], r["entity_id"]) in parked_keys)
+                        for r in rows
+                    ),
+                    key=lambda r: r["id"],
+                )  # fmt: skip
             case LoadParked(keys=keys):
                 wanted = {(k.tenant_id, k.workflow, k.entity_id) for k in keys}
                 return [

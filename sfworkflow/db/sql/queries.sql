@@ -30,9 +30,15 @@ ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 
 -- lock_instances --
 -- Lock the instances of a batch ($1: [{tenant_id, workflow, entity_id}]) in id order (a fixed order, so
--- concurrent batches cannot deadlock).
+-- concurrent batches cannot deadlock). `parked_for_key`: a row created by this transaction (version 0) whose key
+-- has events parked before it existed (its parked_count does not count them), so the plan reads parked events
+-- only for instances that have some. Nobody can park under the key meanwhile: that needs the key's row, which
+-- this transaction holds from create_instances on.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.terminal
+       i.version, i.parked_count, i.correlation_id, i.terminal,
+       i.version = 0 AND EXISTS (SELECT 1 FROM sfworkflow.parked p
+                                 WHERE (p.tenant_id, p.workflow, p.entity_id) = (i.tenant_id, i.workflow, i.entity_id))
+         AS parked_for_key
 FROM sfworkflow.instance i
 JOIN jsonb_to_recordset($1::jsonb) AS k(tenant_id uuid, workflow text, entity_id text)
   USING (tenant_id, workflow, entity_id)
