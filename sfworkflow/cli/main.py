@@ -159,7 +159,25 @@ def _quiet_drivers() -> None:
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
 
 
+SERVICE_MODULES = ("aiohttp", "transitions")  # what `sfworkflow[service]` adds to the producer and worker SDK
+
+
+def missing_service_modules() -> list[str]:
+    """The service's modules this installation lacks (a `pip install sfworkflow` without the extra)."""
+    import importlib.util
+
+    return [m for m in SERVICE_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_service_modules()
+    if missing:
+        print(
+            f"sfworkflow: this installation has the producer and worker SDK only (no {', '.join(missing)}); "
+            "install the service and its commands with: pip install 'sfworkflow[service]'",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
