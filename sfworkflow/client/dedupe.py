@@ -46,8 +46,9 @@ class Claim:
 
 
 class DedupeStore(Protocol):
-    async def claim(self, command_id: str, command_type: str, lease_s: float) -> Claim:
-        """Claim a command for execution, or say why not (answered already, or held by another worker)."""
+    async def claim(self, command_id: str, command_type: str, lease_s: float, owner: str) -> Claim:
+        """Claim a command for `owner` (a worker process's id), or say why not (answered already, or held by
+        another worker). A claim `owner` holds already is taken again: its handling failed midway."""
         ...
 
     async def record(self, command_id: str, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,10 +81,10 @@ class PostgresDedupe:
             await conn.execute(_queries()["create_store"])
         return cls(pool)
 
-    async def claim(self, command_id: str, command_type: str, lease_s: float) -> Claim:
+    async def claim(self, command_id: str, command_type: str, lease_s: float, owner: str) -> Claim:
         q = _queries()
         async with self.pool.acquire() as conn:
-            if await conn.fetchval(q["claim"], command_id, command_type, lease_s) is not None:
+            if await conn.fetchval(q["claim"], command_id, command_type, lease_s, owner) is not None:
                 return Claim(claimed=True)
             row = await conn.fetchrow(q["answers_of"], command_id)
         if row is None:  # released between the two statements: the next delivery claims it
@@ -118,17 +119,17 @@ class MemoryDedupe:
     """The same rules in one process's memory: lost with the process (tests, harmless commands)."""
 
     def __init__(self) -> None:
-        self._claims: dict[str, float] = {}  # command_id -> monotonic time its lease runs out
+        self._claims: dict[str, tuple[str, float]] = {}  # command_id -> (owner, monotonic time its lease runs out)
         self._answers: dict[str, list[dict[str, Any]]] = {}
 
-    async def claim(self, command_id: str, command_type: str, lease_s: float) -> Claim:
+    async def claim(self, command_id: str, command_type: str, lease_s: float, owner: str) -> Claim:
         if command_id in self._answers:
             return Claim(claimed=False, answers=self._answers[command_id])
         now = time.monotonic()
-        held = self._claims.get(command_id, 0.0) - now
-        if held > 0:
-            return Claim(claimed=False, held_s=held)
-        self._claims[command_id] = now + lease_s
+        holder, until = self._claims.get(command_id, (owner, 0.0))
+        if holder != owner and until > now:
+            return Claim(claimed=False, held_s=until - now)
+        self._claims[command_id] = (owner, now + lease_s)
         return Claim(claimed=True)
 
     async def record(self, command_id: str, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:

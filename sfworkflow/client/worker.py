@@ -35,6 +35,7 @@ same event ids and sfworkflow applies the answer once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import signal
 import time
@@ -283,6 +284,9 @@ class CommandWorker:
         self._connection: AbstractRobustConnection | None = None
         self._consuming: list[tuple[AbstractQueue, str]] = []
         self._publish_channel: AbstractRobustChannel | None = None
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()  # (command_type, outcome)
+        self.worker_id = str(uuid.uuid4())  # this process's claims in the dedupe store
+        self._executing: set[str] = set()  # command ids whose handling runs in this process now
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -374,8 +378,11 @@ class CommandWorker:
                     await self._take(message)
                 finally:
                     self.metrics.in_flight.dec()
-        except Exception as exc:  # publishing or acking failed (RabbitMQ away): the broker redelivers it
-            log.warning("command not finished; the broker will redeliver it", error=repr(exc)[:300])
+        except Exception as exc:  # the store or the broker failed midway: hand it back for a redelivery
+            log.warning("command not finished; handed back to the broker", error=repr(exc)[:300])
+            await asyncio.sleep(1.0)  # not a hot loop while PostgreSQL or RabbitMQ is away
+            with contextlib.suppress(Exception):  # on a closed channel the broker redelivers it anyway
+                await message.nack(requeue=True)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -398,8 +405,20 @@ class CommandWorker:
             await self._dead_letter(message, WorkerDeadReason.NO_HANDLER, detail, command_type)
             return
         cmd = Command(envelope, self.source, self.schemas)
+        if cmd.command_id in self._executing:  # a copy redelivered while this process still handles it
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            self._count(command_type, "redelivered")
+            return
+        self._executing.add(cmd.command_id)
+        try:
+            await self._bound(message, cmd, registration)
+        finally:
+            self._executing.discard(cmd.command_id)
+
+    async def _bound(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
         with structlog.contextvars.bound_contextvars(
-            command_id=cmd.command_id, command_type=command_type, tenant_id=cmd.tenant_id, entity_id=cmd.entity_id,
+            command_id=cmd.command_id, command_type=cmd.command_type, tenant_id=cmd.tenant_id, entity_id=cmd.entity_id,
             correlation_id=cmd.correlation_id, attempt=cmd.attempt,
         ):  # fmt: skip
             await self._handle(message, cmd, registration)
@@ -413,17 +432,17 @@ class CommandWorker:
         return self.schemas.errors("commands", envelope["command_type"], envelope["data"])
 
     async def _handle(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
-        claim = await self.store.claim(cmd.command_id, cmd.command_type, self.handler_timeout_s + 30.0)
+        claim = await self.store.claim(cmd.command_id, cmd.command_type, self.handler_timeout_s + 30.0, self.worker_id)
         if claim.answers is not None:
             await self._publish(claim.answers)
             await message.ack()
-            self.metrics.commands.labels(cmd.command_type, "repeated").inc()
+            self._count(cmd.command_type, "repeated")
             log.info("command answered before; its answers published again", answers=len(claim.answers))
             return
         if not claim.claimed:  # another worker is executing it right now: hand it back for later
             await asyncio.sleep(min(claim.held_s, 1.0))
             await message.nack(requeue=True)
-            self.metrics.commands.labels(cmd.command_type, "redelivered").inc()
+            self._count(cmd.command_type, "redelivered")
             return
         outcome = "answered"
         started = time.monotonic()
@@ -459,7 +478,7 @@ class CommandWorker:
         await self._publish(stored)
         self._checkpoint("published")
         await message.ack()
-        self.metrics.commands.labels(cmd.command_type, outcome).inc()
+        self._count(cmd.command_type, outcome)
 
     async def _without_failure_event(
         self, message: AbstractIncomingMessage, cmd: Command, retryable: bool, text: str
@@ -470,10 +489,14 @@ class CommandWorker:
         if retryable and deliveries < self.max_redeliveries:
             await asyncio.sleep(min(30.0, 0.5 * 2**deliveries))
             await message.nack(requeue=True)
-            self.metrics.commands.labels(cmd.command_type, "redelivered").inc()
+            self._count(cmd.command_type, "redelivered")
             return
         why = "fatal" if not retryable else f"still failing after {deliveries + 1} deliveries"
         await self._dead_letter(message, WorkerDeadReason.HANDLER_FAILED, f"{why}: {text}", cmd.command_type)
+
+    def _count(self, command_type: str, outcome: str) -> None:
+        self.outcomes[(command_type, outcome)] += 1
+        self.metrics.commands.labels(command_type, outcome).inc()
 
     def _checkpoint(self, name: str) -> None:
         """A named point of a delivery's handling (executed, recorded, published): tests stop a worker here."""
@@ -513,7 +536,7 @@ class CommandWorker:
         )  # fmt: skip
         await self._confirmed([amqp.Outgoing(message.body, DEFAULT_EXCHANGE, DEAD_QUEUE, True, properties)])
         await message.ack()
-        self.metrics.commands.labels(command_type, "dead_lettered").inc()
+        self._count(command_type, "dead_lettered")
 
     async def _confirmed(self, batch: list[amqp.Outgoing]) -> None:
         assert self._publish_channel is not None, "start() first"

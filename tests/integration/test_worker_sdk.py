@@ -14,7 +14,15 @@ import asyncpg
 import orjson
 import pytest
 
-from sfworkflow.client.worker import ANSWER_NAMESPACE, Answer, Command, CommandWorker, Fatal, PostgresDedupe
+from sfworkflow.client.worker import (
+    ANSWER_NAMESPACE,
+    Answer,
+    Command,
+    CommandWorker,
+    Fatal,
+    MemoryDedupe,
+    PostgresDedupe,
+)
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE, commands_queue
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
@@ -106,7 +114,7 @@ async def test_a_command_delivered_twice_runs_its_handler_once_and_is_answered_t
     assert runs == [cmd["command_id"]]
     assert answers[0] == answers[1]
     assert answers[0]["causation_id"] == cmd["command_id"]
-    assert worker.metrics.commands.labels("sequence.send_step", "repeated")._value.get() == 1
+    assert worker.outcomes[("sequence.send_step", "repeated")] == 1
 
 
 async def test_a_fatal_failure_is_answered_with_the_declared_failure_event(settings: Settings, store: Any) -> None:
@@ -208,3 +216,44 @@ async def _line_with(proc: asyncio.subprocess.Process, text: bytes) -> bytes:
 
 async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
     return await state_of(pg, entity) == state
+
+
+class _RecordFailsOnce(MemoryDedupe):
+    """A store whose first `record` fails, as PostgreSQL going away between the handler and the record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def record(self, command_id: str, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("the store is away")
+        return await super().record(command_id, answers)
+
+
+async def test_a_command_whose_handling_failed_midway_is_handed_back_and_answered(settings: Settings) -> None:
+    """Not left unacked on its channel (which would hold it until the channel closes): nacked, redelivered, and
+    claimed again at once by the same worker, whose claim it still is."""
+    store = _RecordFailsOnce()
+    worker = CommandWorker(settings.amqp_url, store=store, source="tests.worker")
+    runs: list[str] = []
+
+    @worker.handler("sequence.send_step", failure="sequence.step_failed")
+    async def send_step(cmd: Command) -> Answer:
+        runs.append(cmd.command_id)
+        return cmd.answer("sequence.step_sent", {"step": 0, "provider_message_id": "p"})
+
+    cmd = _send_step()
+    async with running_service(settings, consume=False), Amqp(settings.amqp_url) as mq:
+        await worker.start()
+        try:
+            await _send_command(mq, orjson.dumps(cmd), commands_queue("sequence"), cmd["command_id"])
+            answers = await wait_for(lambda: mq.drain_json(EVENTS_QUEUE), what="the answer after the hand-back")
+        finally:
+            await worker.stop()
+    assert store.failed
+    assert [a["causation_id"] for a in answers] == [cmd["command_id"]]
+    # Nothing was recorded the first time, so the handler ran again (with the same idempotency key).
+    assert runs == [cmd["command_id"]] * 2
+    assert worker.outcomes[("sequence.send_step", "answered")] == 1

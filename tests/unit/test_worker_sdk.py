@@ -93,12 +93,15 @@ def test_a_handler_is_declared_for_a_known_command_type_and_failure_event() -> N
 
 async def test_the_memory_store_keeps_the_dedupe_rules() -> None:
     store = MemoryDedupe()
-    assert (await store.claim("c1", "t", 60)).claimed
-    held = await store.claim("c1", "t", 60)
+    assert (await store.claim("c1", "t", 60, "w1")).claimed
+    held = await store.claim("c1", "t", 60, "w2")
     assert not held.claimed and held.answers is None and held.held_s > 0
+    assert (await store.claim("c1", "t", 60, "w1")).claimed  # its own claim: handling failed midway
     assert await store.record("c1", [{"a": 1}]) == [{"a": 1}]
     assert await store.record("c1", [{"a": 2}]) == [{"a": 1}]  # the first recorded win
-    assert (await store.claim("c1", "t", 60)).answers == [{"a": 1}]
-    assert (await store.claim("c2", "t", 60)).claimed
+    assert (await store.claim("c1", "t", 60, "w2")).answers == [{"a": 1}]
+    assert (await store.claim("c2", "t", 60, "w1")).claimed
     await store.release("c2")
-    assert (await store.claim("c2", "t", 60)).claimed
+    assert (await store.claim("c2", "t", 60, "w2")).claimed
+    assert (await store.claim("c3", "t", 0, "w1")).claimed
+    assert (await store.claim("c3", "t", 60, "w2")).claimed  # a lapsed lease: its worker died

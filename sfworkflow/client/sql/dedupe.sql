@@ -8,19 +8,21 @@ CREATE TABLE IF NOT EXISTS sfworkflow_worker.command_answer (
     command_id    uuid PRIMARY KEY,
     command_type  text NOT NULL,
     answers       jsonb,                      -- NULL while a worker holds the claim
+    claimed_by    uuid NOT NULL,              -- the worker (process) holding or last holding the claim
     claimed_until timestamptz NOT NULL,       -- a claim past this time may be taken over
     recorded_at   timestamptz                 -- when the answers were recorded
 );
 CREATE INDEX IF NOT EXISTS command_answer_recorded_idx ON sfworkflow_worker.command_answer USING brin (recorded_at);
 
 -- claim --
--- Claim a command for execution ($1 command_id, $2 command_type, $3 lease in seconds): a new row, or a claim
--- whose lease ran out (its worker died mid-command). Returns a row when claimed now; none when the command was
--- answered already or another worker holds it (read it with answers_of).
-INSERT INTO sfworkflow_worker.command_answer AS c (command_id, command_type, claimed_until)
-VALUES ($1::uuid, $2, now() + make_interval(secs => $3))
-ON CONFLICT (command_id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
-    WHERE c.answers IS NULL AND c.claimed_until < now()
+-- Claim a command for execution ($1 command_id, $2 command_type, $3 lease in seconds, $4 the claiming worker):
+-- a new row, a claim of the same worker (its handling failed midway: a database error, the broker away), or a
+-- claim whose lease ran out (its worker died mid-command). Returns a row when claimed now; none when the command
+-- was answered already or another worker holds it (read it with answers_of).
+INSERT INTO sfworkflow_worker.command_answer AS c (command_id, command_type, claimed_by, claimed_until)
+VALUES ($1::uuid, $2, $4::uuid, now() + make_interval(secs => $3))
+ON CONFLICT (command_id) DO UPDATE SET claimed_by = EXCLUDED.claimed_by, claimed_until = EXCLUDED.claimed_until
+    WHERE c.answers IS NULL AND (c.claimed_by = EXCLUDED.claimed_by OR c.claimed_until < now())
 RETURNING command_id
 
 -- answers_of --
