@@ -566,8 +566,11 @@ class BatchPlan:
         detail = dict(d.notes) if d.notes else None
         if internal is not None:  # what sfworkflow told the instance itself: kept, so its history replays
             detail = {**(detail or {}), "trigger": internal.name, "data": dict(internal.data)}
+        # An internal event (a timer firing, the database's answer) is recorded under its derived id: the commands it
+        # caused name it as their causation_id, and the history is where that id resolves.
+        recorded_id = event_id if event_id is not None else (internal.event_id if internal is not None else None)
         run.history.append(
-            HistoryEntry(run.row_id, d.version, event_id, event_type, "applied", d.from_state, d.to_state, detail)
+            HistoryEntry(run.row_id, d.version, recorded_id, event_type, "applied", d.from_state, d.to_state, detail)
         )
         if d.cancel_all_timers:
             run.timer_ops.clear()

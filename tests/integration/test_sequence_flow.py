@@ -43,3 +43,23 @@ async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
 
 async def _published(pg: asyncpg.Connection) -> bool:
     return await pg.fetchval("SELECT count(*) = 0 FROM sfworkflow.outbox WHERE published_at IS NULL")
+
+
+async def test_a_command_caused_by_a_timer_names_an_event_its_history_shows(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """send_step is caused by the step's timer firing, not by an event a producer sent: its causation_id must
+    still resolve, in the history that `inspect` and the admin API show, to the timer entry that caused it."""
+    from sfworkflow.ops.inspect import load_instance
+    from tests.support import TENANT
+
+    async with running_service(settings), Amqp(settings.amqp_url) as mq:
+        enrolled = await mq.publish(event("sequence.enrolled", "enr-cause", enrolled_data(steps=1)))
+        commands = await wait_for(lambda: mq.drain_json("sfworkflow.commands.sequence"), what="send_step 0")
+    shown = await load_instance(pg, TENANT, "sequence", "enr-cause")
+    assert shown is not None
+    by_id = {str(h["event_id"]): h for h in shown["history"] if h["event_id"] is not None}
+    cause = by_id.get(commands[0]["causation_id"])
+    assert cause is not None, (commands[0]["causation_id"], shown["history"])
+    assert (cause["event_type"], cause["to_state"]) == ("sequence.timer.step_due", "sending")
+    assert str(enrolled["event_id"]) in by_id  # the event that started it all is there too
