@@ -52,7 +52,14 @@ RETRY = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=60.0)
 
 
 def may_retry(step: Step) -> bool:
-    return is_current_step(step) and bool(step.data.get("retryable")) and step.context["attempt"] < RETRY.max_attempts
+    """A retryable failure of the current step with attempts left; consent_missing is never retried, whatever
+    `retryable` says (a missing consent is a fact about the lead that no retry changes): the step is skipped."""
+    return (
+        is_current_step(step)
+        and bool(step.data.get("retryable"))
+        and step.data.get("error_code") != CONSENT_MISSING
+        and step.context["attempt"] < RETRY.max_attempts
+    )
 
 
 def consent_missing_has_next(step: Step) -> bool:

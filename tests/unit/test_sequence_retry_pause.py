@@ -180,6 +180,16 @@ def test_consent_missing_skips_to_next_step() -> None:
     assert d.notes == {"skipped_step": 0, "error_code": "consent_missing"}
 
 
+@pytest.mark.parametrize("steps", [STEPS, STEPS[:1]])
+def test_consent_missing_wins_over_retryable(steps: list[dict[str, object]]) -> None:
+    """A worker that reports consent_missing with retryable: true gets the step skipped, not retried: a missing
+    consent is a fact about the lead that no retry changes (the README's precedence rule)."""
+    run = in_sending(steps)
+    d = run.do("step_failed", failed(0, "consent_missing", retryable=True, attempt=1))
+    assert d.to_state == (S.WAITING if len(steps) > 1 else S.COMPLETED)
+    assert (d.context["skipped"], d.context["attempt"]) == (1, 0)
+
+
 def test_consent_missing_on_last_step_completes() -> None:
     run = in_sending(STEPS[:1])
     d = run.do("step_failed", failed(0, "consent_missing", retryable=False, attempt=1))
