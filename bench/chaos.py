@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import SETTLED, SETTLED_ARGS, _declare, _reset_database, _reset_vhost  # noqa: E402
+from sfworkflow.client.dedupe import PostgresDedupe  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 
 BASE_PORT = int(os.environ.get("SFWORKFLOW_CHAOS_PORT", "8130"))
@@ -175,10 +176,12 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
         r.start()
     pg = await asyncpg.connect(db_url)
     worker_events: list[dict[str, Any]] = []
+    # The worker keeps its dedupe store in the same PostgreSQL, so the PostgreSQL restart hits it too.
     worker = SimulatedWorker(
         amqp_url,
         WorkerProfile(failure_rate=0.05, fatal_rate=0.01, duplicate_rate=0.05, seed=seed),
         record=worker_events,
+        store=await PostgresDedupe.open(db_url),
     )
     events_log = logdir / "published.jsonl"
     instances = 600 if quick else 3000
@@ -413,7 +416,7 @@ async def serial_replay_mismatches(pg: asyncpg.Connection, published: dict[str, 
         key = InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])
         view = state.get(iid)
         detail = json.loads(r["detail"]) if isinstance(r["detail"], str) else (r["detail"] or {})
-        if r["event_id"] is not None:
+        if r["event_id"] is not None and "trigger" not in detail:  # internal entries (a timer, feedback) carry it
             env = published.get(r["event_id"])
             if env is None:
                 bad.add(iid)
@@ -424,8 +427,8 @@ async def serial_replay_mismatches(pg: asyncpg.Connection, published: dict[str, 
                 env.get("correlation_id"), env.get("causation_id"),
             )  # fmt: skip
         else:
-            ev = EngineEvent("internal", detail.get("trigger", ""), detail.get("data", {}), r["created_at"],
-                             internal=True)  # fmt: skip
+            ev = EngineEvent(r["event_id"] or "internal", detail.get("trigger", ""), detail.get("data", {}),
+                             r["created_at"], internal=True)  # fmt: skip
         assert compiled is not None
         d = engine.step(compiled, key, view, ev, r["created_at"])
         if d.outcome is not StepOutcome.APPLIED or d.to_state != r["to_state"] or d.version != r["seq"]:

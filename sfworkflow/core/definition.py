@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sfworkflow.contract.ids import uuid5_text
+
 # Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
 _NAMESPACE_BYTES = ID_NAMESPACE.bytes
@@ -24,11 +26,7 @@ _NAMESPACE_BYTES = ID_NAMESPACE.bytes
 def derive_id(name: str) -> str:
     """`str(uuid.uuid5(ID_NAMESPACE, name))`, the same text, in a third of the time (no UUID object): ids
     derived on the event path, a few per event. Its unit test holds it to `uuid.uuid5`."""
-    d = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
-    d[6] = (d[6] & 0x0F) | 0x50  # version 5
-    d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = d.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5_text(_NAMESPACE_BYTES, name)
 
 
 ANY_ACTIVE = "*"  # source wildcard: every non-terminal state except the initial one

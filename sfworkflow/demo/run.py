@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from sfworkflow import db
+from sfworkflow.client.dedupe import PostgresDedupe
 from sfworkflow.client.producer import EventPublisher, build_event
 from sfworkflow.core.stuck import operator_states
 from sfworkflow.db import operations
@@ -72,7 +73,9 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     instances = {(t.event_type.partition(".")[0], t.entity_id) for t in traffic}
     # --hang N: the worker takes the commands of N sequence instances and never answers: they get stuck.
     hung = sorted(i for i in instances if i[0] == "sequence")[: args.hang]
-    worker = SimulatedWorker(settings.amqp_url, profile, workflows, hang=hung)
+    # The worker's dedupe store in the demo's database (schema sfworkflow_worker), as a SalesFlow worker keeps it.
+    store = await PostgresDedupe.open(settings.database_url)
+    worker = SimulatedWorker(settings.amqp_url, profile, workflows, hang=hung, store=store)
     await worker.start()
     publisher = await EventPublisher.connect(settings.amqp_url)
     started = time.monotonic()

@@ -5,7 +5,7 @@ takes the frame's fields without building an aio-pika `IncomingMessage` and a ta
 the channel the swap is made again (`retake_fast_path` as a reopen callback); until then aio-pika's own
 callback receives the messages, so the caller registers one that makes the same `Received`.
 
-Used by the service's consumer (runtime/consumer.py) and the demo's simulated worker (demo/worker.py).
+Used by the service's consumer (runtime/consumer.py).
 """
 
 from __future__ import annotations
