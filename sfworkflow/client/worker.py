@@ -532,6 +532,7 @@ class CommandWorker:
             wire.ORIGINAL_EXCHANGE: message.exchange or "",
             wire.ORIGINAL_ROUTING_KEY: message.routing_key or "",
             wire.ORIGINAL_CONTENT_TYPE: message.content_type or "",
+            wire.ORIGINAL_MESSAGE_ID: message.message_id or "",
             wire.DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
         })  # fmt: skip
         properties = Basic.Properties(

@@ -15,6 +15,7 @@ DETAIL = "x-sfworkflow-detail"  # a dead letter's readable sentence: what was wr
 ORIGINAL_ROUTING_KEY = "x-sfworkflow-original-routing-key"  # the routing key the message arrived with
 ORIGINAL_EXCHANGE = "x-sfworkflow-original-exchange"  # the exchange the message arrived through
 ORIGINAL_CONTENT_TYPE = "x-sfworkflow-original-content-type"  # the content type the message arrived with
+ORIGINAL_MESSAGE_ID = "x-sfworkflow-original-message-id"  # the AMQP message_id it arrived with (when it had one)
 DEAD_LETTERED_AT = "x-sfworkflow-dead-lettered-at"  # when it was dead-lettered (ISO 8601, UTC)
 REDRIVES = "x-sfworkflow-redrives"  # how many times `dead-letters redrive` re-published this message
 HEADERS_DROPPED = "x-sfworkflow-headers-dropped"  # the original headers were dropped (too large, unstorable): why
@@ -26,6 +27,7 @@ __all__ = [
     "HEADERS_DROPPED",
     "ORIGINAL_CONTENT_TYPE",
     "ORIGINAL_EXCHANGE",
+    "ORIGINAL_MESSAGE_ID",
     "ORIGINAL_ROUTING_KEY",
     "PREFIX",
     "REASON",

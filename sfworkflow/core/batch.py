@@ -284,6 +284,7 @@ def dead_letter_row(
     routing_key: str = "",
     exchange: str = "",
     content_type: str | None = None,
+    original_message_id: str | None = None,
     replaced_in_headers: int = 0,
 ) -> OutboxRow:
     """An outbox row that publishes the original body to sfworkflow.dead with the reason headers.
@@ -308,6 +309,8 @@ def dead_letter_row(
     h[wire.DEAD_LETTERED_AT] = datetime.now(UTC).isoformat()
     if content_type:
         h[wire.ORIGINAL_CONTENT_TYPE], counts["content type"] = clean_text(content_type)
+    if original_message_id:
+        h[wire.ORIGINAL_MESSAGE_ID], counts["message id"] = clean_text(original_message_id[:255])
     h[wire.DETAIL] = detail + replaced_note(counts)
     digest = hashlib.sha256(body).hexdigest()
     message_id = derive_id(f"dead/{reason}/{message_id_seed}/{digest}")

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import structlog
 
+from sfworkflow.contract import headers as wire
 from sfworkflow.contract.envelope import IncomingEvent, event_from_body
 from sfworkflow.contract.topology import COMMANDS_EXCHANGE, COMPENSATIONS_EXCHANGE, EVENTS_EXCHANGE, LIFECYCLE_EXCHANGE
 from sfworkflow.core import arbitration
@@ -813,11 +814,15 @@ class BatchPlan:
                 d.headers,
                 reason,
                 detail,
-                # Without a message id, two identical bad bodies are two dead letters, not one.
-                message_id_seed=d.message_id or str(uuid.uuid4()),
+                # Without a message id, two identical bad bodies are two dead letters, not one. A redrive
+                # re-publishes under the producer's message id: each round is a dead letter of its own.
+                message_id_seed=f"{d.message_id}/{(d.headers or {}).get(wire.REDRIVES, 0)}"
+                if d.message_id
+                else str(uuid.uuid4()),
                 routing_key=d.routing_key,
                 exchange=d.exchange,
                 content_type=d.content_type,
+                original_message_id=d.message_id,
                 replaced_in_headers=d.replaced_in_headers,
             )
         )

@@ -31,6 +31,7 @@ from sfworkflow.contract.headers import (
     DEAD_LETTERED_AT,
     DETAIL,
     ORIGINAL_CONTENT_TYPE,
+    ORIGINAL_MESSAGE_ID,
     ORIGINAL_ROUTING_KEY,
     PREFIX,
     REASON,
@@ -78,6 +79,12 @@ class DeadLetter:
     @property
     def original_routing_key(self) -> str:
         return str(self.headers.get(ORIGINAL_ROUTING_KEY) or "")
+
+    @property
+    def original_message_id(self) -> str | None:
+        """The message_id the message arrived with (a dead letter has an id of its own)."""
+        value = self.headers.get(ORIGINAL_MESSAGE_ID)
+        return str(value) if value else None
 
     @property
     def original_content_type(self) -> str | None:
@@ -193,7 +200,7 @@ class DeadLetterQueue:
         message = aio_pika.Message(
             dl.body,
             content_type=dl.original_content_type,
-            message_id=dl.message_id,
+            message_id=dl.original_message_id or dl.message_id,  # as the producer sent it
             headers=dl.redrive_headers(),
             delivery_mode=PERSISTENT,
             app_id="sfworkflow-redrive",

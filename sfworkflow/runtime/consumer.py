@@ -46,6 +46,7 @@ from sfworkflow.contract.headers import (
     HEADERS_DROPPED,
     ORIGINAL_CONTENT_TYPE,
     ORIGINAL_EXCHANGE,
+    ORIGINAL_MESSAGE_ID,
     ORIGINAL_ROUTING_KEY,
     REASON,
 )
@@ -367,6 +368,7 @@ def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str,
         ORIGINAL_EXCHANGE: clean_text(d.exchange)[0],
         DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
         ORIGINAL_CONTENT_TYPE: clean_text(d.content_type or "")[0],
+        ORIGINAL_MESSAGE_ID: clean_text((d.message_id or "")[:255])[0],
     }
 
 

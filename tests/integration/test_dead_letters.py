@@ -4,6 +4,7 @@ readable detail; it is acked (nothing stuck, nothing requeued) and the queue kee
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -106,7 +107,8 @@ async def test_bad_message_is_dead_lettered(
     async with running_service(s) as service, Amqp(settings.amqp_url) as mq:
         dead = Inbox(mq, DEAD_Q)
         commands = Inbox(mq, COMMANDS_Q)
-        await mq.publish_raw(body, headers=headers, message_id=str(uuid.uuid4()), **kwargs)
+        original_id = str(uuid.uuid4())
+        await mq.publish_raw(body, headers=headers, message_id=original_id, **kwargs)
         # A valid event after the bad one is applied: the queue keeps flowing.
         good = event("sequence.enrolled", "good-after", enrolled_data(steps=1))
         await mq.publish(good)
@@ -128,6 +130,9 @@ async def test_bad_message_is_dead_lettered(
     assert m.headers["x-sfworkflow-original-routing-key"] == kwargs.get("routing_key", "sequence.enrolled")
     assert m.headers["x-sfworkflow-original-exchange"] == "sfworkflow.events"
     assert m.headers["x-producer"] == "tests" and m.headers["x-attempt"] == 1  # original headers kept
+    # The dead letter has a message id of its own (it dedupes re-published dead letters); the original's is kept.
+    assert m.headers["x-sfworkflow-original-message-id"] == original_id
+    assert datetime.fromisoformat(m.headers["x-sfworkflow-dead-lettered-at"]).utcoffset() == timedelta(0)
     assert m.content_type == kwargs.get("content_type", "application/json")
     assert dead_metric == 1 and dl_metric == 1
     # Nothing stuck or requeued: once the service stopped (unacked deliveries would return), it is empty.

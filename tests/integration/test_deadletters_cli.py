@@ -168,6 +168,8 @@ async def test_redrive_of_a_still_invalid_event_is_dead_lettered_again_and_count
     assert left.headers["x-sfworkflow-redrives"] == 2
     assert left.headers["x-sfworkflow-reason"] == "unsupported_schema_version"
     assert left.headers["x-producer"] == "tests"  # original headers survive every round
+    # A redrive publishes it under the producer's message id, so that id survives every round too.
+    assert left.headers["x-sfworkflow-original-message-id"] == ev["event_id"]
     assert left.content_type == "application/json"
     assert await instance(pg, "still-bad") is None
 
