@@ -35,7 +35,11 @@ from sfworkflow.core.definition import (
 )
 from sfworkflow.errors import DefinitionError
 
-LIFECYCLE_ENDS = ("workflow.completed", "workflow.compensated")
+# The lifecycle event every ending publishes, exactly once and last (its data: final_state). workflow.failed and
+# workflow.compensated report a failure and its compensations when they happen: before it at an ending, or in a
+# state that waits for an operator or a replay (agent's dead_lettered, follow_up's needs_attention).
+LIFECYCLE_END = "workflow.completed"
+LIFECYCLE_ENDS = (LIFECYCLE_END,)
 
 
 class Outcome(StrEnum):
@@ -277,8 +281,8 @@ class Engine:
             step.lifecycle("workflow.started", new_state, {"start_event_type": d.event_type(trigger)})
         if terminal:
             step.cancel_timers()
-            if not any(m.kind == "lifecycle" and m.body["event_type"] in LIFECYCLE_ENDS for m in step.outgoing):
-                step.lifecycle("workflow.completed", new_state, {"final_state": new_state})
+            if not any(m.kind == "lifecycle" and m.body["event_type"] == LIFECYCLE_END for m in step.outgoing):
+                step.lifecycle(LIFECYCLE_END, new_state, {"final_state": new_state})
         return Decision(
             outcome=Outcome.APPLIED,
             from_state=state,

@@ -29,8 +29,8 @@ Claim (the dedupe key): the provider's external id is unique per (tenant, channe
 an external id keeps it). If another notification holds it, the store answers `claim_refused`
 {key, holder_entity_id, holder_workflow}: the instance ends `duplicate_suppressed` and publishes
 compensation `notification.skip_duplicate` {external_id, original_entity_id (= the holder)}, key
-`<tenant>:notification:<id>:skip_duplicate`, with lifecycle `workflow.completed` {final_state} and
-`workflow.compensated`; a later `delivered` of it is ignored (the instance is terminal), so the second
+`<tenant>:notification:<id>:skip_duplicate`, with lifecycle `workflow.compensated` and then
+`workflow.completed` {final_state}; a later `delivered` of it is ignored (the instance is terminal), so the second
 delivery is not counted.
 The store tells only of refusals, not of grants, and resolves a batch's claims after every event of the
 batch was stepped; so a `delivered` applied in the same batch as its `provider_accepted` (e.g. one that
@@ -147,8 +147,8 @@ def suppress_duplicate(step: Step) -> None:
         {"external_id": ctx["external_id"], "original_entity_id": holder},
         idempotency_key=_key(step, "skip_duplicate"),
     )
-    step.lifecycle("workflow.completed", S.DUPLICATE_SUPPRESSED, {"final_state": str(S.DUPLICATE_SUPPRESSED)})
     step.lifecycle("workflow.compensated", S.DUPLICATE_SUPPRESSED, {"compensations": [f"{NAME}.skip_duplicate"]})
+    # workflow.completed {final_state} follows from the engine, last, as for every ending.
     step.note(duplicate_of=holder, external_id=ctx["external_id"])
 
 

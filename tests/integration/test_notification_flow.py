@@ -146,8 +146,8 @@ async def test_an_external_id_held_by_another_notification_is_suppressed(
     ]
     assert await claims(pg) == {claim_key("DUP-1"): "n-a", claim_key("DUP-1", "sms"): "n-c"}
     lifecycle = [m["body"] for m in await outbox(pg, "n-b", "lifecycle")]
-    assert [b["event_type"] for b in lifecycle] == ["workflow.started", "workflow.completed", "workflow.compensated"]
-    assert lifecycle[1]["data"] == {"final_state": "duplicate_suppressed"}
+    assert [b["event_type"] for b in lifecycle] == ["workflow.started", "workflow.compensated", "workflow.completed"]
+    assert lifecycle[2]["data"] == {"final_state": "duplicate_suppressed"}
 
 
 async def test_delivered_before_accepted_is_parked_then_applied(settings: Settings, pg: asyncpg.Connection) -> None:

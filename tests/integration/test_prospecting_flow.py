@@ -201,6 +201,7 @@ async def test_retries_exhausted_then_cancelled_compensates(settings: Settings, 
         "workflow.started",
         "workflow.failed",
         "workflow.compensated",
+        "workflow.completed",
     ]
     # crm_sync never happened: its effect key was freed for a later run of the same lead.
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.effect") == 0
@@ -287,4 +288,5 @@ async def test_cancel_while_running_compensates_on_the_compensation_queue(
     assert [m["body"]["event_type"] for m in await outbox(pg, "run-c", "lifecycle")] == [
         "workflow.started",
         "workflow.compensated",
+        "workflow.completed",
     ]

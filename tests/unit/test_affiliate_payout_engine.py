@@ -557,8 +557,9 @@ def _assert_reversal(d: Decision, error_code: str) -> None:
         ("compensation", "affiliate_payout.reverse_ledger_entry"),
         ("lifecycle", "workflow.failed.affiliate_payout"),
         ("lifecycle", "workflow.compensated.affiliate_payout"),
+        ("lifecycle", "workflow.completed.affiliate_payout"),
     ]
-    comp, failed_ev, compensated = d.outgoing
+    comp, failed_ev, compensated, _completed = d.outgoing
     assert comp.body["kind"] == "compensation"
     assert comp.body["data"] == {"entry_id": "le-417", "amount": "1250.50", "currency": "USD"}
     assert comp.body["idempotency_key"] == f"{TENANT}:affiliate_payout:{ENTITY}:reverse"

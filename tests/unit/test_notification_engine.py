@@ -260,10 +260,10 @@ def test_a_refused_claim_suppresses_the_duplicate(builder: Any) -> None:
     assert (d.to_state, d.terminal, d.cancel_all_timers) == (S.DUPLICATE_SUPPRESSED, True, True)
     assert kinds(d) == [
         ("compensation", "notification.skip_duplicate"),
-        ("lifecycle", "workflow.completed.notification"),
         ("lifecycle", "workflow.compensated.notification"),
+        ("lifecycle", "workflow.completed.notification"),
     ]
-    comp, completed, compensated = d.outgoing
+    comp, compensated, completed = d.outgoing
     assert comp.body["kind"] == "compensation"
     assert comp.body["data"] == {"external_id": EXT, "original_entity_id": "notification-1"}
     assert comp.body["idempotency_key"] == f"{TENANT}:notification:{ENTITY}:skip_duplicate"

@@ -337,8 +337,8 @@ def test_no_decision_within_the_second_sla_expires_and_voids() -> None:
         "reason": detail,
         "approvals": [],
     }
-    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    failed_, compensated = of_kind(d, "lifecycle")
+    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated", "workflow.completed"]
+    failed_, compensated, _completed = of_kind(d, "lifecycle")
     assert failed_.body["data"] == {"reason": detail, "error_code": "sla_expired"}
     assert compensated.body["data"] == {"compensations": ["partner_approval.void_request"]}
     assert all(schema_errors(m) == [] for m in d.outgoing)
@@ -369,7 +369,7 @@ def test_rejection_voids_notifies_and_leaves_nothing_pending(builder) -> None:
         "reason": "Missing tax documents.",
         "approvals": [{"stage": "manager", "approver_id": "manager-1"}],
     }
-    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
+    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated", "workflow.completed"]
     assert of_kind(d, "lifecycle")[0].body["data"] == {"reason": detail, "error_code": "rejected"}
     assert all(schema_errors(m) == [] for m in d.outgoing)
 
@@ -388,7 +388,7 @@ def test_withdrawal_voids_and_notifies(builder) -> None:
     }
     (cmd,) = of_kind(d, "command")
     assert (cmd.body["data"]["outcome"], cmd.body["data"]["reason"]) == ("withdrawn", "signed elsewhere")
-    assert lifecycle_types(d) == ["workflow.compensated"]
+    assert lifecycle_types(d) == ["workflow.compensated", "workflow.completed"]
     assert all(schema_errors(m) == [] for m in d.outgoing)
 
 

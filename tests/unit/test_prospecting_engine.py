@@ -545,8 +545,8 @@ def test_cancel_in_step_failed_compensates_and_reports_the_failure() -> None:
         "reason": "step qualification failed (lead_invalid); cancelled by ops-1",
     }
     assert comp.body["idempotency_key"] == f"{TENANT}:prospecting:{ENTITY}:cancel_run"
-    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
-    failed_, compensated = of_kind(d, "lifecycle")
+    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated", "workflow.completed"]
+    failed_, compensated, _completed = of_kind(d, "lifecycle")
     assert failed_.body["data"] == {"reason": comp.body["data"]["reason"], "error_code": "lead_invalid"}
     assert compensated.body["data"] == {"compensations": ["prospecting.cancel_run"]}
     assert all(schema_errors(m) == [] for m in d.outgoing)
@@ -564,7 +564,7 @@ def test_cancel_while_running_compensates_without_a_failure() -> None:
         "completed_steps": ["qualification"],
         "reason": "lead asked to stop",
     }
-    assert lifecycle_types(d) == ["workflow.compensated"]
+    assert lifecycle_types(d) == ["workflow.compensated", "workflow.completed"]
     assert d.notes == {"cancelled_by": "sdr-4"}
 
 

@@ -531,7 +531,7 @@ def test_one_patch_too_many_rolls_back_the_applied_ones() -> None:
         "error_code": "too_many_patches",
         "unconfirmed_patch_id": None,
     }
-    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
+    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated", "workflow.completed"]
     assert d.notes["rejected_patch_id"] == "patch-3"
     assert "limit of 2 patches" in of_kind(d, "lifecycle")[0].body["data"]["reason"]
 
@@ -564,8 +564,9 @@ def test_fatal_error_after_patches_rolls_them_back_newest_first(patches: int) ->
         ("compensation", "self_improvement.rollback_prompt_patches"),
         ("lifecycle", "workflow.failed.self_improvement"),
         ("lifecycle", "workflow.compensated.self_improvement"),
+        ("lifecycle", "workflow.completed.self_improvement"),
     ]
-    failed_ev, compensated = of_kind(d, "lifecycle")
+    failed_ev, compensated, _completed = of_kind(d, "lifecycle")
     assert failed_ev.body["data"] == {"reason": "fatal error: regression_detected", "error_code": "regression_detected"}
     assert compensated.body["data"] == {"compensations": ["self_improvement.rollback_prompt_patches"]}
     assert failed_ev.body["state"] == compensated.body["state"] == "rolled_back"

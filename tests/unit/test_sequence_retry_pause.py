@@ -92,8 +92,9 @@ def test_retries_exhausted_compensates() -> None:
         ("compensation", "sequence.raise_alert"),
         ("lifecycle", "workflow.failed.sequence"),
         ("lifecycle", "workflow.compensated.sequence"),
+        ("lifecycle", "workflow.completed.sequence"),
     ]
-    disable, alert, failed_ev, compensated = d.outgoing
+    disable, alert, failed_ev, compensated, _completed = d.outgoing
     assert disable.body["kind"] == alert.body["kind"] == "compensation"
     assert disable.body["data"]["sequence_id"] == "seq-onboarding-7"
     assert "after 3 attempts" in disable.body["data"]["reason"]
@@ -116,8 +117,8 @@ def test_non_retryable_failure_compensates(code: str, attempt: int) -> None:
         run.do("timer_retry_due")
     d = run.do("step_failed", failed(0, code, retryable=False, attempt=attempt))
     assert (d.to_state, d.terminal) == (S.COMPENSATED, True)
-    assert [m.kind for m in d.outgoing] == ["compensation", "compensation", "lifecycle", "lifecycle"]
-    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated"]
+    assert [m.kind for m in d.outgoing] == ["compensation", "compensation", "lifecycle", "lifecycle", "lifecycle"]
+    assert lifecycle_types(d) == ["workflow.failed", "workflow.compensated", "workflow.completed"]
     reason = of_kind(d, "compensation")[0].body["data"]["reason"]
     assert reason == f"step 0 failed: {code}"
     assert all(schema_errors(m) == [] for m in d.outgoing)
