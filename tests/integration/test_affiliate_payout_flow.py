@@ -218,7 +218,12 @@ async def test_a_payout_failing_after_retries_reverses_the_ledger_entry(
     assert comp["entity_id"] == "b-r" and comp["tenant_id"] == TENANT
     assert await claims(pg) == {}  # the batch ended unpaid: its commissions are free
     lifecycle = [m["body"] for m in await outbox(pg, "b-r", "lifecycle")]
-    assert [b["event_type"] for b in lifecycle] == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert [b["event_type"] for b in lifecycle] == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
     assert lifecycle[2]["data"] == {"compensations": ["affiliate_payout.reverse_ledger_entry"]}
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.timer") == 0
 

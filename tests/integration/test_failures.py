@@ -120,9 +120,19 @@ async def test_retries_exhausted_compensates(settings: Settings, pg: asyncpg.Con
     assert "seq-1" in alert["message"]
 
     rows = await outbox(pg, "exh-1", "lifecycle")
-    assert [r["body"]["event_type"] for r in rows] == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert [r["body"]["event_type"] for r in rows] == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
     assert all(r["published"] for r in rows)
-    assert [m["event_type"] for m in life] == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert [m["event_type"] for m in life] == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
     row = await instance(pg, "exh-1")
     assert row["terminal"] and row["context"]["attempt"] == 3
     assert await timers_of(pg, "exh-1") == []

@@ -137,7 +137,12 @@ async def test_no_decision_escalates_once_then_expires_and_voids(settings: Setti
     )
     assert void["data"] == {"partner_id": "partner-311", "reason": "expired", "stage": "manager", "detail": detail}
     assert bodies[2]["data"]["outcome"] == "expired"
-    assert await lifecycle(pg, "req-x") == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert await lifecycle(pg, "req-x") == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
     assert await timers(pg, "req-x") == []
     assert (
         await pg.fetchval(
@@ -208,7 +213,12 @@ async def test_rejection_voids_and_leaves_nothing_pending(settings: Settings, pg
     assert bodies[-1]["data"]["outcome"] == "rejected" and bodies[-1]["data"]["reason"] == reason
     assert len(bodies) == 3
     assert await timers(pg, "req-r") == []
-    assert await lifecycle(pg, "req-r") == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert await lifecycle(pg, "req-r") == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
 
 
 async def test_withdrawal_voids_the_request(settings: Settings, pg: asyncpg.Connection) -> None:

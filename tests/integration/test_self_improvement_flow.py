@@ -248,7 +248,12 @@ async def test_fatal_error_after_patches_rolls_them_back_on_the_compensation_que
     }
     assert comp["idempotency_key"] == f"{TENANT}:{WORKFLOW}:c-bad:{H1}:rollback_prompt_patches"
     lifecycle = [m["body"] for m in await outbox(pg, "c-bad", "lifecycle")]
-    assert [b["event_type"] for b in lifecycle] == ["workflow.started", "workflow.failed", "workflow.compensated", "workflow.completed"]
+    assert [b["event_type"] for b in lifecycle] == [
+        "workflow.started",
+        "workflow.failed",
+        "workflow.compensated",
+        "workflow.completed",
+    ]
     assert lifecycle[1]["data"] == {"reason": "fatal error: regression_detected", "error_code": "regression_detected"}
     assert lifecycle[2]["data"] == {"compensations": [f"{WORKFLOW}.rollback_prompt_patches"]}
     assert await claims(pg) == [] and await register(pg) is None
