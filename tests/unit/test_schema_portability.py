@@ -38,3 +38,19 @@ def test_no_schema_has_a_union_of_types_other_than_nullable(path: Path) -> None:
         t = node.get("type")
         if isinstance(t, list):
             assert len([x for x in t if x != "null"]) == 1, f"{path.name}{where}: type {t}"
+
+
+@pytest.mark.parametrize("name", ["command", "lifecycle"])
+def test_the_envelopes_sfworkflow_publishes_accept_fields_added_later(name: str) -> None:
+    """A consumer validating with the v1 schema keeps working when sfworkflow adds an optional field."""
+    from sfworkflow.contract import schemas
+
+    s = schemas.default()
+    example = orjson.loads((ROOT / "envelope" / f"{name}.v1.json").read_bytes())["examples"][0]
+    assert s.errors("envelope", name, example) == []
+    assert (
+        s.errors(
+            "envelope", name, {**example, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        )
+        == []
+    )
