@@ -72,9 +72,13 @@ async def _cmd_diagram(settings: Settings, args: argparse.Namespace) -> int:
 
     engine = Engine(DEFINITIONS)
     if args.write_docs:
+        from sfworkflow.core import asyncapi
+
         diagrams.DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
         diagrams.DOCS_PATH.write_text(diagrams.workflows_doc(engine))
         print(f"wrote {diagrams.DOCS_PATH}")
+        asyncapi.ASYNCAPI_PATH.write_text(asyncapi.render(engine))
+        print(f"wrote {asyncapi.ASYNCAPI_PATH}")
         return 0
     if not args.workflow:
         print("sfworkflow diagram: name a workflow (one of: " + ", ".join(sorted(engine.latest)) + ")")
@@ -131,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
     g.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
     g.add_argument("--version", type=int, default=None, help="definition version (default: the latest)")
-    g.add_argument("--write-docs", action="store_true", help="regenerate docs/workflows.md from every definition")
+    g.add_argument(
+        "--write-docs", action="store_true",
+        help="regenerate docs/workflows.md and docs/asyncapi.json from every definition",
+    )  # fmt: skip
     i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
     i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")

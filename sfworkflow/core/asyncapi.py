@@ -1,0 +1,232 @@
+"""docs/asyncapi.json: sfworkflow's messages as an AsyncAPI 3.0 document, generated from the topology
+(contract/topology.py) and the workflow definitions, with `$ref`s into `schemas/`.
+
+Generated, never edited by hand: `sfworkflow diagram --write-docs` rewrites it with docs/workflows.md, a test fails
+when the committed file differs from what the definitions generate, and another validates it with the AsyncAPI
+project's own CLI (`asyncapi validate`). The operations are sfworkflow's: it receives events and sends commands,
+compensation commands, lifecycle events and dead letters; a SalesFlow worker is the other side of each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sfworkflow import __version__
+from sfworkflow.contract.topology import (
+    COMMANDS_EXCHANGE,
+    COMPENSATIONS_EXCHANGE,
+    DEAD_QUEUE,
+    EVENTS_EXCHANGE,
+    LIFECYCLE_EXCHANGE,
+    commands_queue,
+    compensations_queue,
+)
+from sfworkflow.core.engine import Engine
+
+ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
+SCHEMAS = "../schemas"  # from docs/
+LIFECYCLE_EVENTS = ("workflow.started", "workflow.completed", "workflow.failed", "workflow.compensated")
+PERSISTENT = 2
+
+
+def _exchange(name: str) -> dict[str, Any]:
+    return {
+        "amqp": {
+            "is": "routingKey",
+            "exchange": {"name": name, "type": "topic", "durable": True, "autoDelete": False, "vhost": "/"},
+            "bindingVersion": "0.3.0",
+        }
+    }
+
+
+def _queue(name: str) -> dict[str, Any]:
+    return {
+        "amqp": {
+            "is": "queue",
+            "queue": {"name": name, "durable": True, "exclusive": False, "autoDelete": False, "vhost": "/"},
+            "bindingVersion": "0.3.0",
+        }
+    }
+
+
+def _message(name: str, title: str, envelope: str, type_field: str, data_ref: str | None, summary: str) -> Any:
+    """A message: the envelope schema, with its type field fixed and its `data` held to the type's schema."""
+    narrowed: dict[str, Any] = {"type": "object", "properties": {type_field: {"const": name}}}
+    if data_ref is not None:
+        narrowed["properties"]["data"] = {"$ref": data_ref}
+    return {
+        "name": name,
+        "title": title,
+        "summary": summary,
+        "contentType": "application/json",
+        "payload": {"allOf": [{"$ref": f"{SCHEMAS}/envelope/{envelope}.v1.json"}, narrowed]},
+        "bindings": {"amqp": {"messageType": name, "bindingVersion": "0.3.0"}},
+    }
+
+
+PUBLISHED = {"amqp": {"deliveryMode": PERSISTENT, "mandatory": True, "bindingVersion": "0.3.0"}}  # and confirmed
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def document(engine: Engine) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the latest definition of every workflow."""
+    definitions = [engine.compiled[(name, version)].definition for name, version in sorted(engine.latest.items())]
+    messages: dict[str, Any] = {}
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+
+    events = sorted(d.event_type(e) for d in definitions for e in d.events)
+    for e in events:
+        messages[_key(e)] = _message(
+            e, e, "event", "event_type", f"{SCHEMAS}/events/{e}.v1.json", "An event SalesFlow publishes."
+        )
+    channels["events"] = {
+        "address": "{eventType}",
+        "title": f"Events in: exchange {EVENTS_EXCHANGE}",
+        "description": (
+            f"SalesFlow publishes every event to the topic exchange `{EVENTS_EXCHANGE}` with its `event_type` as "
+            "the routing key: persistent, `message_id` = `event_id`, publisher confirms, mandatory."
+        ),
+        "parameters": {"eventType": {"enum": events, "description": "The event's `event_type`."}},
+        "messages": {_key(e): {"$ref": f"#/components/messages/{_key(e)}"} for e in events},
+        "bindings": _exchange(EVENTS_EXCHANGE),
+    }
+    operations["receiveEvents"] = {
+        "action": "receive",
+        "channel": {"$ref": "#/channels/events"},
+        "summary": "sfworkflow applies each event once (inbox keyed on tenant_id, event_id).",
+        "bindings": PUBLISHED,
+        "messages": [{"$ref": f"#/channels/events/messages/{_key(e)}"} for e in events],
+    }
+
+    for d in definitions:
+        for kind, exchange, queue, names in (
+            ("commands", COMMANDS_EXCHANGE, commands_queue(d.name), d.commands),
+            ("compensations", COMPENSATIONS_EXCHANGE, compensations_queue(d.name), d.compensations),
+        ):
+            if not names:
+                continue
+            types = sorted(f"{d.name}.{c}" for c in names)
+            for t in types:
+                summary = "A compensation command." if kind == "compensations" else "A command."
+                messages[_key(t)] = _message(
+                    t, t, "command", "command_type", f"{SCHEMAS}/commands/{t}.v1.json", summary
+                )
+            channel = f"{kind}_{d.name}"
+            channels[channel] = {
+                "address": queue,
+                "title": f"{d.name}: {kind} (queue {queue})",
+                "description": (
+                    f"Published to the topic exchange `{exchange}` with the `command_type` as the routing key; "
+                    f"the queue `{queue}` is bound with `{d.name}.#`. A worker consumes it, dedupes on `command_id`, "
+                    "and acks only after its answer was confirmed."
+                ),
+                "messages": {_key(t): {"$ref": f"#/components/messages/{_key(t)}"} for t in types},
+                "bindings": _queue(queue),
+            }
+            operations[f"send_{channel}"] = {
+                "action": "send",
+                "channel": {"$ref": f"#/channels/{channel}"},
+                "summary": f"sfworkflow's {d.name} instances publish these through the outbox, in instance order.",
+                "bindings": PUBLISHED,
+                "messages": [{"$ref": f"#/channels/{channel}/messages/{_key(t)}"} for t in types],
+            }
+
+    for e in LIFECYCLE_EVENTS:
+        messages[_key(e)] = _message(
+            e, e, "lifecycle", "event_type", f"{SCHEMAS}/lifecycle/{e}.v1.json", "A lifecycle event."
+        )
+    channels["lifecycle"] = {
+        "address": "{lifecycleEvent}.{workflow}",
+        "title": f"Lifecycle: exchange {LIFECYCLE_EXCHANGE}",
+        "description": (
+            f"Published to the topic exchange `{LIFECYCLE_EXCHANGE}` (no queue of sfworkflow's: bind your own). "
+            "`workflow.completed` is the last lifecycle event of every ending."
+        ),
+        "parameters": {
+            "lifecycleEvent": {"enum": list(LIFECYCLE_EVENTS)},
+            "workflow": {"enum": [d.name for d in definitions]},
+        },
+        "messages": {_key(e): {"$ref": f"#/components/messages/{_key(e)}"} for e in LIFECYCLE_EVENTS},
+        "bindings": _exchange(LIFECYCLE_EXCHANGE),
+    }
+    operations["sendLifecycle"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/lifecycle"},
+        "bindings": PUBLISHED,
+        "messages": [{"$ref": f"#/channels/lifecycle/messages/{_key(e)}"} for e in LIFECYCLE_EVENTS],
+    }
+
+    messages["dead_letter"] = {
+        "name": "dead_letter",
+        "title": "Dead letter",
+        "summary": "A message that could not be applied: its original body and headers, and why.",
+        "description": (
+            "The body is the original's, byte for byte (any content type). Headers: `x-sfworkflow-reason` (a code, "
+            "README's table), `x-sfworkflow-detail`, `x-sfworkflow-original-routing-key`, "
+            "`x-sfworkflow-original-exchange`, `x-sfworkflow-original-content-type`, "
+            "`x-sfworkflow-original-message-id`, `x-sfworkflow-dead-lettered-at`."
+        ),
+        "headers": {
+            "type": "object",
+            "required": ["x-sfworkflow-reason", "x-sfworkflow-detail"],
+            "properties": {
+                "x-sfworkflow-reason": {"type": "string"},
+                "x-sfworkflow-detail": {"type": "string"},
+                "x-sfworkflow-original-routing-key": {"type": "string"},
+                "x-sfworkflow-original-exchange": {"type": "string"},
+                "x-sfworkflow-original-content-type": {"type": "string"},
+                "x-sfworkflow-original-message-id": {"type": "string"},
+                "x-sfworkflow-dead-lettered-at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "payload": {"description": "The original message's body, as it came."},
+    }
+    channels["dead"] = {
+        "address": DEAD_QUEUE,
+        "title": f"Dead letters (queue {DEAD_QUEUE})",
+        "description": "Through the default exchange; read, redrive and purge with `sfworkflow dead-letters`.",
+        "messages": {"dead_letter": {"$ref": "#/components/messages/dead_letter"}},
+        "bindings": _queue(DEAD_QUEUE),
+    }
+    operations["sendDeadLetters"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/dead"},
+        "bindings": PUBLISHED,
+        "messages": [{"$ref": "#/channels/dead/messages/dead_letter"}],
+    }
+
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "sfworkflow",
+            "version": __version__,
+            "description": (
+                "Durable workflows for SalesFlow: events in from RabbitMQ, one state machine per workflow instance "
+                "in PostgreSQL, commands, compensation commands and lifecycle events out through a transactional "
+                "outbox. Generated from the definitions by `sfworkflow diagram --write-docs`; do not edit."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "rabbitmq": {
+                "host": "localhost:5672",
+                "protocol": "amqp",
+                "protocolVersion": "0.9.1",
+                "description": "The RabbitMQ that sfworkflow and SalesFlow share (SFWORKFLOW_AMQP_URL).",
+            }
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages},
+    }
+
+
+def render(engine: Engine) -> str:
+    """The document as committed: JSON, indented, keys in the order written, a final newline."""
+    return json.dumps(document(engine), indent=2, ensure_ascii=False) + "\n"
