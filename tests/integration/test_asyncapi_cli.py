@@ -35,3 +35,15 @@ async def test_the_asyncapi_cli_refuses_a_broken_document(tmp_path: Path) -> Non
     finally:
         broken.unlink()
     assert rc != 0, out
+
+
+async def test_the_document_renders_as_one_html_page(tmp_path: Path) -> None:
+    out = tmp_path / "asyncapi.html"
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / "scripts" / "asyncapi"), "html", str(out),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    text, _ = await asyncio.wait_for(proc.communicate(), 110)
+    assert await proc.wait() == 0, text.decode()
+    page = out.read_text()
+    assert "sfworkflow" in page and "sequence.send_step" in page and "sfworkflow.commands.sequence" in page
