@@ -73,6 +73,14 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
+def _channel_messages(names: list[str]) -> dict[str, Any]:
+    return {_key(n): {"$ref": f"#/components/messages/{_key(n)}"} for n in names}
+
+
+def _operation_messages(channel: str, names: list[str]) -> list[dict[str, str]]:
+    return [{"$ref": f"#/channels/{channel}/messages/{_key(n)}"} for n in names]
+
+
 def document(engine: Engine) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of the latest definition of every workflow."""
     definitions = [engine.compiled[(name, version)].definition for name, version in sorted(engine.latest.items())]
@@ -93,7 +101,7 @@ def document(engine: Engine) -> dict[str, Any]:
             "the routing key: persistent, `message_id` = `event_id`, publisher confirms, mandatory."
         ),
         "parameters": {"eventType": {"enum": events, "description": "The event's `event_type`."}},
-        "messages": {_key(e): {"$ref": f"#/components/messages/{_key(e)}"} for e in events},
+        "messages": _channel_messages(events),
         "bindings": _exchange(EVENTS_EXCHANGE),
     }
     operations["receiveEvents"] = {
@@ -101,7 +109,7 @@ def document(engine: Engine) -> dict[str, Any]:
         "channel": {"$ref": "#/channels/events"},
         "summary": "sfworkflow applies each event once (inbox keyed on tenant_id, event_id).",
         "bindings": PUBLISHED,
-        "messages": [{"$ref": f"#/channels/events/messages/{_key(e)}"} for e in events],
+        "messages": _operation_messages("events", events),
     }
 
     for d in definitions:
@@ -126,7 +134,7 @@ def document(engine: Engine) -> dict[str, Any]:
                     f"the queue `{queue}` is bound with `{d.name}.#`. A worker consumes it, dedupes on `command_id`, "
                     "and acks only after its answer was confirmed."
                 ),
-                "messages": {_key(t): {"$ref": f"#/components/messages/{_key(t)}"} for t in types},
+                "messages": _channel_messages(types),
                 "bindings": _queue(queue),
             }
             operations[f"send_{channel}"] = {
@@ -134,7 +142,7 @@ def document(engine: Engine) -> dict[str, Any]:
                 "channel": {"$ref": f"#/channels/{channel}"},
                 "summary": f"sfworkflow's {d.name} instances publish these through the outbox, in instance order.",
                 "bindings": PUBLISHED,
-                "messages": [{"$ref": f"#/channels/{channel}/messages/{_key(t)}"} for t in types],
+                "messages": _operation_messages(channel, types),
             }
 
     for e in LIFECYCLE_EVENTS:
@@ -152,14 +160,14 @@ def document(engine: Engine) -> dict[str, Any]:
             "lifecycleEvent": {"enum": list(LIFECYCLE_EVENTS)},
             "workflow": {"enum": [d.name for d in definitions]},
         },
-        "messages": {_key(e): {"$ref": f"#/components/messages/{_key(e)}"} for e in LIFECYCLE_EVENTS},
+        "messages": _channel_messages(list(LIFECYCLE_EVENTS)),
         "bindings": _exchange(LIFECYCLE_EXCHANGE),
     }
     operations["sendLifecycle"] = {
         "action": "send",
         "channel": {"$ref": "#/channels/lifecycle"},
         "bindings": PUBLISHED,
-        "messages": [{"$ref": f"#/channels/lifecycle/messages/{_key(e)}"} for e in LIFECYCLE_EVENTS],
+        "messages": _operation_messages("lifecycle", list(LIFECYCLE_EVENTS)),
     }
 
     messages["dead_letter"] = {

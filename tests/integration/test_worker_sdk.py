@@ -53,6 +53,19 @@ async def _send_command(mq: Amqp, body: bytes, routing_key: str, message_id: str
     await channel.close()
 
 
+def _step_sent_worker(amqp_url: str, store: Any) -> tuple[CommandWorker, list[str]]:
+    """A worker whose send_step handler answers step_sent and records the command ids it ran for."""
+    worker = CommandWorker(amqp_url, store=store, source="tests.worker")
+    runs: list[str] = []
+
+    @worker.handler("sequence.send_step", failure="sequence.step_failed")
+    async def send_step(cmd: Command) -> Answer:
+        runs.append(cmd.command_id)
+        return cmd.answer("sequence.step_sent", {"step": 0, "provider_message_id": "p"})
+
+    return worker, runs
+
+
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[PostgresDedupe]:
     s = await PostgresDedupe.open(database_url)
@@ -88,13 +101,7 @@ async def test_a_worker_carries_a_sequence_to_completed(settings: Settings, pg: 
 async def test_a_command_delivered_twice_runs_its_handler_once_and_is_answered_twice_alike(
     settings: Settings, store: Any
 ) -> None:
-    worker = CommandWorker(settings.amqp_url, store=store, source="tests.worker")
-    runs: list[str] = []
-
-    @worker.handler("sequence.send_step", failure="sequence.step_failed")
-    async def send_step(cmd: Command) -> Answer:
-        runs.append(cmd.command_id)
-        return cmd.answer("sequence.step_sent", {"step": 0, "provider_message_id": "p"})
+    worker, runs = _step_sent_worker(settings.amqp_url, store)
 
     cmd = _send_step()
     async with running_service(settings, consume=False), Amqp(settings.amqp_url) as mq:
@@ -142,13 +149,7 @@ async def test_a_fatal_failure_is_answered_with_the_declared_failure_event(setti
 async def test_bad_commands_are_dead_lettered_with_a_reason_and_the_queue_goes_on(
     settings: Settings, store: Any
 ) -> None:
-    worker = CommandWorker(settings.amqp_url, store=store, source="tests.worker")
-    handled: list[str] = []
-
-    @worker.handler("sequence.send_step", failure="sequence.step_failed")
-    async def send_step(cmd: Command) -> Answer:
-        handled.append(cmd.command_id)
-        return cmd.answer("sequence.step_sent", {"step": 0, "provider_message_id": "p"})
+    worker, handled = _step_sent_worker(settings.amqp_url, store)
 
     invalid = _send_step()
     del invalid["idempotency_key"]
@@ -236,13 +237,7 @@ async def test_a_command_whose_handling_failed_midway_is_handed_back_and_answere
     """Not left unacked on its channel (which would hold it until the channel closes): nacked, redelivered, and
     claimed again at once by the same worker, whose claim it still is."""
     store = _RecordFailsOnce()
-    worker = CommandWorker(settings.amqp_url, store=store, source="tests.worker")
-    runs: list[str] = []
-
-    @worker.handler("sequence.send_step", failure="sequence.step_failed")
-    async def send_step(cmd: Command) -> Answer:
-        runs.append(cmd.command_id)
-        return cmd.answer("sequence.step_sent", {"step": 0, "provider_message_id": "p"})
+    worker, runs = _step_sent_worker(settings.amqp_url, store)
 
     cmd = _send_step()
     async with running_service(settings, consume=False), Amqp(settings.amqp_url) as mq:
