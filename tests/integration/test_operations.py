@@ -112,7 +112,7 @@ async def test_every_outbox_row_is_published_with_amqp_properties(settings: Sett
         await wait_state(pg, "bad-1", "compensated")
         await wait_all_published(pg)
         await compensations.wait_raw(2)
-        await lifecycle.wait_raw(5)  # started x2, completed, failed, compensated
+        await lifecycle.wait_raw(6)  # started x2, failed, compensated, completed x2 (every ending's last)
         await dead.wait_raw(1)
         await asyncio.sleep(0.3)
         for box in (commands, compensations, lifecycle, dead):
@@ -120,7 +120,7 @@ async def test_every_outbox_row_is_published_with_amqp_properties(settings: Sett
 
     rows = await pg.fetch("SELECT kind, message_id, published_at, publish_attempts, last_error FROM sfworkflow.outbox")
     assert sorted(r["kind"] for r in rows) == sorted(
-        ["command"] * 2 + ["compensation"] * 2 + ["lifecycle"] * 5 + ["dead_letter"]
+        ["command"] * 2 + ["compensation"] * 2 + ["lifecycle"] * 6 + ["dead_letter"]
     )
     assert all(r["published_at"] is not None for r in rows)
     assert all(r["publish_attempts"] == 1 and r["last_error"] is None for r in rows)
