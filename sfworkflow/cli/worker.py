@@ -32,14 +32,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         from sfworkflow.demo.worker import SimulatedWorker
     except ImportError as exc:
         raise UsageError(DEMO_MISSING) from exc
-    from sfworkflow.client.dedupe import PostgresDedupe
-
-    # Its dedupe store in sfworkflow's database (schema sfworkflow_worker), as a SalesFlow worker keeps one.
+    # Its dedupe store is in memory (the SDK's MemoryDedupe): this command needs RabbitMQ only. The demo and the
+    # chaos suite give the same worker a PostgresDedupe.
     worker = SimulatedWorker(
-        settings.amqp_url,
-        Profile(failure_rate=args.failure_rate, seed=args.seed),
-        args.workflow or None,
-        store=await PostgresDedupe.open(settings.database_url),
+        settings.amqp_url, Profile(failure_rate=args.failure_rate, seed=args.seed), args.workflow or None
     )
     await worker.start()
     stop = asyncio.Event()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sfworkflow import __version__
+from sfworkflow.contract import headers as wire
 from sfworkflow.contract.topology import (
     COMMANDS_EXCHANGE,
     COMPENSATIONS_EXCHANGE,
@@ -170,27 +171,25 @@ def document(engine: Engine) -> dict[str, Any]:
         "messages": _operation_messages("lifecycle", list(LIFECYCLE_EVENTS)),
     }
 
+    dead_headers = (
+        wire.REASON, wire.DETAIL, wire.ORIGINAL_ROUTING_KEY, wire.ORIGINAL_EXCHANGE, wire.ORIGINAL_CONTENT_TYPE,
+        wire.ORIGINAL_MESSAGE_ID, wire.DEAD_LETTERED_AT,
+    )  # fmt: skip
     messages["dead_letter"] = {
         "name": "dead_letter",
         "title": "Dead letter",
         "summary": "A message that could not be applied: its original body and headers, and why.",
         "description": (
-            "The body is the original's, byte for byte (any content type). Headers: `x-sfworkflow-reason` (a code, "
-            "README's table), `x-sfworkflow-detail`, `x-sfworkflow-original-routing-key`, "
-            "`x-sfworkflow-original-exchange`, `x-sfworkflow-original-content-type`, "
-            "`x-sfworkflow-original-message-id`, `x-sfworkflow-dead-lettered-at`."
+            "The body is the original's, byte for byte (any content type), with its headers and these: "
+            + ", ".join(f"`{h}`" for h in dead_headers)
+            + " (the README's tables give the reason codes)."
         ),
         "headers": {
             "type": "object",
-            "required": ["x-sfworkflow-reason", "x-sfworkflow-detail"],
+            "required": [wire.REASON, wire.DETAIL],
             "properties": {
-                "x-sfworkflow-reason": {"type": "string"},
-                "x-sfworkflow-detail": {"type": "string"},
-                "x-sfworkflow-original-routing-key": {"type": "string"},
-                "x-sfworkflow-original-exchange": {"type": "string"},
-                "x-sfworkflow-original-content-type": {"type": "string"},
-                "x-sfworkflow-original-message-id": {"type": "string"},
-                "x-sfworkflow-dead-lettered-at": {"type": "string", "format": "date-time"},
+                h: {"type": "string", **({"format": "date-time"} if h == wire.DEAD_LETTERED_AT else {})}
+                for h in dead_headers
             },
         },
         "payload": {"description": "The original message's body, as it came."},
