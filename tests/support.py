@@ -20,14 +20,15 @@ OTHER_TENANT = "9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, consume: bool = True) -> AsyncIterator[Service]:
-    service = Service(settings)
-    await service.start(consume=consume)
+async def running_service(settings: Settings, consume: bool = True, **service: Any) -> AsyncIterator[Service]:
+    """A started Service (`service`: more arguments for it, e.g. tracer_provider)."""
+    running = Service(settings, **service)
+    await running.start(consume=consume)
     try:
-        yield service
+        yield running
     finally:
-        if not service.stopped.is_set():
-            await service.stop()
+        if not running.stopped.is_set():
+            await running.stop()
 
 
 def enrolled_data(

@@ -17,9 +17,10 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from pamqp.commands import Basic
 
-from sfworkflow.client import amqp
+from sfworkflow.client import amqp, tracing
 from sfworkflow.contract import schemas
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
+from sfworkflow.contract.tracing import TRACEPARENT
 from sfworkflow.errors import InvalidEvent
 
 
@@ -38,7 +39,8 @@ def build_event(
     schema_version: int = 1,
     trace_id: str | None = None,
 ) -> dict[str, Any]:
-    """An event envelope with a fresh event id and the current UTC time unless given."""
+    """An event envelope with a fresh event id and the current UTC time unless given; `trace_id`, unless given,
+    is the current OpenTelemetry span's (when the application traces)."""
     return {
         "event_id": event_id or str(uuid.uuid4()),
         "event_type": event_type,
@@ -51,7 +53,7 @@ def build_event(
         "source": source,
         "actor_type": actor_type,
         "timestamp": (timestamp or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
-        "trace_id": trace_id,
+        "trace_id": trace_id if trace_id is not None else tracing.current_trace_id(),
         "data": data,
     }
 
@@ -86,10 +88,18 @@ class EventPublisher:
         exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         return cls(connection, channel, exchange)
 
-    async def publish(self, event: dict[str, Any], *, validate: bool = True) -> None:
+    async def publish(self, event: dict[str, Any], *, validate: bool = True, traceparent: str | None = None) -> None:
+        """Validate and publish `event`, with W3C trace context: `traceparent`, else the current OpenTelemetry
+        span's (when the application traces), else none (sfworkflow reads the envelope's trace_id)."""
         if validate:
             validate_event(event)
-        await self.publish_raw(orjson.dumps(event), routing_key=event["event_type"], message_id=event["event_id"])
+        tp = traceparent or tracing.current_traceparent()
+        await self.publish_raw(
+            orjson.dumps(event),
+            routing_key=event["event_type"],
+            message_id=event["event_id"],
+            headers={TRACEPARENT: tp} if tp else None,
+        )
 
     async def publish_raw(
         self,

@@ -25,9 +25,11 @@ import orjson
 import pika
 import pika.exceptions
 
+from sfworkflow.client import tracing
 from sfworkflow.client.amqp import PERSISTENT
 from sfworkflow.client.producer import validate_event
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
+from sfworkflow.contract.tracing import TRACEPARENT
 
 # What a lost or closed connection raises in pika; a confirm the broker refused (NackError) or an event no queue
 # took (UnroutableError) is not one of them: those are the event's, and are raised to the caller.
@@ -62,14 +64,19 @@ class SyncEventPublisher:
         channel.confirm_delivery()
         self._channel = channel
 
-    def publish(self, event: dict[str, Any], *, validate: bool = True) -> None:
+    def publish(self, event: dict[str, Any], *, validate: bool = True, traceparent: str | None = None) -> None:
         """Validate (InvalidEvent names what is wrong), publish and wait for the broker's confirm; reopen the
-        connection and publish again, up to `retries` times, when it was lost."""
+        connection and publish again, up to `retries` times, when it was lost. W3C trace context: `traceparent`,
+        else the current OpenTelemetry span's (when the application traces), else none."""
         if validate:
             validate_event(event)
         body = orjson.dumps(event)
+        tp = traceparent or tracing.current_traceparent()
         properties = pika.BasicProperties(
-            content_type="application/json", delivery_mode=PERSISTENT, message_id=event["event_id"]
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            message_id=event["event_id"],
+            headers={TRACEPARENT: tp} if tp else None,
         )
         for attempt in range(self.retries + 1):
             try:

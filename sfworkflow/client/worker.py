@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import signal
 import time
 import uuid
@@ -53,7 +54,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sfworkflow.client import amqp
+from sfworkflow.client import amqp, tracing
 from sfworkflow.client.dedupe import DedupeStore, MemoryDedupe, PostgresDedupe
 from sfworkflow.client.producer import build_event, validate_event
 from sfworkflow.contract import headers as wire
@@ -66,6 +67,7 @@ from sfworkflow.contract.topology import (
     commands_queue,
     compensations_queue,
 )
+from sfworkflow.contract.tracing import TRACEPARENT
 from sfworkflow.errors import InvalidEvent
 
 __all__ = [
@@ -144,6 +146,15 @@ class Command:
     envelope: dict[str, Any]
     source: str  # the worker's: the `source` of the answers it builds
     schema_set: schemas.SchemaSet = field(repr=False)
+    # W3C trace context to pass on to what the handler calls (an HTTP request's `traceparent` header): the worker's
+    # span when OpenTelemetry is configured, else the command's own header. Its answers are published with it.
+    traceparent: str | None = None
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace this command belongs to (the event that caused it, or its instance's)."""
+        value = self.envelope.get("trace_id")
+        return None if value is None else str(value)
 
     @property
     def command_id(self) -> str:
@@ -267,7 +278,10 @@ class CommandWorker:
         max_redeliveries: int = 5,
         registry: CollectorRegistry | None = None,
         schema_set: schemas.SchemaSet | None = None,
+        tracer_provider: Any = None,
     ) -> None:
+        """`tracer_provider`: OpenTelemetry's, for a span per command (default: the global one, when the
+        application set one; without, no spans and no cost, client/tracing.py)."""
         if concurrency < 1 or prefetch < concurrency:
             raise ValueError(f"need 1 <= concurrency <= prefetch, got concurrency={concurrency} prefetch={prefetch}")
         self.amqp_url = amqp_url
@@ -281,6 +295,7 @@ class CommandWorker:
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
         self.schemas = schema_set or schemas.default()
+        self.tracer = tracing.tracer(tracer_provider)
         self.handlers: dict[str, Registration] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._connection: AbstractRobustConnection | None = None
@@ -408,7 +423,7 @@ class CommandWorker:
             detail = f"this worker has no handler for {command_type}; register one with @worker.handler"
             await self._dead_letter(message, WorkerDeadReason.NO_HANDLER, detail, command_type)
             return
-        cmd = Command(envelope, self.source, self.schemas)
+        cmd = Command(envelope, self.source, self.schemas, tracing.header(message.headers))
         if cmd.command_id in self._executing:  # a copy redelivered while this process still handles it
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
@@ -423,9 +438,26 @@ class CommandWorker:
     async def _bound(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
         with structlog.contextvars.bound_contextvars(
             command_id=cmd.command_id, command_type=cmd.command_type, tenant_id=cmd.tenant_id, entity_id=cmd.entity_id,
-            correlation_id=cmd.correlation_id, attempt=cmd.attempt,
+            correlation_id=cmd.correlation_id, attempt=cmd.attempt, trace_id=cmd.trace_id,
         ):  # fmt: skip
-            await self._handle(message, cmd, registration)
+            if self.tracer is None:
+                await self._handle(message, cmd, registration)
+                return
+            with self.tracer.start_as_current_span(
+                f"process {message.routing_key}",
+                context=tracing.parent_context(cmd.traceparent),
+                kind=tracing.span_kind("CONSUMER"),
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": message.routing_key or "",
+                    "messaging.message.id": cmd.command_id,
+                    "sfworkflow.command.attempt": cmd.attempt,
+                },
+            ) as span:
+                # The handler runs in this span (its own spans are children); the answers name it as their parent.
+                cmd = dataclasses.replace(cmd, traceparent=tracing.traceparent_of(span))
+                await self._handle(message, cmd, registration)
 
     def _errors(self, envelope: Any) -> list[str]:
         if not isinstance(envelope, dict):
@@ -438,7 +470,7 @@ class CommandWorker:
     async def _handle(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
         claim = await self.store.claim(cmd.command_id, cmd.command_type, self.handler_timeout_s + 30.0, self.worker_id)
         if claim.answers is not None:
-            await self._publish(claim.answers)
+            await self._publish(claim.answers, cmd.traceparent)
             await message.ack()
             self._count(cmd.command_type, "repeated")
             log.info("command answered before; its answers published again", answers=len(claim.answers))
@@ -479,7 +511,7 @@ class CommandWorker:
             return
         stored = await self.store.record(cmd.command_id, answers)
         self._checkpoint("recorded")
-        await self._publish(stored)
+        await self._publish(stored, cmd.traceparent)
         self._checkpoint("published")
         await message.ack()
         self._count(cmd.command_type, outcome)
@@ -506,15 +538,17 @@ class CommandWorker:
         """A named point of a delivery's handling (executed, recorded, published): tests stop a worker here."""
 
     # ---- publishing -----------------------------------------------------------------------------------------
-    async def _publish(self, answers: Sequence[Answer]) -> None:
-        """Publish answers in order with confirms; raises unless the broker confirmed every one."""
+    async def _publish(self, answers: Sequence[Answer], traceparent: str | None) -> None:
+        """Publish answers in order with confirms, with the command's trace context; raises unless the broker
+        confirmed every one."""
         if not answers:
             return
+        headers: dict[str, Any] | None = {TRACEPARENT: traceparent} if traceparent else None
         batch = [
             amqp.Outgoing(
                 orjson.dumps(a), EVENTS_EXCHANGE, a["event_type"], True,
                 Basic.Properties(content_type="application/json", delivery_mode=amqp.PERSISTENT,
-                                 message_id=a["event_id"], app_id=self.source),
+                                 message_id=a["event_id"], app_id=self.source, headers=headers),
             )
             for a in answers
         ]  # fmt: skip

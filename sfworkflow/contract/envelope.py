@@ -6,6 +6,7 @@ version, data schema. Nothing here touches the network or the database.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 
 from sfworkflow.contract.schemas import SchemaSet
+from sfworkflow.contract.tracing import Trace, trace_of
 from sfworkflow.errors import DeadReason, Rejection
 
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json", "application/cloudevents+json"})
@@ -33,6 +35,7 @@ class IncomingEvent:
     causation_id: str | None
     schema_version: int
     data: dict[str, Any]
+    trace: Trace | None = None  # from the `traceparent` header or the envelope's trace_id (contract/tracing.py)
 
 
 MIN_YEAR, MAX_YEAR = 1, 9000  # event times sfworkflow can add delays to without overflowing
@@ -72,7 +75,10 @@ class EventParser:
             for v in schemas.versions("events", name)
         }
 
-    def parse(self, body: bytes, content_type: str | None = None) -> IncomingEvent | Rejection:
+    def parse(
+        self, body: bytes, content_type: str | None = None, headers: Mapping[str, Any] | None = None
+    ) -> IncomingEvent | Rejection:
+        """`headers`: the message's AMQP headers, read for its W3C `traceparent`."""
         if len(body) > self.max_bytes:
             return Rejection(DeadReason.TOO_LARGE, f"body is {len(body)} bytes; the limit is {self.max_bytes} bytes")
         if content_type and content_type.split(";", 1)[0].strip().lower() not in JSON_CONTENT_TYPES:
@@ -87,11 +93,13 @@ class EventParser:
         if not isinstance(doc, dict):
             return Rejection(DeadReason.NOT_AN_OBJECT, f"body is a JSON {type(doc).__name__}, not an object")
         try:
-            return self._validated(doc, body)
+            return self._validated(doc, body, headers)
         except ValueError as exc:  # the validator's recursion limit: nesting deeper than it can follow
             return Rejection(DeadReason.INVALID_JSON, f"body nests too deeply to validate ({str(exc)[:100]})")
 
-    def _validated(self, doc: dict[str, Any], body: bytes) -> IncomingEvent | Rejection:
+    def _validated(
+        self, doc: dict[str, Any], body: bytes, headers: Mapping[str, Any] | None
+    ) -> IncomingEvent | Rejection:
         if not self.envelope.is_valid(doc):
             errors = self.schemas.errors("envelope", "event", doc)
             return Rejection(DeadReason.SCHEMA_VIOLATION, "envelope: " + "; ".join(errors))
@@ -127,8 +135,9 @@ class EventParser:
                 "a string contains a NUL character (\\u0000), which PostgreSQL cannot store: remove it",
             )
         workflow, _, name = event_type.partition(".")
+        event_id = doc["event_id"].lower()
         return IncomingEvent(
-            event_id=doc["event_id"].lower(),
+            event_id=event_id,
             event_type=event_type,
             workflow=workflow,
             name=name,
@@ -139,15 +148,17 @@ class EventParser:
             causation_id=doc.get("causation_id"),
             schema_version=version,
             data=data,
+            trace=trace_of(doc.get("trace_id"), headers, event_id),
         )
 
 
-def event_from_body(body: bytes) -> IncomingEvent:
-    """Rebuild an event from a body that was validated before (a parked event)."""
+def event_from_body(body: bytes, headers: Mapping[str, Any] | None = None) -> IncomingEvent:
+    """Rebuild an event from a body (and the headers) that was validated before (a parked event)."""
     doc = orjson.loads(body)
     workflow, _, name = doc["event_type"].partition(".")
+    event_id = doc["event_id"].lower()
     return IncomingEvent(
-        event_id=doc["event_id"].lower(),
+        event_id=event_id,
         event_type=doc["event_type"],
         workflow=workflow,
         name=name,
@@ -158,4 +169,5 @@ def event_from_body(body: bytes) -> IncomingEvent:
         causation_id=doc.get("causation_id"),
         schema_version=doc["schema_version"],
         data=doc["data"],
+        trace=trace_of(doc.get("trace_id"), headers, event_id),
     )

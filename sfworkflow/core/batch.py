@@ -159,6 +159,8 @@ class InstanceUpdate:
     last_event_type: str | None
     definition_version: int  # changes only when an operator migrates the instance (ops/versions.py)
     restart_clock: bool = False  # the state's stuck clock starts again (an operator acted on it: replay)
+    trace_id: str | None = None  # the instance's trace; stored only where the row has none yet
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -171,6 +173,7 @@ class HistoryEntry:
     from_state: str
     to_state: str
     detail: dict[str, Any] | None
+    trace_id: str | None = None  # the trace of what caused the entry
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from sfworkflow.contract.ids import uuid5_text
+from sfworkflow.contract.tracing import Trace
 
 # Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
@@ -108,6 +109,7 @@ class EngineEvent:
     correlation_id: str | None = None
     causation_id: str | None = None
     internal: bool = False
+    trace: Trace | None = None  # None for internal events: they belong to the instance's trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class InstanceView:
     version: int  # number of applied transitions so far
     definition_version: int
     correlation_id: str | None = None
+    trace: Trace | None = None  # the trace of the event that started it (contract/tracing.py)
 
 
 @dataclass(slots=True)
@@ -141,6 +144,7 @@ class OutgoingMessage:
     routing_key: str
     body: dict[str, Any]
     effect_key: str | None = None  # unique in PostgreSQL: a second request is suppressed
+    traceparent: str | None = None  # the W3C trace context it is published with
 
 
 @dataclass(slots=True)
@@ -198,6 +202,7 @@ class Step:
         "seq",
         "timers_cancelled",
         "timers_set",
+        "trace",
     )
 
     def __init__(
@@ -210,6 +215,7 @@ class Step:
         now: datetime,
         correlation_id: str | None,
         from_state: str = "",
+        trace: Trace | None = None,
     ) -> None:
         self.definition = definition
         self.from_state = from_state  # the state this transition leaves
@@ -219,6 +225,7 @@ class Step:
         self.seq = seq  # the version this transition will give the instance
         self.now = now
         self.correlation_id = correlation_id
+        self.trace = trace  # what this step's messages carry: the event's trace, else the instance's
         self.outgoing: list[OutgoingMessage] = []
         self.timers_set: list[TimerRequest] = []
         self.timers_cancelled: list[str] = []
@@ -249,7 +256,7 @@ class Step:
         command_type = f"{self.definition.name}.{name}"
         kind = "compensation" if compensation else "command"
         command_id = self._derive_id(command_type)
-        self.outgoing.append(
+        self._emit(
             OutgoingMessage(
                 kind=kind,
                 message_id=command_id,
@@ -278,7 +285,7 @@ class Step:
     def lifecycle(self, event_type: str, state: str, data: dict[str, Any]) -> None:
         """Publish a `workflow.*` lifecycle event to sfworkflow.lifecycle."""
         event_id = self._derive_id(event_type)
-        self.outgoing.append(
+        self._emit(
             OutgoingMessage(
                 kind="lifecycle",
                 message_id=event_id,
@@ -299,6 +306,14 @@ class Step:
                 },
             )
         )
+
+    def _emit(self, m: OutgoingMessage) -> None:
+        """Queue a message, with the step's trace: `trace_id` in the envelope (only when there is one: the field is
+        optional in v1) and the `traceparent` it is published with."""
+        if self.trace is not None:
+            m.body["trace_id"] = self.trace.trace_id
+            m.traceparent = self.trace.traceparent
+        self.outgoing.append(m)
 
     def set_timer(self, name: str, due_at: datetime, payload: dict[str, Any] | None = None) -> None:
         """Schedule (or move) the instance's timer `name`; it fires trigger `timer_<name>`."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from transitions import Machine
 
+from sfworkflow.contract.tracing import Trace, derived_trace
 from sfworkflow.core.definition import (
     ANY_ACTIVE,
     EngineEvent,
@@ -66,6 +67,7 @@ class Decision:
     notes: dict[str, Any] = field(default_factory=dict)
     terminal: bool = False
     requests: Requests = field(default_factory=Requests)
+    trace: Trace | None = None  # the trace its messages carry (see Engine.step)
 
 
 class _Cursor:
@@ -262,7 +264,13 @@ class Engine:
         if trigger in d.start_events and state != compiled.initial:
             return Decision(Outcome.IGNORED, state, state, version, context, "instance already started", trigger)
 
-        step = Step(d, key, event, dict(context), version + 1, now, correlation, state)
+        # The event's own trace, else the instance's (timers, internal events, producers that trace nothing); an
+        # instance without one (its start event had none) gets one derived from its key and that event, which the
+        # plan keeps on the instance.
+        trace = event.trace or (instance.trace if instance is not None else None)
+        if trace is None:
+            trace = derived_trace(f"{key}/{event.event_id}")
+        step = Step(d, key, event, dict(context), version + 1, now, correlation, state, trace)
         # A report about the past (an older step or attempt) is ignored before any transition may match it.
         stale = d.stale(step) if d.stale and instance is not None else None
         if stale is not None:
@@ -297,6 +305,7 @@ class Engine:
             notes=step.notes,
             terminal=terminal,
             requests=step.requests,
+            trace=trace,
         )
 
 

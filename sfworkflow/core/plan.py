@@ -34,6 +34,7 @@ import structlog
 from sfworkflow.contract import headers as wire
 from sfworkflow.contract.envelope import IncomingEvent, event_from_body
 from sfworkflow.contract.topology import COMMANDS_EXCHANGE, COMPENSATIONS_EXCHANGE, EVENTS_EXCHANGE, LIFECYCLE_EXCHANGE
+from sfworkflow.contract.tracing import TRACEPARENT, Trace, trace_from_columns
 from sfworkflow.core import arbitration
 from sfworkflow.core.batch import (
     BatchReport,
@@ -213,12 +214,13 @@ class BatchPlan:
         yield from self._resolve()
         if replayed is not None and run.view is not None:
             v = run.view
-            run.view = InstanceView(v.key, v.state, v.context, v.version + 1, v.definition_version, v.correlation_id)
+            run.view = InstanceView(v.key, v.state, v.context, v.version + 1, v.definition_version, v.correlation_id,
+                                    v.trace)  # fmt: skip
             run.changed = run.restart_clock = True
             detail = {**replayed, "applied": sum(self.report.unparked.values())}
             run.history.append(
                 HistoryEntry(run.row_id, v.version + 1, None, f"{run.key.workflow}.replayed", "replayed", v.state,
-                             v.state, detail)
+                             v.state, detail, _trace_id(v.trace))
             )  # fmt: skip
         return (yield from self._finish())
 
@@ -281,7 +283,7 @@ class BatchPlan:
         ws = self._operator_entry(row, "replayed", row["state"], context, detail)
         ws.outbox.append(
             OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
-                      orjson.dumps(command), {}, True)
+                      orjson.dumps(command), {TRACEPARENT: row["traceparent"]} if row["traceparent"] else {}, True)
         )  # fmt: skip
         self.report.outbox_rows = len(ws.outbox)
         return ws
@@ -308,7 +310,15 @@ class BatchPlan:
             row["definition_version"] if definition_version is None else definition_version, restart_clock=True,
         )  # fmt: skip
         entry = HistoryEntry(
-            row["id"], version, None, f"{row['workflow']}.{outcome}", outcome, row["state"], to_state, detail
+            row["id"],
+            version,
+            None,
+            f"{row['workflow']}.{outcome}",
+            outcome,
+            row["state"],
+            to_state,
+            detail,
+            row["trace_id"],
         )
         return WriteSet(instances=[update], history=[entry])
 
@@ -412,8 +422,9 @@ class BatchPlan:
         view = None
         if r["version"] > 0:
             view = InstanceView(
-                key, r["state"], r["context"], r["version"], r["definition_version"], r["correlation_id"]
-            )
+                key, r["state"], r["context"], r["version"], r["definition_version"], r["correlation_id"],
+                trace_from_columns(r["trace_id"], r["traceparent"]),
+            )  # fmt: skip
         run = _Run(
             key=key,
             compiled=compiled,
@@ -433,7 +444,7 @@ class BatchPlan:
         for r in rows:
             run = self.runs[InstanceKey(r["tenant_id"], r["workflow"], r["entity_id"])]
             try:
-                event = event_from_body(r["body"])
+                event = event_from_body(r["body"], r["headers"])
             except Exception:  # stored before a schema change; leave it for the expiry sweep
                 log.exception("parked event cannot be read", event_id=r["event_id"])
                 continue
@@ -500,6 +511,7 @@ class BatchPlan:
             from_state=decision.from_state,
             to_state=decision.to_state,
             reason=decision.reason,
+            trace_id=_trace_id(e.trace),
         )
 
     def _ignored(self, run: _Run, decision: Decision, e: IncomingEvent) -> None:
@@ -514,6 +526,7 @@ class BatchPlan:
                     decision.from_state,
                     decision.to_state,
                     {"reason": decision.reason},
+                    _trace_id(e.trace or (run.view.trace if run.view else None)),
                 )
             )
 
@@ -528,6 +541,7 @@ class BatchPlan:
             event_type=e.event_type,
             error=detail,
             traceback=traceback.format_exc(limit=8),
+            trace_id=_trace_id(e.trace),
         )
         self.dead.append(
             dead_letter_row(
@@ -559,6 +573,7 @@ class BatchPlan:
             d.version,
             run.compiled.definition.version,
             run.view.correlation_id if run.view else run.correlation_id,
+            run.view.trace if run.view and run.view.trace else d.trace,  # kept from its first transition on
         )
         run.changed = True
         run.terminal = d.terminal
@@ -571,8 +586,9 @@ class BatchPlan:
         # caused name it as their causation_id, and the history is where that id resolves.
         recorded_id = event_id if event_id is not None else (internal.event_id if internal is not None else None)
         run.history.append(
-            HistoryEntry(run.row_id, d.version, recorded_id, event_type, "applied", d.from_state, d.to_state, detail)
-        )
+            HistoryEntry(run.row_id, d.version, recorded_id, event_type, "applied", d.from_state, d.to_state, detail,
+                         _trace_id(d.trace))
+        )  # fmt: skip
         if d.cancel_all_timers:
             run.timer_ops.clear()
             run.cancel_all = True
@@ -628,7 +644,7 @@ class BatchPlan:
             detail["raised_by"] = raised_by[len("raised by ") :]
         run.history.append(
             HistoryEntry(run.row_id, run.view.version, None, f"{run.key.workflow}.timer.{name}", "failed",
-                         run.view.state, run.view.state, detail)
+                         run.view.state, run.view.state, detail, _trace_id(run.view.trace))
         )  # fmt: skip
         self.report.timer_failures += 1
 
@@ -740,7 +756,15 @@ class BatchPlan:
         detail = {"effect_key": m.effect_key, "command_id": m.message_id, "idempotency_key": m.body["idempotency_key"]}
         run.history.append(
             HistoryEntry(
-                run.row_id, run.view.version, None, m.routing_key, "suppressed", run.view.state, run.view.state, detail
+                run.row_id,
+                run.view.version,
+                None,
+                m.routing_key,
+                "suppressed",
+                run.view.state,
+                run.view.state,
+                detail,
+                m.body.get("trace_id"),
             )
         )
         self.report.suppressed[run.key.workflow] += 1
@@ -860,7 +884,8 @@ class BatchPlan:
                 v = run.view
                 ws.instances.append(
                     InstanceUpdate(run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
-                                   run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock)
+                                   run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock,
+                                   _trace_id(v.trace), v.trace.traceparent if v.trace else None)
                 )  # fmt: skip
             ws.history.extend(run.history)
             if run.cancel_all:
@@ -874,7 +899,8 @@ class BatchPlan:
             for m in run.outgoing:
                 ws.outbox.append(
                     OutboxRow(m.message_id, m.kind, EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
-                              orjson.dumps(m.body), {}, m.kind != "lifecycle")
+                              orjson.dumps(m.body), {TRACEPARENT: m.traceparent} if m.traceparent else {},
+                              m.kind != "lifecycle")
                 )  # fmt: skip
                 self.report.queued[(run.key.workflow, m.kind)] += 1
         changed_ids = {r.row_id for r in self.runs.values() if r.changed}
@@ -903,7 +929,11 @@ def _park_reason(p: _Parked) -> str:
 
 
 def _engine_event(e: IncomingEvent) -> EngineEvent:
-    return EngineEvent(e.event_id, e.name, e.data, e.timestamp, e.correlation_id, e.causation_id)
+    return EngineEvent(e.event_id, e.name, e.data, e.timestamp, e.correlation_id, e.causation_id, trace=e.trace)
+
+
+def _trace_id(trace: Trace | None) -> str | None:
+    return None if trace is None else trace.trace_id
 
 
 def _metric_workflow(name: str, engine: Engine) -> str:

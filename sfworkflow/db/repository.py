@@ -288,10 +288,10 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             [{"id": x.instance_id, "state": x.state, "context": x.context, "version": x.version,
               "terminal": x.terminal, "parked_count": x.parked_count, "last_event_id": x.last_event_id,
               "last_event_type": x.last_event_type, "definition_version": x.definition_version,
-              "restart_clock": x.restart_clock} for x in u],
+              "restart_clock": x.restart_clock, "trace_id": x.trace_id, "traceparent": x.traceparent} for x in u],
             [{"instance_id": x.instance_id, "seq": x.seq, "event_id": x.event_id, "event_type": x.event_type,
-              "outcome": x.outcome, "from_state": x.from_state, "to_state": x.to_state, "detail": x.detail}
-             for x in h],
+              "outcome": x.outcome, "from_state": x.from_state, "to_state": x.to_state, "detail": x.detail,
+              "trace_id": x.trace_id} for x in h],
             ws.cancel_all_timers,
             [{"instance_id": x.instance_id, "name": x.name} for x in c],
             [{"message_id": x.message_id, "kind": x.kind, "exchange": x.exchange, "routing_key": x.routing_key,

@@ -71,8 +71,8 @@ class _CountingWorker(CommandWorker):
         super().__init__(*args, **kwargs)
         self.stats = stats
 
-    async def _publish(self, answers: Sequence[Answer]) -> None:
-        await super()._publish(answers)
+    async def _publish(self, answers: Sequence[Answer], traceparent: str | None) -> None:
+        await super()._publish(answers, traceparent)
         for a in answers:
             self.stats.published(a)
 

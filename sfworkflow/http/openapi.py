@@ -164,6 +164,11 @@ def _schemas() -> dict[str, Any]:
                         "context": JSON_OBJECT,
                         "version": {"type": "integer"},
                         "terminal": {"type": "boolean"},
+                        "trace_id": {
+                            **NULLABLE_STRING,
+                            "description": "The trace of the event that started it (or one derived for it).",
+                        },
+                        "traceparent": NULLABLE_STRING,
                     },
                 },
                 "history": {
@@ -179,6 +184,7 @@ def _schemas() -> dict[str, Any]:
                             "from_state": NULLABLE_STRING,
                             "to_state": NULLABLE_STRING,
                             "detail": {"type": ["object", "null"]},
+                            "trace_id": {**NULLABLE_STRING, "description": "The trace of what caused the entry."},
                             "created_at": TIMESTAMP,
                         },
                     },

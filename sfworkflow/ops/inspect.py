@@ -57,6 +57,7 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
         print(
             f"{ref}  state={inst['state']}  version={inst['version']}  definition=v{inst['definition_version']}"
             f"  terminal={inst['terminal']}  updated={inst['updated_at']:%Y-%m-%d %H:%M:%S}"
+            f"  trace={inst.get('trace_id') or '-'}"
         )
         print("context: " + orjson.dumps(inst["context"]).decode())
         print("history:")

@@ -38,6 +38,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from sfworkflow.client import tracing
 from sfworkflow.contract.envelope import EventParser, IncomingEvent
 from sfworkflow.contract.headers import (
     DEAD_LETTERED_AT,
@@ -104,9 +105,12 @@ class Consumer:
         metrics: Metrics,
         health: Health,
         supervisor: Supervisor | None = None,
+        *,
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
         self.supervisor = supervisor or Supervisor()  # the service's, which stops it when a batch loop dies
+        self.tracer = tracer  # OpenTelemetry's (client/tracing.py); None: no spans
         self.connection = connection
         self.store = store
         self.parser = parser
@@ -205,7 +209,7 @@ class Consumer:
 
     def _delivery(self, m: Received) -> Delivery:
         try:
-            parsed: IncomingEvent | Rejection = self.parser.parse(m.body, m.content_type)
+            parsed: IncomingEvent | Rejection = self.parser.parse(m.body, m.content_type, m.headers)
         except Exception as exc:  # never let one message stop the consumer: dead-letter it, say why
             log.error("parsing a message raised", error=repr(exc)[:300])
             parsed = Rejection(DeadReason.INTERNAL_ERROR, f"parsing raised {type(exc).__name__}: {str(exc)[:200]}")
@@ -225,7 +229,11 @@ class Consumer:
         """Apply a batch and ack it after commit; False when it could not be applied (nothing acked)."""
         started = time.perf_counter()
         deliveries = [self._delivery(m) for m in batch]
-        if not await self._apply_with_retry(deliveries):
+        if self.tracer is None:
+            applied = await self._apply_with_retry(deliveries)
+        else:
+            applied = await self._apply_traced(deliveries)
+        if not applied:
             return False
         hooks.fault_point("after_commit_before_ack")
         committed = datetime.now(UTC)
@@ -249,6 +257,31 @@ class Consumer:
             return False  # shutting down with the database failing: leave the work to redelivery
         await asyncio.sleep(delay)
         return True
+
+    async def _apply_traced(self, deliveries: list[Delivery]) -> bool:
+        """_apply_with_retry in a span of its own (a batch belongs to many traces): linked to each event's span."""
+        links = [
+            link
+            for d in deliveries
+            if isinstance(d.parsed, IncomingEvent)
+            and d.parsed.trace is not None
+            and (link := tracing.link(d.parsed.trace.traceparent)) is not None
+        ]
+        with self.tracer.start_as_current_span(
+            f"process {EVENTS_QUEUE}",
+            kind=tracing.span_kind("CONSUMER"),
+            links=links,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": EVENTS_QUEUE,
+                "messaging.batch.message_count": len(deliveries),
+            },
+        ) as span:
+            applied = await self._apply_with_retry(deliveries)
+            if not applied:
+                span.set_status(tracing.error_status("the batch was not applied; it is redelivered"))
+            return applied
 
     async def _apply_with_retry(self, deliveries: list[Delivery]) -> bool:
         delay = BACKOFF_START_S

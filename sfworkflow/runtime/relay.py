@@ -41,8 +41,10 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from sfworkflow.client import amqp
+from sfworkflow.client import amqp, tracing
 from sfworkflow.contract.headers import ORIGINAL_CONTENT_TYPE
+from sfworkflow.contract.topology import DEAD_QUEUE
+from sfworkflow.contract.tracing import TRACEPARENT
 from sfworkflow.db import outbox
 from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import init_connection, is_transient
@@ -106,8 +108,11 @@ class Relay:
         connection: AbstractRobustConnection,
         metrics: Metrics,
         supervisor: Supervisor | None = None,
+        *,
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer  # OpenTelemetry's (client/tracing.py); None: no spans
         self.supervisor = supervisor or Supervisor()  # the service's, which stops it when a relay task dies
         self.pool = pool
         self.connection = connection
@@ -254,7 +259,10 @@ class Relay:
             # The aiormq channel under the (robust) aio-pika channel: publishing on it directly skips
             # building an aio_pika.Message per row, which was a tenth of the service's CPU.
             underlay = await self._channel.get_underlay_channel()
-            results = await _publish_in_instance_order(underlay, rows)
+            spans = self._start_spans(rows) if self.tracer is not None else {}
+            results = await _publish_in_instance_order(underlay, rows, {i: h for i, (_s, h) in spans.items()})
+            for row_id, (span, _h) in spans.items():
+                _end_span(span, results.get(row_id))
             hooks.fault_point("after_publish_before_mark")
             ok: list[int] = []
             failed: list[tuple[int, str, float, bool]] = []
@@ -273,6 +281,32 @@ class Relay:
                 log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])
                 await outbox.mark_publish_failed(conn, failed)
             return len(rows)
+
+    def _start_spans(self, rows: Sequence[Mapping[str, Any]]) -> dict[int, tuple[Any, dict[str, Any]]]:
+        """A PRODUCER span per row, child of the trace context the row was queued with (the event that caused it);
+        the message is published with the span as its parent instead: row id -> (span, headers to publish)."""
+        out: dict[int, tuple[Any, dict[str, Any]]] = {}
+        kind = tracing.span_kind("PRODUCER")
+        for r in rows:
+            headers = dict(r["headers"] or {})
+            parent = tracing.parent_context(headers.get(TRACEPARENT))
+            span = self.tracer.start_span(
+                f"publish {r['exchange'] or DEAD_QUEUE}",
+                context=parent,
+                kind=kind,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": r["exchange"] or DEAD_QUEUE,
+                    "messaging.rabbitmq.destination.routing_key": r["routing_key"],
+                    "messaging.message.id": str(r["message_id"]),
+                    "sfworkflow.outbox.kind": r["kind"],
+                },
+            )
+            if r["kind"] != "dead_letter":  # a dead letter keeps the original message's headers as they came
+                headers[TRACEPARENT] = tracing.traceparent_of(span)
+            out[r["id"]] = (span, headers)
+        return out
 
     def _failure(self, r: asyncpg.Record, exc: BaseException) -> tuple[int, str, float, bool]:
         """(id, error, back-off, give up) of a row whose publish failed. Only a refusal by the broker (returned
@@ -298,13 +332,25 @@ class Relay:
         return r["id"], error, delay, give_up
 
 
+def _end_span(span: Any, outcome: object) -> None:
+    if outcome is None:
+        span.set_attribute("sfworkflow.outbox.held_back", True)  # behind an earlier row of its instance that failed
+    elif isinstance(outcome, BaseException):
+        span.set_status(tracing.error_status(f"{type(outcome).__name__}: {outcome}"))
+    span.end()
+
+
 async def _publish_in_instance_order(
-    channel: aiormq.abc.AbstractChannel, rows: Sequence[Mapping[str, Any]]
+    channel: aiormq.abc.AbstractChannel,
+    rows: Sequence[Mapping[str, Any]],
+    headers: Mapping[int, dict[str, Any]] | None = None,
 ) -> dict[int, object]:
     """Publish every row, an instance's rows one after the other (each confirmed before the next; a failure
     leaves its later rows unattempted), different instances' rows together: in waves, each the next row of every
     instance still going, published as one batch (client/amqp.py publish_many). Returns id -> confirmation or
-    exception; rows held back behind a failure are absent."""
+    exception; rows held back behind a failure are absent. `headers`: row id -> the headers to publish it with,
+    instead of the row's (its trace context, when spans are on)."""
+    headers = headers or {}
     chains: dict[object, deque[Mapping[str, Any]]] = {}
     for r in rows:  # in id order
         key = r["instance_id"] if r["instance_id"] is not None else ("row", r["id"])
@@ -313,16 +359,17 @@ async def _publish_in_instance_order(
     going = list(chains.values())
     while going:
         wave = [c.popleft() for c in going]
-        outcomes = await amqp.publish_many(channel, [_outgoing(r) for r in wave])
+        outcomes = await amqp.publish_many(channel, [_outgoing(r, headers.get(r["id"])) for r in wave])
         for r, outcome in zip(wave, outcomes, strict=True):
             results[r["id"]] = outcome
         going = [c for c, outcome in zip(going, outcomes, strict=True) if c and not isinstance(outcome, BaseException)]
     return results
 
 
-def _outgoing(r: Mapping[str, Any]) -> amqp.Outgoing:
+def _outgoing(r: Mapping[str, Any], headers: dict[str, Any] | None = None) -> amqp.Outgoing:
     """One outbox row as published: persistent, message_id = the row's; confirms and returns raise."""
-    headers: dict[str, Any] = r["headers"] or {}
+    if headers is None:
+        headers = r["headers"] or {}
     kind = r["kind"]
     if kind == "dead_letter":
         content_type = headers.get(ORIGINAL_CONTENT_TYPE) or "application/octet-stream"

@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from sfworkflow import db
-from sfworkflow.client import amqp
+from sfworkflow.client import amqp, tracing
 from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
@@ -61,9 +61,16 @@ class Service:
     `run_until_signal()` runs it until SIGTERM/SIGINT or a dead background task and returns the exit code."""
 
     def __init__(
-        self, settings: Settings, *, http: bool = True, definitions: Iterable[WorkflowDefinition] = DEFINITIONS
+        self,
+        settings: Settings,
+        *,
+        http: bool = True,
+        definitions: Iterable[WorkflowDefinition] = DEFINITIONS,
+        tracer_provider: Any = None,
     ) -> None:
+        """`tracer_provider`: OpenTelemetry's, for spans (client/tracing.py); default: the global one, if set."""
         self.settings = settings
+        self.tracer = tracing.tracer(tracer_provider)  # None: no spans (not installed, or not configured)
         self.http_enabled = http
         self.engine = Engine(definitions)  # every (workflow, version) loaded; new instances start on the latest
         self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}))
@@ -140,14 +147,16 @@ class Service:
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: amqp.connect_robust(s.amqp_url))
         await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
-        self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor)
+        self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor, tracer=self.tracer)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.hand)
         self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
         self.timers.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)
         self.retention.start()
-        self.consumer = Consumer(s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor)
+        self.consumer = Consumer(
+            s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor, tracer=self.tracer
+        )
         if consume:
             await self.consumer.start()
         self.stats = ClusterStats(s.database_url, self.engine, self.metrics, s.stuck_after_s)

@@ -173,7 +173,7 @@ class FakeDatabase:
                             "id": next(self._ids), "tenant_id": n.key.tenant_id, "workflow": n.key.workflow,
                             "entity_id": n.key.entity_id, "definition_version": n.definition_version,
                             "state": n.initial_state, "context": {}, "version": 0, "parked_count": 0,
-                            "correlation_id": n.correlation_id,
+                            "correlation_id": n.correlation_id, "trace_id": None, "traceparent": None,
                         }  # fmt: skip
                         self.keys_by_id[self.instances[n.key]["id"]] = n.key
                 rows = [self.instances[n.key] for n in new if n.key in self.instances]
@@ -223,6 +223,8 @@ class FakeDatabase:
         for u in ws.instances:
             row = self.instances[self.keys_by_id[u.instance_id]]
             row.update(state=u.state, context=u.context, version=u.version, parked_count=u.parked_count)
+            if row["trace_id"] is None:
+                row.update(trace_id=u.trace_id, traceparent=u.traceparent)
         for i in ws.unstarted:
             del self.instances[self.keys_by_id.pop(i)]
         self.history += ws.history
@@ -258,7 +260,8 @@ def _body(e: IncomingEvent) -> bytes:
         {
             "event_id": e.event_id, "event_type": e.event_type, "spec_version": "1.0", "schema_version": 1,
             "tenant_id": e.tenant_id, "entity_id": e.entity_id, "correlation_id": None, "causation_id": None,
-            "source": "test", "actor_type": "system", "timestamp": e.timestamp.isoformat(), "trace_id": None,
+            "source": "test", "actor_type": "system", "timestamp": e.timestamp.isoformat(),
+            "trace_id": e.trace.trace_id if e.trace else None,
             "data": e.data,
         }
     )  # fmt: skip

@@ -73,7 +73,7 @@ WHERE tenant_id = $1 AND workflow = $2 AND entity_id = $3 ORDER BY id
 
 -- history_of_instance --
 -- One instance's history, in order.
-SELECT seq, event_id, event_type, outcome, from_state, to_state, detail, created_at
+SELECT seq, event_id, event_type, outcome, from_state, to_state, detail, trace_id, created_at
 FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id
 
 -- timers_of_instance --
