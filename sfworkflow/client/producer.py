@@ -93,7 +93,7 @@ class EventPublisher:
         span's (when the application traces), else none (sfworkflow reads the envelope's trace_id)."""
         if validate:
             validate_event(event)
-        tp = traceparent or tracing.current_traceparent()
+        tp = traceparent or tracing.current_traceparent_for(event)
         await self.publish_raw(
             orjson.dumps(event),
             routing_key=event["event_type"],

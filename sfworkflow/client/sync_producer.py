@@ -71,7 +71,7 @@ class SyncEventPublisher:
         if validate:
             validate_event(event)
         body = orjson.dumps(event)
-        tp = traceparent or tracing.current_traceparent()
+        tp = traceparent or tracing.current_traceparent_for(event)
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=PERSISTENT,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sfworkflow import __version__
-from sfworkflow.contract.tracing import TRACEPARENT, parse_traceparent
+from sfworkflow.contract.tracing import TRACEPARENT, TRACESTATE, parse_traceparent, trace_headers
 
 try:
     from opentelemetry import trace as otel_trace
@@ -39,30 +39,41 @@ def tracer(provider: Any = None) -> Any:
     return p.get_tracer(INSTRUMENTATION, __version__)
 
 
-def parent_context(traceparent: object) -> Context | None:
+def parent_context(traceparent: object, tracestate: object = None) -> Context | None:
     """An OpenTelemetry context whose (remote) parent is `traceparent`; None when it is not valid trace context."""
-    parsed = parse_traceparent(traceparent)
-    if parsed is None or _PROPAGATOR is None or parsed.traceparent is None:
+    parsed = parse_traceparent(traceparent, tracestate)
+    if parsed is None or _PROPAGATOR is None:
         return None
-    return _PROPAGATOR.extract({TRACEPARENT: parsed.traceparent})
+    return _PROPAGATOR.extract(trace_headers(parsed))
 
 
-def link(traceparent: object) -> Any:
+def start_context(parent: Context | None) -> Any:
+    """The context to start a span in: its parent's, else a new trace (never whatever span happens to be current
+    where the service or the worker was started)."""
+    return parent if parent is not None else Context()
+
+
+def link(traceparent: object, tracestate: object = None) -> Any:
     """A span link to the span `traceparent` names (None when it names none)."""
-    ctx = parent_context(traceparent)
+    ctx = parent_context(traceparent, tracestate)
     if ctx is None:
         return None
     span_context = otel_trace.get_current_span(ctx).get_span_context()
     return otel_trace.Link(span_context) if span_context.is_valid else None
 
 
-def traceparent_of(span: Any) -> str | None:
-    """The `traceparent` header naming `span` as the parent."""
+def headers_of(span: Any) -> dict[str, str]:
+    """The `traceparent` (and `tracestate`) headers naming `span` as the parent."""
     if _PROPAGATOR is None:
-        return None
+        return {}
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier, context=otel_trace.set_span_in_context(span))
-    return carrier.get(TRACEPARENT)
+    return {k: v for k, v in carrier.items() if k in (TRACEPARENT, TRACESTATE)}
+
+
+def traceparent_of(span: Any) -> str | None:
+    """The `traceparent` header naming `span` as the parent."""
+    return headers_of(span).get(TRACEPARENT)
 
 
 def current_traceparent() -> str | None:
@@ -73,6 +84,16 @@ def current_traceparent() -> str | None:
     return traceparent_of(span) if span.get_span_context().is_valid else None
 
 
+def current_traceparent_for(event: Mapping[str, Any]) -> str | None:
+    """The current span's `traceparent`, for publishing `event`: only when the event is in the same trace (or
+    names none), so a trace_id the caller chose is never overridden by the header."""
+    tp = current_traceparent()
+    trace_id = event.get("trace_id")
+    if tp is None or (trace_id is not None and tp.split("-")[1] != str(trace_id).lower()):
+        return None
+    return tp
+
+
 def current_trace_id() -> str | None:
     """The trace id (32 hex digits) of the span current where this is called, if any."""
     if otel_trace is None:
@@ -81,10 +102,11 @@ def current_trace_id() -> str | None:
     return otel_trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
 
 
-def header(headers: Mapping[str, Any] | None) -> str | None:
-    """A message's valid `traceparent` header, normalised; None when it has none."""
-    parsed = parse_traceparent((headers or {}).get(TRACEPARENT))
-    return None if parsed is None else parsed.traceparent
+def incoming(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """A message's valid trace context headers (`traceparent`, and `tracestate` beside it), normalised; {} when
+    it has none."""
+    h = headers or {}
+    return trace_headers(parse_traceparent(h.get(TRACEPARENT), h.get(TRACESTATE)))
 
 
 def span_kind(name: str) -> Any:

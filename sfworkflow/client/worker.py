@@ -41,9 +41,8 @@ import dataclasses
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -67,7 +66,7 @@ from sfworkflow.contract.topology import (
     commands_queue,
     compensations_queue,
 )
-from sfworkflow.contract.tracing import TRACEPARENT
+from sfworkflow.contract.tracing import TRACEPARENT, TRACESTATE
 from sfworkflow.errors import InvalidEvent
 
 __all__ = [
@@ -146,9 +145,14 @@ class Command:
     envelope: dict[str, Any]
     source: str  # the worker's: the `source` of the answers it builds
     schema_set: schemas.SchemaSet = field(repr=False)
-    # W3C trace context to pass on to what the handler calls (an HTTP request's `traceparent` header): the worker's
-    # span when OpenTelemetry is configured, else the command's own header. Its answers are published with it.
-    traceparent: str | None = None
+    # W3C trace context to pass on to what the handler calls (an HTTP request's `traceparent` and `tracestate`
+    # headers): the worker's span when OpenTelemetry is configured, else the command's own headers; {} when the
+    # command came without. Its answers are published with them.
+    trace_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.trace_headers.get(TRACEPARENT)
 
     @property
     def trace_id(self) -> str | None:
@@ -423,7 +427,7 @@ class CommandWorker:
             detail = f"this worker has no handler for {command_type}; register one with @worker.handler"
             await self._dead_letter(message, WorkerDeadReason.NO_HANDLER, detail, command_type)
             return
-        cmd = Command(envelope, self.source, self.schemas, tracing.header(message.headers))
+        cmd = Command(envelope, self.source, self.schemas, tracing.incoming(message.headers))
         if cmd.command_id in self._executing:  # a copy redelivered while this process still handles it
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
@@ -443,20 +447,25 @@ class CommandWorker:
             if self.tracer is None:
                 await self._handle(message, cmd, registration)
                 return
+            parent = tracing.parent_context(cmd.traceparent, cmd.trace_headers.get(TRACESTATE))
             with self.tracer.start_as_current_span(
                 f"process {message.routing_key}",
-                context=tracing.parent_context(cmd.traceparent),
+                context=tracing.start_context(parent),
                 kind=tracing.span_kind("CONSUMER"),
                 attributes={
                     "messaging.system": "rabbitmq",
                     "messaging.operation.type": "process",
-                    "messaging.destination.name": message.routing_key or "",
+                    "messaging.operation.name": "process",
+                    "messaging.destination.name": message.exchange or "",
+                    "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
                     "messaging.message.id": cmd.command_id,
                     "sfworkflow.command.attempt": cmd.attempt,
                 },
             ) as span:
-                # The handler runs in this span (its own spans are children); the answers name it as their parent.
-                cmd = dataclasses.replace(cmd, traceparent=tracing.traceparent_of(span))
+                # The handler runs in this span (its own spans are children); the answers name it as their parent,
+                # unless the command came without trace context: a span of a new trace must not become its trace.
+                if parent is not None:
+                    cmd = dataclasses.replace(cmd, trace_headers=tracing.headers_of(span))
                 await self._handle(message, cmd, registration)
 
     def _errors(self, envelope: Any) -> list[str]:
@@ -470,7 +479,7 @@ class CommandWorker:
     async def _handle(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
         claim = await self.store.claim(cmd.command_id, cmd.command_type, self.handler_timeout_s + 30.0, self.worker_id)
         if claim.answers is not None:
-            await self._publish(claim.answers, cmd.traceparent)
+            await self._publish(claim.answers, cmd.trace_headers)
             await message.ack()
             self._count(cmd.command_type, "repeated")
             log.info("command answered before; its answers published again", answers=len(claim.answers))
@@ -511,7 +520,7 @@ class CommandWorker:
             return
         stored = await self.store.record(cmd.command_id, answers)
         self._checkpoint("recorded")
-        await self._publish(stored, cmd.traceparent)
+        await self._publish(stored, cmd.trace_headers)
         self._checkpoint("published")
         await message.ack()
         self._count(cmd.command_type, outcome)
@@ -538,12 +547,12 @@ class CommandWorker:
         """A named point of a delivery's handling (executed, recorded, published): tests stop a worker here."""
 
     # ---- publishing -----------------------------------------------------------------------------------------
-    async def _publish(self, answers: Sequence[Answer], traceparent: str | None) -> None:
+    async def _publish(self, answers: Sequence[Answer], trace_headers: Mapping[str, str]) -> None:
         """Publish answers in order with confirms, with the command's trace context; raises unless the broker
         confirmed every one."""
         if not answers:
             return
-        headers: dict[str, Any] | None = {TRACEPARENT: traceparent} if traceparent else None
+        headers: dict[str, Any] | None = dict(trace_headers) or None
         batch = [
             amqp.Outgoing(
                 orjson.dumps(a), EVENTS_EXCHANGE, a["event_type"], True,
@@ -560,15 +569,12 @@ class CommandWorker:
         """Copy the command to sfworkflow.dead with the reason, confirmed, then ack it."""
         log.error("command dead-lettered", reason=str(reason), detail=detail[:MAX_DETAIL], command_type=command_type)
         headers = dict(message.headers or {})
-        headers.update({
-            wire.REASON: str(reason),
-            wire.DETAIL: detail[:MAX_DETAIL],
-            wire.ORIGINAL_EXCHANGE: message.exchange or "",
-            wire.ORIGINAL_ROUTING_KEY: message.routing_key or "",
-            wire.ORIGINAL_CONTENT_TYPE: message.content_type or "",
-            wire.ORIGINAL_MESSAGE_ID: message.message_id or "",
-            wire.DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
-        })  # fmt: skip
+        headers.update(
+            wire.dead_letter_headers(
+                str(reason), detail[:MAX_DETAIL], routing_key=message.routing_key or "",
+                exchange=message.exchange or "", content_type=message.content_type, message_id=message.message_id,
+            )
+        )  # fmt: skip
         properties = Basic.Properties(
             content_type=message.content_type, delivery_mode=amqp.PERSISTENT,
             message_id=message.message_id or str(uuid.uuid4()), headers=headers, app_id=self.source,

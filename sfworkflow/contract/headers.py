@@ -7,6 +7,8 @@ PREFIX header before it re-publishes the original, and adds REDRIVES.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 PREFIX = "x-sfworkflow-"  # every sfworkflow header starts with this; others belong to the message's producer
 
 REASON = "x-sfworkflow-reason"  # a dead letter's reason code (sfworkflow.errors.DeadReason)
@@ -20,6 +22,37 @@ DEAD_LETTERED_AT = "x-sfworkflow-dead-lettered-at"  # when it was dead-lettered 
 REDRIVES = "x-sfworkflow-redrives"  # how many times `dead-letters redrive` re-published this message
 HEADERS_DROPPED = "x-sfworkflow-headers-dropped"  # the original headers were dropped (too large, unstorable): why
 
+
+def dead_letter_headers(
+    reason: str,
+    detail: str,
+    *,
+    routing_key: str,
+    exchange: str,
+    content_type: str | None,
+    message_id: str | None,
+    first_reason: str | None = None,
+) -> dict[str, str]:
+    """The headers sfworkflow adds to a dead letter, beside the original's own: what was wrong and where it came
+    from (the content type and message id only when it had them). Every dead letter is built here: the service's
+    (core/batch.py), the unstorable ones the consumer publishes raw, the worker SDK's. Texts as given: a caller
+    storing them in PostgreSQL cleans them first (contract/storable.py)."""
+    h = {
+        REASON: reason,
+        DETAIL: detail,
+        ORIGINAL_ROUTING_KEY: routing_key,
+        ORIGINAL_EXCHANGE: exchange,
+        DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
+    }
+    if first_reason is not None:
+        h[FIRST_REASON] = first_reason
+    if content_type:
+        h[ORIGINAL_CONTENT_TYPE] = content_type
+    if message_id:
+        h[ORIGINAL_MESSAGE_ID] = message_id[:255]
+    return h
+
+
 __all__ = [
     "DEAD_LETTERED_AT",
     "DETAIL",
@@ -32,4 +65,4 @@ __all__ = [
     "PREFIX",
     "REASON",
     "REDRIVES",
-]
+]  # the header names (tests/unit/test_layout.py holds each to the prefix); dead_letter_headers is public too

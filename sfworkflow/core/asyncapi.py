@@ -24,7 +24,7 @@ from sfworkflow.contract.topology import (
     commands_queue,
     compensations_queue,
 )
-from sfworkflow.contract.tracing import TRACEPARENT
+from sfworkflow.contract.tracing import TRACEPARENT, TRACESTATE
 from sfworkflow.core.engine import Engine
 
 ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
@@ -63,7 +63,7 @@ def _message(name: str, title: str, envelope: str, type_field: str, data_ref: st
         "title": title,
         "summary": summary,
         "contentType": "application/json",
-        "headers": TRACE_HEADERS,
+        "headers": {"$ref": "#/components/schemas/traceHeaders"},
         "payload": {"allOf": [{"$ref": f"{SCHEMAS}/envelope/{envelope}.v1.json"}, narrowed]},
         "bindings": {"amqp": {"messageType": name, "bindingVersion": "0.3.0"}},
     }
@@ -74,13 +74,17 @@ TRACE_HEADERS = {
     "properties": {
         TRACEPARENT: {
             "type": "string",
-            "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+            "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$",
             "description": (
                 "W3C trace context (optional). On an event: read before the envelope's `trace_id`. On what "
                 "sfworkflow publishes: the trace of the event that caused it (or of the instance), and its parent "
                 "span; a worker continues it into its handler and its answer."
             ),
-        }
+        },
+        TRACESTATE: {
+            "type": "string",
+            "description": "W3C trace context vendor state (optional): passed on beside the traceparent it came with.",
+        },
     },
 }
 PUBLISHED = {"amqp": {"deliveryMode": PERSISTENT, "mandatory": True, "bindingVersion": "0.3.0"}}  # and confirmed
@@ -246,7 +250,7 @@ def document(engine: Engine) -> dict[str, Any]:
         },
         "channels": channels,
         "operations": operations,
-        "components": {"messages": messages},
+        "components": {"messages": messages, "schemas": {"traceHeaders": TRACE_HEADERS}},
     }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from sfworkflow.contract import headers as wire
@@ -161,6 +161,7 @@ class InstanceUpdate:
     restart_clock: bool = False  # the state's stuck clock starts again (an operator acted on it: replay)
     trace_id: str | None = None  # the instance's trace; stored only where the row has none yet
     traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(slots=True)
@@ -306,15 +307,16 @@ def dead_letter_row(
         "exchange": in_exchange,
         "detail": in_detail,
     }
-    h[wire.REASON] = str(reason)
-    h[wire.ORIGINAL_ROUTING_KEY] = routing_key
-    h[wire.ORIGINAL_EXCHANGE] = exchange
-    h[wire.DEAD_LETTERED_AT] = datetime.now(UTC).isoformat()
     if content_type:
-        h[wire.ORIGINAL_CONTENT_TYPE], counts["content type"] = clean_text(content_type)
+        content_type, counts["content type"] = clean_text(content_type)
     if original_message_id:
-        h[wire.ORIGINAL_MESSAGE_ID], counts["message id"] = clean_text(original_message_id[:255])
-    h[wire.DETAIL] = detail + replaced_note(counts)
+        original_message_id, counts["message id"] = clean_text(original_message_id[:255])
+    h.update(
+        wire.dead_letter_headers(
+            str(reason), detail + replaced_note(counts), routing_key=routing_key, exchange=exchange,
+            content_type=content_type, message_id=original_message_id,
+        )
+    )  # fmt: skip
     digest = hashlib.sha256(body).hexdigest()
     message_id = derive_id(f"dead/{reason}/{message_id_seed}/{digest}")
     return OutboxRow(message_id, "dead_letter", DEFAULT_EXCHANGE, DEAD_QUEUE, None, body, h, True)

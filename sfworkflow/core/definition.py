@@ -144,7 +144,7 @@ class OutgoingMessage:
     routing_key: str
     body: dict[str, Any]
     effect_key: str | None = None  # unique in PostgreSQL: a second request is suppressed
-    traceparent: str | None = None  # the W3C trace context it is published with
+    trace: Trace | None = None  # the trace it belongs to: its envelope's trace_id, the headers it is published with
 
 
 @dataclass(slots=True)
@@ -312,7 +312,7 @@ class Step:
         optional in v1) and the `traceparent` it is published with."""
         if self.trace is not None:
             m.body["trace_id"] = self.trace.trace_id
-            m.traceparent = self.trace.traceparent
+            m.trace = self.trace
         self.outgoing.append(m)
 
     def set_timer(self, name: str, due_at: datetime, payload: dict[str, Any] | None = None) -> None:

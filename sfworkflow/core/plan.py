@@ -34,7 +34,7 @@ import structlog
 from sfworkflow.contract import headers as wire
 from sfworkflow.contract.envelope import IncomingEvent, event_from_body
 from sfworkflow.contract.topology import COMMANDS_EXCHANGE, COMPENSATIONS_EXCHANGE, EVENTS_EXCHANGE, LIFECYCLE_EXCHANGE
-from sfworkflow.contract.tracing import TRACEPARENT, Trace, trace_from_columns
+from sfworkflow.contract.tracing import Trace, trace_from_columns, trace_headers, trace_of
 from sfworkflow.core import arbitration
 from sfworkflow.core.batch import (
     BatchReport,
@@ -130,6 +130,7 @@ class _Run:
     last_event: tuple[str | None, str | None] = (None, None)
     transitions: int = 0  # applied in this batch: what the guard counts
     restart_clock: bool = False  # an operator acted on the instance (replay): its state's clock restarts
+    step_trace: Trace | None = None  # the trace of its last transition: the database's answers to it carry it
 
     def waiting_for_answers(self) -> bool:
         return bool(self.pending_effects or self.pending_claims or self.pending_lookups)
@@ -281,9 +282,19 @@ class BatchPlan:
         detail = {**detail, "command_type": command["command_type"], "command_id": command["command_id"],
                   "idempotency_key": command["idempotency_key"], "attempt": command["attempt"]}  # fmt: skip
         ws = self._operator_entry(row, "replayed", row["state"], context, detail)
+        # The trace of the command it replaces (its envelope says which), published as a child of its instance's
+        # span when that is the same trace, else of a span derived from the new command id.
+        instance_trace = trace_from_columns(row["trace_id"], row["traceparent"], row["tracestate"])
+        trace_id = command.get("trace_id") or (instance_trace.trace_id if instance_trace else None)
+        if instance_trace is not None and trace_id == instance_trace.trace_id:
+            trace: Trace | None = instance_trace
+        else:
+            trace = trace_of(trace_id, None, command["command_id"])
+        if trace is not None:
+            command = {**command, "trace_id": trace.trace_id}
         ws.outbox.append(
             OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
-                      orjson.dumps(command), {TRACEPARENT: row["traceparent"]} if row["traceparent"] else {}, True)
+                      orjson.dumps(command), trace_headers(trace), True)
         )  # fmt: skip
         self.report.outbox_rows = len(ws.outbox)
         return ws
@@ -423,7 +434,7 @@ class BatchPlan:
         if r["version"] > 0:
             view = InstanceView(
                 key, r["state"], r["context"], r["version"], r["definition_version"], r["correlation_id"],
-                trace_from_columns(r["trace_id"], r["traceparent"]),
+                trace_from_columns(r["trace_id"], r["traceparent"], r["tracestate"]),
             )  # fmt: skip
         run = _Run(
             key=key,
@@ -480,7 +491,7 @@ class BatchPlan:
             "event left for a replica with the instance's definition version",
             tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id,
             event_type=e.event_type, definition_version=run.foreign_version,
-            loaded_versions=sorted(v for w, v in self.engine.compiled if w == e.workflow),
+            loaded_versions=sorted(v for w, v in self.engine.compiled if w == e.workflow), trace_id=_trace_id(e.trace),
         )  # fmt: skip
 
     def _offer_now(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
@@ -511,7 +522,7 @@ class BatchPlan:
             from_state=decision.from_state,
             to_state=decision.to_state,
             reason=decision.reason,
-            trace_id=_trace_id(e.trace),
+            trace_id=_trace_id(decision.trace or e.trace or (run.view.trace if run.view else None)),
         )
 
     def _ignored(self, run: _Run, decision: Decision, e: IncomingEvent) -> None:
@@ -577,6 +588,7 @@ class BatchPlan:
         )
         run.changed = True
         run.terminal = d.terminal
+        run.step_trace = d.trace
         if event_id is not None:
             run.last_event = (event_id, event_type)
         detail = dict(d.notes) if d.notes else None
@@ -636,7 +648,7 @@ class BatchPlan:
         log.error(
             "timer failed; put back for 60 s", tenant_id=run.key.tenant_id, workflow=run.key.workflow,
             entity_id=run.key.entity_id, timer=name, raised_by=raised_by[len("raised by "):] or None,
-            error=repr(exc)[:300], traceback=traceback.format_exc(limit=8),
+            error=repr(exc)[:300], traceback=traceback.format_exc(limit=8), trace_id=_trace_id(run.view.trace),
         )  # fmt: skip
         run.timer_ops[name] = TimerRequest(name, self.now + RETRY_FAILED_TIMER, payload)
         detail = {"error": repr(exc)[:300], "timer": name, "retry_at": (self.now + RETRY_FAILED_TIMER).isoformat()}
@@ -764,12 +776,12 @@ class BatchPlan:
                 run.view.state,
                 run.view.state,
                 detail,
-                m.body.get("trace_id"),
+                _trace_id(m.trace),
             )
         )
         self.report.suppressed[run.key.workflow] += 1
         data = {"effect_key": m.effect_key, "command_type": m.routing_key, "command_id": m.message_id}
-        self._feedback(run, "effect_suppressed", data, f"suppressed/{m.message_id}")
+        self._feedback(run, "effect_suppressed", data, f"suppressed/{m.message_id}", m.trace)
 
     def _resolve_claims(self) -> Generator[Request, Any, bool]:
         """Hold claim keys; an instance whose key another instance holds gets `claim_refused`."""
@@ -800,7 +812,7 @@ class BatchPlan:
 
     def _refuse(self, run: _Run, key: str, holder_entity: str, holder_workflow: str) -> None:
         data = {"key": key, "holder_entity_id": holder_entity, "holder_workflow": holder_workflow}
-        self._feedback(run, "claim_refused", data, f"claim/{key}/{run.key}")
+        self._feedback(run, "claim_refused", data, f"claim/{key}/{run.key}", run.step_trace)
 
     def _resolve_lookups(self) -> Generator[Request, Any, bool]:
         """Answer register reads with `lookup_result` {name, key, value}; this batch's writes come first."""
@@ -815,15 +827,17 @@ class BatchPlan:
             stored = yield ReadRegisters(missing)
         for run, name, key in pending:
             value = arbitration.lookup_value(key, self.registers, stored)
-            self._feedback(run, "lookup_result", {"name": name, "key": key, "value": value}, f"lookup/{key}/{run.key}")
+            data = {"name": name, "key": key, "value": value}
+            self._feedback(run, "lookup_result", data, f"lookup/{key}/{run.key}", run.step_trace)
         return True
 
-    def _feedback(self, run: _Run, trigger: str, data: dict[str, Any], seed: str) -> None:
-        """Step an internal event carrying the database's answer, then settle the instance."""
+    def _feedback(self, run: _Run, trigger: str, data: dict[str, Any], seed: str, trace: Trace | None) -> None:
+        """Step an internal event carrying the database's answer (in the trace of the step that asked), then
+        settle the instance."""
         if run.view is None:
             return
         event_id = derive_id(f"{seed}/{run.view.version}")
-        event = EngineEvent(event_id, trigger, data, self.now, internal=True)
+        event = EngineEvent(event_id, trigger, data, self.now, internal=True, trace=trace)
         decision = self._step(run, event)
         assert decision is not None
         if decision.outcome is Outcome.APPLIED:
@@ -885,7 +899,8 @@ class BatchPlan:
                 ws.instances.append(
                     InstanceUpdate(run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
                                    run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock,
-                                   _trace_id(v.trace), v.trace.traceparent if v.trace else None)
+                                   _trace_id(v.trace), v.trace.traceparent if v.trace else None,
+                                   v.trace.tracestate if v.trace else None)
                 )  # fmt: skip
             ws.history.extend(run.history)
             if run.cancel_all:
@@ -899,8 +914,7 @@ class BatchPlan:
             for m in run.outgoing:
                 ws.outbox.append(
                     OutboxRow(m.message_id, m.kind, EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
-                              orjson.dumps(m.body), {TRACEPARENT: m.traceparent} if m.traceparent else {},
-                              m.kind != "lifecycle")
+                              orjson.dumps(m.body), trace_headers(m.trace), m.kind != "lifecycle")
                 )  # fmt: skip
                 self.report.queued[(run.key.workflow, m.kind)] += 1
         changed_ids = {r.row_id for r in self.runs.values() if r.changed}

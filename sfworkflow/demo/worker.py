@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +71,8 @@ class _CountingWorker(CommandWorker):
         super().__init__(*args, **kwargs)
         self.stats = stats
 
-    async def _publish(self, answers: Sequence[Answer], traceparent: str | None) -> None:
-        await super()._publish(answers, traceparent)
+    async def _publish(self, answers: Sequence[Answer], trace_headers: Mapping[str, str]) -> None:
+        await super()._publish(answers, trace_headers)
         for a in answers:
             self.stats.published(a)
 

@@ -40,17 +40,7 @@ from aio_pika.abc import (
 
 from sfworkflow.client import tracing
 from sfworkflow.contract.envelope import EventParser, IncomingEvent
-from sfworkflow.contract.headers import (
-    DEAD_LETTERED_AT,
-    DETAIL,
-    FIRST_REASON,
-    HEADERS_DROPPED,
-    ORIGINAL_CONTENT_TYPE,
-    ORIGINAL_EXCHANGE,
-    ORIGINAL_MESSAGE_ID,
-    ORIGINAL_ROUTING_KEY,
-    REASON,
-)
+from sfworkflow.contract.headers import HEADERS_DROPPED, dead_letter_headers
 from sfworkflow.contract.storable import clean_json, clean_text
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE
 from sfworkflow.core.batch import Delivery
@@ -265,15 +255,17 @@ class Consumer:
             for d in deliveries
             if isinstance(d.parsed, IncomingEvent)
             and d.parsed.trace is not None
-            and (link := tracing.link(d.parsed.trace.traceparent)) is not None
+            and (link := tracing.link(d.parsed.trace.traceparent, d.parsed.trace.tracestate)) is not None
         ]
         with self.tracer.start_as_current_span(
             f"process {EVENTS_QUEUE}",
+            context=tracing.start_context(None),  # a trace of its own: a batch holds many
             kind=tracing.span_kind("CONSUMER"),
             links=links,
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
                 "messaging.destination.name": EVENTS_QUEUE,
                 "messaging.batch.message_count": len(deliveries),
             },
@@ -393,16 +385,13 @@ def unstorable_headers(d: Delivery, reason: DeadReason, error: str) -> dict[str,
         f"this message could not be stored even as a dead letter ({error[:300]}); it was first rejected as "
         f"{reason}: {d.parsed.detail if isinstance(d.parsed, Rejection) else 'applying it failed'}"
     )
-    return {
-        REASON: str(DeadReason.UNSTORABLE),
-        FIRST_REASON: str(reason),
-        DETAIL: detail[:1500],
-        ORIGINAL_ROUTING_KEY: routing_key,
-        ORIGINAL_EXCHANGE: clean_text(d.exchange)[0],
-        DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
-        ORIGINAL_CONTENT_TYPE: clean_text(d.content_type or "")[0],
-        ORIGINAL_MESSAGE_ID: clean_text((d.message_id or "")[:255])[0],
-    }
+    return dict(
+        dead_letter_headers(
+            str(DeadReason.UNSTORABLE), detail[:1500], routing_key=routing_key, exchange=clean_text(d.exchange)[0],
+            content_type=_storable_or_none(d.content_type), message_id=_storable_or_none(d.message_id),
+            first_reason=str(reason),
+        )
+    )  # fmt: skip
 
 
 def _storable_or_none(text: str | None) -> str | None:
@@ -413,7 +402,10 @@ def _context_of(d: Delivery) -> dict[str, str]:
     """The ids bound to every log line about this message."""
     e = d.parsed
     if isinstance(e, IncomingEvent):
-        return {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
+        ids = {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
+        if e.trace is not None:
+            ids["trace_id"] = e.trace.trace_id
+        return ids
     return {"message_id": d.message_id or "", "routing_key": d.routing_key[:200]}
 
 

@@ -44,7 +44,7 @@ from pamqp.commands import Basic
 from sfworkflow.client import amqp, tracing
 from sfworkflow.contract.headers import ORIGINAL_CONTENT_TYPE
 from sfworkflow.contract.topology import DEAD_QUEUE
-from sfworkflow.contract.tracing import TRACEPARENT
+from sfworkflow.contract.tracing import TRACEPARENT, TRACESTATE
 from sfworkflow.db import outbox
 from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import init_connection, is_transient
@@ -260,7 +260,12 @@ class Relay:
             # building an aio_pika.Message per row, which was a tenth of the service's CPU.
             underlay = await self._channel.get_underlay_channel()
             spans = self._start_spans(rows) if self.tracer is not None else {}
-            results = await _publish_in_instance_order(underlay, rows, {i: h for i, (_s, h) in spans.items()})
+            try:
+                results = await _publish_in_instance_order(underlay, rows, {i: h for i, (_s, h) in spans.items()})
+            except BaseException as exc:
+                for span, _h in spans.values():
+                    _end_span(span, exc)
+                raise
             for row_id, (span, _h) in spans.items():
                 _end_span(span, results.get(row_id))
             hooks.fault_point("after_publish_before_mark")
@@ -284,27 +289,30 @@ class Relay:
 
     def _start_spans(self, rows: Sequence[Mapping[str, Any]]) -> dict[int, tuple[Any, dict[str, Any]]]:
         """A PRODUCER span per row, child of the trace context the row was queued with (the event that caused it);
-        the message is published with the span as its parent instead: row id -> (span, headers to publish)."""
+        a row queued with one is published with the span as its parent instead: row id -> (span, headers to
+        publish). A row without trace context (a trace id that is not W3C) is published as it was queued: a
+        span of a new trace must not become its trace."""
         out: dict[int, tuple[Any, dict[str, Any]]] = {}
         kind = tracing.span_kind("PRODUCER")
         for r in rows:
             headers = dict(r["headers"] or {})
-            parent = tracing.parent_context(headers.get(TRACEPARENT))
+            parent = tracing.parent_context(headers.get(TRACEPARENT), headers.get(TRACESTATE))
             span = self.tracer.start_span(
                 f"publish {r['exchange'] or DEAD_QUEUE}",
-                context=parent,
+                context=tracing.start_context(parent),
                 kind=kind,
                 attributes={
                     "messaging.system": "rabbitmq",
                     "messaging.operation.type": "send",
-                    "messaging.destination.name": r["exchange"] or DEAD_QUEUE,
+                    "messaging.operation.name": "publish",
+                    "messaging.destination.name": r["exchange"],  # "" for the default exchange (dead letters)
                     "messaging.rabbitmq.destination.routing_key": r["routing_key"],
                     "messaging.message.id": str(r["message_id"]),
                     "sfworkflow.outbox.kind": r["kind"],
                 },
             )
-            if r["kind"] != "dead_letter":  # a dead letter keeps the original message's headers as they came
-                headers[TRACEPARENT] = tracing.traceparent_of(span)
+            if parent is not None and r["kind"] != "dead_letter":  # a dead letter keeps the original's headers
+                headers.update(tracing.headers_of(span))
             out[r["id"]] = (span, headers)
         return out
 
@@ -336,6 +344,7 @@ def _end_span(span: Any, outcome: object) -> None:
     if outcome is None:
         span.set_attribute("sfworkflow.outbox.held_back", True)  # behind an earlier row of its instance that failed
     elif isinstance(outcome, BaseException):
+        span.set_attribute("error.type", type(outcome).__name__)
         span.set_status(tracing.error_status(f"{type(outcome).__name__}: {outcome}"))
     span.end()
 

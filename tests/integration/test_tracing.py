@@ -165,3 +165,53 @@ async def test_without_opentelemetry_the_trace_travels_in_headers_envelopes_and_
     assert {h["trace_id"] for h in history} == {TRACE}
     assert {orjson.loads(o["body"])["trace_id"] for o in outbox} == {TRACE}
     assert {o["headers"]["traceparent"] for o in outbox} == {TP}  # the answer came back with the same context
+
+
+async def test_an_instance_keeps_its_start_event_s_trace_and_history_names_each_event_s(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    other = "0af7651916cd43dd8448eb211c80319c"
+    async with running_service(settings) as service, Amqp(settings.amqp_url) as mq:
+        assert mq.publisher is not None
+        await mq.publisher.publish(
+            event("sequence.enrolled", "enr-two", enrolled_data(steps=1, delay_s=3600)), traceparent=TP
+        )
+        await mq.publisher.publish(event("sequence.paused", "enr-two", {}, trace_id=other))
+
+        async def paused() -> bool:
+            return bool(
+                await pg.fetchval("SELECT state = 'paused' FROM sfworkflow.instance WHERE entity_id = 'enr-two'")
+            )
+
+        await wait_for(paused, what="the instance paused")
+        assert service.tracer is None
+    instance, history, _outbox = await _stored(pg, "enr-two")
+    assert (instance["trace_id"], instance["traceparent"]) == (TRACE, TP)  # written by write_batch, kept
+    assert [(h["event_type"], h["trace_id"]) for h in history] == [
+        ("sequence.enrolled", TRACE),
+        ("sequence.paused", other),
+    ]
+
+
+async def test_with_spans_on_a_trace_id_that_is_not_w3c_is_carried_not_replaced(
+    settings: Settings, pg: asyncpg.Connection, store: PostgresDedupe
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[Any] = []
+    worker = _worker(settings, store, seen, tracer_provider=provider)
+    async with running_service(settings, tracer_provider=provider), Amqp(settings.amqp_url) as mq:
+        await worker.start()
+        try:
+            await mq.publish(event("sequence.enrolled", "enr-dd", enrolled_data(steps=1), trace_id="dd-42"))
+            await wait_for(lambda: _settled(pg, "enr-dd"), what="completed through the worker, all published")
+        finally:
+            await worker.stop()
+    ((_context, cmd_trace, cmd_traceparent),) = seen
+    assert (cmd_trace, cmd_traceparent) == ("dd-42", None)  # the relay's span did not make itself its trace
+    _instance, history, outbox = await _stored(pg, "enr-dd")
+    assert {h["trace_id"] for h in history} == {"dd-42"}  # nor did the worker's, for the answer
+    assert {orjson.loads(o["body"])["trace_id"] for o in outbox} == {"dd-42"}
+    assert all("traceparent" not in (o["headers"] or {}) for o in outbox)
+    assert any(s.name == f"publish {COMMANDS_EXCHANGE}" for s in exporter.get_finished_spans())  # spans, still

@@ -173,7 +173,8 @@ class FakeDatabase:
                             "id": next(self._ids), "tenant_id": n.key.tenant_id, "workflow": n.key.workflow,
                             "entity_id": n.key.entity_id, "definition_version": n.definition_version,
                             "state": n.initial_state, "context": {}, "version": 0, "parked_count": 0,
-                            "correlation_id": n.correlation_id, "trace_id": None, "traceparent": None,
+                            "correlation_id": n.correlation_id,
+                            "trace_id": None, "traceparent": None, "tracestate": None,
                         }  # fmt: skip
                         self.keys_by_id[self.instances[n.key]["id"]] = n.key
                 rows = [self.instances[n.key] for n in new if n.key in self.instances]
@@ -224,7 +225,7 @@ class FakeDatabase:
             row = self.instances[self.keys_by_id[u.instance_id]]
             row.update(state=u.state, context=u.context, version=u.version, parked_count=u.parked_count)
             if row["trace_id"] is None:
-                row.update(trace_id=u.trace_id, traceparent=u.traceparent)
+                row.update(trace_id=u.trace_id, traceparent=u.traceparent, tracestate=u.tracestate)
         for i in ws.unstarted:
             del self.instances[self.keys_by_id.pop(i)]
         self.history += ws.history

@@ -20,9 +20,10 @@ EVENT_ID = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
     ("header", "expected"),
     [
         (TP, Trace(TRACE, TP)),
-        (TP.upper(), Trace(TRACE, TP)),
+        (TP.upper(), None),  # the specification: upper-case hex is not trace context
         (f" {TP} ".encode(), Trace(TRACE, TP)),  # some clients send header values as bytes
         (f"01-{TRACE}-{SPAN}-01-future", Trace(TRACE, TP)),  # a later version may add fields; read as 00
+        (f"01-{TRACE}-{SPAN}-ff", Trace(TRACE, TP)),  # ... and only the flag version 00 knows: sampled
         (f"00-{TRACE}-{SPAN}-01-extra", None),  # version 00 has exactly four fields
         (f"ff-{TRACE}-{SPAN}-01", None),  # version ff is invalid
         (f"00-{'0' * 32}-{SPAN}-01", None),  # all-zero trace id
@@ -35,6 +36,12 @@ EVENT_ID = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
 )
 def test_a_traceparent_header_is_read_only_when_it_is_w3c_trace_context(header: object, expected: Trace) -> None:
     assert parse_traceparent(header) == expected
+
+
+def test_tracestate_travels_with_a_valid_traceparent_only() -> None:
+    state = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    assert trace_of(None, {"traceparent": TP, "tracestate": state}, EVENT_ID) == Trace(TRACE, TP, state)
+    assert trace_of(TRACE, {"traceparent": "bad", "tracestate": state}, EVENT_ID).tracestate is None  # type: ignore[union-attr]
 
 
 def test_the_header_wins_over_the_envelope_and_an_invalid_header_falls_back_to_it() -> None:

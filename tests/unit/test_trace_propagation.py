@@ -65,6 +65,36 @@ def test_an_instance_started_without_a_trace_gets_one_derived_from_its_key_and_s
     assert carried(ws.outbox) == [("toy.do", expected.trace_id, expected.traceparent)]
 
 
+def test_the_database_s_answer_carries_the_trace_of_the_step_that_asked() -> None:
+    db = FakeDatabase()
+    db.apply(plan().deliveries([traced("start", "l", A)]))
+    ws = db.apply(plan().deliveries([traced("ask", "l", B, key="r1")]))  # lookup_result follows in the same batch
+    assert [(h.event_type, h.trace_id) for h in ws.history] == [
+        ("toy.ask", B.trace_id),
+        ("toy.lookup_result", B.trace_id),
+    ]
+
+
+def test_tracestate_is_published_beside_the_traceparent() -> None:
+    db = FakeDatabase()
+    ws = db.apply(plan().deliveries([traced("start", "s", Trace(A.trace_id, A.traceparent, "rojo=1"))]))
+    assert ws.outbox[0].headers == {TRACEPARENT: A.traceparent, "tracestate": "rojo=1"}
+
+
+def test_a_reissued_command_keeps_the_trace_of_the_command_it_replaces() -> None:
+    db = FakeDatabase()
+    db.apply(plan().deliveries([traced("start", "r", A)]))
+    ws = db.apply(plan().deliveries([traced("send", "r", B, key="k1")]))
+    pending = orjson.loads(ws.outbox[0].body)
+    again = {**pending, "command_id": "6f1c1f8e-0000-4000-8000-000000000001", "attempt": 2}
+    row = dict(db.instances[InstanceKey(TENANT, "toy", "r")], terminal=False)
+    (out,) = plan().reissue_command(row, again, {"by": "oncall"}).outbox
+    body_trace, header = orjson.loads(out.body)["trace_id"], out.headers[TRACEPARENT]
+    assert body_trace == B.trace_id and header.split("-")[1] == B.trace_id  # one trace, not the instance's A
+    same = plan().reissue_command(row, {**again, "trace_id": A.trace_id}, {"by": "oncall"}).outbox[0]
+    assert same.headers[TRACEPARENT] == A.traceparent  # the instance's own trace: its own parent
+
+
 def test_a_trace_id_that_is_not_w3c_travels_in_envelopes_without_a_header() -> None:
     db = FakeDatabase()
     ws = db.apply(plan().deliveries([traced("start", "n", Trace("dd-42", None))]))
