@@ -54,7 +54,7 @@ MAX_PORT = 65535
 MAX_PREFETCH = 65535  # an AMQP prefetch count is a 16-bit number
 QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS = ("json", "console")
+LOG_FORMATS = ("auto", "json", "console")
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
 
 # SFWORKFLOW_* variables sfworkflow reads that are not settings: fault injection (sfworkflow/demo/faults.py), the
@@ -91,7 +91,7 @@ class Settings:
     retention_days: float = DEFAULT_RETENTION_DAYS
     stuck_after_s: float = DEFAULT_STUCK_AFTER_S
     log_level: str = "info"
-    log_format: str = "json"  # or "console"
+    log_format: str = "auto"  # console on a terminal, JSON otherwise; or "json", "console"
     use_uvloop: bool = True
     processes: int = 1  # service processes of `sfworkflow run`; 0: one per usable core
     # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never

@@ -491,7 +491,8 @@ class BatchPlan:
             "event left for a replica with the instance's definition version",
             tenant_id=e.tenant_id, workflow=e.workflow, entity_id=e.entity_id, event_id=e.event_id,
             event_type=e.event_type, definition_version=run.foreign_version,
-            loaded_versions=sorted(v for w, v in self.engine.compiled if w == e.workflow), trace_id=_trace_id(e.trace),
+            loaded_versions=sorted(v for w, v in self.engine.compiled if w == e.workflow),
+            correlation_id=e.correlation_id, trace_id=_trace_id(e.trace),
         )  # fmt: skip
 
     def _offer_now(self, run: _Run, e: IncomingEvent, d: Delivery) -> None:
@@ -522,6 +523,7 @@ class BatchPlan:
             from_state=decision.from_state,
             to_state=decision.to_state,
             reason=decision.reason,
+            correlation_id=e.correlation_id,
             trace_id=_trace_id(decision.trace or e.trace or (run.view.trace if run.view else None)),
         )
 
@@ -552,6 +554,7 @@ class BatchPlan:
             event_type=e.event_type,
             error=detail,
             traceback=traceback.format_exc(limit=8),
+            correlation_id=e.correlation_id,
             trace_id=_trace_id(e.trace),
         )
         self.dead.append(

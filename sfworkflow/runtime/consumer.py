@@ -403,6 +403,8 @@ def _context_of(d: Delivery) -> dict[str, str]:
     e = d.parsed
     if isinstance(e, IncomingEvent):
         ids = {"tenant_id": e.tenant_id, "workflow": e.workflow, "entity_id": e.entity_id, "event_id": e.event_id}
+        if e.correlation_id is not None:
+            ids["correlation_id"] = e.correlation_id
         if e.trace is not None:
             ids["trace_id"] = e.trace.trace_id
         return ids

@@ -32,6 +32,14 @@ async def store(database_url: str) -> AsyncIterator[PostgresDedupe]:
     await s.close()
 
 
+def _recording() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A tracer provider of the test's own (the process's global one stays unset), its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
 def _worker(settings: Settings, store: PostgresDedupe, seen: list[Any], **kw: Any) -> CommandWorker:
     worker = CommandWorker(settings.amqp_url, store=store, source="tests.worker", **kw)
 
@@ -86,9 +94,7 @@ def _named(spans: list[ReadableSpan], name: str, routing_key: str | None = None)
 async def test_one_enrollment_is_one_trace_from_the_producer_to_the_worker_s_answer(
     settings: Settings, pg: asyncpg.Connection, store: PostgresDedupe
 ) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = _recording()
     seen: list[Any] = []
     worker = _worker(settings, store, seen, tracer_provider=provider)
     batches = f"process {EVENTS_QUEUE}"
@@ -196,9 +202,7 @@ async def test_an_instance_keeps_its_start_event_s_trace_and_history_names_each_
 async def test_with_spans_on_a_trace_id_that_is_not_w3c_is_carried_not_replaced(
     settings: Settings, pg: asyncpg.Connection, store: PostgresDedupe
 ) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = _recording()
     seen: list[Any] = []
     worker = _worker(settings, store, seen, tracer_provider=provider)
     async with running_service(settings, tracer_provider=provider), Amqp(settings.amqp_url) as mq:
