@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -144,3 +146,14 @@ async def outbox(
 
 async def all_published(pg: asyncpg.Connection) -> bool:
     return await pg.fetchval("SELECT count(*) = 0 FROM sfworkflow.outbox WHERE published_at IS NULL")
+
+
+async def terminate(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """SIGTERM a service process still running and wait for it to exit; kill it after `timeout` seconds."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import pytest
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.test_postgres_outage import _pg_ctl, _pg_online, _readyz
-from tests.support import Amqp, enrolled_data, event
+from tests.support import Amqp, enrolled_data, event, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,13 +92,7 @@ async def test_every_line_an_outage_writes_is_json(settings: Settings) -> None:
                     await asyncio.to_thread(_pg_ctl, "start")
             await wait_for(lambda: _is(_status(port), 200), timeout=60, interval=0.2, what="ready again")
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await terminate(proc, 30)
         out.seek(0)
         text = out.read().decode()
     lines = [line for line in text.splitlines() if line.strip()]

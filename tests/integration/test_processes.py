@@ -23,7 +23,7 @@ from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import http_get
 from tests.integration.helpers_extra import wait_state
-from tests.support import Amqp, enrolled_data, event
+from tests.support import Amqp, enrolled_data, event, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,13 +64,7 @@ async def parent(settings: Settings) -> AsyncIterator[tuple[asyncio.subprocess.P
                 await wait_for(lambda p=p: _ready(p), timeout=60, interval=0.1, what=f"the child on port {p} ready")
             yield proc, port
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await terminate(proc, 30)
 
 
 async def _ready(port: int) -> bool:

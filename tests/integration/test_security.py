@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from tests.integration.helpers_extra import (
     wait_all_published,
     wait_state,
 )
-from tests.support import TENANT, Amqp, event, running_service
+from tests.support import TENANT, Amqp, event, running_service, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "S3cretPass"
@@ -244,13 +243,7 @@ class CliService:
                 await wait_for(self._ready, timeout=60, interval=0.2, what="the CLI service ready")
                 yield self
             finally:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(proc.wait(), 20)
-                    except TimeoutError:
-                        proc.kill()
-                        await proc.wait()
+                await terminate(proc, 20)
                 self.returncode = proc.returncode
                 log.seek(0)
                 self.output = log.read().decode("utf-8", "replace")

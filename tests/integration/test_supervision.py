@@ -29,7 +29,7 @@ from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import http_get
 from tests.integration.helpers_extra import EVENTS_Q, queue_depth, quick, wait_state
-from tests.support import Amqp, enrolled_data, event, running_service
+from tests.support import Amqp, enrolled_data, event, running_service, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 PREFETCH = 4  # per consumer channel: bounds what each channel holds unacked
@@ -71,13 +71,7 @@ class Run:
                 await wait_for(self._ready, timeout=60, interval=0.1, what="the service ready")
                 yield self
             finally:
-                if self.proc.returncode is None:
-                    self.proc.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(self.proc.wait(), 30)
-                    except TimeoutError:
-                        self.proc.kill()
-                        await self.proc.wait()
+                await terminate(self.proc, 30)
                 log.seek(0)
                 self.output = log.read().decode("utf-8", "replace")
 
