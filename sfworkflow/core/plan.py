@@ -131,6 +131,7 @@ class _Run:
     transitions: int = 0  # applied in this batch: what the guard counts
     restart_clock: bool = False  # an operator acted on the instance (replay): its state's clock restarts
     step_trace: Trace | None = None  # the trace of its last transition: the database's answers to it carry it
+    trace_stored: bool = False  # its row has a trace already: the update does not send it again
 
     def waiting_for_answers(self) -> bool:
         return bool(self.pending_effects or self.pending_claims or self.pending_lookups)
@@ -444,6 +445,7 @@ class BatchPlan:
             correlation_id=r["correlation_id"],
             loaded_parked_count=r["parked_count"],
             terminal=r["state"] in compiled.definition.terminal,
+            trace_stored=r["trace_id"] is not None,
         )
         self.runs[key] = run
         return run
@@ -899,11 +901,12 @@ class BatchPlan:
             parked_count = sum(1 for p in run.parked if not p.done)
             if (run.changed or parked_count != run.loaded_parked_count) and run.view is not None:
                 v = run.view
+                new_trace = None if run.trace_stored else v.trace  # written once, by the row's first transition
                 ws.instances.append(
                     InstanceUpdate(run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
                                    run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock,
-                                   _trace_id(v.trace), v.trace.traceparent if v.trace else None,
-                                   v.trace.tracestate if v.trace else None)
+                                   _trace_id(new_trace), new_trace.traceparent if new_trace else None,
+                                   new_trace.tracestate if new_trace else None)
                 )  # fmt: skip
             ws.history.extend(run.history)
             if run.cancel_all:
