@@ -38,6 +38,12 @@ async def parked_count(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(q("parked_count")))
 
 
+async def parked_nearest_deadline(conn: asyncpg.Connection) -> float | None:
+    """Seconds until the nearest parked event's deadline (negative once past); None when nothing is parked."""
+    value = await conn.fetchval(q("parked_nearest_deadline"))
+    return None if value is None else float(value)
+
+
 # ---- stuck instances (ops/stuck.py) -------------------------------------------------------------------------
 async def stuck_candidates(
     conn: asyncpg.Connection,

@@ -46,6 +46,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text. Each scrape runs the readiness check first, so sfworkflow_ready and
+    sfworkflow_dependency_up say what /readyz would answer at that moment (at most READY_CHECK_TIMEOUT_S per
+    database check when PostgreSQL does not answer)."""
     service: Service = request.app[SERVICE]
+    await service.readiness(READY_CHECK_TIMEOUT_S)
     body = await asyncio.to_thread(service.metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,13 +1,20 @@
 """Prometheus metrics of one sfworkflow process. Labels are bounded: workflow, outcome, kind, reason, state.
 
-Tenant, entity and event ids never appear in labels (cardinality); they are in the logs.
+Tenant, entity and event ids never appear in labels (cardinality); they are in the logs. Besides sfworkflow's
+own series, the registry carries prometheus_client's standard process (`process_*`: CPU, memory, open file
+descriptors, start time), platform (`python_info`) and garbage-collector (`python_gc_*`) collectors, and
+`sfworkflow_build_info` names what runs (so `count(sfworkflow_build_info)` is the replicas up, by version).
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -16,7 +23,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sfworkflow import __version__
 from sfworkflow.core.batch import OUTBOX_KINDS, BatchReport
+from sfworkflow.db import migrate
 from sfworkflow.errors import DeadReason
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
@@ -24,11 +33,41 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = OUTBOX_KINDS
 BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "retention", "stats")  # runtime/supervisor.py kinds
+# End-to-end lag: fine steps up to 150 ms (the service's target is tens of ms), then coarse ones up to an hour,
+# so a backlog of minutes reads as minutes on a dashboard instead of one +Inf bucket.
+EVENT_AGE_BUCKETS = (
+    *(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+
+
+def build_labels() -> dict[str, str]:
+    """The labels of sfworkflow_build_info: sfworkflow's version, the Python running it, and the schema version
+    this code migrates to (the highest migration it ships)."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "schema": str(max((v for v, _ in migrate.available()), default=0)),
+    }
 
 
 class Metrics:
     def __init__(self, workflows: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # the standard ones; they keep no state, so every registry may share them
+        self.build = Gauge(
+            "sfworkflow_build_info",
+            "Always 1; its labels say what runs: sfworkflow version, Python version, schema (migration) version.",
+            list(build_labels()),
+            registry=r,
+        )
+        self.build.labels(**build_labels()).set(1)
+        self.ready = Gauge(
+            "sfworkflow_ready",
+            "1 when this replica is ready (what GET /readyz answers 200 for), 0 otherwise; checked at every scrape.",
+            registry=r,
+        )
         self.events = Counter(
             "sfworkflow_events",
             "Events received, by outcome: applied, duplicate, parked, ignored, dead_lettered.",
@@ -126,29 +165,7 @@ class Metrics:
         self.event_age = Histogram(
             "sfworkflow_event_age_at_commit_seconds",
             "From an event's envelope timestamp (set by its producer) to the commit that recorded it.",
-            buckets=(
-                0.005,
-                0.01,
-                0.02,
-                0.03,
-                0.04,
-                0.05,
-                0.06,
-                0.07,
-                0.08,
-                0.09,
-                0.1,
-                0.125,
-                0.15,
-                0.2,
-                0.3,
-                0.5,
-                1.0,
-                2.5,
-                5.0,
-                10.0,
-                60.0,
-            ),
+            buckets=EVENT_AGE_BUCKETS,
             registry=r,
         )
         # The cluster gauges: database-wide, computed and exported by one replica at a time (runtime/stats.py),
@@ -177,6 +194,12 @@ class Metrics:
             registry=c,
         )
         self.parked = Gauge("sfworkflow_parked_events", "Events parked, waiting for their transition.", registry=c)
+        self.parked_deadline = Gauge(
+            "sfworkflow_parked_nearest_deadline_seconds",
+            "Seconds until the nearest deadline of a parked event (then it is dead-lettered: transition_not_allowed, "
+            "or unknown_definition_version when it waited for a version); negative once past, +Inf when none.",
+            registry=c,
+        )
         self.stuck = Gauge(
             "sfworkflow_stuck_instances",
             "Instances stuck by their definition's rules (see `sfworkflow stuck`), refreshed every 30 s.",
@@ -185,7 +208,7 @@ class Metrics:
         )
         self.up = Gauge(
             "sfworkflow_dependency_up",
-            "1 when the dependency answers: postgres, rabbitmq.",
+            "1 when the dependency answered this replica's last readiness check (at every scrape): postgres, rabbitmq.",
             ["dependency"],
             registry=r,
         )

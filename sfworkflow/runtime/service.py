@@ -244,6 +244,8 @@ class Service:
         return self.exit_code
 
     async def readiness(self, timeout: float) -> dict[str, dict[str, Any]]:
+        """The checks of GET /readyz, each `{"ok": bool, …}`; also sets sfworkflow_ready and
+        sfworkflow_dependency_up (so each scrape of /metrics, which runs it, reports them fresh)."""
         checks: dict[str, dict[str, Any]] = {}
         try:
             assert self.pool is not None
@@ -273,6 +275,7 @@ class Service:
                 "ok": False,
                 "error": f"{failure.describe()}; the process is stopping and exits {EXIT_TASK_DIED}",
             }
+        self.metrics.ready.set(1 if all(c["ok"] for c in checks.values()) else 0)
         return checks
 
 

@@ -1,5 +1,5 @@
 """The cluster gauges: database-wide figures (outbox backlog and age, outbox rows given up, active instances by
-state, parked events, stuck instances) computed by one replica of the cluster at a time.
+state, parked events and their nearest deadline, stuck instances) computed by one replica of the cluster at a time.
 
 Every replica runs this task; the one that holds a PostgreSQL advisory lock (taken with
 pg_try_advisory_lock on a connection of its own, outside the pool) computes the figures and exports them;
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import Counter
 
 import asyncpg
@@ -103,6 +104,8 @@ class ClusterStats:
         for r in rows:
             m.instances.labels(r["workflow"], r["state"]).set(r["n"])
         m.parked.set(await operations.parked_count(conn))
+        nearest = await operations.parked_nearest_deadline(conn)
+        m.parked_deadline.set(math.inf if nearest is None else nearest)
         if self._rounds_led % self.stuck_every == 0:
             found = await find_stuck(conn, self.engine, Filters(limit=STUCK_LIMIT, default_after_s=self.stuck_after_s))
             counts = Counter(s.workflow for s in found)

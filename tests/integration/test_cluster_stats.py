@@ -23,6 +23,7 @@ CLUSTER_SERIES = (
     "sfworkflow_outbox_oldest_age_seconds",
     "sfworkflow_outbox_failed",
     "sfworkflow_parked_events",
+    "sfworkflow_parked_nearest_deadline_seconds",
     "sfworkflow_stuck_instances",
     "sfworkflow_instances",
 )

@@ -374,6 +374,11 @@ SELECT pg_try_advisory_lock(1937207154)
 -- Events waiting in the parked table.
 SELECT count(*) FROM sfworkflow.parked
 
+-- parked_nearest_deadline --
+-- Seconds until the nearest deadline of a parked event (negative once past it; NULL when nothing is parked).
+-- min() reads one end of parked_deadline_idx.
+SELECT EXTRACT(EPOCH FROM min(deadline) - now())::float8 FROM sfworkflow.parked
+
 -- insert_claims --
 -- Hold claim keys; returns the keys taken now (the others are held already, by someone).
 INSERT INTO sfworkflow.claim (claim_key, tenant_id, workflow, entity_id, instance_id)
