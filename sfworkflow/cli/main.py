@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = sub.add_parser("diagram", help="print a workflow's state machine as Mermaid or Graphviz DOT")
     g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
-    g.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    g.add_argument("--format", choices=("mermaid", "dot", "svg"), default="mermaid")
     g.add_argument("--version", type=int, default=None, help="definition version (default: the latest)")
     g.add_argument(
         "--write-docs", action="store_true",

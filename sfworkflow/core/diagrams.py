@@ -1,4 +1,4 @@
-"""Diagrams of the workflow definitions: Mermaid and Graphviz DOT, and docs/workflows.md built from them.
+"""Diagrams of the workflow definitions: Mermaid, Graphviz DOT and SVG, and docs/workflows.md built from them.
 
 The document is generated, never edited by hand: `sfworkflow diagram --write-docs` rewrites it and a
 test fails when the committed file differs from what the definitions generate.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sfworkflow.contract.topology import commands_queue, compensations_queue
+from sfworkflow.core import svg
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 
 DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "workflows.md"
@@ -19,7 +20,9 @@ def render(compiled: CompiledWorkflow, fmt: str = "mermaid") -> str:
         return compiled.dot()
     if fmt == "mermaid":
         return compiled.mermaid()
-    raise ValueError(f"unknown diagram format {fmt!r}: use mermaid or dot")
+    if fmt == "svg":  # drawn here, as the status page shows it (core/svg.py), as a file of its own
+        return svg.svg(compiled, standalone=True)
+    raise ValueError(f"unknown diagram format {fmt!r}: use mermaid, dot or svg")
 
 
 def workflows_doc(engine: Engine) -> str:

@@ -1,10 +1,15 @@
 """The read-only status page at `/`: server-rendered HTML, no script, no external asset, every value escaped.
 
-It shows instances by workflow and state, stuck instances (why, since when, the pending command), dead letters
-by reason (outbox rows of kind `dead_letter` within the retention period), the outbox backlog, the outbox rows
-the relay gave up, parked events, and each loaded workflow's diagram as Mermaid source. It needs no token: it
-shows ids, states and counts, never a message body or a context (no recipient address, no personal data). It
-refreshes itself every 10 s.
+At a glance, on top: events received per second and the lag (p50 and p99 of the event age at commit), from
+this replica's own counters over about the last minute (core/rates.py: the difference against the snapshot
+taken closest to a minute before; each replica counts only what it consumed), and the age of the oldest
+unpublished outbox row (PostgreSQL: every replica's). Then instances by workflow and state, stuck instances
+(why, since when, the pending command), dead letters by reason (outbox rows of kind `dead_letter` within the
+retention period), the outbox backlog, the outbox rows the relay gave up, parked events, and each loaded
+workflow's state diagram: an inline SVG drawn on the server (core/svg.py, once per definition, in a thread at
+the first view; the CSP allows no script), with its Mermaid source in a collapsed <details>. It needs no token:
+it shows ids, states and counts, never a message body or a context (no recipient address, no personal data).
+It refreshes itself every 10 s.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from sfworkflow.core import rates, svg
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.stuck import Filters, StuckInstance
 from sfworkflow.core.stuck import format_age as age
@@ -47,6 +53,11 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _CACHE: web.AppKey[dict[str, Any]] = web.AppKey("sfworkflow_status_cache")
+_RATES: web.AppKey[rates.Window] = web.AppKey("sfworkflow_status_rates")
+_DIAGRAMS: web.AppKey[dict[tuple[str, int], str]] = web.AppKey("sfworkflow_status_diagrams")
+DIAGRAM_MIN_SCALE = 0.75  # a diagram wider than the page shrinks to this at most, then the page scrolls it
+LAG_BAD_S = 10.0  # seconds of p99 lag shown in red
+OUTBOX_BAD_S = 60.0  # seconds of age of the oldest unpublished outbox row shown in red
 
 STYLE = """
 :root { color-scheme: light; }
@@ -72,13 +83,44 @@ pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 8px; overflow-x: 
 .pill { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 12px; background: #eef1f5; }
 .pill.bad { background: #fee4e2; } .pill.ok { background: #dcfae6; }
 details summary { cursor: pointer; font-weight: 600; margin: 4px 0; }
+.card .s { color: #6b7383; font-size: 11px; }
+.workflow { border-top: 1px solid #e8ebf0; padding: 8px 0 4px; }
+.workflow h3 { font-size: 14px; margin: 0 0 6px; }
+.diagram { overflow-x: auto; }
+.diagram svg { display: block; width: 100%; height: auto; }
+.legend span { margin-right: 14px; }
 """
 
 
 def mount(app: web.Application, service: Service) -> None:
     app[SERVICE] = service
     app[_CACHE] = {}
+    app[_RATES] = rates.Window(first=snapshot(service, time.monotonic()))
+    app[_DIAGRAMS] = {}
     app.router.add_get("/", status_page)
+
+
+def snapshot(service: Service, at: float) -> rates.Snapshot:
+    """This replica's counters now: events received (every workflow and outcome) and the event-age histogram."""
+    m = service.metrics
+    events = sum(s.value for f in m.events.collect() for s in f.samples if s.name.endswith("_total"))
+    buckets = rates.merge_buckets(
+        (float(s.labels["le"]), s.value) for f in m.event_age.collect() for s in f.samples if s.name.endswith("_bucket")
+    )
+    return rates.Snapshot(at, events, buckets)
+
+
+def draw_diagrams(service: Service) -> dict[tuple[str, int], str]:
+    """Every loaded workflow version's SVG (tens of milliseconds each the first time: the caller runs it in a
+    thread; svg.svg keeps each drawing). One that fails is "" (logged): the page shows its Mermaid source."""
+    drawn = {}
+    for (name, version), cw in service.engine.compiled.items():
+        try:
+            drawn[(name, version)] = svg.svg(cw)
+        except Exception:  # a layout bug must not take the status page down
+            log.exception("status page: drawing a workflow diagram failed", workflow=name, version=version)
+            drawn[(name, version)] = ""
+    return drawn
 
 
 def e(value: object) -> str:
@@ -114,6 +156,42 @@ async def gather(service: Service) -> dict[str, Any]:
         }
 
 
+def _card_row(cards: list[tuple[str, str, str, str, str]]) -> str:
+    """(id, value, label, class of the value, small print) per card."""
+    return '<div class="cards">' + "".join(
+        f'<div class="card" id="{e(key)}"><div class="v {cls}">{e(v)}</div><div class="l">{e(label)}</div>'
+        + (f'<div class="s">{e(small)}</div>' if small else "") + "</div>"
+        for key, v, label, cls, small in cards
+    ) + "</div>"  # fmt: skip
+
+
+def _glance(data: dict[str, Any], f: rates.Figures) -> str:
+    """Events/s and lag from this replica's counters; the oldest unpublished outbox row from the database."""
+    if f.span_s:
+        span = f"this replica, {'since start: ' if f.since_first else ''}last {rates.format_span(f.span_s)}"
+    else:
+        span = "this replica: from the next view on"
+    backlog = sum(r["n"] for r in data["backlog"])
+    oldest = max((r["oldest_s"] for r in data["backlog"]), default=0.0)
+
+    def lag(value: float | None) -> str:
+        return rates.format_seconds(value, f.last_bound_s)
+
+    cards = [
+        ("events-per-s", rates.format_rate(f.events_per_s), "events/s received", "", f"{f.events:.0f} events · {span}"),
+        ("lag-p50", lag(f.p50_s), "lag p50 (event age at commit)", "", span),
+        ("lag-p99", lag(f.p99_s), "lag p99 (event age at commit)", "bad" if (f.p99_s or 0) > LAG_BAD_S else "", span),
+        ("outbox-oldest", rates.format_seconds(oldest) if backlog else "none", "oldest unpublished outbox row",
+         "bad" if oldest > OUTBOX_BAD_S else "", f"{backlog} unpublished · all replicas"),
+    ]  # fmt: skip
+    return (
+        f'<section id="glance"><h2>At a glance</h2>{_card_row(cards)}'
+        '<p class="muted">Lag: from an event\'s timestamp (set by its producer) to the commit that recorded it. '
+        "Events/s and lag come from this replica's own counters (each replica counts the events it consumed); "
+        "the outbox from PostgreSQL.</p></section>"
+    )
+
+
 def _cards(data: dict[str, Any]) -> str:
     active = sum(r["n"] for r in data["by_state"] if not r["terminal"])
     ended = sum(r["n"] for r in data["by_state"] if r["terminal"])
@@ -122,18 +200,45 @@ def _cards(data: dict[str, Any]) -> str:
     backlog = sum(r["n"] for r in data["backlog"])
     oldest = max((r["oldest_s"] for r in data["backlog"]), default=0.0)
     cards = [
-        (f"{active}", "active instances", ""),
-        (f"{ended}", "ended instances", ""),
-        (f"{STUCK_SHOWN}+" if n_stuck > STUCK_SHOWN else f"{n_stuck}", "stuck instances", "bad" if n_stuck else "ok"),
-        (f"{dead}", "dead letters (retention)", "bad" if dead else "ok"),
-        (f"{backlog}", f"outbox backlog (oldest {age(oldest)})", "bad" if oldest > 60 else ""),
-        (f"{data['failed_total']}", "outbox rows given up", "bad" if data["failed_total"] else "ok"),
-        (f"{data['parked']}", "parked events", ""),
-    ]
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v {cls}">{e(v)}</div><div class="l">{e(label)}</div></div>'
-        for v, label, cls in cards
-    ) + "</div>"  # fmt: skip
+        ("active", f"{active}", "active instances", "", ""),
+        ("ended", f"{ended}", "ended instances", "", ""),
+        ("stuck-n", f"{STUCK_SHOWN}+" if n_stuck > STUCK_SHOWN else f"{n_stuck}", "stuck instances",
+         "bad" if n_stuck else "ok", ""),
+        ("dead", f"{dead}", "dead letters (retention)", "bad" if dead else "ok", ""),
+        ("backlog", f"{backlog}", f"outbox backlog (oldest {age(oldest)})", "bad" if oldest > 60 else "", ""),
+        ("given-up", f"{data['failed_total']}", "outbox rows given up", "bad" if data["failed_total"] else "ok", ""),
+        ("parked", f"{data['parked']}", "parked events", "", ""),
+    ]  # fmt: skip
+    return _card_row(cards)
+
+
+def _diagrams(service: Service, drawn: dict[tuple[str, int], str], stuck: list[StuckInstance]) -> str:
+    """Each loaded workflow version: its SVG (scaled down to DIAGRAM_MIN_SCALE at most to fit), then its Mermaid;
+    the heading says in which states instances are stuck."""
+    stuck_in: dict[tuple[str, int], dict[str, int]] = {}
+    for s in stuck:
+        states = stuck_in.setdefault((s.workflow, s.definition_version), {})
+        states[s.state] = states.get(s.state, 0) + 1
+    out = []
+    for (name, version), cw in sorted(service.engine.compiled.items()):
+        latest = " (latest)" if service.engine.latest[name] == version else ""
+        where = stuck_in.get((name, version), {})
+        note = ", ".join(f"{st} ({n})" for st, n in sorted(where.items()))
+        drawing = drawn.get((name, version), "")
+        width = svg.width_of(drawing)
+        picture = (
+            f'<div class="diagram"><div style="width: clamp({width * DIAGRAM_MIN_SCALE:.0f}px, 100%, {width:.0f}px)">'
+            f"{drawing}</div></div>"
+            if drawing
+            else '<p class="muted">The diagram could not be drawn (the log says why); its Mermaid source:</p>'
+        )
+        out.append(
+            f'<div class="workflow" id="diagram-{e(name)}-v{e(version)}"><h3>{e(name)} v{e(version)}{latest}'
+            + (f' <span class="pill bad">stuck in {e(note)}</span>' if note else "")
+            + f"</h3>{picture}<details><summary>Mermaid source</summary><pre>{e(render(cw, 'mermaid'))}</pre>"
+            "</details></div>"
+        )
+    return "".join(out)
 
 
 def _stuck_rows(stuck: list[StuckInstance], service: Service, now: datetime) -> list[list[str]]:
@@ -155,7 +260,13 @@ def _stuck_rows(stuck: list[StuckInstance], service: Service, now: datetime) -> 
     return rows
 
 
-def render_page(service: Service, data: dict[str, Any], health: dict[str, dict[str, Any]]) -> str:
+def render_page(
+    service: Service,
+    data: dict[str, Any],
+    health: dict[str, dict[str, Any]],
+    glance: rates.Figures,
+    drawn: dict[tuple[str, int], str],
+) -> str:
     now = datetime.now(UTC)
     checks = " ".join(
         f'<span class="pill {"ok" if c["ok"] else "bad"}">{e(name)} {"ok" if c["ok"] else "down"}</span>'
@@ -195,13 +306,7 @@ def render_page(service: Service, data: dict[str, Any], health: dict[str, dict[s
         {0, 3},
         "none: the relay gave nothing up",
     )  # fmt: skip
-    stuck_in = {(s.workflow, s.definition_version) for s in stuck}
-    diagrams = "".join(  # open where something is stuck: the states it is stuck in, and the way out
-        f"<details{' open' if (name, version) in stuck_in else ''}><summary>{e(name)} v{e(version)}"
-        f"{' (latest)' if service.engine.latest[name] == version else ''}</summary>"
-        f"<pre>{e(render(cw, 'mermaid'))}</pre></details>"
-        for (name, version), cw in sorted(service.engine.compiled.items())
-    )
+    diagrams = _diagrams(service, drawn, stuck)
     stuck_table = table(
         ["workflow", "tenant", "entity", "state", "why", "stuck for", "pending command", "replay would"],
         _stuck_rows(stuck, service, now),
@@ -220,6 +325,7 @@ def render_page(service: Service, data: dict[str, Any], health: dict[str, dict[s
 <header><h1>sfworkflow status</h1>
 <p>{e(now.strftime("%Y-%m-%d %H:%M:%S"))} UTC · refreshes every {REFRESH_S} s · {checks}</p></header>
 <main>
+{_glance(data, glance)}
 {_cards(data)}
 <section id="stuck"><h2>Stuck instances{e(more)}</h2>
 {stuck_table}
@@ -233,7 +339,11 @@ then without <code>--dry-run</code>; details: <code>sfworkflow inspect TENANT/WO
 <section id="outbox-failed"><h2>Outbox rows given up ({e(data["failed_total"])})</h2>{failed}
 <p class="muted">The broker refused them SFWORKFLOW_RELAY_MAX_ATTEMPTS times (unroutable or nacked); fix the cause,
 then <code>sfworkflow outbox republish --id ID</code> (or <code>--all</code>).</p></section>
-<section id="diagrams"><h2>Workflow diagrams (Mermaid)</h2>{diagrams}</section>
+<section id="diagrams"><h2>Workflow diagrams</h2>
+<p class="muted legend"><span>● start</span><span><b>bold green</b>: initial state</span>
+<span>double border: terminal</span><span>amber, dashed: waits for an operator</span>
+<span>dashed box: a transition from any active state</span><span>↻ inside a box: keeps the state</span></p>
+{diagrams}</section>
 </main>
 </body>
 </html>
@@ -256,7 +366,12 @@ async def status_page(request: web.Request) -> web.Response:
         return web.Response(text=cache["html"], content_type="text/html", charset="utf-8", headers=HEADERS)
     try:
         health = await service.readiness(2.0)
-        html = render_page(service, await gather(service), health)
+        data = await gather(service)
+        drawn = request.app[_DIAGRAMS]
+        if not drawn:  # the first view: drawn in a thread (grandalf's layout is pure Python), then kept
+            drawn.update(await asyncio.to_thread(draw_diagrams, service))
+        glance = request.app[_RATES].add(snapshot(service, time.monotonic()))
+        html = render_page(service, data, health, glance, drawn)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, AssertionError) as exc:
         log.warning("status page: PostgreSQL unavailable", error=type(exc).__name__)
         text = unavailable_page(f"PostgreSQL is not reachable ({type(exc).__name__}); the page retries by itself.")
