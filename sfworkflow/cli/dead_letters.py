@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from typing import Any
 import asyncpg
 import orjson
 
+from sfworkflow.cli.exit_codes import ExitCode
+from sfworkflow.cli.progress import Progress
 from sfworkflow.contract.headers import DEAD_LETTERED_AT
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
-from sfworkflow.core.durations import EXAMPLES, parse_age
+from sfworkflow.core.durations import WITH_UNITS, parse_age
 from sfworkflow.db import operations
 from sfworkflow.errors import DeadReason, SfworkflowError
 from sfworkflow.ops.dead_letters import (
@@ -47,15 +50,39 @@ Action = Callable[[Settings, argparse.Namespace], Awaitable[int]]
 
 
 def register(sub: Any) -> dict[str, Action]:
-    p = sub.add_parser("dead-letters", help=f"list, show, redrive or purge the dead letters in {DEAD_QUEUE}")
+    p = sub.add_parser(
+        "dead-letters",
+        help=f"list, show, redrive or purge the dead letters in {DEAD_QUEUE}",
+        description=f"Look at and act on {DEAD_QUEUE}, where every message the service could not apply lands "
+        "with a reason code. Start with `list` (grouped by reason), read one with `show`, "
+        "fix the cause, then `redrive` what can now be applied, or `purge` what will never be.",
+    )
     actions = p.add_subparsers(dest="dead_letters_command", required=True, metavar="list|show|redrive|purge")
-    ls = actions.add_parser("list", help="dead letters grouped by reason, then one line each (nothing is removed)")
+    ls = actions.add_parser(
+        "list",
+        help="dead letters grouped by reason, then one line each (nothing is removed)",
+        description=f"Read every message in {DEAD_QUEUE} and put it back: a count per reason with the oldest and "
+        "newest, then one line per message (id, reason, routing key, when, redrives, detail).",
+    )
     ls.add_argument("--reason", help="only this reason code, e.g. schema_violation")
     ls.add_argument("--limit", type=_positive, default=DEFAULT_LIST_LIMIT, help="message lines at most (default 100)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sh = actions.add_parser("show", help="one dead letter: every header and the body (nothing is removed)")
+    sh = actions.add_parser(
+        "show",
+        help="one dead letter: every header and the body (nothing is removed)",
+        description="Print one dead letter, found by its AMQP message id: its reason, every header and its body "
+        "(pretty JSON when it parses). The message goes back to the queue. Exits 1 when no message has the id.",
+    )
     sh.add_argument("id", help="its AMQP message id (see `dead-letters list`)")
-    rd = actions.add_parser("redrive", help=f"re-publish dead letters to {EVENTS_EXCHANGE} (after a fix)")
+    rd = actions.add_parser(
+        "redrive",
+        help=f"re-publish dead letters to {EVENTS_EXCHANGE} (after a fix)",
+        description=f"Re-publish the original message of each selected dead letter to {EVENTS_EXCHANGE} (with "
+        "publisher confirms) and remove the dead letter once the broker confirmed the copy. Use it once the "
+        "cause is fixed (a schema or release deployed); try --dry-run first. An event the service had recorded as "
+        "seen is released first, unless it was applied since. Progress (count, rate, time left) is shown on "
+        "stderr when it is a terminal, else a summary line. Exits 1 when a message was refused or failed.",
+    )
     rd.add_argument("--reason", help="only this reason code")
     rd.add_argument("--event-type", help="only this event type, e.g. sequence.enrolled")
     rd.add_argument("--id", action="append", help="only this message id (repeatable)")
@@ -67,8 +94,20 @@ def register(sub: Any) -> dict[str, Action]:
         default=DEFAULT_MAX_REDRIVES,
         help="refuse a message already redriven this many times (default 3)",
     )
-    pg = actions.add_parser("purge", help="delete dead letters older than an age")
-    pg.add_argument("--older-than", required=True, type=_age, help=f"age, e.g. {EXAMPLES}")
+    pg = actions.add_parser(
+        "purge",
+        help="delete dead letters older than an age",
+        description="Delete the dead letters dead-lettered longer ago than --older-than (of --reason, when "
+        "given), for those that will never be applied. Try --dry-run first. Exits 1 when some could not be removed.",
+    )
+    pg.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="AGE",
+        help=f"an age with its unit: {WITH_UNITS} (a plain number, seconds elsewhere, is refused here: a purge "
+        "deletes)",
+    )
     pg.add_argument("--reason", help="only this reason code")
     pg.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
     return {"dead-letters": dead_letters}
@@ -175,10 +214,11 @@ async def show_dead_letter(settings: Settings, args: argparse.Namespace) -> int:
                 found = found or dl
         if found is None:
             print(
-                f"no dead letter with message id {safe(args.id)!r} among the {read} in {DEAD_QUEUE}; "
-                "`sfworkflow dead-letters list` shows their ids"
+                f"sfworkflow dead-letters show: no dead letter with message id {safe(args.id)!r} among the {read} "
+                f"in {DEAD_QUEUE}; `sfworkflow dead-letters list` shows their ids",
+                file=sys.stderr,
             )
-            return 1
+            return ExitCode.FAILED
         print_message(found, copies)
     return 0
 
@@ -230,13 +270,14 @@ class RedriveRun:
     failed: int = 0
     skipped: int = 0
     seen: dict[str, bytes] = field(default_factory=dict)  # message id -> body redriven in this run
+    echo: Callable[[str], None] = print  # prints a line of the run's report (above the progress line)
 
     def remember(self, dl: DeadLetter) -> None:
         if dl.message_id is not None:
             self.seen[dl.message_id] = dl.body
 
     def say(self, verb: str, dl: DeadLetter, text: str) -> None:
-        print(f"{verb:<10} {safe(dl.message_id or '-')} {safe(dl.reason)}: {text}")
+        self.echo(f"{verb:<10} {safe(dl.message_id or '-')} {safe(dl.reason)}: {text}")
 
 
 class InboxGuard:
@@ -280,15 +321,19 @@ async def redrive_dead_letters(settings: Settings, args: argparse.Namespace) -> 
     chosen = 0
     try:
         async with DeadLetterQueue(settings) as dlq:
-            async for dl in dlq.read():
-                if not selected(dl, args) or _after(dl, run.started):
-                    run.skipped += 1
-                    continue
-                if args.limit is not None and chosen >= args.limit:
-                    run.skipped += 1
-                    continue
-                chosen += 1
-                await redrive_one(dlq, dl, args, guard, run)
+            # Progress counts the dead letters read (each is looked at once), of those in the queue at the start.
+            with Progress("redrive", dlq.ready, "dead letter(s) read") as progress:
+                run.echo = progress.echo
+                async for dl in dlq.read():
+                    progress.advance()
+                    if not selected(dl, args) or _after(dl, run.started):
+                        run.skipped += 1
+                        continue
+                    if args.limit is not None and chosen >= args.limit:
+                        run.skipped += 1
+                        continue
+                    chosen += 1
+                    await redrive_one(dlq, dl, args, guard, run)
     finally:
         await guard.close()
     print_redrive_summary(run)
@@ -359,7 +404,7 @@ async def release_inbox(dl: DeadLetter, guard: InboxGuard, run: RedriveRun) -> b
         )
         return False
     if state in ("released", "would release"):
-        print(f"{'':<10} {safe(dl.message_id or '-')}: inbox entry of event {key.event_id} {state}")
+        run.echo(f"{'':<10} {safe(dl.message_id or '-')}: inbox entry of event {key.event_id} {state}")
     return True
 
 
@@ -506,7 +551,7 @@ def _age(text: str) -> timedelta:
     """An age as given on the command line (sfworkflow.core.durations) whose cutoff is still a date. A purge
     deletes: a bare number (seconds elsewhere) is refused, so `30` meant as days cannot purge nearly everything."""
     if text.strip().replace(".", "", 1).isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} has no unit: give one, e.g. 30d, 12h or 90m")
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: give one, e.g. {WITH_UNITS}")
     try:
         seconds = parse_age(text)
     except ValueError as exc:

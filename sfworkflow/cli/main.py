@@ -10,6 +10,8 @@ import sys
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
+from sfworkflow import __version__
+from sfworkflow.cli.exit_codes import EPILOG, ExitCode
 from sfworkflow.errors import SfworkflowError, UsageError
 from sfworkflow.settings import Settings, SettingsError, log_unknown_variables, redact_url
 
@@ -81,12 +83,10 @@ async def _cmd_diagram(settings: Settings, args: argparse.Namespace) -> int:
         print(f"wrote {asyncapi.ASYNCAPI_PATH}")
         return 0
     if not args.workflow:
-        print("sfworkflow diagram: name a workflow (one of: " + ", ".join(sorted(engine.latest)) + ")")
-        return 2
+        raise UsageError("name a workflow (one of: " + ", ".join(sorted(engine.latest)) + ")")
     compiled = engine.workflow(args.workflow, args.version)
     if compiled is None:
-        print(f"sfworkflow diagram: no workflow {args.workflow!r} (known: {', '.join(sorted(engine.latest))})")
-        return 2
+        raise UsageError(f"no workflow {args.workflow!r} (known: {', '.join(sorted(engine.latest))})")
     print(diagrams.render(compiled, args.format), end="")
     return 0
 
@@ -104,10 +104,40 @@ def _at_least_zero(text: str) -> int:
     return value
 
 
+class ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description or epilog to the terminal, but keeps indented lines (a table) as
+    they are written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for paragraph in text.split("\n\n"):
+            if paragraph.startswith(" ") or "\n " in paragraph:
+                out.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                out.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sfworkflow", description="Durable workflows for SalesFlow.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the service: consumer, outbox relay, timers, HTTP")
+    """The whole command line: the one source of `--help`, of the checks on arguments and of shell completion."""
+    p = argparse.ArgumentParser(
+        prog="sfworkflow",
+        description="Durable workflows for SalesFlow: the service (run), its schema (migrate) and the operator "
+        "commands. `sfworkflow COMMAND --help` says what a command does and takes. Settings come from "
+        "SFWORKFLOW_* variables (README, Configuration). Errors go to stderr, one line saying what to do.",
+        epilog=EPILOG,
+        formatter_class=ParagraphFormatter,
+    )
+    p.add_argument("--version", action="version", version=VERSION_LINE, help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser(
+        "run",
+        help="run the service: consumer, outbox relay, timers, HTTP",
+        description="Run the service until SIGTERM or SIGINT: the RabbitMQ consumer, the outbox relay, the timer "
+        "loop and HTTP (health, readiness, metrics, admin API). Creates the database if missing and applies "
+        "migrations first, and waits for PostgreSQL and RabbitMQ (30 s). Exits 0 after a graceful stop, 70 when a "
+        "background task died (for the orchestrator to restart it), 1 when it could not start.",
+    )
     r.add_argument(
         "--processes",
         type=_at_least_zero,
@@ -115,8 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="service processes, each a replica with HTTP on SFWORKFLOW_HTTP_PORT + its index "
         "(default: SFWORKFLOW_PROCESSES, 1; 0: one per usable core)",
     )
-    sub.add_parser("migrate", help="create the database if missing and apply SQL migrations")
-    d = sub.add_parser("demo", help="run the service with a simulated SalesFlow worker and demo traffic")
+    sub.add_parser(
+        "migrate",
+        help="create the database if missing and apply SQL migrations",
+        description="Create the database named in SFWORKFLOW_DATABASE_URL if it is missing and apply the "
+        "numbered SQL migrations not applied yet. Idempotent and safe to run from two "
+        "replicas at once; `run` does it too, so use it to prepare a database ahead of a deploy.",
+    )
+    d = sub.add_parser(
+        "demo",
+        help="run the service with a simulated SalesFlow worker and demo traffic",
+        description="The quick-start demo: run the service with a simulated SalesFlow worker, drive --instances "
+        "workflow instances with failures, duplicates and replies at the given rates, wait for every one to end "
+        "and print what happened. From a checkout (the demo code is not in the service image).",
+    )
     d.add_argument("--instances", type=int, default=300, help="workflow instances to drive (default 300)")
     d.add_argument(
         "--workflow", action="append", help="only this workflow (repeatable; default: every workflow in the mix)"
@@ -131,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--hang", type=int, default=0, help="leave N sequence instances stuck: the worker never answers them"
     )
-    g = sub.add_parser("diagram", help="print a workflow's state machine as Mermaid or Graphviz DOT")
+    g = sub.add_parser(
+        "diagram",
+        help="print a workflow's state machine as Mermaid, Graphviz DOT or SVG",
+        description="Print a workflow's state machine, generated from its definition (states, triggers, "
+        "timers), in the --format asked; or, with --write-docs, regenerate docs/workflows.md and "
+        "docs/asyncapi.json from every loaded definition.",
+    )
     g.add_argument("workflow", nargs="?", help="workflow name, e.g. sequence")
     g.add_argument("--format", choices=("mermaid", "dot", "svg"), default="mermaid")
     g.add_argument("--version", type=int, default=None, help="definition version (default: the latest)")
@@ -139,13 +187,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-docs", action="store_true",
         help="regenerate docs/workflows.md and docs/asyncapi.json from every definition",
     )  # fmt: skip
-    i = sub.add_parser("inspect", help="show one instance: state, context, history, timers, outbox, parked")
+    i = sub.add_parser(
+        "inspect",
+        help="show one instance: state, context, history, timers, outbox, parked",
+        description="Show everything about one instance: its state and context, its history (every event, "
+        "transition and replay), pending timers, outbox rows (published or not) and parked events. Exits 1 when "
+        "there is no such instance.",
+    )
     i.add_argument("instance", help="TENANT/WORKFLOW/ENTITY")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh, tcsh)",
+        description="Print the completion script of sfworkflow for a shell, generated from this parser "
+        "(commands, options, choices). Install it with: "
+        "sfworkflow completion bash > ~/.local/share/bash-completion/completions/sfworkflow, or for zsh: "
+        'sfworkflow completion zsh > "${fpath[1]}/_sfworkflow" (then start a new shell).',
+    )
+    c.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell to complete in")
     from sfworkflow.cli.commands import register_all
 
     COMMANDS.update(register_all(sub))
     return p
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+VERSION_LINE = f"sfworkflow {__version__}"
+
+
+def completion_script(shell: str) -> str:
+    """The completion script for `shell`, generated by shtab from `build_parser()`. Menus (zsh) show each
+    command's one-line help rather than its description, which shtab would take when there is one."""
+    import shtab
+
+    parser = build_parser()
+    for _, subparser, short in subcommands(parser):
+        subparser.description = short or subparser.description
+    return str(shtab.complete(parser, shell=shell))
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, str | None]]:
+    """Every sub-command at every level: its path (`("dead-letters", "redrive")`), its parser and its help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._get_subactions()}
+            for name, subparser in action.choices.items():
+                yield (*path, name), subparser, helps.get(name)
+                yield from subcommands(subparser, (*path, name))
 
 
 COMMANDS: dict[str, Any] = {
@@ -166,7 +256,8 @@ def _quiet_drivers() -> None:
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
 
 
-SERVICE_MODULES = ("aiohttp", "transitions")  # what `sfworkflow[service]` adds to the producer and worker SDK
+# What `sfworkflow[service]` adds to the producer and worker SDK.
+SERVICE_MODULES = ("aiohttp", "transitions", "grandalf")
 
 
 def missing_service_modules() -> list[str]:
@@ -177,6 +268,10 @@ def missing_service_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # answered by an SDK-only installation too (argparse says the same below)
+        print(VERSION_LINE)
+        return ExitCode.OK
     missing = missing_service_modules()
     if missing:
         print(
@@ -184,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
             "install the service and its commands with: pip install 'sfworkflow[service]'",
             file=sys.stderr,
         )
-        return 2
-    args = build_parser().parse_args(argv)
+        return ExitCode.USAGE
+    args = build_parser().parse_args(argv)  # a usage error: usage and the error on stderr, exit 2 (argparse)
+    if args.command == "completion":  # needs no settings: it may be run before any are set
+        try:
+            print(completion_script(args.shell), end="")
+        except ImportError:
+            print("sfworkflow completion: shtab is missing; pip install 'sfworkflow[service]'", file=sys.stderr)
+            return ExitCode.FAILED
+        return ExitCode.OK
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"sfworkflow: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     from sfworkflow.runtime import logs
 
     logs.configure(settings.log_level, settings.log_format)
@@ -201,18 +303,34 @@ def main(argv: list[str] | None = None) -> int:
         return _run(COMMANDS[args.command](settings, args), settings)
     except UsageError as exc:
         print(f"sfworkflow {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except SfworkflowError as exc:
         print(f"sfworkflow: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except KeyboardInterrupt:
-        return 130
+        print(f"sfworkflow {args.command}: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     except Exception as exc:
         line = connection_trouble(exc, settings)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 1
+        if line is not None:
+            print(line, file=sys.stderr)
+            return ExitCode.FAILED
+        return unexpected(args.command, exc)
+
+
+def unexpected(command: str, exc: Exception) -> int:
+    """An error no code path expected (a bug): one line on stderr, the traceback in the log. The service's logs
+    are where its operators look, so `run` and `demo` log it as an error; an operator command logs it at debug."""
+    import structlog
+
+    log = structlog.get_logger("sfworkflow.cli")
+    level = log.error if command in SERVICE_COMMANDS else log.debug
+    level("unexpected_error", command=command, exc_info=exc)
+    hint = "" if command in SERVICE_COMMANDS else "; SFWORKFLOW_LOG_LEVEL=debug logs its traceback"
+    text = " ".join(str(exc).split())[:300]
+    what = f"unexpected error ({type(exc).__name__}: {text})"
+    print(f"sfworkflow {command}: {what}; this is a bug, please report it{hint}", file=sys.stderr)
+    return ExitCode.SOFTWARE
 
 
 # What went wrong connecting, with what to do; {what}: PostgreSQL or RabbitMQ, {variable}: its setting.

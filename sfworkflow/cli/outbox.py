@@ -8,11 +8,13 @@ broker), then republish: the service's relays publish the rows within moments, w
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import UTC
 from typing import Any
 
 import orjson
 
+from sfworkflow.cli.exit_codes import ExitCode
 from sfworkflow.core.batch import OUTBOX_KINDS as KINDS
 from sfworkflow.ops.outbox import list_failed, republish
 from sfworkflow.settings import Settings
@@ -21,13 +23,30 @@ DEFAULT_LIMIT = 500
 
 
 def register(sub: Any) -> dict[str, Any]:
-    p = sub.add_parser("outbox", help="outbox rows the relay gave up, and republishing them")
+    p = sub.add_parser(
+        "outbox",
+        help="outbox rows the relay gave up, and republishing them",
+        description="The relay gives an outbox row up after SFWORKFLOW_RELAY_MAX_ATTEMPTS publishes the broker "
+        "refused (unroutable: no queue bound for its routing key; or nacked). `failed` lists those rows; once the "
+        "cause is fixed (the worker's queue bound, the broker freed), `republish` makes them due again.",
+    )
     actions = p.add_subparsers(dest="outbox_command", required=True, metavar="failed|republish")
-    ls = actions.add_parser("failed", help="rows given up after SFWORKFLOW_RELAY_MAX_ATTEMPTS refused publishes")
+    ls = actions.add_parser(
+        "failed",
+        help="rows given up after SFWORKFLOW_RELAY_MAX_ATTEMPTS refused publishes",
+        description="List the outbox rows the relay gave up, oldest first: id, kind, routing key, attempts, when "
+        "and the broker's last error. Changes nothing.",
+    )
     ls.add_argument("--kind", choices=KINDS, help="only this kind")
     ls.add_argument("--limit", type=_positive, default=DEFAULT_LIMIT, help="rows at most (default 500)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of text")
-    rp = actions.add_parser("republish", help="make given-up rows due again; the running relays publish them")
+    rp = actions.add_parser(
+        "republish",
+        help="make given-up rows due again; the running relays publish them",
+        description="Make given-up outbox rows due again (by --id, or --all of a --kind): the service's running "
+        "relays publish them within moments, with their original message ids. Run it after fixing what `outbox "
+        "failed` shows. Exits 1 when a named row is not given up (published already, or unknown).",
+    )
     which = rp.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=_positive, action="append", dest="ids", help="an outbox row id (repeatable)")
     which.add_argument("--all", action="store_true", help="every row given up (of --kind, when given)")
@@ -45,8 +64,12 @@ async def outbox(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     n = await republish(settings, ids=args.ids or (), kind=args.kind)
     if args.ids and n < len(set(args.ids)):
-        print(f"republished {n} of {len(set(args.ids))} row(s): the others are not given up (published, or unknown)")
-        return 1
+        print(
+            f"sfworkflow outbox republish: republished {n} of {len(set(args.ids))} row(s): the others are not "
+            "given up (published, or unknown); `sfworkflow outbox failed` lists those that are",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
     if n == 0:
         print("no outbox rows given up" + (f" of kind {args.kind}" if args.kind else "") + ": nothing to republish")
         return 0

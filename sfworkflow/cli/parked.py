@@ -25,9 +25,20 @@ EXPIRED = "expired, dead-lettered at the next sweep"
 
 
 def register(sub: Any) -> dict[str, Any]:
-    p = sub.add_parser("parked", help="events parked until their instance allows them")
+    p = sub.add_parser(
+        "parked",
+        help="events parked until their instance allows them",
+        description="Events that arrived before their instance could take them (out of order, or for a "
+        "definition version this replica has not loaded) wait, parked, until it can or until their deadline "
+        "(SFWORKFLOW_PARK_TIMEOUT_S); past it they are dead-lettered by the next sweep.",
+    )
     actions = p.add_subparsers(dest="parked_command", required=True, metavar="list")
-    ls = actions.add_parser("list", help="parked events with the time left until their deadline")
+    ls = actions.add_parser(
+        "list",
+        help="parked events with the time left until their deadline",
+        description="List parked events, nearest deadline first: instance, event type and id, why it waits, "
+        "when it was parked and the time left. Changes nothing.",
+    )
     ls.add_argument("--workflow", help="only this workflow, e.g. sequence")
     ls.add_argument("--tenant", type=tenant_id, help="only this tenant id (a UUID)")
     ls.add_argument("--limit", type=_positive, default=DEFAULT_LIMIT, help="rows at most (default 500)")

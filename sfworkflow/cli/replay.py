@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 
 from sfworkflow import db
+from sfworkflow.cli.exit_codes import ExitCode
+from sfworkflow.cli.progress import Progress
 from sfworkflow.cli.stuck import add_filters, filters_from, instance_key
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.stuck import Filters, check_names, format_age
@@ -30,7 +32,16 @@ def register(sub: Any) -> dict[str, Any]:
         "replay",
         help="re-drive stuck instances: fire an overdue timer, re-issue the pending command (same key, "
         "attempt + 1), or re-drive parked events",
-        description="Exit codes: 0 done, 1 a replay failed, 2 usage error, 3 nothing to do.",
+        description="Do once, for stuck instances, what their definition says unsticks them: fire an overdue "
+        "timer now, re-issue the pending command (same idempotency key, attempt + 1) or re-drive parked events. "
+        "Use it after the cause is fixed (a worker back, a provider up); start with --dry-run. Each replay is a "
+        "history row saying who, when and why; it is safe while the service runs and when two replays run at "
+        "once. A named instance that is not stuck yet is explained instead (--force replays it all the same). "
+        "With --all-stuck, progress (count, rate, time left) is shown on stderr when it is a terminal, else a "
+        "summary line.",
+        epilog="exit codes: 0 replayed (with --dry-run: would replay), 1 a replay failed, 2 a usage error, "
+        "3 nothing to do (no stuck instance matches; the named one does not exist, is not stuck yet, or has "
+        "nothing a replay could do)",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--instance", help="one instance: TENANT/WORKFLOW/ENTITY (explained when it is not stuck)")
@@ -61,13 +72,21 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         async with pool.acquire() as conn:
             plans = await _plans(conn, engine, f, args) if key is None else await _named(conn, engine, f, args)
         if not plans:
-            return replay.NOTHING_TO_DO
+            return ExitCode.NOTHING_TO_DO
         if args.dry_run:
             return _dry_run(plans)
         results = await _execute(pool, engine, settings, plans, args)
     finally:
         await pool.close()
-    return replay.exit_code(results)
+    return exit_code(results)
+
+
+def exit_code(results: list[replay.Result]) -> int:
+    """FAILED when any replay failed, OK when any was done, else NOTHING_TO_DO (all skipped)."""
+    statuses = {r.status for r in results}
+    if "failed" in statuses:
+        return ExitCode.FAILED
+    return ExitCode.OK if "done" in statuses else ExitCode.NOTHING_TO_DO
 
 
 async def _plans(conn: asyncpg.Connection, engine: Engine, f: Filters, args: argparse.Namespace) -> list[replay.Plan]:
@@ -111,18 +130,24 @@ def _dry_run(plans: list[replay.Plan]) -> int:
         forced = " [forced: not stuck yet]" if p.forced else ""
         print(f"would {p.action:<16} {p.stuck.ref}  ({p.stuck.state}, {p.stuck.why}): {p.detail}{forced}")
     print(f"dry run: {len(plans)} instance(s), nothing done")
-    return replay.DONE if any(p.acts for p in plans) else replay.NOTHING_TO_DO
+    return ExitCode.OK if any(p.acts for p in plans) else ExitCode.NOTHING_TO_DO
 
 
 async def _execute(
     pool: asyncpg.Pool, engine: Engine, settings: Settings, plans: list[replay.Plan], args: argparse.Namespace
 ) -> list[replay.Result]:
+    """Each plan carried out, a line each as it is done; with --all-stuck, progress on stderr."""
     by = args.by or replay.operator()
-    results = await replay.replay_all(pool, Store(pool, engine, settings.park_timeout_s), plans, args.reason, by)
     counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-        forced = " (forced)" if r.plan.forced else ""
-        print(f"{r.status:<8} {r.plan.action:<16} {r.plan.stuck.ref}: {r.message}{forced}")
+    store = Store(pool, engine, settings.park_timeout_s)
+    with Progress("replay", len(plans), "instance(s)", show=args.all_stuck) as progress:
+
+        def done(r: replay.Result) -> None:
+            counts[r.status] = counts.get(r.status, 0) + 1
+            forced = " (forced)" if r.plan.forced else ""
+            progress.echo(f"{r.status:<8} {r.plan.action:<16} {r.plan.stuck.ref}: {r.message}{forced}")
+            progress.advance()
+
+        results = await replay.replay_all(pool, store, plans, args.reason, by, progress=done)
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return results

@@ -25,7 +25,9 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workflow", help="only this workflow")
     p.add_argument("--tenant", type=tenant_id, help="only this tenant id (a UUID)")
     p.add_argument("--state", help="only instances in this state")
-    p.add_argument("--older-than", default="0s", type=age, help=f"stuck for at least this long: {EXAMPLES}")
+    p.add_argument(
+        "--older-than", default="0s", type=age, metavar="AGE", help=f"stuck for at least this long, an age: {EXAMPLES}"
+    )
     p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
 
 
@@ -70,7 +72,14 @@ def instance_key(ref: str) -> InstanceKey:
 
 
 def register(sub: Any) -> dict[str, Any]:
-    p = sub.add_parser("stuck", help="list stuck instances: workflow, tenant, entity, state, since, why")
+    p = sub.add_parser(
+        "stuck",
+        help="list stuck instances: workflow, tenant, entity, state, since, why",
+        description="List the instances their definition counts as stuck: a command unanswered for too long, "
+        "an overdue timer, events parked too long, or a state that waits for a person. Each row says why, since "
+        "when, the last event, the pending command and its attempt. Use it first when work seems to stall; "
+        "`sfworkflow replay` acts on what it lists, `sfworkflow inspect` shows one instance in full.",
+    )
     add_filters(p)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return {"stuck": run}

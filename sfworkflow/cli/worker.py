@@ -18,7 +18,13 @@ DEMO_MISSING = (
 
 
 def register(sub: Any) -> dict[str, Any]:
-    p = sub.add_parser("worker", help="run the simulated SalesFlow worker: answer commands for N seconds")
+    p = sub.add_parser(
+        "worker",
+        help="run the simulated SalesFlow worker: answer commands for N seconds",
+        description="Run the simulated SalesFlow worker on its own: it answers the service's commands (with "
+        "--failure-rate of them failing retryably) for --seconds, then prints what it answered. For demos and "
+        "drills, from a checkout (the demo code is not in the service image); needs RabbitMQ only.",
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10; Ctrl-C stops early)")
     p.add_argument("--workflow", action="append", help="only this workflow's commands (repeatable)")
     p.add_argument("--failure-rate", type=float, default=0.0, help="share of commands failing retryably")

@@ -11,6 +11,9 @@ part of it, built from `UNITS`). An age is
 
 It is the union of the two grammars sfworkflow had before (stuck: decimals and plain seconds with s/m/h/d;
 dead letters: whole numbers with s/m/h/d/w), so every age that was accepted still is, with the same meaning.
+One restriction on top, and only where a mistake deletes: `dead-letters purge --older-than` refuses a plain
+number (`30` meant as days would purge nearly everything); the admin API takes a bounded part of the grammar
+(at most 6 digits and 3 decimals, no exponent, no spaces).
 Pure: no I/O.
 """
 
@@ -24,7 +27,8 @@ _AGE = re.compile(
     r"\s*\+?(?P<number>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?)\s*(?P<unit>[smhdw]?)\s*",
     re.IGNORECASE | re.ASCII,
 )
-EXAMPLES = "90s, 30m, 1.5h, 7d, 2w or plain seconds"
+WITH_UNITS = "90s, 30m, 1.5h, 7d, 2w"  # every help text and error names these, so they all say the same
+EXAMPLES = f"{WITH_UNITS} or plain seconds"
 
 
 def parse_age(text: str) -> float:

@@ -405,6 +405,10 @@ async def migration_candidates(
     return list(await conn.fetch(q("migration_candidates"), workflow, from_version, after_id, limit))
 
 
+async def count_migration_candidates(conn: asyncpg.Connection, workflow: str, from_version: int) -> int:
+    return int(await conn.fetchval(q("count_migration_candidates"), workflow, from_version))
+
+
 async def instances_for_migration(conn: asyncpg.Connection, ids: list[int], *, lock: bool) -> list[asyncpg.Record]:
     """The instances' rows; with `lock`, locked, skipping rows another transaction holds."""
     return list(await conn.fetch(q("lock_for_migration" if lock else "read_for_migration"), ids))

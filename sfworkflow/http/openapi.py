@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sfworkflow import __version__
+from sfworkflow.core.durations import EXAMPLES as AGE_EXAMPLES
 from sfworkflow.core.durations import UNITS
 
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
@@ -47,7 +48,7 @@ IN_WORDS = {
     anchored(NAME): "a name of letters, digits and '_', at most 64 characters",
     anchored(UUID): "a UUID such as 3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00",
     anchored(ENTITY): "1 to 200 characters, no '/'",
-    anchored(AGE): "an age such as 90s, 30m, 12h, 7d, 2w or plain seconds",
+    anchored(AGE): f"an age such as {AGE_EXAMPLES}",
     anchored(INSTANCE_REF): "TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)",
     anchored(TEXT): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
 }
@@ -73,7 +74,7 @@ LIMIT_Q = _query(
 OLDER_THAN_Q = _query(
     "older_than",
     {"type": "string", "maxLength": 16, "pattern": anchored(AGE), "default": "0s"},
-    "Stuck for at least this long: 90s, 30m, 12h, 7d, 2w or plain seconds.",
+    f"Stuck for at least this long: {AGE_EXAMPLES}.",
 )
 TENANT_P = _path("tenant", UUID, 36, "Tenant id (UUID).")
 WORKFLOW_P = _path("workflow", NAME, 64, "Workflow name, e.g. `sequence`.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import uuid
 from typing import Any
 
 import asyncpg
@@ -9,6 +11,7 @@ import orjson
 
 from sfworkflow import db
 from sfworkflow.db import operations
+from sfworkflow.errors import UsageError
 from sfworkflow.settings import Settings
 
 
@@ -35,9 +38,12 @@ async def load_instance(conn: asyncpg.Connection, tenant: str, workflow: str, en
 
 async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) -> int:
     parts = ref.split("/")
-    if len(parts) != 3:
-        print("sfworkflow inspect: give the instance as TENANT/WORKFLOW/ENTITY")
-        return 2
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"{ref!r}: give the instance as TENANT/WORKFLOW/ENTITY")
+    try:
+        uuid.UUID(parts[0])
+    except ValueError:
+        raise UsageError(f"{ref!r}: {parts[0]!r} is not a tenant id (a UUID)") from None
     conn = await asyncpg.connect(settings.database_url)
     await db.init_connection(conn)
     try:
@@ -45,7 +51,11 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
     finally:
         await conn.close()
     if found is None:
-        print(f"no instance {ref} and no parked event for it")
+        print(
+            f"sfworkflow inspect: no instance {ref} and no parked event for it; check the tenant, workflow and "
+            "entity (`sfworkflow stuck` lists the stuck instances)",
+            file=sys.stderr,
+        )
         return 1
     if as_json:
         print(orjson.dumps(found, default=str, option=orjson.OPT_INDENT_2).decode())

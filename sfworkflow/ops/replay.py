@@ -19,7 +19,7 @@ replay is a history row (outcome "replayed") saying who, when, why and what.
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -33,9 +33,6 @@ from sfworkflow.db.repository import CHANGED, Store
 from sfworkflow.ops.stuck import explain
 
 ACTIONS = frozenset({"fire_timer", "redrive_parked", "reissue_command"})  # the plans that change something
-
-# Exit codes of `sfworkflow replay` (a usage error is 2, as for every command).
-DONE, FAILED, NOTHING_TO_DO = 0, 1, 3
 
 
 @dataclass(frozen=True)
@@ -130,14 +127,6 @@ def _why_not(e: Explanation, plan: Plan, f: Filters, force: bool) -> str:
     return ""
 
 
-def exit_code(results: Iterable[Result]) -> int:
-    """FAILED when any replay failed, DONE when any was done, else NOTHING_TO_DO (all skipped)."""
-    statuses = {r.status for r in results}
-    if "failed" in statuses:
-        return FAILED
-    return DONE if "done" in statuses else NOTHING_TO_DO
-
-
 def operator() -> str:
     try:
         return getpass.getuser()
@@ -175,13 +164,24 @@ async def execute(pool: asyncpg.Pool, store: Store, p: Plan, reason: str, by: st
     return Result(p, "done", p.detail)
 
 
-async def replay_all(pool: asyncpg.Pool, store: Store, plans: Iterable[Plan], reason: str, by: str) -> list[Result]:
+async def replay_all(
+    pool: asyncpg.Pool,
+    store: Store,
+    plans: Iterable[Plan],
+    reason: str,
+    by: str,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
     """Carry out each plan in turn (`execute`), for `sfworkflow replay` and the admin API alike: one instance
-    failing does not stop the others; its Result says failed, with the error's type and the start of its text."""
+    failing does not stop the others; its Result says failed, with the error's type and the start of its text.
+    `progress` is called with each Result as soon as it is known (the CLI's progress line)."""
     results = []
     for p in plans:
         try:
-            results.append(await execute(pool, store, p, reason, by))
+            result = await execute(pool, store, p, reason, by)
         except Exception as exc:
-            results.append(Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+            result = Result(p, "failed", f"{type(exc).__name__}: {str(exc)[:200]}")
+        results.append(result)
+        if progress is not None:
+            progress(result)
     return results

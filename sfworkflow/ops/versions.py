@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -76,22 +76,26 @@ class MigrationReport:
 
     def lines(self) -> list[str]:
         """What was done (or would be), one line per instance, then the summary."""
-        verb = "would migrate" if self.dry_run else "migrated"
+        return [self.line(r) for r in self.results] + self.summary()
+
+    def line(self, r: InstanceResult) -> str:
+        """What was done (or would be) for one instance."""
         w, a, b = self.workflow, self.from_version, self.to_version
-        out = []
-        for r in self.results:
-            ref = f"{r.tenant_id}/{w}/{r.entity_id}"
-            if r.outcome == "migrated":
-                out.append(f"{verb} {ref}: v{a} {r.from_state} -> v{b} {r.to_state}")
-            elif r.outcome == "refused":
-                out.append(f"{'would refuse' if self.dry_run else 'refused'} {ref} ({r.from_state}): {r.reason}")
-            else:
-                out.append(f"skipped {ref} ({r.from_state}): {r.reason}")
-        summary = (
-            f"{w} v{a} -> v{b}{' (dry run: nothing changed)' if self.dry_run else ''}: "
+        ref = f"{r.tenant_id}/{w}/{r.entity_id}"
+        if r.outcome == "migrated":
+            return f"{'would migrate' if self.dry_run else 'migrated'} {ref}: v{a} {r.from_state} -> v{b} {r.to_state}"
+        if r.outcome == "refused":
+            return f"{'would refuse' if self.dry_run else 'refused'} {ref} ({r.from_state}): {r.reason}"
+        return f"skipped {ref} ({r.from_state}): {r.reason}"
+
+    def summary(self) -> list[str]:
+        """The counts per outcome, and what to do about skipped instances."""
+        verb = "would migrate" if self.dry_run else "migrated"
+        out = [
+            f"{self.workflow} v{self.from_version} -> v{self.to_version}"
+            f"{' (dry run: nothing changed)' if self.dry_run else ''}: "
             f"{verb} {len(self.migrated)}, refused {len(self.refused)}, skipped {len(self.skipped)}"
-        )
-        out.append(summary)
+        ]
         if self.skipped:
             out.append("skipped instances were busy or changed meanwhile: run the command again to take them")
         return out
@@ -117,8 +121,10 @@ async def migrate_instances(
     reason: str | None = None,
     by: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[MigrationReport, list[InstanceResult]], None] | None = None,
 ) -> MigrationReport:
-    """Migrate (or, with dry_run, only decide) the non-terminal instances of `workflow` on `from_version`."""
+    """Migrate (or, with dry_run, only decide) the non-terminal instances of `workflow` on `from_version`.
+    `progress` is called with the report and each batch's results once the batch committed."""
     source, target = check_versions(engine, workflow, from_version, to_version)
     mapping = dict(mapping or {})
     check_map(source, target, mapping)
@@ -134,8 +140,16 @@ async def migrate_instances(
             break
         last_id = candidates[-1]["id"]
         async with conn.transaction():
-            report.results.extend(await _batch(conn, engine, source, target, mapping, candidates, dry_run, detail))
+            done = await _batch(conn, engine, source, target, mapping, candidates, dry_run, detail)
+        report.results.extend(done)
+        if progress is not None:
+            progress(report, done)
     return report
+
+
+async def count_candidates(conn: asyncpg.Connection, workflow: str, from_version: int) -> int:
+    """How many instances a migration of `workflow` from `from_version` would consider now (its progress total)."""
+    return await repository.count_migration_candidates(conn, workflow, from_version)
 
 
 async def _batch(

@@ -68,7 +68,7 @@ async def test_inspect_shows_state_history_timers_and_outbox(settings: Settings,
     missing = await asyncio.to_thread(
         _cli, "inspect", f"{TENANT}/sequence/nope", SFWORKFLOW_DATABASE_URL=settings.database_url
     )
-    assert missing.returncode == 1 and "no instance" in missing.stdout
+    assert (missing.returncode, missing.stdout) == (1, "") and "no instance" in missing.stderr
 
 
 async def _sending(pg: asyncpg.Connection, entity: str) -> bool:

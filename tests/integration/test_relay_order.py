@@ -223,7 +223,8 @@ async def test_the_cli_lists_the_rows_given_up_and_republishes_one(
     async def cli(*argv: str) -> tuple[int, str]:
         capsys.readouterr()
         rc = await outbox_cli(settings, build_parser().parse_args(["outbox", *argv]))
-        return rc, capsys.readouterr().out
+        out, err = capsys.readouterr()
+        return rc, out + err  # a partial republish is an error: said on stderr
 
     rc, out = await cli("failed")
     assert rc == 0 and str(gone) in out and UNROUTED in out and "NO_ROUTE" in out

@@ -40,4 +40,4 @@ def test_cli_prints_a_diagram(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diagram", "sequence", "--format", "dot"]) == 0
     assert capsys.readouterr().out == ENGINE.workflow("sequence").dot()  # type: ignore[union-attr]
     assert main(["diagram", "no_such_workflow"]) == 2
-    assert "no workflow" in capsys.readouterr().out
+    assert "no workflow" in capsys.readouterr().err

@@ -231,5 +231,5 @@ async def test_command_refuses_a_version_that_is_not_loaded(
     args = build_parser().parse_args(["migrate-instances", "--workflow", "sequence", "--from", "1", "--to", "2"])
     unreachable = Settings(database_url="postgresql://nobody@127.0.0.1:1/none", amqp_url="amqp://127.0.0.1:1/")
     assert await versions_cmd._cmd_migrate_instances(unreachable, args) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("sfworkflow migrate-instances: sequence v2 is not loaded (loaded versions: v1)")
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("sfworkflow migrate-instances: sequence v2 is not loaded (loaded versions: v1)")

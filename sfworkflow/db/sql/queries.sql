@@ -64,6 +64,11 @@ WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0
 ORDER BY id
 LIMIT $4
 
+-- count_migration_candidates --
+-- How many instances migration_candidates yields from the start: the total of `migrate-instances`' progress.
+SELECT count(*) FROM sfworkflow.instance
+WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0
+
 -- read_for_migration --
 -- Instances to migrate, without a lock (a dry run); the columns of lock_instances.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
