@@ -87,6 +87,7 @@ class Service:
         self._runner: web.AppRunner | None = None
         self.stats: ClusterStats | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._db_check: asyncio.Task[list[int]] | None = None  # readiness's database query, while it runs
         self.supervisor = Supervisor(self._task_died, self.metrics.task_exits)
         self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT, or a background task died
         self.stopped = asyncio.Event()
@@ -210,6 +211,9 @@ class Service:
             await _step("http", self._close_http())
         if self.amqp:
             await _step("rabbitmq", asyncio.wait_for(self.amqp.close(), left(0.5)))
+        if self._db_check is not None and not self._db_check.done():
+            self._db_check.cancel()  # a readiness query PostgreSQL never answered; the pool is closing anyway
+            await asyncio.gather(self._db_check, return_exceptions=True)
         if self.pool:
             await _step("postgres", asyncio.wait_for(self.pool.close(), left()))
             if not self.pool.is_closing():
@@ -248,28 +252,22 @@ class Service:
         sfworkflow_dependency_up (so each scrape of /metrics, which runs it, reports them fresh)."""
         checks: dict[str, dict[str, Any]] = {}
         try:
-            assert self.pool is not None
-            async with asyncio.timeout(timeout):
-                async with self.pool.acquire() as conn:
-                    await operations.ping(conn)
+            pending = await self._check_database(timeout)
             checks["postgres"] = {"ok": True}
-            self.metrics.up.labels("postgres").set(1)
+            checks["migrations"] = {"ok": not pending} if not pending else {"ok": False, "pending": pending}
+        except TimeoutError:
+            checks["postgres"] = {"ok": False, "error": f"no answer within {timeout:g} s"}
+            checks["migrations"] = {"ok": False, "error": "unknown: PostgreSQL did not answer"}
         except Exception as exc:
             checks["postgres"] = {"ok": False, "error": type(exc).__name__}
-            self.metrics.up.labels("postgres").set(0)
+            checks["migrations"] = {"ok": False, "error": "unknown: PostgreSQL did not answer"}
+        self.metrics.up.labels("postgres").set(1 if checks["postgres"]["ok"] else 0)
         amqp_ok = self.amqp is not None and not self.amqp.is_closed and self.amqp.connected.is_set()
         checks["rabbitmq"] = {"ok": amqp_ok} if amqp_ok else {"ok": False, "error": "not connected"}
         self.metrics.up.labels("rabbitmq").set(1 if amqp_ok else 0)
         checks["consumer"] = {"ok": True} if self.health.consuming else {"ok": False, "error": "not consuming"}
         if self.health.consuming and not self.health.db_ok:
             checks["consumer"] = {"ok": False, "error": f"batches failing: {self.health.db_error}"}
-        try:
-            assert self.pool is not None
-            async with asyncio.timeout(timeout), self.pool.acquire() as conn:
-                pending = await migrate.pending(conn)
-            checks["migrations"] = {"ok": not pending} if not pending else {"ok": False, "pending": pending}
-        except Exception as exc:
-            checks["migrations"] = {"ok": False, "error": type(exc).__name__}
         if (failure := self.supervisor.failure) is not None:  # present only once a task died (the process stops)
             checks["background_tasks"] = {
                 "ok": False,
@@ -277,6 +275,24 @@ class Service:
             }
         self.metrics.ready.set(1 if all(c["ok"] for c in checks.values()) else 0)
         return checks
+
+    async def _check_database(self, timeout: float) -> list[int]:
+        """Ping PostgreSQL and read the pending migrations, waiting at most `timeout` (TimeoutError then).
+
+        The query runs in a task of its own that the wait does not cancel: cancelling a query that PostgreSQL
+        does not answer makes asyncpg wait for its cancel request (up to the pool's command_timeout, 30 s and
+        more), so a check would take that long. Instead a check that finds the previous one still running
+        waits for that one, and at most one query is ever outstanding, however often /metrics is scraped."""
+        if self._db_check is None or self._db_check.done():
+            self._db_check = asyncio.create_task(self._query_database(), name="sfworkflow-readiness")
+        return await asyncio.wait_for(asyncio.shield(self._db_check), timeout)
+
+    async def _query_database(self) -> list[int]:
+        if self.pool is None:
+            raise StoreUnavailable("the PostgreSQL pool is not open (the service is starting or stopping)")
+        async with self.pool.acquire() as conn:
+            await operations.ping(conn)
+            return await migrate.pending(conn)
 
 
 async def _step(part: str, step: Awaitable[Any]) -> None:
