@@ -265,6 +265,9 @@ class BatchReport:
     timers_fired: int = 0
     timer_failures: int = 0  # timers put back because firing them failed
     outbox_rows: int = 0
+    # Envelope timestamps of the events applied for the first time (not duplicates, not redriven dead letters):
+    # the lag histogram observes these, so a retry or a redrive of an old event is not counted as lag.
+    first_seen: list[datetime] = field(default_factory=list)
 
     def merge(self, other: BatchReport) -> None:
         self.events.update(other.events)
@@ -276,6 +279,7 @@ class BatchReport:
         self.timers_fired += other.timers_fired
         self.timer_failures += other.timer_failures
         self.outbox_rows += other.outbox_rows
+        self.first_seen += other.first_seen
 
 
 def dead_letter_row(

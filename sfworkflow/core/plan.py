@@ -360,6 +360,8 @@ class BatchPlan:
             assert isinstance(e, IncomingEvent)
             if (e.tenant_id, e.event_id) in new_ids:
                 work.append(d)
+                if wire.REDRIVES not in d.headers:
+                    self.report.first_seen.append(e.timestamp)
             else:
                 self.report.events[(e.workflow, "duplicate")] += 1
         return work

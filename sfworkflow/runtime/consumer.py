@@ -23,7 +23,6 @@ import asyncio
 import base64
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -226,15 +225,10 @@ class Consumer:
         if not applied:
             return False
         hooks.fault_point("after_commit_before_ack")
-        committed = datetime.now(UTC)
         await ack_batch(batch)
         hooks.fault_point("after_batch_acked")
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
-        observe = self.metrics.event_age.observe
-        for d in deliveries:
-            if isinstance(d.parsed, IncomingEvent):
-                observe(max(0.0, (committed - d.parsed.timestamp).total_seconds()))
         return True
 
     async def _backoff(self, exc: BaseException, delay: float, what: str, size: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -58,7 +59,8 @@ class Metrics:
             r.register(collector)  # the standard ones; they keep no state, so every registry may share them
         self.build = Gauge(
             "sfworkflow_build_info",
-            "Always 1; its labels say what runs: sfworkflow version, Python version, schema (migration) version.",
+            "Always 1; its labels say what runs: sfworkflow version, Python version, the schema version (highest "
+            "migration) this code migrates to.",
             list(build_labels()),
             registry=r,
         )
@@ -164,7 +166,8 @@ class Metrics:
         )
         self.event_age = Histogram(
             "sfworkflow_event_age_at_commit_seconds",
-            "From an event's envelope timestamp (set by its producer) to the commit that recorded it.",
+            "From an event's envelope timestamp (set by its producer) to the commit that applied it, observed once "
+            "per event: when first applied (not for its duplicates, nor when a dead letter is redriven).",
             buckets=EVENT_AGE_BUCKETS,
             registry=r,
         )
@@ -251,6 +254,10 @@ class Metrics:
             self.timers_fired.inc(report.timers_fired)
         if report.timer_failures:
             self.timer_failures.inc(report.timer_failures)
+        if report.first_seen:  # record() runs once the batch committed: now is its commit time
+            committed = datetime.now(UTC)
+            for timestamp in report.first_seen:
+                self.event_age.observe(max(0.0, (committed - timestamp).total_seconds()))
 
     def export_cluster(self, on: bool) -> None:
         """This replica exports the cluster gauges (it holds the lead of runtime/stats.py) or stops exporting."""

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from sfworkflow import __version__
+from sfworkflow.contract.headers import REDRIVES
 from sfworkflow.db import migrate
 from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
@@ -105,6 +108,7 @@ async def test_build_info_standard_collectors_and_lag_buckets_up_to_an_hour(sett
 
 async def test_sfworkflow_ready_follows_readiness_at_each_scrape(settings: Settings) -> None:
     async with running_service(quick(settings), consume=False) as service:
+        service.metrics.ready.set(1)  # as a previous scrape might have left it: this scrape must set it anew
         not_consuming = await scrape(service)
     async with running_service(quick(settings)) as service:
 
@@ -142,3 +146,35 @@ async def test_parked_nearest_deadline_gauge(settings: Settings, pg: asyncpg.Con
 
     assert 0 < left <= settings.park_timeout_s
     assert left_in_db <= left  # the gauge was read before (a round of the stats task), so at most as much left
+
+
+async def test_lag_counts_an_event_once_not_its_duplicates_nor_its_redrives(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A producer's retry of an event already applied, or a dead letter redriven an hour later, is not lag: the
+    histogram observes each event once, when it is first applied (so the lag alert does not page on them)."""
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    first = event("sequence.enrolled", "lag-1", enrolled_data(steps=1))
+    redriven = event("sequence.enrolled", "lag-2", enrolled_data(steps=1), timestamp=an_hour_ago)
+    async with running_service(quick(settings)) as service, Amqp(settings.amqp_url) as mq:
+
+        async def observed() -> float:
+            ((_, n),) = samples(await scrape(service), "sfworkflow_event_age_at_commit_seconds_count")
+            return n
+
+        await mq.publish(first)
+        await wait_state(pg, "lag-1", "sending")
+        assert await observed() == 1
+        await mq.publish(first, times=2)  # a producer's retries: duplicates
+        await mq.publish_raw(
+            orjson.dumps(redriven), message_id=redriven["event_id"], headers={REDRIVES: 1}
+        )  # as `sfworkflow dead-letters redrive` re-publishes it
+        await wait_state(pg, "lag-2", "sending")
+
+        async def duplicates_counted() -> bool:
+            text = await scrape(service)
+            return ({"workflow": "sequence", "outcome": "duplicate"}, 2.0) in samples(text, "sfworkflow_events_total")
+
+        await wait_for(duplicates_counted, what="both duplicates counted")
+        assert await observed() == 1
+        await wait_all_published(pg)
