@@ -55,6 +55,7 @@ HEADERS = {
 _CACHE: web.AppKey[dict[str, Any]] = web.AppKey("sfworkflow_status_cache")
 _RATES: web.AppKey[rates.Window] = web.AppKey("sfworkflow_status_rates")
 _DIAGRAMS: web.AppKey[dict[tuple[str, int], str]] = web.AppKey("sfworkflow_status_diagrams")
+_DRAWING: web.AppKey[asyncio.Lock] = web.AppKey("sfworkflow_status_drawing")  # the first views wait for one drawing
 DIAGRAM_MIN_SCALE = 0.75  # a diagram wider than the page shrinks to this at most, then the page scrolls it
 LAG_BAD_S = 10.0  # seconds of p99 lag shown in red
 OUTBOX_BAD_S = 60.0  # seconds of age of the oldest unpublished outbox row shown in red
@@ -97,6 +98,7 @@ def mount(app: web.Application, service: Service) -> None:
     app[_CACHE] = {}
     app[_RATES] = rates.Window(first=snapshot(service, time.monotonic()))
     app[_DIAGRAMS] = {}
+    app[_DRAWING] = asyncio.Lock()
     app.router.add_get("/", status_page)
 
 
@@ -368,8 +370,9 @@ async def status_page(request: web.Request) -> web.Response:
         health = await service.readiness(2.0)
         data = await gather(service)
         drawn = request.app[_DIAGRAMS]
-        if not drawn:  # the first view: drawn in a thread (grandalf's layout is pure Python), then kept
-            drawn.update(await asyncio.to_thread(draw_diagrams, service))
+        async with request.app[_DRAWING]:  # the first view draws, in a thread (grandalf's layout is pure Python)
+            if not drawn:
+                drawn.update(await asyncio.to_thread(draw_diagrams, service))
         glance = request.app[_RATES].add(snapshot(service, time.monotonic()))
         html = render_page(service, data, health, glance, drawn)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, AssertionError) as exc:

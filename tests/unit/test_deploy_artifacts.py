@@ -6,6 +6,7 @@ service in tests/integration/test_deploy_metrics.py."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -144,3 +145,27 @@ def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     _promtool("check", "rules", str(path))
+
+
+# The cluster gauges: one replica exports them at a time, but two may for a moment (a leader whose session died
+# silently, until PostgreSQL notices): summed over replicas they would double, so they are read with max or min.
+CLUSTER_GAUGES = (
+    "sfworkflow_outbox_backlog",
+    "sfworkflow_outbox_oldest_age_seconds",
+    "sfworkflow_outbox_failed",
+    "sfworkflow_instances",
+    "sfworkflow_parked_events",
+    "sfworkflow_parked_nearest_deadline_seconds",
+    "sfworkflow_stuck_instances",
+)
+_SUMMED = re.compile(
+    r"\b(?:sum|count|avg)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*(" + "|".join(CLUSTER_GAUGES) + r")\b"
+)
+
+
+def test_no_expression_sums_a_cluster_gauge_over_replicas() -> None:
+    exprs = [e for _, e in dashboard_exprs()] + [str(r["expr"]) for r in alert_rules()]
+    summed = [e for e in exprs if _SUMMED.search(e)]
+    assert summed == []
+    assert _SUMMED.search('sum by (workflow, state) (sfworkflow_instances{job="a"})')  # the pattern finds one
+    assert not _SUMMED.search('sum(max by (workflow) (sfworkflow_stuck_instances{job="a"}))')
