@@ -23,7 +23,7 @@ from sfworkflow.cli.exit_codes import ExitCode
 from sfworkflow.cli.progress import Progress
 from sfworkflow.contract.headers import DEAD_LETTERED_AT
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
-from sfworkflow.core.durations import WITH_UNITS, parse_age
+from sfworkflow.core.durations import WITH_UNITS, parse_age, unit_of
 from sfworkflow.db import operations
 from sfworkflow.errors import DeadReason, SfworkflowError
 from sfworkflow.ops.dead_letters import (
@@ -550,12 +550,15 @@ def _positive(text: str) -> int:
 def _age(text: str) -> timedelta:
     """An age as given on the command line (sfworkflow.core.durations) whose cutoff is still a date. A purge
     deletes: a bare number (seconds elsewhere) is refused, so `30` meant as days cannot purge nearly everything."""
-    if text.strip().replace(".", "", 1).isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} has no unit: give one, e.g. {WITH_UNITS}")
     try:
         seconds = parse_age(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not an age: write a number and a unit, e.g. {WITH_UNITS}"
+        ) from exc
+    if unit_of(text) is None:  # `30`, `+30`, `1e3`: seconds elsewhere, refused here
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: give one, e.g. {WITH_UNITS}")
     if seconds >= (datetime.now(UTC) - datetime.min.replace(tzinfo=UTC)).total_seconds():
         raise argparse.ArgumentTypeError(f"{text!r} reaches back before year 1: give a shorter age")
     return timedelta(seconds=seconds)

@@ -25,7 +25,8 @@ class ExitCode(IntEnum):
 MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "done (with --dry-run: would be done)",
     ExitCode.FAILED: "the operation failed, in part or whole (the lines above say which items), a thing named "
-    "does not exist, or PostgreSQL or RabbitMQ cannot be reached, logged in to, or has no such database",
+    "does not exist, or PostgreSQL or RabbitMQ cannot be reached, logged in to, has no such database or no "
+    "sfworkflow tables, or refuses the operation (a permission, a timeout)",
     ExitCode.USAGE: "a usage error: arguments, an age or SFWORKFLOW_* settings the command cannot use; "
     "nothing was done",
     ExitCode.NOTHING_TO_DO: "replay only: nothing to do (no stuck instance matches; the named one does not exist, "

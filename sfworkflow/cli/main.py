@@ -12,6 +12,7 @@ from typing import Any
 
 from sfworkflow import __version__
 from sfworkflow.cli.exit_codes import EPILOG, ExitCode
+from sfworkflow.cli.progress import silence_stdout
 from sfworkflow.errors import SfworkflowError, UsageError
 from sfworkflow.settings import Settings, SettingsError, log_unknown_variables, redact_url
 
@@ -310,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sfworkflow {args.command}: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # stdout's reader went away (`sfworkflow stuck | head -1`): nothing left to say
+        silence_stdout()
+        return ExitCode.FAILED
     except Exception as exc:
         line = connection_trouble(exc, settings)
         if line is not None:
@@ -339,11 +343,16 @@ LOGIN_REFUSED = "{what} at {url} refused the login ({error}); check the user and
 NO_DATABASE = (
     "{what} at {url} has no such database ({error}); run `sfworkflow migrate` to create it, or check {variable}"
 )
+NOT_MIGRATED = (
+    "{what} at {url} has no sfworkflow tables ({error}: {detail}); run `sfworkflow migrate`, or check {variable}"
+)
+REFUSED = "{what} at {url} refused the operation ({error}: {detail}); its log says more, and nothing was lost"
 
 
 def connection_trouble(exc: BaseException, settings: Settings) -> str | None:
     """One line saying which dependency cannot be used and why, when `exc` (or what caused it) is a failure
-    to reach or log in to PostgreSQL or RabbitMQ; None for any other error. The URL's password is redacted."""
+    to reach or log in to PostgreSQL or RabbitMQ, a database without sfworkflow's tables, or an error either
+    answered (a permission, a timeout); None for any other error (a bug). The URL's password is redacted."""
     for e in _causes(exc):
         found = _dependency(e)
         if found is not None:
@@ -353,7 +362,10 @@ def connection_trouble(exc: BaseException, settings: Settings) -> str | None:
                 if what == "PostgreSQL"
                 else (settings.amqp_url, "SFWORKFLOW_AMQP_URL")
             )
-            text = template.format(what=what, url=redact_url(url), error=type(e).__name__, variable=variable)
+            detail = " ".join(str(e).split())[:200]
+            text = template.format(
+                what=what, url=redact_url(url), error=type(e).__name__, detail=detail, variable=variable
+            )
             return f"sfworkflow: {text}"
     return None
 
@@ -376,6 +388,7 @@ def _dependency(e: BaseException) -> tuple[str, str] | None:
     """(PostgreSQL or RabbitMQ, what went wrong) when `e` says one cannot be reached, went away, refused the
     login or has no such database; else None."""
     import aio_pika
+    import aiormq
     import asyncpg
 
     from sfworkflow import db
@@ -388,8 +401,17 @@ def _dependency(e: BaseException) -> tuple[str, str] | None:
         return "PostgreSQL", LOGIN_REFUSED
     if isinstance(e, asyncpg.exceptions.InvalidCatalogNameError):
         return "PostgreSQL", NO_DATABASE
-    if isinstance(e, asyncpg.PostgresError | asyncpg.exceptions.ConnectionDoesNotExistError):
-        return ("PostgreSQL", UNREACHABLE) if db.is_connection_error(e) else None
+    if isinstance(e, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.InvalidSchemaNameError):
+        return "PostgreSQL", NOT_MIGRATED
+    if isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError):
+        if db.is_connection_error(e):
+            return "PostgreSQL", UNREACHABLE
+        sqlstate = str(getattr(e, "sqlstate", "") or "")
+        if sqlstate.startswith("42") and not isinstance(e, asyncpg.exceptions.InsufficientPrivilegeError):
+            return None  # SQL sfworkflow wrote that PostgreSQL cannot run (a column, a syntax): a bug
+        return "PostgreSQL", REFUSED  # a permission, a statement timeout, a read-only replica, out of resources
+    if isinstance(e, aiormq.exceptions.AMQPError):
+        return "RabbitMQ", REFUSED
     if isinstance(e, OSError):  # refused, unreachable, no such host, timed out: whose driver was connecting?
         driver = _driver_of(e)
         return None if driver is None else (driver, UNREACHABLE)

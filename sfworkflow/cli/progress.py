@@ -46,6 +46,7 @@ class Progress:
         self._drawn_at: float | None = None
         self._shown = False
         self._closed = False
+        self.output_closed = False  # stdout's reader went away (`| head`): lines are dropped, the work goes on
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -58,7 +59,12 @@ class Progress:
             self.stream.write(CLEAR)
             self.stream.flush()
             self._shown = False
-        print(line, flush=self.tty)
+        if not self.output_closed:
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:
+                self.output_closed = True
+                silence_stdout()
         if self.tty and self.done:
             self._draw()
 
@@ -77,8 +83,15 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Stopped by an error or Ctrl-C: claim no finish. The status line goes; the error's line says what.
+        self._closed = True
+        if self.tty and self._shown:
+            self.stream.write(CLEAR)
+            self.stream.flush()
 
     @property
     def elapsed(self) -> float:
@@ -109,6 +122,18 @@ class Progress:
         self.stream.write(CLEAR + self.status(final)[: width - 1])
         self.stream.flush()
         self._drawn_at, self._shown = self.clock(), True
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so neither the next print nor the interpreter's last
+    flush raises BrokenPipeError again (what Python's documentation advises for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, ValueError, OSError):
+        pass  # not a real file (a test's capture): nothing will flush it at exit
+    finally:
+        os.close(devnull)
 
 
 def is_terminal(stream: TextIO) -> bool:

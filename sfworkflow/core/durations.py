@@ -31,6 +31,12 @@ WITH_UNITS = "90s, 30m, 1.5h, 7d, 2w"  # every help text and error names these, 
 EXAMPLES = f"{WITH_UNITS} or plain seconds"
 
 
+def unit_of(text: str) -> str | None:
+    """The unit `text` is written with (`s`, `m`, `h`, `d`, `w`), None when it has none or is not an age."""
+    m = _AGE.fullmatch(text)
+    return (m["unit"].lower() or None) if m else None
+
+
 def parse_age(text: str) -> float:
     """`text` as seconds (a finite number, 0 or more); ValueError saying the accepted forms otherwise."""
     m = _AGE.fullmatch(text)

@@ -15,6 +15,7 @@ import select
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,12 +25,12 @@ import pytest
 import sfworkflow
 from sfworkflow.cli.exit_codes import MEANINGS, ExitCode
 from sfworkflow.cli.main import build_parser, subcommands
-from sfworkflow.core.durations import EXAMPLES, WITH_UNITS
+from sfworkflow.core.durations import WITH_UNITS
 from sfworkflow.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import PG_SERVER, _admin, wait_for
 from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, queue_depth, quick, wait_all_published
 from tests.integration.test_deadletters_cli import _dead_headers, _put_dead
-from tests.support import Amqp, enrolled_data, event, running_service
+from tests.support import TENANT, Amqp, enrolled_data, event, running_service
 
 REPO = Path(__file__).resolve().parents[2]
 SFWORKFLOW = Path(sys.executable).parent / "sfworkflow"  # the installed entry point
@@ -60,13 +61,23 @@ def _run(argv: list[str], command: list[str] | None = None, **env: str) -> subpr
 
 def _run_on_terminal(argv: list[str], command: list[str] | None = None, **env: str) -> tuple[int, str]:
     """`sfworkflow ARGV` with a pseudo-terminal as stdout and stderr: its exit code and all it wrote there."""
+    rc, terminal, _ = _on_terminal(argv, command, pipe_stdout=False, env=env)
+    return rc, terminal
+
+
+def _on_terminal(
+    argv: list[str], command: list[str] | None, *, pipe_stdout: bool, env: dict[str, str]
+) -> tuple[int, str, str]:
+    """`sfworkflow ARGV` with a pseudo-terminal as stderr, and as stdout too unless `pipe_stdout` (then stdout
+    is a pipe, as in `sfworkflow replay --all-stuck > results.txt`): its exit code, what the terminal got, and
+    what the pipe got."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [*(command or [str(SFWORKFLOW)]), *argv],
         cwd=REPO,
         env=_env(TERM="xterm", **env),
         stdin=subprocess.DEVNULL,
-        stdout=slave,
+        stdout=subprocess.PIPE if pipe_stdout else slave,
         stderr=slave,
     )
     os.close(slave)
@@ -84,11 +95,12 @@ def _run_on_terminal(argv: list[str], command: list[str] | None = None, **env: s
             if not data:
                 break
             chunks.append(data)
+        piped = proc.stdout.read() if proc.stdout is not None else b""  # small: the results of N items
     finally:
         os.close(master)
         if proc.poll() is None:
             proc.kill()
-    return proc.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
+    return proc.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace"), piped.decode()
 
 
 # ---- --version, descriptions ----------------------------------------------------------------------------------
@@ -142,14 +154,29 @@ def test_usage_errors_go_to_stderr_and_exit_2() -> None:
 def test_one_age_grammar_with_the_same_words_in_help_and_errors() -> None:
     for argv in (["stuck"], ["replay", "--all-stuck"], ["dead-letters", "purge"]):
         bad = _run([*argv, "--older-than", "3 fortnights"])
-        _assert_error(bad, ExitCode.USAGE, "'3 fortnights' is not an age", EXAMPLES)
+        _assert_error(bad, ExitCode.USAGE, "'3 fortnights' is not an age", WITH_UNITS)
+        assert ("plain seconds" in bad.stderr) == (argv[-1] != "purge")  # a purge never offers what it refuses
         assert WITH_UNITS in " ".join(_run([*argv, "--help"]).stdout.split())
     # Weeks and decimals alike, everywhere (parsed before any connection: the database is down here).
     for argv in (["stuck"], ["replay", "--all-stuck", "--dry-run"]):
         for age in ("1w", "1.5h", "90"):
             _assert_error(_run([*argv, "--older-than", age], SFWORKFLOW_DATABASE_URL=DOWN_PG), ExitCode.FAILED)
     # A purge deletes: there a plain number (seconds elsewhere) is refused.
-    _assert_error(_run(["dead-letters", "purge", "--older-than", "30"]), ExitCode.USAGE, "'30' has no unit")
+    for plain in ("30", "+30", "1e3", " 7 "):
+        _assert_error(_run(["dead-letters", "purge", "--older-than", plain]), ExitCode.USAGE, f"{plain!r} has no unit")
+
+
+async def test_a_database_without_sfworkflow_s_tables_is_one_line_and_exit_1() -> None:
+    """Not a bug (exit 70) but a database not migrated, or the wrong one: exit 1 and what to do."""
+    name = f"sfw_empty_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    try:
+        for argv in (["stuck"], ["inspect", f"{TENANT}/sequence/x"], ["parked", "list"]):
+            done = await asyncio.to_thread(_run, argv, SFWORKFLOW_DATABASE_URL=f"{PG_SERVER}/{name}")
+            _assert_error(done, ExitCode.FAILED, "run `sfworkflow migrate`")
+            assert len(done.stderr.splitlines()) == 1 and "bug" not in done.stderr, done.stderr
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_an_unreachable_database_is_one_line_on_stderr_and_exit_1() -> None:
@@ -244,6 +271,10 @@ def _assert_progress(
     if mode == "pipe":
         assert re.fullmatch(SUMMARY.format(**fill), err), err  # exactly one line, no carriage return
         assert "\r" not in out + err and "ETA" not in out + err
+    elif mode == "results-piped":  # the progress on the terminal (stderr), the results alone in the pipe
+        assert re.search(ON_TERMINAL.format(**fill), err), err
+        assert re.search(AT_THE_END.format(**fill), err), err
+        assert "\r" not in out and "\x1b" not in out and "ETA" not in out and f"{what}:" not in out, out
     else:
         assert re.search(ON_TERMINAL.format(**fill), out), out
         assert re.search(AT_THE_END.format(**fill), out), out
@@ -255,6 +286,9 @@ def _command(mode: str, argv: list[str], settings: Settings, command: list[str] 
     if mode == "pipe":
         done = _run(argv, command, **env)
         return done.returncode, done.stdout, done.stderr
+    if mode == "results-piped":  # stdout to a file or a pipe, stderr still the operator's terminal
+        rc, terminal, out = _on_terminal(argv, command, pipe_stdout=True, env=env)
+        return rc, out, terminal
     rc, out = _run_on_terminal(argv, command, **env)
     return rc, out, ""
 
@@ -272,7 +306,7 @@ async def _seed_sending(settings: Settings, pg: asyncpg.Connection) -> None:
         await wait_all_published(pg)
 
 
-@pytest.mark.parametrize("mode", ["pipe", "terminal"])
+@pytest.mark.parametrize("mode", ["pipe", "terminal", "results-piped"])
 async def test_replay_all_stuck_shows_progress(settings: Settings, pg: asyncpg.Connection, mode: str) -> None:
     await _seed_sending(settings, pg)
     await pg.execute("UPDATE sfworkflow.instance SET state_entered_at = now() - interval '20 minutes'")

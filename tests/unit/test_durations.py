@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sfworkflow.core.durations import UNITS, parse_age
+from sfworkflow.core.durations import UNITS, parse_age, unit_of
 from sfworkflow.http import openapi
 
 
@@ -46,3 +46,8 @@ def test_every_unit_is_in_the_admin_api_pattern_and_what_the_pattern_allows_pars
     for text in ("0", "999999", "999999.999", "1.5h", "12h", "7d", "2w"):
         assert pattern.fullmatch(text), text
         parse_age(text)
+
+
+@pytest.mark.parametrize(("text", "unit"), [("30", None), ("+30", None), ("1e3", None), (" 7 d ", "d"), ("2W", "w")])
+def test_unit_of(text: str, unit: str | None) -> None:
+    assert unit_of(text) == unit

@@ -1,12 +1,18 @@
-"""The progress line of long commands (sfworkflow/cli/progress.py), with a clock the test moves. Pure."""
+"""The progress line of long commands (sfworkflow/cli/progress.py), with a clock the test moves. Pure, but for one
+subprocess whose stdout's reader goes away."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from sfworkflow.cli.progress import CLEAR, Progress, clock_time
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:
@@ -63,3 +69,38 @@ def test_not_shown_writes_nothing() -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0:00"), (7.4, "0:07"), (750, "12:30"), (7500, "2:05:00")])
 def test_clock_time(seconds: float, text: str) -> None:
     assert clock_time(seconds) == text
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_a_run_that_raises_claims_no_finish(tty: bool) -> None:
+    """An error (or Ctrl-C) inside the block: no summary line and no `done in`; on a terminal the status line
+    is erased, so the error's own line is the one that is left."""
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress("replay", 10, stream=stream, tty=tty, clock=Clock()) as p:
+        p.advance(2)
+        raise KeyboardInterrupt
+    out = stream.getvalue()
+    assert "done in" not in out and " in " not in out.rpartition(CLEAR)[2]
+    assert out == "" if not tty else out.endswith(CLEAR)
+
+
+def test_a_closed_stdout_stops_the_lines_not_the_work(tmp_path: Path) -> None:
+    """`sfworkflow replay --all-stuck | head -1`: once stdout's reader is gone, echo drops the lines (no
+    BrokenPipeError out of the operation's callback, which would abandon the items left) and the run goes on."""
+    script = tmp_path / "closed.py"
+    script.write_text(
+        "import io, sys\n"
+        "from sfworkflow.cli.progress import Progress\n"
+        "p = Progress('replay', 3, stream=io.StringIO(), tty=False)\n"
+        "with p:\n"
+        "    for i in range(3):\n"
+        "        p.echo(f'line {i} ' + 'x' * 100_000)\n"
+        "        p.advance()\n"
+        "sys.stderr.write(f'finished {p.done} output_closed={p.output_closed}\\n')\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "finished 3 output_closed=True" in err and "Traceback" not in err and "Exception ignored" not in err
