@@ -178,7 +178,7 @@ class Metrics:
         self.cluster_leader = Gauge(
             "sfworkflow_cluster_stats_leader",
             "1 on the one replica that exports the cluster gauges (outbox backlog and age, instances, parked, "
-            "stuck); the other replicas export none of them, so a sum() over replicas counts each once.",
+            "stuck); the other replicas export none of them, so a max() over replicas counts each once.",
             registry=r,
         )
         self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=c)

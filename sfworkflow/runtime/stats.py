@@ -4,7 +4,8 @@ state, parked events and their nearest deadline, stuck instances) computed by on
 Every replica runs this task; the one that holds a PostgreSQL advisory lock (taken with
 pg_try_advisory_lock on a connection of its own, outside the pool) computes the figures and exports them;
 the others only retry the lock each round and export none of these series. So the database reads them once
-per round whatever the replica count, and a dashboard's sum() over the replicas counts each figure once.
+per round whatever the replica count, and a dashboard's max() (or sum()) over the replicas counts each figure once
+(max() also while a leader whose connection died silently has not yet noticed, and two replicas export).
 When the leader stops or loses its connection, PostgreSQL releases the lock with the session, and another
 replica takes it within a round. `sfworkflow_cluster_stats_leader` is 1 on the replica that exports them.
 """
