@@ -28,6 +28,14 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--older-than", default="0s", type=age, metavar="AGE", help=f"stuck for at least this long, an age: {EXAMPLES}"
     )
+    p.add_argument(
+        "--no-progress-for",
+        type=age,
+        metavar="AGE",
+        help="count an instance as stuck once it made no progress for AGE, instead of its state's own threshold "
+        "(e.g. 15 minutes in sequence's sending): for a worker known to hang; an operator's wait and an overdue "
+        f"timer keep their rules. An age: {EXAMPLES}",
+    )
     p.add_argument("--limit", type=int, default=200, help="at most this many instances (default 200)")
 
 
@@ -40,6 +48,7 @@ def filters_from(args: argparse.Namespace, entity: str | None = None, settings: 
         entity=entity,
         older_than_s=args.older_than,
         limit=args.limit,
+        no_progress_s=args.no_progress_for,
     )
 
 

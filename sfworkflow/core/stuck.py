@@ -81,6 +81,9 @@ class Filters:
     limit: int = 1000
     # No-progress threshold for states whose definition sets none (SFWORKFLOW_STUCK_AFTER_S).
     default_after_s: float = DEFAULT_STUCK_AFTER_S
+    # An operator's no-progress age (`--no-progress-for`): replaces every state's threshold, the definition's
+    # and the default; operator waits, overdue timers and states that never count keep their own rules.
+    no_progress_s: float | None = None
 
 
 def check_names(engine: Engine, workflow: str | None, state: str | None) -> None:
@@ -134,7 +137,10 @@ def format_age(seconds: float) -> str:
     return f"{s // 86400}d"
 
 
-def min_age_s(engine: Engine, default_after_s: float) -> float:
+def min_age_s(engine: Engine, default_after_s: float, no_progress_s: float | None = None) -> float:
+    """The shortest time in a state after which any instance can count as stuck by no progress."""
+    if no_progress_s is not None:
+        return no_progress_s
     ages = [default_after_s]
     for cw in engine.compiled.values():
         ages += [v for v in cw.definition.stuck_after_s.values() if v is not None]
@@ -156,8 +162,11 @@ def when(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def stuck_rule(engine: Engine, row: Any, default_after_s: float = DEFAULT_STUCK_AFTER_S) -> Rule:
-    """The rule of the instance's definition for its state, and the moment it makes the instance stuck."""
+def stuck_rule(
+    engine: Engine, row: Any, default_after_s: float = DEFAULT_STUCK_AFTER_S, no_progress_s: float | None = None
+) -> Rule:
+    """The rule of the instance's definition for its state, and the moment it makes the instance stuck;
+    `no_progress_s` (an operator's) replaces the state's no-progress threshold."""
     state, entered = row["state"], row["state_entered_at"]
     if row.get("terminal"):
         return Rule("ended", None, f"{state} is final", f"never: {state} is a final state (the instance has ended)")
@@ -178,6 +187,8 @@ def stuck_rule(engine: Engine, row: Any, default_after_s: float = DEFAULT_STUCK_
         )
         return Rule("timer_overdue", since, f"timer {timer} was due at {due.isoformat()} and has not fired", text)
     after = d.stuck_after_s.get(state, default_after_s)
+    if after is not None and no_progress_s is not None:
+        after = no_progress_s
     if after is None:
         return Rule("never", None, f"{state} never counts as stuck", f"never by age: {state} waits without a deadline")
     since = entered + timedelta(seconds=after)
@@ -188,10 +199,14 @@ def stuck_rule(engine: Engine, row: Any, default_after_s: float = DEFAULT_STUCK_
 
 
 def classify(
-    engine: Engine, row: Any, now: datetime, default_after_s: float = DEFAULT_STUCK_AFTER_S
+    engine: Engine,
+    row: Any,
+    now: datetime,
+    default_after_s: float = DEFAULT_STUCK_AFTER_S,
+    no_progress_s: float | None = None,
 ) -> StuckInstance | None:
     """Whether a candidate row is stuck, by its definition's rules; None when it is not."""
-    rule = stuck_rule(engine, row, default_after_s)
+    rule = stuck_rule(engine, row, default_after_s, no_progress_s)
     if rule.since is None or rule.since > now:
         return None
     return stuck_instance(row, rule.why, rule.since, rule.detail)

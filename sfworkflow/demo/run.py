@@ -196,10 +196,10 @@ def _print_hung(hung: list[tuple[str, str]], tenant: str) -> None:
     for workflow, entity in hung:
         print(f"  {tenant}/{workflow}/{entity}")
     print("find and fix them (docs/runbook.md, 'Stuck instances'):")
-    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow stuck                # what is stuck, and why")
-    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow replay --all-stuck --dry-run")
-    print("  SFWORKFLOW_STUCK_AFTER_S=5 sfworkflow replay --all-stuck --reason 'worker hung'")
-    print("  sfworkflow worker --seconds 10                               # a worker that answers this time")
+    print("  sfworkflow stuck --no-progress-for 5s           # what is stuck, and why (sending waits 15m by itself)")
+    print("  sfworkflow replay --all-stuck --no-progress-for 5s --dry-run")
+    print("  sfworkflow replay --all-stuck --no-progress-for 5s --reason 'worker hung'")
+    print("  sfworkflow worker --seconds 10                  # a worker that answers this time")
 
 
 def _metric(service: Service, name: str, **labels: str) -> float:

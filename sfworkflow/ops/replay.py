@@ -102,7 +102,7 @@ async def select_instance(
 ) -> Named | None:
     """One instance to replay: done when stuck (matching `f.state`, `f.older_than_s`), or when `force` says
     so although it is not stuck (yet). None when there is no such instance."""
-    e = await explain(conn, engine, key, f.default_after_s)
+    e = await explain(conn, engine, key, f.default_after_s, f.no_progress_s)
     if e is None:
         return None
     plan = replace(plan_for(e.instance, engine), forced=not e.stuck)

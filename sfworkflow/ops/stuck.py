@@ -29,12 +29,13 @@ async def explain(
     engine: Engine,
     key: InstanceKey,
     default_after_s: float = DEFAULT_STUCK_AFTER_S,
+    no_progress_s: float | None = None,
 ) -> Explanation | None:
     """How one instance stands against its definition's stuck rule; None when there is no such instance."""
     row = await operations.stuck_instance(conn, key.tenant_id.lower(), key.workflow, key.entity_id)
     if row is None:
         return None
-    rule = stuck_rule(engine, row, default_after_s)
+    rule = stuck_rule(engine, row, default_after_s, no_progress_s)
     entered = row["state_entered_at"]
     s = stuck_instance(row, rule.why, rule.since or entered, rule.detail)
     return Explanation(s, bool(row["terminal"]), entered, rule, datetime.now(UTC))
@@ -49,7 +50,7 @@ async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> li
         tenant_id=f.tenant,
         state=f.state,
         entity_id=f.entity,
-        min_age_s=min_age_s(engine, f.default_after_s),
+        min_age_s=min_age_s(engine, f.default_after_s, f.no_progress_s),
         timer_grace_s=TIMER_GRACE_S,
         operator_workflows=ws,
         operator_states=ss,
@@ -58,7 +59,7 @@ async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> li
     now = datetime.now(UTC)
     out = []
     for r in rows:
-        s = classify(engine, r, now, f.default_after_s)
+        s = classify(engine, r, now, f.default_after_s, f.no_progress_s)
         if s is not None and (now - s.stuck_since).total_seconds() >= f.older_than_s:
             out.append(s)
     out.sort(key=lambda s: s.stuck_since)

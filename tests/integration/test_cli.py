@@ -203,3 +203,27 @@ async def test_a_refused_login_or_a_missing_database_is_one_line_saying_so(amqp_
         assert PASSWORD not in proc.stderr + proc.stdout
         [line] = proc.stderr.splitlines()
         assert all(w in line for w in words), (words, line)
+
+
+async def test_no_progress_for_finds_what_a_hung_worker_left_before_the_definition_s_threshold(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """`scripts/demo --hang 2` then `sfworkflow stuck --no-progress-for 5s`: a sequence waits 15 minutes in
+    `sending` before its definition calls it stuck; the operator who knows the worker hung asks for less."""
+    async with running_service(settings), Amqp(settings.amqp_url) as mq:
+        await mq.publish(event("sequence.enrolled", "hung-1", enrolled_data(steps=1)))
+        await wait_for(lambda: _state_is(pg, "hung-1", "sending"), what="hung-1 sending")
+    await pg.execute("UPDATE sfworkflow.instance SET state_entered_at = now() - interval '1 minute'")
+    env = {"SFWORKFLOW_DATABASE_URL": settings.database_url, "SFWORKFLOW_AMQP_URL": settings.amqp_url}
+    plain = await asyncio.to_thread(_entry_point, ["stuck"], **env)
+    assert (plain.returncode, plain.stderr) == (0, "") and "hung-1" not in plain.stdout, plain.stdout
+    asked = await asyncio.to_thread(_entry_point, ["stuck", "--no-progress-for", "30s"], **env)
+    assert asked.returncode == 0 and "hung-1" in asked.stdout and "no_progress" in asked.stdout, asked
+    replay = ["replay", "--all-stuck", "--no-progress-for", "30s", "--reason", "worker hung"]
+    done = await asyncio.to_thread(_entry_point, replay, **env)
+    assert done.returncode == 0 and "reissue_command" in done.stdout and "hung-1" in done.stdout, done
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.history WHERE outcome = 'replayed'") == 1
+
+
+async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
+    return await state_of(pg, entity) == state

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.stuck import classify, stuck_rule, when
+from sfworkflow.core.stuck import classify, min_age_s, stuck_rule, when
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)
@@ -62,3 +62,19 @@ def test_each_rule_says_when_it_counts_as_stuck() -> None:
     assert (rule.why, rule.since) == ("ended", None)
     rule = stuck_rule(ENGINE, _row("sequence", "sending", 60), default_after_s=5)  # SFWORKFLOW_STUCK_AFTER_S
     assert rule.text.startswith("counts as stuck 15m")  # the definition's own threshold wins
+
+
+def test_an_operator_s_no_progress_age_replaces_every_state_s_threshold() -> None:
+    """`sfworkflow stuck --no-progress-for 30s`: what has not moved for 30 s, whatever its state's threshold;
+    an operator's wait and an overdue timer keep their own rules, and a state that never counts stays so."""
+    now = datetime.now(UTC)
+    sending = _row("sequence", "sending", 60)  # its definition says 15 minutes
+    assert classify(ENGINE, sending, now) is None
+    found = classify(ENGINE, sending, now, no_progress_s=30)
+    assert found is not None and found.why == "no_progress"
+    assert stuck_rule(ENGINE, sending, no_progress_s=30).text.startswith("counts as stuck 30s after entering sending")
+    assert classify(ENGINE, sending, now, no_progress_s=120) is None
+    assert classify(ENGINE, _row("sequence", "paused", 3600), now, no_progress_s=30) is None
+    timer = _row("partner_approval", "in_review", 3600, next_due_in_s=3600)
+    assert classify(ENGINE, timer, now, no_progress_s=30) is None  # its timer is its deadline
+    assert min_age_s(ENGINE, 900.0, no_progress_s=30) == 30
