@@ -66,12 +66,12 @@ class _StderrStream:
             pass
 
 
-def _json_text(obj: Any, **_kw: Any) -> str:
-    return orjson.dumps(obj, default=repr).decode()
-
-
 def _json_bytes(obj: Any, **_kw: Any) -> bytes:
     return orjson.dumps(obj, default=repr)
+
+
+def _json_text(obj: Any, **kw: Any) -> str:  # the standard library's handler writes text
+    return _json_bytes(obj, **kw).decode()
 
 
 def use_console(fmt: str, stream: Any = None) -> bool:

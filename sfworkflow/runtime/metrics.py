@@ -57,14 +57,15 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # the standard ones; they keep no state, so every registry may share them
+        build = build_labels()
         self.build = Gauge(
             "sfworkflow_build_info",
             "Always 1; its labels say what runs: sfworkflow version, Python version, the schema version (highest "
             "migration) this code migrates to.",
-            list(build_labels()),
+            list(build),
             registry=r,
         )
-        self.build.labels(**build_labels()).set(1)
+        self.build.labels(**build).set(1)
         self.ready = Gauge(
             "sfworkflow_ready",
             "1 when this replica is ready (what GET /readyz answers 200 for), 0 otherwise; checked at every scrape.",
