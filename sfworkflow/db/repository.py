@@ -62,6 +62,7 @@ from sfworkflow.settings import REDELIVERY_WINDOW_DAYS
 log = structlog.get_logger("sfworkflow.store")
 
 T = TypeVar("T")
+TIMER_LANES = 64  # timer.lane: sfworkflow.tenant_lane(tenant_id), migration 0012
 CHANGED = "changed since it was selected (replayed by someone else, or moved on)"
 
 __all__ = ["CHANGED", "Store", "write"]
@@ -113,7 +114,7 @@ class Store:
         rows: list[asyncpg.Record] = []
         try:
             async with self._transaction() as unit:
-                locked = await unit.conn.fetch(q("lock_due_timer_instances"), limit, workflows, versions)
+                locked = await self._lock_due_timer_instances(unit.conn, limit, workflows, versions)
                 rows = sorted({r["id"]: r for r in locked}.values(), key=lambda r: r["id"])  # one per instance
                 if not rows:
                     return BatchReport()
@@ -127,6 +128,22 @@ class Store:
                 report.merge(await self._fire_instance_alone(r["id"]))
             return report
         return report
+
+    async def _lock_due_timer_instances(
+        self, conn: asyncpg.Connection, limit: int, workflows: list[str], versions: list[int]
+    ) -> list[asyncpg.Record]:
+        """A round's due timers, fairly across tenants: an equal share of `limit` per timer lane first (4 of 256
+        in each of the 64 lanes), then, when a lane had more, the rest of `limit` oldest first whatever the lane
+        (a tenant alone still fills whole rounds)."""
+        share = max(1, limit // TIMER_LANES)
+        fair: list[asyncpg.Record] = await conn.fetch(q("lock_due_timer_instances_by_lane"), share, workflows, versions)
+        fair = fair[:limit]
+        per_lane = Counter(r["lane"] for r in fair)
+        if len(fair) >= limit or not any(n >= share for n in per_lane.values()):
+            return fair  # full, or every lane gave all it had
+        taken = sorted({r["id"] for r in fair})
+        rest = await conn.fetch(q("lock_due_timer_instances"), limit - len(fair), workflows, versions, taken)
+        return [*fair, *rest]
 
     async def _fire_locked(self, unit: _Unit, rows: Sequence[asyncpg.Record]) -> BatchReport:
         timers = await unit.conn.fetch(q("take_due_timers"), [r["id"] for r in rows])

@@ -10,6 +10,7 @@ it: the test fails whatever the data, and stays quiet whatever the planner would
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -47,7 +48,9 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
             [],
         ),
     ),
-    ("lock_due_timer_instances", (256, ["sequence"], [1])),
+    ("lock_due_timer_instances_by_lane", (4, ["sequence"], [1])),
+    ("lock_due_timer_instances", (256, ["sequence"], [1], [1, 2])),
+    ("upsert_timers", ([1], ["step_due"], [datetime(2026, 12, 7, tzinfo=UTC)], [{}])),
     ("prune_outbox", (14.0, 5000)),
     ("prune_inbox", (14.0, 5000)),
     ("prune_instances", (14.0, 5000)),

@@ -29,9 +29,10 @@ async def test_two_replicas_take_different_due_timers(pg: asyncpg.Connection, da
     await db.init_connection(other)
     try:
         async with pg.transaction():
-            first = {r["id"] for r in await pg.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1])}
+            first = {r["id"] for r in await pg.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1], [])}
             async with other.transaction():
-                second = {r["id"] for r in await other.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1])}
+                rows = await other.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1], [])
+                second = {r["id"] for r in rows}
     finally:
         await other.close()
     assert len(first) == LIMIT
@@ -45,5 +46,5 @@ async def test_an_instance_with_two_due_timers_comes_once_per_timer(pg: asyncpg.
         "INSERT INTO sfworkflow.timer (instance_id, name, due_at) SELECT id, 'retry_due', now() - interval '1 s'"
         " FROM sfworkflow.instance"
     )
-    rows = await pg.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1])
+    rows = await pg.fetch(q("lock_due_timer_instances"), LIMIT, ["sequence"], [1], [])
     assert len(rows) == 2 and len({r["id"] for r in rows}) == 1  # the repository keeps one (fire_due_timers)

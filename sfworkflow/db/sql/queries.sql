@@ -158,9 +158,11 @@ SELECT id, message_id FROM queued
 DELETE FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) AND version = 0
 
 -- upsert_timers --
--- Schedule or move timers.
-INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::jsonb[])
+-- Schedule or move timers, each in its tenant's lane (migration 0012).
+INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload, lane)
+SELECT t.*, sfworkflow.tenant_lane(i.tenant_id)
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::jsonb[]) AS t(instance_id, name, due_at, payload)
+JOIN sfworkflow.instance i ON i.id = t.instance_id
 ON CONFLICT (instance_id, name) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
     created_at = now()
 
@@ -214,17 +216,37 @@ DELETE FROM sfworkflow.parked WHERE id = ANY($1::bigint[])
 -- NOTIFYing commit takes a cluster-wide lock through its WAL flush, so every replica's commits would queue.
 SELECT pg_notify('sfworkflow_outbox', '')
 
+-- lock_due_timer_instances_by_lane --
+-- A round's fair share first: in each of the 64 timer lanes (timer.lane, a hash of the tenant), up to $1 due timers,
+-- oldest first, of instances no other process holds, on the given (workflow, definition version) pairs (the versions
+-- this process has loaded). One index probe per lane (timer_lane_due_idx), so a tenant with 100,000 timers due
+-- takes $1 places in the round, not all of them, and another tenant's due timer comes in the same round unless
+-- both share a lane. SKIP LOCKED inside each lane's limit: replicas firing at once take different timers. One row
+-- per due timer (an instance with two due timers comes twice; the caller keeps one), with its lane.
+SELECT l.lane, x.*
+FROM generate_series(0, 63) AS l(lane) CROSS JOIN LATERAL (
+    SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
+           i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
+    FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
+    WHERE t.lane = l.lane AND t.due_at <= now()
+      AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
+    ORDER BY t.due_at
+    LIMIT $1
+    FOR UPDATE OF i SKIP LOCKED
+) x
+
 -- lock_due_timer_instances --
--- Instances with a due timer that no other process holds, on the given (workflow, definition version)
--- pairs (the versions this process has loaded), oldest due first: one row per due timer, at most $1 (an
--- instance with two due timers comes twice; the caller keeps one). The limit counts rows after the locked
--- ones are skipped, so replicas firing at once take different timers instead of all choosing the same
--- oldest ones. Nothing here waits: an instance another transaction holds is skipped.
+-- The rest of a round (after lock_due_timer_instances_by_lane, whose instances are $4): instances with a due
+-- timer that no other process holds, on the given (workflow, definition version) pairs, oldest due first whatever
+-- their lane: one row per due timer, at most $1. The limit counts rows after the locked ones are skipped, so
+-- replicas firing at once take different timers instead of all choosing the same oldest ones. Nothing here
+-- waits: an instance another transaction holds is skipped.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
 FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
 WHERE t.due_at <= now()
   AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
+  AND i.id <> ALL($4::bigint[])
 ORDER BY t.due_at
 LIMIT $1
 FOR UPDATE OF i SKIP LOCKED
