@@ -126,8 +126,9 @@ FROM generate_series($1::bigint, $2::bigint) g JOIN t ON t.k = g % $3::bigint
 """
 # Every copied instance gets the template's pending timer, due 30 to 31 days from now ($1, $2: an id range).
 COPY_TIMERS = f"""
-INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload, created_at)
-SELECT i.id, tt.name, now() + interval '30 days' + (i.id % 86400) * interval '1 second', tt.payload, i.created_at
+INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload, created_at, lane)
+SELECT i.id, tt.name, now() + interval '30 days' + (i.id % 86400) * interval '1 second', tt.payload, i.created_at,
+       sfworkflow.tenant_lane(i.tenant_id)
 FROM sfworkflow.instance i
 CROSS JOIN (SELECT name, payload FROM sfworkflow.timer WHERE instance_id =
     (SELECT min(id) FROM sfworkflow.instance WHERE {TEMPLATE} AND NOT terminal)) tt

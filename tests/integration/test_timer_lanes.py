@@ -10,12 +10,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import pytest
 
+from sfworkflow.db.pool import q
 from sfworkflow.db.repository import Store
 from sfworkflow.workflows import DEFINITIONS
 from tests.integration.storekit import delivery, direct_store
 from tests.integration.test_agent_flow import submitted
+from tests.integration.test_index_use import _nodes
 from tests.integration.test_timer_isolation import TICKER
 from tests.support import OTHER_TENANT, TENANT, event
 
@@ -93,3 +96,14 @@ async def test_two_replicas_firing_at_once_share_the_burst_and_both_serve_the_ot
         first, second = await asyncio.gather(store.fire_due_timers(256), other.fire_due_timers(256))
     assert await _fired(pg, B) == 1
     assert await _fired(pg, A) + 1 == first.timers_fired + second.timers_fired > 256
+
+
+async def test_each_lane_is_probed_through_its_index_when_one_tenant_s_campaign_is_due(pg: asyncpg.Connection) -> None:
+    """With every due timer in one lane, ANALYZE saw a single lane value and the planner read timer_due_idx filtered
+    by lane for each of the 64 lanes: every due timer 64 times a round (0.5 s at 100,000, a third of the timer
+    loop's speed in bench/timers.py). The lane column's declared 64 distinct values keep it on timer_lane_due_idx."""
+    await _due(pg, A, 20_000, due_ago_s=60)
+    await pg.execute("ANALYZE sfworkflow.timer, sfworkflow.instance")
+    text = await pg.fetchval(f"EXPLAIN (FORMAT JSON) {q('lock_due_timer_instances_by_lane')}", 4, ["ticker"], [1])
+    used = {n.get("Index Name") for n in _nodes(orjson.loads(text)[0]["Plan"])}
+    assert "timer_lane_due_idx" in used and "timer_due_idx" not in used, used

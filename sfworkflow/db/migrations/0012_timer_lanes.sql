@@ -13,3 +13,9 @@ UPDATE sfworkflow.timer t SET lane = sfworkflow.tenant_lane(i.tenant_id)
 FROM sfworkflow.instance i
 WHERE i.id = t.instance_id AND t.lane <> sfworkflow.tenant_lane(i.tenant_id);
 CREATE INDEX IF NOT EXISTS timer_lane_due_idx ON sfworkflow.timer (lane, due_at);
+-- The planner must probe each lane through timer_lane_due_idx. With one tenant's campaign due (every timer in one
+-- lane), ANALYZE finds one distinct lane, the planner takes `lane = <each lane>` for no filter at all, and reads
+-- timer_due_idx filtered by lane instead: every due timer, for each of the 63 other lanes, 0.5 s a round at 100,000.
+-- There are 64 lanes by construction: say so.
+ALTER TABLE sfworkflow.timer ALTER COLUMN lane SET (n_distinct = 64);
+ANALYZE sfworkflow.timer;
