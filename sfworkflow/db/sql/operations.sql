@@ -16,7 +16,7 @@ SELECT 1
 -- instances anti-joined with the timers), never by reading every active instance's row.
 WITH candidate AS (
     SELECT t.instance_id AS id FROM sfworkflow.timer t
-    WHERE t.due_at < now() - make_interval(secs => $6)
+    WHERE t.due_at < now() - make_interval(secs => $6) AND t.lane < 64  -- every lane: timer_due_idx's predicate
     UNION
     SELECT a.id FROM sfworkflow.instance a
     WHERE NOT a.terminal AND (a.workflow, a.state) IN (SELECT * FROM unnest($7::text[], $8::text[]))

@@ -244,7 +244,7 @@ FROM generate_series(0, 63) AS l(lane) CROSS JOIN LATERAL (
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
 FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
-WHERE t.due_at <= now()
+WHERE t.due_at <= now() AND t.lane < 64  -- every lane: the predicate of timer_due_idx (migration 0012)
   AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
   AND i.id <> ALL($4::bigint[])
 ORDER BY t.due_at
@@ -277,7 +277,7 @@ SELECT count(*) FROM moved
 -- count_unfireable_due_timers --
 -- Due timers of instances on (workflow, definition version) pairs other than the given ones.
 SELECT count(*) FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
-WHERE t.due_at <= now()
+WHERE t.due_at <= now() AND t.lane < 64  -- every lane: the predicate of timer_due_idx
   AND (i.workflow, i.definition_version) NOT IN (SELECT * FROM unnest($1::text[], $2::int[]))
 
 -- take_due_timers --
@@ -285,10 +285,6 @@ WHERE t.due_at <= now()
 DELETE FROM sfworkflow.timer
 WHERE instance_id = ANY($1::bigint[]) AND due_at <= now()
 RETURNING instance_id, name, due_at, payload
-
--- next_timer_due --
--- Seconds until the next timer is due (NULL when there is none).
-SELECT EXTRACT(EPOCH FROM (min(due_at) - now()))::float8 FROM sfworkflow.timer
 
 -- take_expired_parked --
 -- Remove parked events past their deadline (skipping rows another transaction holds).
