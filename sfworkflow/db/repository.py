@@ -133,8 +133,11 @@ class Store:
         self, conn: asyncpg.Connection, limit: int, workflows: list[str], versions: list[int]
     ) -> list[asyncpg.Record]:
         """A round's due timers, fairly across tenants: an equal share of `limit` per timer lane first (4 of 256
-        in each of the 64 lanes), then, when a lane had more, the rest of `limit` oldest first whatever the lane
-        (a tenant alone still fills whole rounds)."""
+        in each of the 64 lanes, one index probe each), then, when a lane had more, the rest of `limit` oldest first
+        whatever the lane (a tenant alone still fills whole rounds). A tenant with 100,000 timers due takes its
+        lane's share and the rest, not the whole round: another tenant's due timer fires in the same round unless
+        both share a lane. SKIP LOCKED inside each lane's limit: replicas firing at once take different timers.
+        (The statements' comments stay short: pg_stat_activity shows the first 1,024 bytes of a statement.)"""
         share = max(1, limit // TIMER_LANES)
         fair: list[asyncpg.Record] = await conn.fetch(q("lock_due_timer_instances_by_lane"), share, workflows, versions)
         fair = fair[:limit]

@@ -217,12 +217,8 @@ DELETE FROM sfworkflow.parked WHERE id = ANY($1::bigint[])
 SELECT pg_notify('sfworkflow_outbox', '')
 
 -- lock_due_timer_instances_by_lane --
--- A round's fair share first: in each of the 64 timer lanes (timer.lane, a hash of the tenant), up to $1 due timers,
--- oldest first, of instances no other process holds, on the given (workflow, definition version) pairs (the versions
--- this process has loaded). One index probe per lane (timer_lane_due_idx), so a tenant with 100,000 timers due
--- takes $1 places in the round, not all of them, and another tenant's due timer comes in the same round unless
--- both share a lane. SKIP LOCKED inside each lane's limit: replicas firing at once take different timers. One row
--- per due timer (an instance with two due timers comes twice; the caller keeps one), with its lane.
+-- A round's fair share (migration 0012): per timer lane, up to $1 due timers oldest first of unlocked instances
+-- on the (workflow, version) pairs $2/$3, through timer_lane_due_idx; one row per timer, with its lane.
 SELECT l.lane, x.*
 FROM generate_series(0, 63) AS l(lane) CROSS JOIN LATERAL (
     SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
