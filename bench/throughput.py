@@ -416,6 +416,11 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
         SFWORKFLOW_QUEUE_TYPE=args.queue_type,
         SFWORKFLOW_LOG_LEVEL="warning",
         SFWORKFLOW_PROCESSES="1",  # one process per --replicas
+        # The workload is one tenant's sends from one sender: at sequence's 50 sends a second the drain would
+        # measure the limit. The limit is still taken (its statement runs in every batch with a send), never defers.
+        SFWORKFLOW_RATE_LIMITS=os.environ.get(
+            "SFWORKFLOW_RATE_LIMITS", "sequence.send_step/per_sender=1000000/1000000"
+        ),
     )
     publisher: subprocess.Popen[bytes] | None = None
     if args.mode in ("drain", "enroll"):

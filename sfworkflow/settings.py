@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
+from sfworkflow.core.limits import parse_overrides
+
 PREFIX = "SFWORKFLOW_"
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sfworkflow"
@@ -94,6 +96,9 @@ class Settings:
     log_format: str = "auto"  # console on a terminal, JSON otherwise; or "json", "console"
     use_uvloop: bool = True
     processes: int = 1  # service processes of `sfworkflow run`; 0: one per usable core
+    # The deployment's rates replacing the definitions' (core/limits.py): `LIMIT=PER_S[/BURST]` or `LIMIT=off`, comma
+    # separated, e.g. `sequence.send_step/per_sender=20/40`.
+    rate_limits: str = ""
     # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never
     # logged, never in repr().
     admin_token: str = field(default="", repr=False)
@@ -206,6 +211,14 @@ def _host(v: object) -> bool:
     return isinstance(v, str) and v != "" and not any(c.isspace() for c in v)
 
 
+def _rate_limits(v: object) -> bool:
+    try:
+        parse_overrides(v) if isinstance(v, str) else None
+    except ValueError:
+        return False
+    return isinstance(v, str)
+
+
 def _token(v: object) -> bool:
     return isinstance(v, str) and (v == "" or len(v) >= MIN_ADMIN_TOKEN_LENGTH)
 
@@ -243,6 +256,11 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "log_level": _one_of(LOG_LEVELS, any_case=True),
     "log_format": _one_of(LOG_FORMATS, any_case=True),
     "processes": Rule("a whole number, 0 or more (0: one per usable core)", _whole_in(0)),
+    "rate_limits": Rule(
+        "comma-separated LIMIT=PER_S[/BURST] or LIMIT=off, each LIMIT one a definition declares, e.g. "
+        "sequence.send_step/per_sender=20/40",
+        _rate_limits,
+    ),
     "use_uvloop": Rule("one of " + ", ".join(BOOLEANS) + " (any case)", lambda v: isinstance(v, bool)),
     "admin_token": Rule(
         f"at least {MIN_ADMIN_TOKEN_LENGTH} random characters (e.g. python -c 'import secrets; "

@@ -12,6 +12,9 @@ every row the transaction writes, as dataclasses. Nothing here touches PostgreSQ
     ClaimEffects      set of effect keys claimed now (the others were claimed before: suppressed)
     ClaimKeys         ClaimAnswer: keys taken now, and who holds the others
     ReadRegisters     dict of register key -> stored value
+    TakeRates         RateAnswer: each bucket's theoretical arrival time after the reservations, the rate it
+                      was taken at (a tenant's override wins) and the transaction's now() (core/limits.py turns
+                      them into slots)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sfworkflow.contract.envelope import IncomingEvent
 from sfworkflow.contract.storable import clean_json, clean_text, replaced_note
 from sfworkflow.contract.topology import DEAD_QUEUE, DEFAULT_EXCHANGE
 from sfworkflow.core.definition import InstanceKey, derive_id
+from sfworkflow.core.limits import Rate
 from sfworkflow.errors import DeadReason, Rejection
 
 
@@ -141,7 +145,32 @@ class ReadRegisters:
     keys: list[str]
 
 
-Request = InsertInbox | LockInstances | LoadParked | ClaimEffects | ClaimKeys | ReadRegisters
+@dataclass(frozen=True, slots=True)
+class RateTake:
+    """`n` reservations from one rate-limit bucket (core/limits.py) at `rate`, unless the tenant has its own."""
+
+    bucket_key: str
+    tenant_id: str
+    limit_name: str
+    n: int
+    rate: Rate
+
+
+@dataclass(frozen=True, slots=True)
+class TakeRates:
+    """Move each bucket's theoretical arrival time on by its reservations (sorted by key: the lock order)."""
+
+    takes: list[RateTake]
+
+
+@dataclass(frozen=True, slots=True)
+class RateAnswer:
+    tat: dict[str, datetime]  # bucket key -> its theoretical arrival time after this batch's reservations
+    rates: dict[str, Rate]  # bucket key -> the rate it was taken at (the tenant's override, or the one asked)
+    now: datetime  # the transaction's clock, which the buckets run on
+
+
+Request = InsertInbox | LockInstances | LoadParked | ClaimEffects | ClaimKeys | ReadRegisters | TakeRates
 
 
 # ---- what the plan writes --------------------------------------------------------------------------
@@ -230,6 +259,8 @@ class OutboxRow:
     body: bytes
     headers: dict[str, Any]
     mandatory: bool  # unroutable is an error (everything but lifecycle events)
+    deferred_until: datetime | None = None  # a rate limit's slot: the row is not published before it
+    deferred_by: str | None = None  # the limit that deferred it (core/limits.py: limit_name)
 
 
 @dataclass(slots=True)
@@ -265,6 +296,8 @@ class BatchReport:
     timers_fired: int = 0
     timer_failures: int = 0  # timers put back because firing them failed
     outbox_rows: int = 0
+    deferred: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (workflow, command, limit)
+    deferral_s: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, limit, seconds deferred)
     # Envelope timestamps of the events applied for the first time (not duplicates, not redriven dead letters):
     # the lag histogram observes these, so a retry or a redrive of an old event is not counted as lag.
     first_seen: list[datetime] = field(default_factory=list)
@@ -279,6 +312,8 @@ class BatchReport:
         self.timers_fired += other.timers_fired
         self.timer_failures += other.timer_failures
         self.outbox_rows += other.outbox_rows
+        self.deferred.update(other.deferred)
+        self.deferral_s += other.deferral_s
         self.first_seen += other.first_seen
 
 

@@ -14,7 +14,7 @@ the event is stale, or it is internal).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -34,6 +34,7 @@ from sfworkflow.core.definition import (
     TimerRequest,
     WorkflowDefinition,
 )
+from sfworkflow.core.limits import Rate, RateLimit, check_overrides, limit_name
 from sfworkflow.errors import DefinitionError
 
 # The lifecycle event every ending publishes, exactly once and last (its data: final_state). workflow.failed and
@@ -168,6 +169,12 @@ class CompiledWorkflow:
         self.routes = machine_routes(self.machine)
         self.triggers_by_state: dict[str, frozenset[str]] = {s: frozenset(self.machine.get_triggers(s)) for s in states}
         self.table = table
+        # command type -> its rate limits, each with its full name (`sequence.send_step/per_sender`)
+        self.rate_limits: dict[str, list[tuple[str, RateLimit]]] = {}
+        for lim in definition.limits:
+            self.rate_limits.setdefault(definition.event_type(lim.command), []).append(
+                (limit_name(definition.name, lim), lim)
+            )
 
     def mermaid(self) -> str:
         """The transition table as a Mermaid state diagram."""
@@ -223,12 +230,22 @@ def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
     for e in d.start_events:
         if e not in d.events:
             raise DefinitionError(f"{d.name} v{d.version}: start event {e!r} is not an event")
+    names: set[str] = set()
+    for lim in d.limits:
+        if lim.command not in d.commands:
+            what = "a compensation: an undo never waits" if lim.command in d.compensations else "not a command"
+            raise DefinitionError(f"{d.name} v{d.version}: rate limit {lim.name!r} is on {lim.command!r}, {what}")
+        if lim.name in names:
+            raise DefinitionError(f"{d.name} v{d.version}: rate limit {lim.name!r} is declared twice")
+        names.add(lim.name)
 
 
 class Engine:
     """Every loaded workflow definition, compiled once; `step` is pure and synchronous."""
 
-    def __init__(self, definitions: Iterable[WorkflowDefinition]) -> None:
+    def __init__(
+        self, definitions: Iterable[WorkflowDefinition], rate_overrides: Mapping[str, Rate | None] | None = None
+    ) -> None:
         self.compiled: dict[tuple[str, int], CompiledWorkflow] = {}
         self.latest: dict[str, int] = {}
         for d in definitions:
@@ -236,6 +253,33 @@ class Engine:
                 raise DefinitionError(f"{d.name} v{d.version} is defined twice")
             self.compiled[(d.name, d.version)] = CompiledWorkflow(d)
             self.latest[d.name] = max(self.latest.get(d.name, 0), d.version)
+        # The rate in force per limit name: the deployment's setting (SFWORKFLOW_RATE_LIMITS; None: not enforced),
+        # else the definition's.
+        self.rate_overrides: dict[str, Rate | None] = dict(rate_overrides or {})
+        try:
+            check_overrides(self.rate_overrides, self.limit_names())
+        except ValueError as exc:
+            raise DefinitionError(f"SFWORKFLOW_RATE_LIMITS: {exc}") from None
+
+    def limit_names(self) -> list[str]:
+        """Every rate limit the loaded definitions declare, by full name."""
+        return sorted({n for c in self.compiled.values() for ls in c.rate_limits.values() for n, _ in ls})
+
+    def limit_labels(self) -> list[tuple[str, str, str]]:
+        """(workflow, command type, limit name) of every declared rate limit: the metrics' label values."""
+        return sorted(
+            {(c.definition.name, cmd, n) for c in self.compiled.values() for cmd, ls in c.rate_limits.items()
+             for n, _ in ls}
+        )  # fmt: skip
+
+    def rate_limits(self, compiled: CompiledWorkflow, command_type: str) -> list[tuple[str, RateLimit, Rate]]:
+        """The rate limits in force on a command type: (full name, declaration, rate)."""
+        out = []
+        for name, lim in compiled.rate_limits.get(command_type, ()):
+            rate = self.rate_overrides[name] if name in self.rate_overrides else Rate(lim.per_s, lim.burst)
+            if rate is not None:
+                out.append((name, lim, rate))
+        return out
 
     def workflow(self, name: str, version: int | None = None) -> CompiledWorkflow | None:
         v = self.latest.get(name) if version is None else version

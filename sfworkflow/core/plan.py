@@ -54,10 +54,13 @@ from sfworkflow.core.batch import (
     OutboxRow,
     ParkedCountRaise,
     ParkedInsert,
+    RateAnswer,
+    RateTake,
     ReadRegisters,
     RegisterWrite,
     Request,
     Row,
+    TakeRates,
     TimerCancel,
     TimerSet,
     WriteSet,
@@ -72,6 +75,7 @@ from sfworkflow.core.definition import (
     derive_id,
 )
 from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
+from sfworkflow.core.limits import Rate, bucket_key, slots
 from sfworkflow.errors import DeadReason, Rejection, StepLimitExceeded
 
 log = structlog.get_logger("sfworkflow.store")
@@ -165,6 +169,7 @@ class BatchPlan:
         self.claimed_here: dict[str, _Run] = {}  # claim keys taken in this batch
         self.registers: dict[str, tuple[Any, _Run]] = {}  # register writes of this batch (last wins)
         self.released_effects: list[KeyRelease] = []  # effects that did not happen after all
+        self.deferrals: dict[str, tuple[datetime, str]] = {}  # message id -> (its rate limit's slot, the limit)
 
     # ---- entry points --------------------------------------------------------------------------
     def deliveries(self, deliveries: Sequence[Delivery]) -> Steps:
@@ -877,7 +882,65 @@ class BatchPlan:
 
     def _finish(self) -> Steps:
         yield from self._resolve()
+        yield from self._take_rates()
         return self.write_set()
+
+    # ---- rate limits (core/limits.py) -------------------------------------------------------------
+    def _take_rates(self) -> Generator[Request, Any, None]:
+        """Reserve a slot for every limited command the batch queues (once the effects are resolved: a suppressed
+        send takes none), in one request, buckets in key order after every other lock of the batch. A command
+        whose slot is later than now is written deferred until it (a `deferred` history entry says so): never
+        dropped, and the relay keeps the instance's later messages behind it. An instance's commands in one
+        bucket take its slots in the order they were decided."""
+        wanted: dict[str, list[tuple[_Run, OutgoingMessage, str, Rate]]] = {}
+        for run in self.runs.values():
+            if run.row_id is None or not run.compiled.rate_limits:
+                continue
+            for m in run.outgoing:
+                if m.kind != "command":
+                    continue
+                for name, limit, rate in self.engine.rate_limits(run.compiled, m.routing_key):
+                    try:
+                        key = bucket_key(name, run.key.tenant_id, m.body["data"], limit.key)
+                    except Exception as exc:  # a key function the command's data does not fit: the tenant's bucket
+                        log.error("rate limit key failed; the tenant's bucket is used", limit=name,
+                                  command_type=m.routing_key, error=repr(exc)[:300])  # fmt: skip
+                        key = bucket_key(name, run.key.tenant_id, m.body["data"], None)
+                    wanted.setdefault(key, []).append((run, m, name, rate))
+        if not wanted:
+            return
+        keys = sorted(wanted)
+        takes = [RateTake(k, wanted[k][0][0].key.tenant_id, wanted[k][0][2], len(wanted[k]), wanted[k][0][3])
+                 for k in keys]  # fmt: skip
+        answer: RateAnswer = yield TakeRates(takes)
+        rate_of: dict[str, Rate] = {}
+        for k in keys:
+            reqs, rate = wanted[k], answer.rates[k]
+            for (_run, m, name, _asked), slot in zip(reqs, slots(answer.tat[k], answer.now, len(reqs), rate),
+                                                    strict=True):  # fmt: skip
+                if slot <= answer.now:
+                    continue
+                held = self.deferrals.get(m.message_id)
+                if held is None or slot > held[0]:  # under two limits a command waits for the later slot
+                    self.deferrals[m.message_id] = (slot, name)
+                    rate_of[m.message_id] = rate
+        for run in self.runs.values():
+            for m in run.outgoing:
+                if m.message_id in self.deferrals:
+                    self._deferred(run, m, *self.deferrals[m.message_id], rate_of[m.message_id], now=answer.now)
+
+    def _deferred(
+        self, run: _Run, m: OutgoingMessage, until: datetime, limit: str, rate: Rate, *, now: datetime
+    ) -> None:
+        assert run.view is not None
+        detail = {"command_id": m.message_id, "limit": limit, "until": until.isoformat(), "per_s": rate.per_s,
+                  "burst": rate.burst}  # fmt: skip
+        run.history.append(
+            HistoryEntry(run.row_id, run.view.version, None, m.routing_key, "deferred", run.view.state,
+                         run.view.state, detail, _trace_id(m.trace))
+        )  # fmt: skip
+        self.report.deferred[(run.key.workflow, m.routing_key, limit)] += 1
+        self.report.deferral_s.append((run.key.workflow, limit, (until - now).total_seconds()))
 
     def write_set(self) -> WriteSet:
         """Every row the batch writes, once nothing is pending."""
@@ -920,9 +983,10 @@ class BatchPlan:
                 else:
                     ws.timers.append(TimerSet(run.row_id, name, t.due_at, t.payload))
             for m in run.outgoing:
+                until, by = self.deferrals.get(m.message_id, (None, None))
                 ws.outbox.append(
                     OutboxRow(m.message_id, m.kind, EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
-                              orjson.dumps(m.body), trace_headers(m.trace), m.kind != "lifecycle")
+                              orjson.dumps(m.body), trace_headers(m.trace), m.kind != "lifecycle", until, by)
                 )  # fmt: skip
                 self.report.queued[(run.key.workflow, m.kind)] += 1
         changed_ids = {r.row_id for r in self.runs.values() if r.changed}

@@ -191,8 +191,19 @@ def stuck_rule(
         after = no_progress_s
     if after is None:
         return Rule("never", None, f"{state} never counts as stuck", f"never by age: {state} waits without a deadline")
-    since = entered + timedelta(seconds=after)
     cmd = row["command_type"]
+    deferred = row.get("command_deferred_until")
+    if deferred is not None and deferred > entered:
+        # Its command waited for a rate limit's slot: the clock runs from the slot, like a timer's due time.
+        since = deferred + timedelta(seconds=after)
+        detail = f"no progress for {after:g} s since its command {cmd} went out at {deferred.isoformat()}"
+        by = row.get("command_deferred_by") or "a rate limit"
+        text = (
+            f"its command {cmd} was deferred by {by} until {when(deferred)}: counts as stuck "
+            f"{format_age(after)} after that (at {when(since)})"
+        )
+        return Rule("no_progress", since, detail + "; unanswered", text)
+    since = entered + timedelta(seconds=after)
     detail = f"in {state} for more than {after:g} s" + (f"; last command {cmd} unanswered" if cmd else "")
     text = f"counts as stuck {format_age(after)} after entering {state} (at {when(since)})"
     return Rule("no_progress", since, detail, text)

@@ -213,3 +213,31 @@ async def demo_command_retries(conn: asyncpg.Connection, tenant_id: str) -> int:
 
 async def demo_outbox_by_kind(conn: asyncpg.Connection, tenant_id: str) -> dict[str, int]:
     return {r["kind"]: r["n"] for r in await conn.fetch(q("demo_outbox_by_kind"), tenant_id)}
+
+
+# ---- rate limits (ops/limits.py) ----------------------------------------------------------------------------
+async def limit_overrides(conn: asyncpg.Connection, tenant_id: str | None) -> list[asyncpg.Record]:
+    """The tenants' rate-limit overrides (one tenant's when given), by tenant and limit."""
+    return list(await conn.fetch(q("limit_overrides"), tenant_id))
+
+
+async def upsert_limit_override(
+    conn: asyncpg.Connection, tenant_id: str, limit_name: str, per_s: float, burst: int, reason: str, by: str
+) -> asyncpg.Record:
+    """Set a tenant's rate for a limit (replacing its earlier override); the stored row."""
+    return await conn.fetchrow(q("upsert_limit_override"), tenant_id, limit_name, per_s, burst, reason, by)
+
+
+async def delete_limit_override(conn: asyncpg.Connection, tenant_id: str, limit_name: str) -> asyncpg.Record | None:
+    """Remove a tenant's override of a limit; the removed row, or None when it had none."""
+    return await conn.fetchrow(q("delete_limit_override"), tenant_id, limit_name)
+
+
+async def rate_buckets_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
+    """A tenant's rate-limit buckets: key, limit, and the time its slots are booked until."""
+    return list(await conn.fetch(q("rate_buckets_of_tenant"), tenant_id))
+
+
+async def deferred_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
+    """Per limit, a tenant's commands deferred to a time still ahead: how many, and the last one's slot."""
+    return list(await conn.fetch(q("deferred_of_tenant"), tenant_id))

@@ -48,12 +48,15 @@ from sfworkflow.core.batch import (
     KeyRelease,
     LoadParked,
     LockInstances,
+    RateAnswer,
     ReadRegisters,
     Request,
+    TakeRates,
     WriteSet,
 )
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.limits import Rate
 from sfworkflow.core.plan import RETRY_FAILED_TIMER, BatchPlan
 from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import is_transient, q
@@ -204,6 +207,7 @@ class Store:
                 status = await conn.execute(q(f"prune_{name}"), retention_days, limit)
                 out[name] = int(status.split()[-1])
             out["instances"] = await conn.fetchval(q("prune_instances"), retention_days, limit)
+            out["rate_buckets"] = int((await conn.execute(q("prune_rate_buckets"), limit)).split()[-1])
         return out
 
     async def redrive_parked(
@@ -316,7 +320,8 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             ws.cancel_all_timers,
             [{"instance_id": x.instance_id, "name": x.name} for x in c],
             [{"message_id": x.message_id, "kind": x.kind, "exchange": x.exchange, "routing_key": x.routing_key,
-              "instance_id": x.instance_id, "headers": x.headers, "mandatory": x.mandatory} for x in o],
+              "instance_id": x.instance_id, "headers": x.headers, "mandatory": x.mandatory,
+              "deferred_until": x.deferred_until, "deferred_by": x.deferred_by} for x in o],
             [x.body for x in o],
         )  # fmt: skip
     if ws.unstarted:
@@ -406,6 +411,17 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
             return ClaimAnswer(taken, holders)
         case ReadRegisters(keys=keys):
             return {r["key"]: r["value"] for r in await conn.fetch(q("read_registers"), keys)}
+        case TakeRates(takes=takes):
+            rows = await conn.fetch(
+                q("take_rates"),
+                [{"bucket_key": t.bucket_key, "tenant_id": t.tenant_id, "limit_name": t.limit_name, "n": t.n,
+                  "per_s": t.rate.per_s, "burst": t.rate.burst} for t in takes],
+            )  # fmt: skip
+            return RateAnswer(
+                {r["bucket_key"]: r["tat"] for r in rows},
+                {r["bucket_key"]: Rate(r["per_s"], r["burst"]) for r in rows},
+                rows[0]["now"],
+            )
     raise TypeError(f"a batch plan asked for {type(request).__name__}, which the repository cannot answer")
 
 

@@ -1,4 +1,5 @@
-"""The admin HTTP API under /v1/: instances, stuck instances, replay, definitions, and its OpenAPI document.
+"""The admin HTTP API under /v1/: instances, stuck instances, replay, rate limits, definitions, and its OpenAPI
+document.
 
 Off unless SFWORKFLOW_ADMIN_TOKEN is set: then every /v1/ route answers 404 saying how to turn it on.
 On: every route but /v1/openapi.json wants `Authorization: Bearer <token>` (compared in constant time).
@@ -27,9 +28,10 @@ from sfworkflow.core.durations import parse_age
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 from sfworkflow.core.stuck import Filters
 from sfworkflow.db import operations
+from sfworkflow.errors import UsageError
 from sfworkflow.http import openapi
 from sfworkflow.http.validation import Checks, Invalid
-from sfworkflow.ops import replay
+from sfworkflow.ops import limits, replay
 from sfworkflow.ops.inspect import load_instance
 from sfworkflow.ops.stuck import find_stuck
 
@@ -81,6 +83,10 @@ def mount(app: web.Application, service: Service) -> None:
     app.router.add_get(PREFIX + "/instances/{tenant}/{workflow}/{entity:[^/]+}", get_instance)
     app.router.add_get(PREFIX + "/stuck", list_stuck)
     app.router.add_post(PREFIX + "/replay", post_replay)
+    app.router.add_get(PREFIX + "/limits", list_limits)
+    app.router.add_get(PREFIX + "/limits/{tenant}", get_tenant_limits)
+    app.router.add_put(PREFIX + "/limits/{tenant}", put_tenant_limit)
+    app.router.add_delete(PREFIX + "/limits/{tenant}", delete_tenant_limit)
     app.router.add_get(PREFIX + "/definitions", list_definitions)
     app.router.add_get(PREFIX + "/definitions/{workflow}", get_definition)
 
@@ -253,6 +259,54 @@ def _nothing_message(named: replay.Named | None) -> str:
         return "nothing to replay: no stuck instance matches"
     hint = "; force: true does it now" if named.forceable else ""
     return f"nothing to replay: {named.explanation.summary()}; {named.explanation.rule.text}; {named.why_not}{hint}"
+
+
+# ---- rate limits (ops/limits.py) ----------------------------------------------------------------------------
+async def list_limits(request: web.Request) -> web.Response:
+    params(request, "listLimits")
+    engine = _engine(request)
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        found = {"limits": [d.as_json() for d in limits.declared(engine)], "overrides": await limits.overrides(conn)}
+    return json_response(found)
+
+
+async def get_tenant_limits(request: web.Request) -> web.Response:
+    p = params(request, "getTenantLimits")
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        return json_response(await limits.tenant_view(conn, _engine(request), p["tenant"]))
+
+
+async def put_tenant_limit(request: web.Request) -> web.Response:
+    p = params(request, "setTenantLimit")
+    body = request.app[CHECKS].body("setTenantLimit", await request.read())
+    engine = _engine(request)
+    try:
+        d = limits.check_limit(engine, body["limit"])
+    except UsageError as exc:
+        raise ApiError(404, "unknown_limit", str(exc)) from None
+    burst = int(body["burst"]) if "burst" in body else (d.in_force or d.definition).burst
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+        row = await limits.set_override(
+            conn, engine, p["tenant"], body["limit"], float(body["per_s"]), burst, body["reason"], body["by"]
+        )
+    log.info("rate limit override set", tenant_id=row["tenant"], limit=row["limit"], per_s=row["per_s"],
+             burst=row["burst"], reason=row["reason"], by=row["updated_by"])  # fmt: skip
+    return json_response(row)
+
+
+async def delete_tenant_limit(request: web.Request) -> web.Response:
+    p = params(request, "unsetTenantLimit")
+    engine = _engine(request)
+    try:
+        limits.check_limit(engine, p["limit"])
+    except UsageError as exc:
+        raise ApiError(404, "unknown_limit", str(exc)) from None
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        row = await limits.unset_override(conn, engine, p["tenant"], p["limit"])
+    if row is None:
+        raise ApiError(404, "not_found", f"tenant {p['tenant']} has no override of {p['limit']}")
+    log.info("rate limit override removed", tenant_id=row["tenant"], limit=row["limit"])
+    return json_response(row)
 
 
 async def post_replay(request: web.Request) -> web.Response:

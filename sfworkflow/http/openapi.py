@@ -21,6 +21,8 @@ ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 chara
 # calls valid is a finite age: at most 6 digits, 3 decimals, then a unit (s m h d w) or none (seconds).
 AGE = rf"[0-9]{{1,6}}(\.[0-9]{{1,3}})?[{''.join(UNITS)}]?"
 INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
+LIMIT_NAME = rf"{NAME}\.{NAME}/{NAME}"  # a rate limit: <workflow>.<command>/<name>
+MAX_RATE = 1_000_000  # commands a second, and a burst, at most (an override above that is no limit at all)
 # Free text (reason, by): no control characters, at least one character that is not a space.
 TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
 MAX_REASON = 500
@@ -50,6 +52,7 @@ IN_WORDS = {
     anchored(ENTITY): "1 to 200 characters, no '/'",
     anchored(AGE): f"an age such as {AGE_EXAMPLES}",
     anchored(INSTANCE_REF): "TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)",
+    anchored(LIMIT_NAME): "a rate limit's name, WORKFLOW.COMMAND/NAME, e.g. sequence.send_step/per_sender",
     anchored(TEXT): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
 }
 
@@ -211,6 +214,11 @@ def _schemas() -> dict[str, Any]:
                             "published_at": NULLABLE_TIMESTAMP,
                             "publish_attempts": {"type": "integer"},
                             "last_error": NULLABLE_STRING,
+                            "deferred_until": {
+                                **NULLABLE_TIMESTAMP,
+                                "description": "A command a rate limit deferred is not published before this.",
+                            },
+                            "deferred_by": {**NULLABLE_STRING, "description": "The rate limit that deferred it."},
                             "body": {"description": "The message body as published (JSON)."},
                         },
                     },
@@ -265,6 +273,111 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "items": {"type": "array", "items": {"$ref": "#/components/schemas/StuckInstance"}},
                 "count": {"type": "integer"},
+            },
+        },
+        "Rate": {
+            "type": ["object", "null"],
+            "description": "Commands a second and the burst; null: the limit is off in this deployment.",
+            "required": ["per_s", "burst"],
+            "properties": {"per_s": {"type": "number"}, "burst": {"type": "integer"}},
+        },
+        "LimitOverride": {
+            "type": "object",
+            "required": ["tenant", "limit", "per_s", "burst", "reason", "updated_by", "updated_at"],
+            "properties": {
+                "tenant": {"type": "string", "format": "uuid"},
+                "limit": {"type": "string"},
+                "per_s": {"type": "number"},
+                "burst": {"type": "integer"},
+                "reason": {"type": "string"},
+                "updated_by": {"type": "string"},
+                "updated_at": TIMESTAMP,
+                "note": {"type": "string", "description": "Set when the override has no effect, and why."},
+            },
+        },
+        "LimitList": {
+            "type": "object",
+            "required": ["limits", "overrides"],
+            "properties": {
+                "limits": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["limit", "workflow", "command", "definition", "in_force", "source"],
+                        "properties": {
+                            "limit": {"type": "string"},
+                            "workflow": {"type": "string"},
+                            "command": {"type": "string"},
+                            "description": {"type": "string"},
+                            "definition": {"$ref": "#/components/schemas/Rate"},
+                            "in_force": {"$ref": "#/components/schemas/Rate"},
+                            "source": {"type": "string", "enum": ["definition", "SFWORKFLOW_RATE_LIMITS", "off"]},
+                        },
+                    },
+                },
+                "overrides": {"type": "array", "items": {"$ref": "#/components/schemas/LimitOverride"}},
+            },
+        },
+        "TenantLimits": {
+            "type": "object",
+            "required": ["tenant", "limits"],
+            "properties": {
+                "tenant": {"type": "string", "format": "uuid"},
+                "limits": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["limit", "rate", "source", "keys", "deferred"],
+                        "properties": {
+                            "limit": {"type": "string"},
+                            "command": {"type": "string"},
+                            "rate": {"$ref": "#/components/schemas/Rate"},
+                            "source": {"type": "string"},
+                            "override": {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]},
+                            "keys": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["key", "booked_until", "booked_ahead_s"],
+                                    "properties": {
+                                        "key": {"type": "string"},
+                                        "booked_until": TIMESTAMP,
+                                        "booked_ahead_s": {"type": "number"},
+                                    },
+                                },
+                            },
+                            "deferred": {"type": "integer", "description": "Its commands deferred to a time ahead."},
+                            "deferred_until": NULLABLE_TIMESTAMP,
+                        },
+                    },
+                },
+            },
+        },
+        "LimitOverrideRequest": {
+            "type": "object",
+            "required": ["limit", "per_s", "reason"],
+            "additionalProperties": False,
+            "properties": {
+                "limit": {
+                    "type": "string",
+                    "maxLength": 200,
+                    "pattern": anchored(LIMIT_NAME),
+                    "description": "The limit, e.g. sequence.send_step/per_sender (GET /v1/limits lists them).",
+                },
+                "per_s": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": MAX_RATE,
+                    "description": "Commands a second for this tenant.",
+                },
+                "burst": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_RATE,
+                    "description": "Commands at once after a quiet spell (default: the rate in force's burst).",
+                },
+                "reason": {**filters["reason"], "description": "Why (kept with the override)."},
+                "by": filters["by"],
             },
         },
         "ReplayRequest": {
@@ -446,7 +559,8 @@ def document() -> dict[str, Any]:
             "title": "sfworkflow admin API",
             "version": __version__,
             "description": (
-                "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions.\n\n"
+                "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions, set a "
+                "tenant's rate limits.\n\n"
                 "The API is off unless `SFWORKFLOW_ADMIN_TOKEN` is set (at least 16 characters); while it is off "
                 "every `/v1/` route answers 404. Send the token as `Authorization: Bearer <token>`; a missing or "
                 'wrong token gets 401. Errors are JSON: `{"error": code, "message": text}`.'
@@ -512,6 +626,59 @@ def document() -> dict[str, Any]:
                     },
                     operationId="replay",
                 )
+            },
+            "/v1/limits": {
+                "get": _op(
+                    "List rate limits",
+                    "Every rate limit the loaded definitions declare, the rate this deployment enforces (the "
+                    "definition's, or SFWORKFLOW_RATE_LIMITS), and every tenant's override.",
+                    {"$ref": ref + "LimitList"},
+                    [],
+                    operationId="listLimits",
+                )
+            },
+            "/v1/limits/{tenant}": {
+                "get": _op(
+                    "A tenant's rate limits",
+                    "For one tenant, each limit's rate in force and where it comes from (its override, the "
+                    "deployment, the definition), how far ahead each of its keys is booked, and how many of its "
+                    "commands wait deferred.",
+                    {"$ref": ref + "TenantLimits"},
+                    [TENANT_P],
+                    operationId="getTenantLimits",
+                ),
+                "put": _op(
+                    "Set a tenant's rate for a limit",
+                    "Same as `sfworkflow limits set`: the tenant's own rate for `limit`, replacing an earlier "
+                    "override, from the next batch on, on every replica; commands already deferred keep their "
+                    "slots. 404 when no definition declares the limit.",
+                    {"$ref": ref + "LimitOverride"},
+                    [TENANT_P],
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": ref + "LimitOverrideRequest"}}},
+                    },
+                    operationId="setTenantLimit",
+                ),
+                "delete": _op(
+                    "Remove a tenant's override",
+                    "Same as `sfworkflow limits unset`: the tenant follows the deployment's rate for `limit` again "
+                    "from the next batch on. 404 when no definition declares the limit or the tenant has no "
+                    "override of it.",
+                    {"$ref": ref + "LimitOverride"},
+                    [
+                        TENANT_P,
+                        {
+                            **_query(
+                                "limit",
+                                {"type": "string", "maxLength": 200, "pattern": anchored(LIMIT_NAME)},
+                                "The limit, e.g. sequence.send_step/per_sender.",
+                            ),
+                            "required": True,
+                        },
+                    ],
+                    operationId="unsetTenantLimit",
+                ),
             },
             "/v1/definitions": {
                 "get": _op(

@@ -174,6 +174,7 @@ def _glance(data: dict[str, Any], f: rates.Figures) -> str:
     else:
         span = "this replica: from the next view on"
     backlog = sum(r["n"] for r in data["backlog"])
+    deferred = sum(r["deferred"] for r in data["backlog"])
     oldest = max((r["oldest_s"] for r in data["backlog"]), default=0.0)
 
     def lag(value: float | None) -> str:
@@ -184,7 +185,8 @@ def _glance(data: dict[str, Any], f: rates.Figures) -> str:
         ("lag-p50", lag(f.p50_s), "lag p50 (event age at commit)", "", span),
         ("lag-p99", lag(f.p99_s), "lag p99 (event age at commit)", "bad" if (f.p99_s or 0) > LAG_BAD_S else "", span),
         ("outbox-oldest", rates.format_seconds(oldest) if backlog else "none", "oldest unpublished outbox row",
-         "bad" if oldest > OUTBOX_BAD_S else "", f"{backlog} unpublished · all replicas"),
+         "bad" if oldest > OUTBOX_BAD_S else "",
+         f"{backlog} unpublished · {deferred} deferred by a rate limit · all replicas"),
     ]  # fmt: skip
     return (
         f'<section id="glance"><h2>At a glance</h2>{_card_row(cards)}'
@@ -293,9 +295,12 @@ def render_page(
         "no dead letters within the retention period",
     )
     backlog = table(
-        ["kind", "unpublished", "oldest"],
-        [[e(r["kind"]), e(r["n"]), e(age(r["oldest_s"]))] for r in data["backlog"]],
-        {1, 2},
+        ["kind", "unpublished", "oldest", "deferred by a rate limit"],
+        [
+            [e(r["kind"]), e(r["n"]), e(age(r["oldest_s"]) if r["n"] else "-"), e(r["deferred"])]
+            for r in data["backlog"]
+        ],
+        {1, 2, 3},
         "empty: every message is published",
     )
     failed = table(

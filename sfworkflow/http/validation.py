@@ -48,6 +48,7 @@ class Param:
     where: str  # "query" or "path"
     schema: dict[str, Any]  # with its $ref resolved
     validator: Any
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ class Checks:
             if len(given) > 1:
                 raise Invalid(f"{p.name} is given {len(given)} times: give it once")
             if not given:
-                if "default" in p.schema:
+                if p.required:
+                    errors.append(f"{p.name} is required: {in_words(p.schema)}")
+                elif "default" in p.schema:
                     out[p.name] = p.schema["default"]
                 continue
             value = _convert(given[0], p.schema)
@@ -178,7 +181,7 @@ def _validator(doc: dict[str, Any], at: str) -> Any:
 def _param(doc: dict[str, Any], param: dict[str, Any], at: str) -> Param:
     param, at = _resolve(doc, param, at)
     schema, schema_at = _resolve(doc, param["schema"], at + "/schema")
-    return Param(param["name"], param["in"], schema, _validator(doc, schema_at))
+    return Param(param["name"], param["in"], schema, _validator(doc, schema_at), bool(param.get("required")))
 
 
 def _body(doc: dict[str, Any], at: str) -> Body:

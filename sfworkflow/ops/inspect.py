@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -89,8 +90,14 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
                     f"FAILED, given up after {o['publish_attempts']} attempts ({o['last_error']}); "
                     f"republish: sfworkflow outbox republish --id {o['id']}"
                 )
+            elif o.get("deferred_until") and o["deferred_until"] > datetime.now(UTC):
+                status = f"DEFERRED until {o['deferred_until']:%Y-%m-%d %H:%M:%S.%f} UTC by {o['deferred_by']}"
             else:
                 status = f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})"
+                if o.get("deferred_until"):
+                    status += f"; deferred until {o['deferred_until']:%H:%M:%S.%f} by {o['deferred_by']}"
+            if o["published_at"] and o.get("deferred_until"):
+                status += f" (deferred by {o['deferred_by']} until {o['deferred_until']:%H:%M:%S.%f})"
             attempt = o["body"].get("attempt")
             print(
                 f"  {o['kind']:<12} {o['routing_key']:<32} {status}"

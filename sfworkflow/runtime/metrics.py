@@ -36,6 +36,7 @@ KINDS = OUTBOX_KINDS
 BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "retention", "stats")  # runtime/supervisor.py kinds
 # End-to-end lag: fine steps up to 150 ms (the service's target is tens of ms), then coarse ones up to an hour,
 # so a backlog of minutes reads as minutes on a dashboard instead of one +Inf bucket.
+DEFERRAL_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 EVENT_AGE_BUCKETS = (
     *(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
     *(1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
@@ -53,7 +54,8 @@ def build_labels() -> dict[str, str]:
 
 
 class Metrics:
-    def __init__(self, workflows: Iterable[str] = ()) -> None:
+    def __init__(self, workflows: Iterable[str] = (), limits: Iterable[tuple[str, str, str]] = ()) -> None:
+        """`limits`: (workflow, command type, limit name) of every rate limit declared, for their series at 0."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # the standard ones; they keep no state, so every registry may share them
@@ -126,6 +128,19 @@ class Metrics:
             ["workflow"],
             registry=r,
         )
+        self.deferred = Counter(
+            "sfworkflow_commands_deferred",
+            "Commands a rate limit deferred: written due at their slot, published then, never dropped.",
+            ["workflow", "command", "limit"],
+            registry=r,
+        )
+        self.deferral = Histogram(
+            "sfworkflow_command_deferral_seconds",
+            "How far a rate limit deferred a command: from the batch that queued it to its slot.",
+            ["workflow", "limit"],
+            buckets=DEFERRAL_BUCKETS,
+            registry=r,
+        )
         self.timers_fired = Counter("sfworkflow_timers_fired", "Durable timers fired by the timer loop.", registry=r)
         self.timer_failures = Counter(
             "sfworkflow_timer_failures",
@@ -182,9 +197,24 @@ class Metrics:
             "stuck); the other replicas export none of them, so a max() over replicas counts each once.",
             registry=r,
         )
-        self.outbox_backlog = Gauge("sfworkflow_outbox_backlog", "Outbox rows not yet published.", registry=c)
+        self.outbox_backlog = Gauge(
+            "sfworkflow_outbox_backlog", "Outbox rows due and not yet published (deferred commands not counted).",
+            registry=c,
+        )  # fmt: skip
         self.outbox_oldest = Gauge(
-            "sfworkflow_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row.", registry=c
+            "sfworkflow_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row, counted from when it was due (a deferred command: its slot).",
+            registry=c,
+        )
+        self.outbox_deferred = Gauge(
+            "sfworkflow_outbox_deferred",
+            "Commands a rate limit deferred to a time still ahead (not in the backlog: they are not late).",
+            registry=c,
+        )
+        self.outbox_deferred_until = Gauge(
+            "sfworkflow_outbox_deferred_until_seconds",
+            "Seconds until the last deferred command falls due (0 when none): how far behind a throttled key is.",
+            registry=c,
         )
         self.instances = Gauge(
             "sfworkflow_instances",
@@ -227,6 +257,9 @@ class Metrics:
             self.unparked.labels(w)
             for k in KINDS[:3]:
                 self.queued.labels(w, k)
+        for workflow, command, limit in limits:
+            self.deferred.labels(workflow, command, limit)
+            self.deferral.labels(workflow, limit)
         for k in KINDS:
             self.published.labels(k)
             self.publish_failures.labels(k)
@@ -255,6 +288,10 @@ class Metrics:
             self.timers_fired.inc(report.timers_fired)
         if report.timer_failures:
             self.timer_failures.inc(report.timer_failures)
+        for (workflow, command, limit), n in report.deferred.items():
+            self.deferred.labels(workflow, command, limit).inc(n)
+        for workflow, limit, seconds in report.deferral_s:
+            self.deferral.labels(workflow, limit).observe(seconds)
         if report.first_seen:  # record() runs once the batch committed: now is its commit time
             committed = datetime.now(UTC)
             for timestamp in report.first_seen:

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 from collections import deque
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq.abc
@@ -58,6 +60,7 @@ log = structlog.get_logger("sfworkflow.relay")
 NOTIFY_CHANNEL = "sfworkflow_outbox"
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
+DEFERRED_WAKE_CAP = 4096  # slots of deferred rows a relay wakes for; later ones wait for a polling round
 
 
 class Doorbell:
@@ -123,6 +126,8 @@ class Relay:
         self._handed: deque[dict[str, Any]] = deque()
         self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
         self._rounds_out = 0  # rounds between their claim and their commit
+        self._deferred: list[float] = []  # heap: loop times at which rows a rate limit deferred fall due
+        self._deferred_set: set[float] = set()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listen_task: asyncio.Task[None] | None = None
@@ -178,7 +183,12 @@ class Relay:
                         await conn.close()
 
     def hand(self, queued: Sequence[Queued]) -> None:
-        """Rows a transaction of this process committed: published from memory by the next round that takes them."""
+        """Rows a transaction of this process committed: published from memory by the next round that takes them.
+        A row a rate limit deferred is not handed: a polling round claims it once due, woken at its slot."""
+        deferred = [x.row.deferred_until for x in queued if x.row.deferred_until is not None]
+        if deferred:
+            self._wake_at(deferred)
+            queued = [x for x in queued if x.row.deferred_until is None]
         room = self._handed_cap - len(self._handed)
         for x in queued[:room]:
             r = x.row
@@ -192,6 +202,28 @@ class Relay:
         # relay under load publishes in big rounds, and in parallel only when it is behind.
         if overflow or self._rounds_out == 0 or len(self._handed) >= self.settings.relay_batch:
             self.doorbell.ring(poll=overflow)
+
+    def _wake_at(self, times: Sequence[datetime]) -> None:
+        """Remember when deferred rows fall due (as loop times, to the nearest 10 ms; bounded: past the bound
+        the polling interval finds them)."""
+        loop = asyncio.get_running_loop()
+        now = datetime.now(UTC)
+        for t in times:
+            at = round(loop.time() + (t - now).total_seconds(), 2)
+            if at not in self._deferred_set and len(self._deferred) < DEFERRED_WAKE_CAP:
+                heapq.heappush(self._deferred, at)
+                self._deferred_set.add(at)
+
+    def _until_deferred(self) -> float | None:
+        """Seconds until the next deferred row this relay knows of falls due (0: one has), or None."""
+        if not self._deferred:
+            return None
+        now = asyncio.get_running_loop().time()
+        if self._deferred[0] > now:
+            return self._deferred[0] - now
+        while self._deferred and self._deferred[0] <= now:
+            self._deferred_set.discard(heapq.heappop(self._deferred))
+        return 0.0
 
     def _take_handed(self) -> list[dict[str, Any]]:
         n = min(len(self._handed), self.settings.relay_batch)
@@ -229,7 +261,8 @@ class Relay:
                 continue
             if n >= self.settings.relay_batch and poll:
                 continue  # a full polling round: more is waiting
-            poll = await self.doorbell.wait(poll_s)
+            until = self._until_deferred()
+            poll = await self.doorbell.wait(poll_s if until is None else min(poll_s, until))
 
     async def publish_round(self, poll: bool = True) -> int:
         """Publish a batch concurrently with confirms and mark the outcome; how many rows it took. The batch is

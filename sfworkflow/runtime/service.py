@@ -31,6 +31,7 @@ from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.limits import parse_overrides
 from sfworkflow.db import migrate, operations
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
@@ -72,8 +73,9 @@ class Service:
         self.settings = settings
         self.tracer = tracing.tracer(tracer_provider)  # None: no spans (not installed, or not configured)
         self.http_enabled = http
-        self.engine = Engine(definitions)  # every (workflow, version) loaded; new instances start on the latest
-        self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}))
+        # every (workflow, version) loaded; new instances start on the latest
+        self.engine = Engine(definitions, parse_overrides(settings.rate_limits))
+        self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}), self.engine.limit_labels())
         self.health = Health()
         self.schemas = schemas.default()
         self.parser = EventParser(self.schemas, known_event_types(self.engine), settings.max_message_bytes)

@@ -99,6 +99,8 @@ class ClusterStats:
         row = await outbox.backlog(conn)
         m.outbox_backlog.set(row["backlog"])
         m.outbox_oldest.set(row["oldest_s"])
+        m.outbox_deferred.set(row["deferred"])
+        m.outbox_deferred_until.set(row["deferred_until_s"])
         m.outbox_failed.set(await outbox.failed_count(conn))
         rows = await operations.active_instances_by_state(conn)
         m.instances.clear()

@@ -16,11 +16,13 @@ send), due_at (when the current step falls due), paused_from, and counters sent/
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.limits import RateLimit
 from sfworkflow.workflows._cursor import (
     current_and_has_next,
     current_and_last,
@@ -305,6 +307,12 @@ def stale(step: Step) -> str | None:
     return None
 
 
+def by_sender(data: Mapping[str, Any]) -> str:
+    """send_step's rate-limit key after the tenant: the channel and the sender ('-' when the enrollment named none)."""
+    recipient = data["recipient"]
+    return f"{recipient['channel']}:{recipient.get('sender', '-')}"
+
+
 W, SE, R, P = S.WAITING, S.SENDING, S.RETRY_WAIT, S.PAUSED
 
 DEFINITION = WorkflowDefinition(
@@ -326,6 +334,19 @@ DEFINITION = WorkflowDefinition(
     # When an instance counts as stuck (seconds in the state with no pending timer; a pending timer
     # counts only once overdue). Paused is a person's choice: never stuck.
     stuck_after_s={S.WAITING: 900.0, S.SENDING: 900.0, S.RETRY_WAIT: 900.0, S.PAUSED: None},
+    # Channels limit senders, not sfworkflow: a WhatsApp Business number has a throughput, an e-mail provider limits
+    # per sender domain. 50 sends a second per (tenant, channel, sender), bursts of 50; a send over it is deferred,
+    # never dropped. A deployment changes it with SFWORKFLOW_RATE_LIMITS=sequence.send_step/per_sender=PER_S/BURST.
+    limits=(
+        RateLimit(
+            "send_step",
+            name="per_sender",
+            per_s=50,
+            burst=50,
+            key=by_sender,
+            description="sends per (tenant, channel, sender)",
+        ),
+    ),
     transitions=(
         Transition("enrolled", S.NEW, W, action=start),
         Transition("timer_step_due", W, SE, action=issue_send),

@@ -7,12 +7,6 @@ instance moves on and nothing is sent twice.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,76 +17,12 @@ import pytest
 
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
-from tests.integration.fuzz_support import http_get
 from tests.integration.helpers_extra import COMMANDS_Q, DEAD_Q, EVENTS_Q, Inbox, queue_depth
+from tests.integration.replicas import Replica
 from tests.integration.storekit import delivery, direct_store
 from tests.support import TENANT, Amqp, enrolled_data, event, history, instance
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Replica:
-    """One `python -m tests.integration.replica RELEASE` process against the test's database and vhost."""
-
-    def __init__(self, settings: Settings, release: str, log: Path) -> None:
-        self.release = release
-        self.port = _free_port()
-        self.log = log
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SFWORKFLOW_")},
-            "SFWORKFLOW_DATABASE_URL": settings.database_url,
-            "SFWORKFLOW_AMQP_URL": settings.amqp_url,
-            "SFWORKFLOW_QUEUE_TYPE": "classic",
-            "SFWORKFLOW_HTTP_HOST": "127.0.0.1",
-            "SFWORKFLOW_HTTP_PORT": str(self.port),
-            "SFWORKFLOW_TIMER_POLL_MS": "50",
-            "SFWORKFLOW_RELAY_POLL_MS": "100",
-            "SFWORKFLOW_SHUTDOWN_TIMEOUT_S": "3",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.replica", self.release],
-            env=self.env, cwd=ROOT, stdout=out, stderr=out,
-        )  # fmt: skip
-
-    async def ready(self) -> None:
-        async def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"release {self.release} exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                return (await http_get(self.port, "/readyz"))[0] == 200
-            except OSError:
-                return False
-
-        await wait_for(up, timeout=30, what=f"release {self.release} ready")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    async def counter(self, name: str, **labels: str) -> float:
-        _status, text = await http_get(self.port, "/metrics")
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-                total += float(m.group(2))
-        return total
 
 
 @pytest.fixture

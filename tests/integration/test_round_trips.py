@@ -64,12 +64,13 @@ async def test_statements_per_batch_do_not_grow_with_the_batch(database_url: str
     enrolled, step_sent = one
     # Enrolment: inbox, create + lock instances (which say whether events were parked under a new instance's
     # key before it existed: none here, so no parked events are read), the first step's effect key (its timer
-    # is due at once), then the writes. step_sent: the same, the second step's effect key, the writes.
+    # is due at once), the sends' slots under their rate limit (one statement for every key of the batch), then
+    # the writes. step_sent: the same, the second step's effect key and slot, the writes.
     assert enrolled == [
-        "insert_inbox", "create_instances", "lock_instances", "insert_effects", "write_batch",
+        "insert_inbox", "create_instances", "lock_instances", "insert_effects", "take_rates", "write_batch",
     ]  # fmt: skip
     assert step_sent == [
-        "insert_inbox", "create_instances", "lock_instances", "insert_effects",
+        "insert_inbox", "create_instances", "lock_instances", "insert_effects", "take_rates",
         "write_batch",
     ]  # fmt: skip
     # Two steps each, for 1 + 40 instances.

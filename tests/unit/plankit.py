@@ -26,12 +26,15 @@ from sfworkflow.core.batch import (
     InsertInbox,
     LoadParked,
     LockInstances,
+    RateAnswer,
     ReadRegisters,
     Request,
+    TakeRates,
     WriteSet,
 )
 from sfworkflow.core.definition import InstanceKey, Step, Transition, WorkflowDefinition
 from sfworkflow.core.engine import Engine
+from sfworkflow.core.limits import Rate
 from sfworkflow.core.plan import BatchPlan
 
 TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
@@ -142,6 +145,9 @@ class FakeDatabase:
     outbox: list[Any] = field(default_factory=list)
     timers: dict[tuple[int, str], Any] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    buckets: dict[str, datetime] = field(default_factory=dict)  # rate-limit bucket key -> tat
+    overrides: dict[tuple[str, str], Rate] = field(default_factory=dict)  # (tenant, limit) -> the tenant's rate
+    now: datetime = T0  # the transaction's clock, as the buckets see it
     keys_by_id: dict[int, InstanceKey] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -213,6 +219,12 @@ class FakeDatabase:
                 return ClaimAnswer(taken, holders)
             case ReadRegisters(keys=keys):
                 return {k: self.registers[k] for k in keys if k in self.registers}
+            case TakeRates(takes=takes):  # take_rates: tat = max(tat, now) + n intervals, at the tenant's rate
+                rates = {t.bucket_key: self.overrides.get((t.tenant_id, t.limit_name), t.rate) for t in takes}
+                for t in takes:
+                    start = max(self.buckets.get(t.bucket_key, self.now), self.now)
+                    self.buckets[t.bucket_key] = start + timedelta(seconds=t.n * rates[t.bucket_key].interval_s)
+                return RateAnswer({t.bucket_key: self.buckets[t.bucket_key] for t in takes}, rates, self.now)
         raise TypeError(request)
 
     def _release(self, releases: Any) -> None:

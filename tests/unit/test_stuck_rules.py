@@ -78,3 +78,23 @@ def test_an_operator_s_no_progress_age_replaces_every_state_s_threshold() -> Non
     timer = _row("partner_approval", "in_review", 3600, next_due_in_s=3600)
     assert classify(ENGINE, timer, now, no_progress_s=30) is None  # its timer is its deadline
     assert min_age_s(ENGINE, 900.0, no_progress_s=30) == 30
+
+
+def test_a_command_a_rate_limit_deferred_starts_the_clock_at_its_slot() -> None:
+    """A send deferred 40 minutes by its rate limit (a 100,000-lead enrollment at 50 sends a second) is not stuck
+    15 minutes after the state was entered: the clock runs from the slot, as it runs from a timer's due time."""
+    now = datetime.now(UTC)
+    row = {
+        **_row("sequence", "sending", 3600),
+        "command_type": "sequence.send_step",
+        "command_deferred_until": now - timedelta(minutes=5),
+        "command_deferred_by": "sequence.send_step/per_sender",
+    }
+    assert classify(ENGINE, row, now) is None
+    rule = stuck_rule(ENGINE, row)
+    assert rule.since == row["command_deferred_until"] + timedelta(minutes=15)
+    assert rule.text.startswith("its command sequence.send_step was deferred by sequence.send_step/per_sender until")
+    late = classify(ENGINE, {**row, "command_deferred_until": now - timedelta(minutes=20)}, now)
+    assert late is not None and late.why == "no_progress"
+    undeferred = {**row, "command_deferred_until": None}
+    assert classify(ENGINE, undeferred, now) is not None  # in sending an hour, nothing deferred: stuck

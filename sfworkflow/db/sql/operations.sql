@@ -26,14 +26,15 @@ WITH candidate AS (
       AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id))
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
-       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
+       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at,
+       c.deferred_until AS command_deferred_until, c.deferred_by AS command_deferred_by
 FROM candidate k
 JOIN sfworkflow.instance i ON i.id = k.id
 LEFT JOIN LATERAL (
     SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
     ORDER BY due_at LIMIT 1) t ON true
 LEFT JOIN LATERAL (
-    SELECT routing_key, body, published_at FROM sfworkflow.outbox
+    SELECT routing_key, body, published_at, deferred_until, deferred_by FROM sfworkflow.outbox
     WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
 WHERE NOT i.terminal
   AND ($1::text IS NULL OR i.workflow = $1)
@@ -47,13 +48,14 @@ LIMIT $9
 -- One named instance, terminal or not, stuck or not, with its earliest timer and latest command.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
-       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at
+       c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at,
+       c.deferred_until AS command_deferred_until, c.deferred_by AS command_deferred_by
 FROM sfworkflow.instance i
 LEFT JOIN LATERAL (
     SELECT due_at AS next_due, name AS timer_name FROM sfworkflow.timer WHERE instance_id = i.id
     ORDER BY due_at LIMIT 1) t ON true
 LEFT JOIN LATERAL (
-    SELECT routing_key, body, published_at FROM sfworkflow.outbox
+    SELECT routing_key, body, published_at, deferred_until, deferred_by FROM sfworkflow.outbox
     WHERE instance_id = i.id AND kind = 'command' ORDER BY id DESC LIMIT 1) c ON true
 WHERE i.tenant_id = $1::uuid AND i.workflow = $2 AND i.entity_id = $3
 
@@ -81,8 +83,9 @@ FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id
 SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at
 
 -- outbox_of_instance --
--- One instance's outbox rows (published or not), in order.
-SELECT id, message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, failed_at, body
+-- One instance's outbox rows (published or not), in order; deferred_until/deferred_by: a rate limit's slot.
+SELECT id, message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, failed_at,
+       deferred_until, deferred_by, body
 FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id
 
 -- list_instances_page --
@@ -134,9 +137,14 @@ WHERE kind = 'dead_letter' AND created_at > now() - make_interval(secs => $1)
 GROUP BY 1 ORDER BY n DESC, reason
 
 -- outbox_backlog_by_kind --
--- Unpublished messages per kind and the age in seconds of the oldest of each.
-SELECT kind, count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_s
-FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL GROUP BY kind ORDER BY kind
+-- Unpublished messages per kind: those due (n) and the age in seconds of the oldest of them, counted from when it
+-- was due, and those a rate limit deferred to a time still ahead (deferred: not late).
+SELECT kind, count(*) FILTER (WHERE NOT ahead) AS n,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(due) FILTER (WHERE NOT ahead)), 0)::float8 AS oldest_s,
+       count(*) FILTER (WHERE ahead) AS deferred
+FROM (SELECT kind, COALESCE(deferred_until, created_at) AS due, COALESCE(deferred_until > now(), false) AS ahead
+      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL) o
+GROUP BY kind ORDER BY kind
 
 -- demo_settled_count --
 -- The demo: how many of a tenant's instances have settled (terminal, or waiting for an operator: $2/$3).
@@ -177,3 +185,33 @@ WHERE i.tenant_id = $1 AND o.kind = 'command'
 -- The demo: a tenant's outbox rows per kind.
 SELECT o.kind, count(*) AS n FROM sfworkflow.outbox o JOIN sfworkflow.instance i
 ON i.id = o.instance_id WHERE i.tenant_id = $1 GROUP BY o.kind
+
+-- limit_overrides --
+-- The tenants' rate-limit overrides ($1: one tenant's, or NULL for every tenant's).
+SELECT tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at FROM sfworkflow.limit_override
+WHERE ($1::uuid IS NULL OR tenant_id = $1::uuid)
+ORDER BY tenant_id, limit_name
+
+-- upsert_limit_override --
+-- Set a tenant's rate for a limit, replacing its earlier override; the stored row.
+INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by)
+VALUES ($1::uuid, $2, $3, $4, $5, $6)
+ON CONFLICT (tenant_id, limit_name) DO UPDATE SET per_s = EXCLUDED.per_s, burst = EXCLUDED.burst,
+    reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()
+RETURNING tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at
+
+-- delete_limit_override --
+-- Remove a tenant's override of a limit; the removed row (none when it had no override).
+DELETE FROM sfworkflow.limit_override WHERE tenant_id = $1::uuid AND limit_name = $2
+RETURNING tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at
+
+-- rate_buckets_of_tenant --
+-- A tenant's rate-limit buckets, the most booked first.
+SELECT bucket_key, limit_name, tat FROM sfworkflow.rate_bucket WHERE tenant_id = $1::uuid ORDER BY tat DESC LIMIT 100
+
+-- deferred_of_tenant --
+-- Per limit, a tenant's unpublished commands deferred to a time still ahead: how many, and the last slot.
+SELECT o.deferred_by, count(*) AS n, max(o.deferred_until) AS last
+FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
+WHERE o.published_at IS NULL AND o.failed_at IS NULL AND o.deferred_until > now() AND i.tenant_id = $1::uuid
+GROUP BY o.deferred_by

@@ -108,7 +108,8 @@ FOR UPDATE OF p
 --   $2 history: entries appended;
 --   timers cancelled: every timer of some instances ($3), named timers of others ($4); one join over both
 --      lists, so each is looked up in the primary key (instance_id, name), never the whole table;
---   $5 outbox, with $6 the bodies in the same order: messages queued; a message id queued before is skipped.
+--   $5 outbox, with $6 the bodies in the same order: messages queued; a message id queued before is skipped; a
+--      command a rate limit deferred is due at its slot (deferred_until), not now.
 WITH changed AS (
     UPDATE sfworkflow.instance AS i
     SET state = u.state,
@@ -142,13 +143,16 @@ cancelled AS (
            SELECT * FROM jsonb_to_recordset($4::jsonb) AS n(instance_id bigint, name text)) AS c(instance_id, name)
     WHERE t.instance_id = c.instance_id AND (c.name IS NULL OR t.name = c.name)),
 queued AS (
-    INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory)
-    SELECT o.message_id, o.kind, o.exchange, o.routing_key, o.instance_id, o.body, o.headers, o.mandatory
+    INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory,
+                                   next_attempt_at, deferred_until, deferred_by)
+    SELECT o.message_id, o.kind, o.exchange, o.routing_key, o.instance_id, o.body, o.headers, o.mandatory,
+           COALESCE(o.deferred_until, now()), o.deferred_until, o.deferred_by
     FROM ROWS FROM (jsonb_to_recordset($5::jsonb)
                         AS (message_id uuid, kind text, exchange text, routing_key text, instance_id bigint,
-                            headers jsonb, mandatory bool),
+                            headers jsonb, mandatory bool, deferred_until timestamptz, deferred_by text),
                     unnest($6::bytea[]))
-         AS o(message_id, kind, exchange, routing_key, instance_id, headers, mandatory, body)
+         AS o(message_id, kind, exchange, routing_key, instance_id, headers, mandatory, deferred_until, deferred_by,
+              body)
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
     RETURNING id, message_id)
 SELECT id, message_id FROM queued
@@ -290,6 +294,25 @@ WHERE id IN (SELECT id FROM sfworkflow.parked WHERE deadline <= now() ORDER BY d
 RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, headers, reason, parked_at, deadline,
           awaiting_version
 
+-- take_rates --
+-- Reserve slots in rate-limit buckets (core/limits.py; $1: [{bucket_key, tenant_id, limit_name, n, per_s, burst}],
+-- in key order, the lock order), at the tenant's override of the rate when it has one: each bucket's theoretical
+-- arrival time moves on by n intervals from itself or from now, whichever is later (a new bucket starts at now).
+-- Returns each bucket's new tat, the rate it was taken at, and the transaction's clock. The bucket rows stay locked
+-- until commit: batches sharing a key take their slots one after the other.
+WITH r AS (
+    SELECT r.bucket_key, r.tenant_id, r.limit_name, r.n, COALESCE(o.per_s, r.per_s) AS per_s,
+           COALESCE(o.burst, r.burst) AS burst
+    FROM jsonb_to_recordset($1::jsonb)
+         AS r(bucket_key text, tenant_id uuid, limit_name text, n int, per_s float8, burst int)
+    LEFT JOIN sfworkflow.limit_override o ON o.tenant_id = r.tenant_id AND o.limit_name = r.limit_name),
+taken AS (
+    INSERT INTO sfworkflow.rate_bucket AS b (bucket_key, tenant_id, limit_name, tat)
+    SELECT bucket_key, tenant_id, limit_name, now() + make_interval(secs => n / per_s) FROM r ORDER BY bucket_key
+    ON CONFLICT (bucket_key) DO UPDATE SET tat = greatest(b.tat, now()) + (EXCLUDED.tat - now()), updated_at = now()
+    RETURNING bucket_key, tat)
+SELECT t.bucket_key, t.tat, r.per_s, r.burst, now() AS now FROM taken t JOIN r USING (bucket_key)
+
 -- claim_outbox --
 -- Unpublished messages due for a publish attempt, skipping rows another relay holds and rows behind an earlier
 -- unpublished row of their instance: one backing off (inside, so they take no place in the limit) or one not
@@ -325,11 +348,12 @@ ORDER BY id
 
 -- claim_handed --
 -- Rows this process just committed and handed to its relay in memory (their ids), locked for publishing:
--- those another relay holds are skipped, and so is a row behind an earlier unpublished row of its instance
--- that is not locked here (held by another relay, backing off); the polling claim takes those later.
+-- those another relay holds are skipped, and so is a row not due yet (a rate limit deferred it) or behind an
+-- earlier unpublished row of its instance that is not locked here (held by another relay, backing off,
+-- deferred); the polling claim takes those later.
 WITH mine AS (
     SELECT o.id, o.instance_id FROM sfworkflow.outbox o
-    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL
+    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL AND o.next_attempt_at <= now()
     FOR UPDATE SKIP LOCKED)
 SELECT id FROM mine
 WHERE instance_id IS NULL OR NOT EXISTS (
@@ -353,9 +377,15 @@ FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::boolean[]) AS f(id, erro
 WHERE o.id = f.id
 
 -- outbox_backlog --
--- Unpublished messages the relay still tries, and the age in seconds of the oldest (rows given up not counted).
-SELECT count(*) AS backlog, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_s
-FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL
+-- Unpublished messages the relay still tries, and the age in seconds of the oldest, counted from when it was due
+-- (rows given up not counted); commands a rate limit deferred to a time still ahead are not late but `deferred`,
+-- with the seconds until the last of them falls due.
+SELECT count(*) FILTER (WHERE NOT ahead) AS backlog,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(due) FILTER (WHERE NOT ahead)), 0)::float8 AS oldest_s,
+       count(*) FILTER (WHERE ahead) AS deferred,
+       COALESCE(EXTRACT(EPOCH FROM max(due) FILTER (WHERE ahead) - now()), 0)::float8 AS deferred_until_s
+FROM (SELECT COALESCE(deferred_until, created_at) AS due, COALESCE(deferred_until > now(), false) AS ahead
+      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL) o
 
 -- outbox_failed_count --
 -- Rows the relay gave up, waiting for an operator's republish.
@@ -437,6 +467,13 @@ WHERE e.effect_key = r.effect_key AND e.instance_id = r.instance_id
 -- skipping rows another sweep's slice holds).
 DELETE FROM sfworkflow.outbox WHERE id IN (
     SELECT id FROM sfworkflow.outbox WHERE published_at < now() - $1::float8 * interval '1 day' LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+
+-- prune_rate_buckets --
+-- Retention: rate-limit buckets whose theoretical arrival time passed an hour ago: such a bucket is the same as
+-- none (a new one starts at now), so deleting it changes no slot. At most $1 per call, skipping locked ones.
+DELETE FROM sfworkflow.rate_bucket WHERE bucket_key IN (
+    SELECT bucket_key FROM sfworkflow.rate_bucket WHERE tat < now() - interval '1 hour' LIMIT $1
     FOR UPDATE SKIP LOCKED)
 
 -- prune_inbox --

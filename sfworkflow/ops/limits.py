@@ -1,0 +1,146 @@
+"""Rate limits for operators (`sfworkflow limits`, `/v1/limits`): what is declared, what is in force for a tenant, and
+a tenant's overrides.
+
+The rate in force for a (tenant, limit) is, first to last: the tenant's override (sfworkflow.limit_override, set here),
+the deployment's setting (SFWORKFLOW_RATE_LIMITS), the definition's. An override applies from the next batch on, on
+every replica (take_rates reads it in the statement that reserves the slots); commands already deferred keep their
+slots. A limit the deployment turned off (`=off`) is not enforced for anyone, overrides included.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from sfworkflow.core.engine import Engine
+from sfworkflow.core.limits import Rate, check_rate
+from sfworkflow.db import operations
+from sfworkflow.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One declared limit and the rate the deployment enforces (None: turned off by SFWORKFLOW_RATE_LIMITS)."""
+
+    name: str  # sequence.send_step/per_sender
+    workflow: str
+    command: str  # sequence.send_step
+    description: str
+    definition: Rate
+    in_force: Rate | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "limit": self.name, "workflow": self.workflow, "command": self.command, "description": self.description,
+            "definition": _rate_json(self.definition), "in_force": _rate_json(self.in_force),
+            "source": "off" if self.in_force is None else (
+                "definition" if self.in_force == self.definition else "SFWORKFLOW_RATE_LIMITS"),
+        }  # fmt: skip
+
+
+def declared(engine: Engine) -> list[Declared]:
+    """Every rate limit the loaded definitions declare (the latest version's declaration of each name)."""
+    out: dict[str, Declared] = {}
+    for (_w, _v), compiled in sorted(engine.compiled.items()):
+        for command, limits in compiled.rate_limits.items():
+            for name, lim in limits:
+                rate = Rate(lim.per_s, lim.burst)
+                in_force = engine.rate_overrides[name] if name in engine.rate_overrides else rate
+                out[name] = Declared(name, compiled.definition.name, command, lim.description, rate, in_force)
+    return [out[k] for k in sorted(out)]
+
+
+def check_limit(engine: Engine, name: str) -> Declared:
+    """The declared limit `name`, or UsageError naming the declared ones."""
+    known = {d.name: d for d in declared(engine)}
+    if name not in known:
+        raise UsageError(f"no rate limit {name!r}; declared: {', '.join(sorted(known)) or 'none'}")
+    return known[name]
+
+
+def check_tenant(tenant: str) -> str:
+    try:
+        return str(uuid.UUID(tenant))
+    except ValueError:
+        raise UsageError(f"{tenant!r} is not a tenant id (a UUID)") from None
+
+
+async def overrides(conn: asyncpg.Connection, tenant: str | None = None) -> list[dict[str, Any]]:
+    """The tenants' overrides (of one tenant when given), by tenant and limit."""
+    return [_override_json(r) for r in await operations.limit_overrides(conn, tenant)]
+
+
+async def set_override(
+    conn: asyncpg.Connection, engine: Engine, tenant: str, limit: str, per_s: float, burst: int, reason: str, by: str
+) -> dict[str, Any]:
+    """Give `tenant` its own rate for `limit` (replacing an earlier override); the stored override, with a `note`
+    when the deployment has the limit off (then it has no effect)."""
+    tenant = check_tenant(tenant)
+    d = check_limit(engine, limit)
+    try:
+        check_rate(limit, per_s, burst)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not reason.strip():
+        raise UsageError("say why (--reason): it is kept with the override")
+    row = await operations.upsert_limit_override(conn, tenant, limit, float(per_s), int(burst), reason, by)
+    out = _override_json(row)
+    if d.in_force is None:
+        out["note"] = f"{limit} is off in this deployment (SFWORKFLOW_RATE_LIMITS): the override has no effect"
+    return out
+
+
+async def unset_override(conn: asyncpg.Connection, engine: Engine, tenant: str, limit: str) -> dict[str, Any] | None:
+    """Remove `tenant`'s override of `limit` (it goes back to the deployment's rate); the removed one, or None."""
+    tenant = check_tenant(tenant)
+    check_limit(engine, limit)
+    row = await operations.delete_limit_override(conn, tenant, limit)
+    return None if row is None else _override_json(row)
+
+
+async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> dict[str, Any]:
+    """Each declared limit as it applies to `tenant`: the rate in force and where it comes from, and its buckets
+    (one per key: how far ahead its slots are booked) and deferred commands."""
+    tenant = check_tenant(tenant)
+    own = {o["limit"]: o for o in await overrides(conn, tenant)}
+    buckets = await operations.rate_buckets_of_tenant(conn, tenant)
+    deferred = {r["deferred_by"]: r for r in await operations.deferred_of_tenant(conn, tenant)}
+    now = datetime.now(UTC)
+    limits = []
+    for d in declared(engine):
+        o = own.get(d.name)
+        if d.in_force is None:
+            rate, source = None, "off (SFWORKFLOW_RATE_LIMITS)"
+        elif o is not None:
+            rate, source = Rate(o["per_s"], o["burst"]), f"override by {o['updated_by']} at {o['updated_at']}"
+        else:
+            rate, source = d.in_force, d.as_json()["source"]
+        keys = [
+            {"key": b["bucket_key"].split("|", 2)[2], "booked_until": b["tat"],
+             "booked_ahead_s": round(max(0.0, (b["tat"] - now).total_seconds()), 3)}
+            for b in buckets if b["limit_name"] == d.name
+        ]  # fmt: skip
+        waiting = deferred.get(d.name)
+        limits.append(
+            {
+                "limit": d.name, "command": d.command, "rate": _rate_json(rate), "source": source, "override": o,
+                "keys": keys, "deferred": waiting["n"] if waiting else 0,
+                "deferred_until": waiting["last"] if waiting else None,
+            }
+        )  # fmt: skip
+    return {"tenant": tenant, "limits": limits}
+
+
+def _rate_json(rate: Rate | None) -> dict[str, Any] | None:
+    return None if rate is None else {"per_s": rate.per_s, "burst": rate.burst}
+
+
+def _override_json(r: Any) -> dict[str, Any]:
+    return {
+        "tenant": str(r["tenant_id"]), "limit": r["limit_name"], "per_s": r["per_s"], "burst": r["burst"],
+        "reason": r["reason"], "updated_by": r["updated_by"], "updated_at": r["updated_at"],
+    }  # fmt: skip

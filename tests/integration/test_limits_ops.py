@@ -1,0 +1,115 @@
+"""A tenant's own rate for a limit, as an operator sets it at 3 a.m.: `sfworkflow limits` (a subprocess, as run from
+a shell) and the admin API's /v1/limits, against PostgreSQL; the next batch takes its slots at the new rate."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from sfworkflow.settings import Settings
+from tests.integration.storekit import delivery, direct_store
+from tests.integration.test_admin_api import TOKEN, _call
+from tests.integration.test_cli import _cli
+from tests.support import OTHER_TENANT, TENANT, event, running_service
+
+LIMIT = "sequence.send_step/per_sender"
+ADDRESSES = itertools.count()
+
+
+def enrollment(i: int, sender: str = "+15550100") -> dict[str, Any]:
+    """A lead with an address of its own (the same template to the same address twice a day is one send)."""
+    return {
+        "sequence_id": "seq-ops",
+        "lead_id": f"lead-{i}",
+        "recipient": {"channel": "whatsapp", "address": f"+1777{next(ADDRESSES):07d}", "sender": sender},
+        "steps": [{"template_id": "tpl-0", "delay_seconds": 0}],
+    }
+
+
+async def _sends(database_url: str, tenant: str, n: int, prefix: str, sender: str = "+15550100") -> list[float]:
+    """Enroll `n` leads of `tenant` in one batch; how long each send was deferred past its batch, in order."""
+    async with direct_store(database_url) as store:
+        events = [event("sequence.enrolled", f"{prefix}-{i}", enrollment(i, sender), tenant=tenant) for i in range(n)]
+        await store.apply_deliveries([delivery(e) for e in events])
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT o.created_at, o.deferred_until FROM sfworkflow.outbox o JOIN sfworkflow.instance i"
+            " ON i.id = o.instance_id WHERE o.routing_key = 'sequence.send_step' AND i.entity_id LIKE $1 || '-%'"
+            " ORDER BY o.id",
+            prefix,
+        )
+    finally:
+        await conn.close()
+    return [round(((r["deferred_until"] or r["created_at"]) - r["created_at"]).total_seconds(), 3) for r in rows]
+
+
+async def test_an_operator_raises_a_tenant_s_rate_from_the_shell_and_the_next_batch_takes_it(
+    settings: Settings, database_url: str
+) -> None:
+    env = {"SFWORKFLOW_DATABASE_URL": database_url}
+    listed = await asyncio.to_thread(_cli, "limits", "list", **env)
+    assert listed.returncode == 0, listed.stderr
+    line = next(x for x in listed.stdout.splitlines() if LIMIT in x)
+    assert "50/s burst 50" in line and "(definition)" in line
+    # The shipped rate: 50 at once, then one every 20 ms.
+    assert (await _sends(database_url, TENANT, 52, "before"))[-3:] == [0.0, 0.02, 0.04]
+
+    got = await asyncio.to_thread(
+        _cli, "limits", "set", TENANT, LIMIT, "--per-s", "5", "--burst", "2", "--reason", "INC-42 provider quota",
+        "--by", "oncall", **env,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert "is 5/s burst 2 from the next batch on (by oncall: INC-42 provider quota)" in got.stdout
+    shown = await asyncio.to_thread(_cli, "limits", "show", TENANT, "--json", **env)
+    view = orjson.loads(shown.stdout)
+    (mine,) = [lim for lim in view["limits"] if lim["limit"] == LIMIT]
+    assert mine["rate"] == {"per_s": 5.0, "burst": 2} and mine["source"].startswith("override by oncall")
+    assert mine["keys"] and mine["keys"][0]["key"] == "whatsapp:+15550100"
+    # Another sender of the same tenant: a fresh key at the tenant's new rate; another tenant keeps the shipped one.
+    new_sender = await _sends(database_url, TENANT, 4, "after", "+15550199")
+    assert new_sender == [0.0, 0.0, 0.2, 0.4]
+    assert await _sends(database_url, OTHER_TENANT, 4, "other") == [0.0, 0.0, 0.0, 0.0]
+
+    removed = await asyncio.to_thread(_cli, "limits", "unset", TENANT, LIMIT, **env)
+    assert removed.returncode == 0 and "was 5/s burst 2" in removed.stdout
+    again = await asyncio.to_thread(_cli, "limits", "unset", TENANT, LIMIT, **env)
+    assert again.returncode == 1 and "has no override" in again.stdout
+    typo = await asyncio.to_thread(_cli, "limits", "set", TENANT, "sequence.send_step/per_sendr", "--per-s", "1",
+                                   "--reason", "x", **env)  # fmt: skip
+    assert typo.returncode == 2 and "declared: sequence.send_step/per_sender" in typo.stderr
+    bad = await asyncio.to_thread(_cli, "limits", "set", TENANT, LIMIT, "--per-s", "0", "--reason", "x", **env)
+    assert bad.returncode == 2 and "per_s must be a number > 0" in bad.stderr
+
+
+async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings: Settings) -> None:
+    on = dataclasses.replace(settings, admin_token=TOKEN)
+    async with running_service(on) as service, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{service.http_port}/v1/limits"
+        status, body, _ = await _call(http, "GET", base)
+        assert status == 200 and [d["limit"] for d in body["limits"]] == [LIMIT] and body["overrides"] == []
+        put = {"limit": LIMIT, "per_s": 80, "burst": 160, "reason": "INC-7 number upgraded", "by": "oncall"}
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=put)
+        assert status == 200 and (body["per_s"], body["burst"], body["updated_by"]) == (80, 160, "oncall"), body
+        status, body, _ = await _call(http, "GET", f"{base}/{TENANT}")
+        assert status == 200 and body["limits"][0]["rate"] == {"per_s": 80.0, "burst": 160}
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "limit": "sequence.send_step/x"})
+        assert status == 404 and body["error"] == "unknown_limit" and LIMIT in body["message"]
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "per_s": 0})
+        assert status == 400 and body["error"] == "bad_request"
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={"limit": LIMIT, "per_s": 1})
+        assert status == 400 and "reason" in body["message"]
+        status, body, _ = await _call(http, "DELETE", f"{base}/{TENANT}")
+        assert status == 400 and body["message"].startswith("limit is required"), body
+        status, body, _ = await _call(http, "DELETE", f"{base}/{TENANT}", params={"limit": LIMIT})
+        assert status == 200 and body["per_s"] == 80
+        status, body, _ = await _call(http, "DELETE", f"{base}/{TENANT}", params={"limit": LIMIT})
+        assert status == 404 and "no override" in body["message"]
+        status, body, _ = await _call(http, "GET", base, headers=None)
+        assert status == 401
