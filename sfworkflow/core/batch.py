@@ -191,6 +191,7 @@ class InstanceUpdate:
     trace_id: str | None = None  # the instance's trace; stored only where the row has none yet
     traceparent: str | None = None
     tracestate: str | None = None
+    deferred_until: datetime | None = None  # the latest slot its messages now wait for (kept when later)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,6 @@ and this module turns its answer into the slots.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,12 +45,17 @@ class RateLimit:
         check_rate(f"rate limit {self.name!r}", self.per_s, self.burst)
 
 
+MIN_PER_S = 0.0001  # one command in under three hours: slower is a daily cap, not a rate
+MAX_RATE = 1_000_000  # commands a second, and a burst, at most (more is no limit at all)
+
+
 def check_rate(what: str, per_s: object, burst: object) -> None:
-    """A rate must be a positive finite number and a burst a whole number of at least 1."""
-    if isinstance(per_s, bool) or not isinstance(per_s, int | float) or not (math.isfinite(per_s) and per_s > 0):
-        raise ValueError(f"{what}: per_s must be a number > 0, got {per_s!r}")
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise ValueError(f"{what}: burst must be a whole number >= 1, got {burst!r}")
+    """A rate must be a number from MIN_PER_S to MAX_RATE and a burst a whole number from 1 to MAX_RATE (a slot
+    further than the database's timestamps reach, or a burst past 32 bits, would fail every batch that takes it)."""
+    if isinstance(per_s, bool) or not isinstance(per_s, int | float) or not (MIN_PER_S <= per_s <= MAX_RATE):
+        raise ValueError(f"{what}: per_s must be a number > 0 (from {MIN_PER_S:g} to {MAX_RATE:g}), got {per_s!r}")
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_RATE:
+        raise ValueError(f"{what}: burst must be a whole number from 1 to {MAX_RATE}, got {burst!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,6 +136,8 @@ class _Run:
     restart_clock: bool = False  # an operator acted on the instance (replay): its state's clock restarts
     step_trace: Trace | None = None  # the trace of its last transition: the database's answers to it carry it
     trace_stored: bool = False  # its row has a trace already: the update does not send it again
+    # The latest slot its queued messages wait for (a rate limit's): messages queued after it wait for it too.
+    deferred_floor: datetime | None = None
 
     def waiting_for_answers(self) -> bool:
         return bool(self.pending_effects or self.pending_claims or self.pending_lookups)
@@ -278,10 +280,12 @@ class BatchPlan:
         ws.timers.append(TimerSet(row["id"], timer["name"], self.now, timer["payload"]))
         return ws
 
-    def reissue_command(self, row: Row, command: dict[str, Any], detail: dict[str, Any]) -> WriteSet:
+    def reissue_command(self, row: Row, command: dict[str, Any], detail: dict[str, Any]) -> Steps:
         """Replay `reissue_command`: publish `command` (a pending command with a new command id and the next
         attempt) again. The instance's own attempt count follows, when it counted the attempt replaced, so the
-        workflow's retry rules see the attempt that is out."""
+        workflow's retry rules see the attempt that is out. It takes a slot under the command's rate limits like
+        any command (a replay of a thousand stuck sends goes out at the limit's rate), and waits for the instance's
+        earlier deferred messages."""
         context = dict(row["context"])
         if context.get("attempt") == command["attempt"] - 1:
             context["attempt"] = command["attempt"]
@@ -298,12 +302,49 @@ class BatchPlan:
             trace = trace_of(trace_id, None, command["command_id"])
         if trace is not None:
             command = {**command, "trace_id": trace.trace_id}
+        until, by = yield from self._slot_of(row, command)
         ws.outbox.append(
             OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
-                      orjson.dumps(command), trace_headers(trace), True)
+                      orjson.dumps(command), trace_headers(trace), True, until, by)
         )  # fmt: skip
+        if until is not None:
+            ws.instances[0].deferred_until = until
+            ws.history.append(
+                HistoryEntry(row["id"], ws.instances[0].version, None, command["command_type"], "deferred",
+                             row["state"], row["state"], {"command_id": command["command_id"], "limit": by,
+                             "until": until.isoformat()}, row["trace_id"])
+            )  # fmt: skip
         self.report.outbox_rows = len(ws.outbox)
         return ws
+
+    def _slot_of(
+        self, row: Row, command: dict[str, Any]
+    ) -> Generator[Request, Any, tuple[datetime | None, str | None]]:
+        """One command's slot under its rate limits, and the instance's earlier deferred messages: (until, by), or
+        (None, None) when it goes now."""
+        compiled = self.engine.workflow(row["workflow"], row["definition_version"])
+        limits = [] if compiled is None else self.engine.rate_limits(compiled, command["command_type"])
+        now, until, by = self.now, None, None
+        if limits:
+            keyed = {}
+            for name, limit, rate in limits:
+                try:
+                    key = bucket_key(name, str(row["tenant_id"]), command["data"], limit.key)
+                except Exception:
+                    key = bucket_key(name, str(row["tenant_id"]), command["data"], None)
+                keyed[key] = (name, rate)
+            answer: RateAnswer = yield TakeRates(
+                [RateTake(k, str(row["tenant_id"]), keyed[k][0], 1, keyed[k][1]) for k in sorted(keyed)]
+            )
+            now = answer.now
+            for k, (name, _rate) in keyed.items():
+                (slot,) = slots(answer.tat[k], now, 1, answer.rates[k])
+                if slot > now and (until is None or slot > until):
+                    until, by = slot, name
+        floor = row["deferred_until"]
+        if floor is not None and floor > now and (until is None or floor > until):
+            until, by = floor, "the instance's earlier deferred message"
+        return until, by
 
     def migrated(self, moves: Sequence[tuple[Row, str]], to_version: int, detail: dict[str, Any]) -> WriteSet:
         """`sfworkflow migrate-instances`: each (locked instance row, state in the target version) moves to
@@ -453,6 +494,7 @@ class BatchPlan:
             loaded_parked_count=r["parked_count"],
             terminal=r["state"] in compiled.definition.terminal,
             trace_stored=r["trace_id"] is not None,
+            deferred_floor=r["deferred_until"],
         )
         self.runs[key] = run
         return run
@@ -890,8 +932,10 @@ class BatchPlan:
         """Reserve a slot for every limited command the batch queues (once the effects are resolved: a suppressed
         send takes none), in one request, buckets in key order after every other lock of the batch. A command
         whose slot is later than now is written deferred until it (a `deferred` history entry says so): never
-        dropped, and the relay keeps the instance's later messages behind it. An instance's commands in one
-        bucket take its slots in the order they were decided."""
+        dropped. An instance's messages keep their order: one queued after a deferred message of its instance (in
+        this batch, or waiting from an earlier one: the instance's `deferred_until`) is deferred to that slot too,
+        so the relay never finds it due behind a row that is not. An instance's commands in one bucket take its
+        slots in the order they were decided."""
         wanted: dict[str, list[tuple[_Run, OutgoingMessage, str, Rate]]] = {}
         for run in self.runs.values():
             if run.row_id is None or not run.compiled.rate_limits:
@@ -907,27 +951,48 @@ class BatchPlan:
                                   command_type=m.routing_key, error=repr(exc)[:300])  # fmt: skip
                         key = bucket_key(name, run.key.tenant_id, m.body["data"], None)
                     wanted.setdefault(key, []).append((run, m, name, rate))
-        if not wanted:
-            return
-        keys = sorted(wanted)
-        takes = [RateTake(k, wanted[k][0][0].key.tenant_id, wanted[k][0][2], len(wanted[k]), wanted[k][0][3])
-                 for k in keys]  # fmt: skip
-        answer: RateAnswer = yield TakeRates(takes)
+        now = self.now
         rate_of: dict[str, Rate] = {}
-        for k in keys:
-            reqs, rate = wanted[k], answer.rates[k]
-            for (_run, m, name, _asked), slot in zip(reqs, slots(answer.tat[k], answer.now, len(reqs), rate),
-                                                    strict=True):  # fmt: skip
-                if slot <= answer.now:
-                    continue
-                held = self.deferrals.get(m.message_id)
-                if held is None or slot > held[0]:  # under two limits a command waits for the later slot
-                    self.deferrals[m.message_id] = (slot, name)
-                    rate_of[m.message_id] = rate
+        if wanted:
+            keys = sorted(wanted)
+            takes = [RateTake(k, wanted[k][0][0].key.tenant_id, wanted[k][0][2], len(wanted[k]), wanted[k][0][3])
+                     for k in keys]  # fmt: skip
+            answer: RateAnswer = yield TakeRates(takes)
+            now = answer.now
+            for k in keys:
+                reqs, rate = wanted[k], answer.rates[k]
+                for (_run, m, name, _asked), slot in zip(reqs, slots(answer.tat[k], now, len(reqs), rate),
+                                                        strict=True):  # fmt: skip
+                    if slot <= now:
+                        continue
+                    held = self.deferrals.get(m.message_id)
+                    if held is None or slot > held[0]:  # under two limits a command waits for the later slot
+                        self.deferrals[m.message_id] = (slot, name)
+                        rate_of[m.message_id] = rate
         for run in self.runs.values():
+            floor = run.deferred_floor if run.deferred_floor is not None and run.deferred_floor > now else None
+            by = "the instance's earlier deferred message"
             for m in run.outgoing:
-                if m.message_id in self.deferrals:
-                    self._deferred(run, m, *self.deferrals[m.message_id], rate_of[m.message_id], now=answer.now)
+                own = self.deferrals.get(m.message_id)
+                if own is not None and (floor is None or own[0] >= floor):
+                    floor, by = own
+                    if m.message_id in rate_of:
+                        self._deferred(run, m, own[0], own[1], rate_of[m.message_id], now=now)
+                elif floor is not None:  # behind an earlier deferred message of its instance: waits for it
+                    self.deferrals[m.message_id] = (floor, by)
+                    if m.kind != "lifecycle":
+                        self._held(run, m, floor, by)
+            if floor is not None and (run.deferred_floor is None or floor > run.deferred_floor):
+                run.deferred_floor = floor
+                run.changed = run.changed or bool(run.outgoing)
+
+    def _held(self, run: _Run, m: OutgoingMessage, until: datetime, by: str) -> None:
+        assert run.view is not None
+        detail = {"command_id": m.message_id, "until": until.isoformat(), "behind": by}
+        run.history.append(
+            HistoryEntry(run.row_id, run.view.version, None, m.routing_key, "deferred", run.view.state,
+                         run.view.state, detail, _trace_id(m.trace))
+        )  # fmt: skip
 
     def _deferred(
         self, run: _Run, m: OutgoingMessage, until: datetime, limit: str, rate: Rate, *, now: datetime
@@ -971,7 +1036,7 @@ class BatchPlan:
                     InstanceUpdate(run.row_id, v.state, v.context, v.version, run.terminal, parked_count,
                                    run.last_event[0], run.last_event[1], v.definition_version, run.restart_clock,
                                    _trace_id(new_trace), new_trace.traceparent if new_trace else None,
-                                   new_trace.tracestate if new_trace else None)
+                                   new_trace.tracestate if new_trace else None, run.deferred_floor)
                 )  # fmt: skip
             ws.history.extend(run.history)
             if run.cancel_all:

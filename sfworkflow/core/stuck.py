@@ -192,7 +192,8 @@ def stuck_rule(
     if after is None:
         return Rule("never", None, f"{state} never counts as stuck", f"never by age: {state} waits without a deadline")
     cmd = row["command_type"]
-    deferred = row.get("command_deferred_until")
+    # When its messages last waited for a rate limit's slot: the instance's own mark, else its last command's.
+    deferred = row.get("deferred_until") or row.get("command_deferred_until")
     if deferred is not None and deferred > entered:
         # Its command waited for a rate limit's slot: the clock runs from the slot, like a timer's due time.
         since = deferred + timedelta(seconds=after)

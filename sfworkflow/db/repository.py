@@ -269,7 +269,7 @@ class Store:
                 writes = plan.replay_timer(row, t, detail)
             else:
                 assert command is not None
-                writes = plan.reissue_command(row, command, detail)
+                writes = await self._run(unit.conn, plan.reissue_command(row, command, detail))
             await self._write(unit, writes)
         return None
 
@@ -313,7 +313,7 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
               "terminal": x.terminal, "parked_count": x.parked_count, "last_event_id": x.last_event_id,
               "last_event_type": x.last_event_type, "definition_version": x.definition_version,
               "restart_clock": x.restart_clock, "trace_id": x.trace_id, "traceparent": x.traceparent,
-              "tracestate": x.tracestate} for x in u],
+              "tracestate": x.tracestate, "deferred_until": x.deferred_until} for x in u],
             [{"instance_id": x.instance_id, "seq": x.seq, "event_id": x.event_id, "event_type": x.event_type,
               "outcome": x.outcome, "from_state": x.from_state, "to_state": x.to_state, "detail": x.detail,
               "trace_id": x.trace_id} for x in h],

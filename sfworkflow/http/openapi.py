@@ -13,6 +13,7 @@ from typing import Any
 from sfworkflow import __version__
 from sfworkflow.core.durations import EXAMPLES as AGE_EXAMPLES
 from sfworkflow.core.durations import UNITS
+from sfworkflow.core.limits import MAX_RATE, MIN_PER_S
 
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -22,7 +23,6 @@ ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 chara
 AGE = rf"[0-9]{{1,6}}(\.[0-9]{{1,3}})?[{''.join(UNITS)}]?"
 INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
 LIMIT_NAME = rf"{NAME}\.{NAME}/{NAME}"  # a rate limit: <workflow>.<command>/<name>
-MAX_RATE = 1_000_000  # commands a second, and a burst, at most (an override above that is no limit at all)
 # Free text (reason, by): no control characters, at least one character that is not a space.
 TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
 MAX_REASON = 500
@@ -366,7 +366,7 @@ def _schemas() -> dict[str, Any]:
                 },
                 "per_s": {
                     "type": "number",
-                    "exclusiveMinimum": 0,
+                    "minimum": MIN_PER_S,
                     "maximum": MAX_RATE,
                     "description": "Commands a second for this tenant.",
                 },

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -204,12 +205,13 @@ class Relay:
             self.doorbell.ring(poll=overflow)
 
     def _wake_at(self, times: Sequence[datetime]) -> None:
-        """Remember when deferred rows fall due (as loop times, to the nearest 10 ms; bounded: past the bound
-        the polling interval finds them)."""
+        """Remember when deferred rows fall due (as loop times, rounded up to 10 ms: a wake-up before the slot would
+        find nothing and the row would wait for the next poll; bounded: past the bound the polling interval finds
+        them)."""
         loop = asyncio.get_running_loop()
         now = datetime.now(UTC)
         for t in times:
-            at = round(loop.time() + (t - now).total_seconds(), 2)
+            at = math.ceil((loop.time() + (t - now).total_seconds()) * 100) / 100
             if at not in self._deferred_set and len(self._deferred) < DEFERRED_WAKE_CAP:
                 heapq.heappush(self._deferred, at)
                 self._deferred_set.add(at)

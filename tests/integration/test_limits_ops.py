@@ -12,6 +12,8 @@ import aiohttp
 import asyncpg
 import orjson
 
+from sfworkflow import db
+from sfworkflow.db import outbox
 from sfworkflow.settings import Settings
 from tests.integration.storekit import delivery, direct_store
 from tests.integration.test_admin_api import TOKEN, _call
@@ -113,3 +115,49 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         assert status == 404 and "no override" in body["message"]
         status, body, _ = await _call(http, "GET", base, headers=None)
         assert status == 401
+
+
+async def test_messages_held_behind_a_deferred_send_do_not_stall_the_relay_s_claim(database_url: str) -> None:
+    """A throttled tenant's leads end while their sends wait (cancelled): each end queues a workflow.completed that
+    must wait behind its instance's deferred send. Those rows were due at once, so they filled the polling claim's
+    window of 2 x limit candidates, were all dropped as held, and the claim returned nothing: every row only the
+    polling claim publishes (deferred sends, retries, other tenants' rows) waited behind them. Now a row queued
+    behind its instance's deferred one is deferred to that slot too (and left out of the backlog's age)."""
+    async with direct_store(database_url) as store:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await db.init_connection(conn)
+            await conn.execute(
+                "INSERT INTO sfworkflow.limit_override VALUES ($1, $2, 0.01, 1, 'test', 'test')", TENANT, LIMIT
+            )
+            leads = [event("sequence.enrolled", f"held-{i}", enrollment(i)) for i in range(30)]
+            await store.apply_deliveries([delivery(e) for e in leads])  # 1 send now, 29 deferred by 100 s each
+            await store.apply_deliveries([delivery(event("sequence.cancelled", f"held-{i}", {})) for i in range(30)])
+            other = event("sequence.enrolled", "other-0", enrollment(99), tenant=OTHER_TENANT)
+            await store.apply_deliveries([delivery(other)])
+            # Everything before the other tenant's rows is published (the relay took what it was handed).
+            await conn.execute(
+                "UPDATE sfworkflow.outbox SET published_at = now() WHERE deferred_until IS NULL"
+                " AND instance_id IN (SELECT id FROM sfworkflow.instance WHERE tenant_id = $1)"
+                " AND NOT EXISTS (SELECT 1 FROM sfworkflow.outbox e WHERE e.instance_id = outbox.instance_id"
+                " AND e.id < outbox.id AND e.deferred_until IS NOT NULL)",
+                TENANT,
+            )
+            async with conn.transaction():
+                claimed = await outbox.claim_due(conn, 5)  # a window of 10 candidates
+            assert claimed, "the claim found nothing to publish"
+            others = await conn.fetchval(
+                "SELECT count(*) FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id"
+                " WHERE i.tenant_id = $1 AND o.id = ANY($2::bigint[])",
+                OTHER_TENANT, [r["id"] for r in claimed],
+            )  # fmt: skip
+            assert others >= 1, "the other tenant's due rows were not claimed"
+            held = await conn.fetch(
+                "SELECT o.deferred_until, o.next_attempt_at FROM sfworkflow.outbox o"
+                " WHERE o.routing_key = 'workflow.completed.sequence' AND o.published_at IS NULL"
+            )
+            assert len(held) == 29 and all(r["deferred_until"] == r["next_attempt_at"] for r in held)
+            backlog = await outbox.backlog(conn)
+            assert backlog["oldest_s"] < 60 and backlog["deferred"] >= 58
+        finally:
+            await conn.close()

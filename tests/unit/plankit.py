@@ -180,7 +180,7 @@ class FakeDatabase:
                             "entity_id": n.key.entity_id, "definition_version": n.definition_version,
                             "state": n.initial_state, "context": {}, "version": 0, "parked_count": 0,
                             "correlation_id": n.correlation_id,
-                            "trace_id": None, "traceparent": None, "tracestate": None,
+                            "trace_id": None, "traceparent": None, "tracestate": None, "deferred_until": None,
                         }  # fmt: skip
                         self.keys_by_id[self.instances[n.key]["id"]] = n.key
                 rows = [self.instances[n.key] for n in new if n.key in self.instances]
@@ -236,6 +236,8 @@ class FakeDatabase:
         for u in ws.instances:
             row = self.instances[self.keys_by_id[u.instance_id]]
             row.update(state=u.state, context=u.context, version=u.version, parked_count=u.parked_count)
+            if u.deferred_until is not None:
+                row["deferred_until"] = max(u.deferred_until, row["deferred_until"] or u.deferred_until)
             if row["trace_id"] is None:
                 row.update(trace_id=u.trace_id, traceparent=u.traceparent, tracestate=u.tracestate)
         for i in ws.unstarted:

@@ -300,7 +300,7 @@ def test_reissuing_a_command_queues_it_and_keeps_the_workflow_attempt_in_step() 
     row["context"] = {"attempt": 2, "other": "kept"}
     command = {"command_id": "c-3", "command_type": "toy.do", "idempotency_key": "do/k", "attempt": 3}
     p = plan()
-    ws = p.reissue_command(row, command, {"by": "oncall"})
+    ws = db.run(p.reissue_command(row, command, {"by": "oncall"}))
     (out,) = ws.outbox
     assert (out.message_id, out.kind, out.exchange, out.routing_key) == (
         "c-3",

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sfworkflow.core.batch import TakeRates
+from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.limits import Rate, RateLimit, bucket_key, parse_overrides, slots
 from sfworkflow.core.plan import BatchPlan
@@ -93,7 +94,19 @@ def test_the_key_starts_with_the_limit_and_the_tenant() -> None:
 
 # ---- declarations and overrides ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("per_s", "burst"), [(0, 1), (-1, 1), (float("inf"), 1), (float("nan"), 1), (1, 0), (1, 1.5), (True, 1)]
+    ("per_s", "burst"),
+    [
+        (0, 1),
+        (-1, 1),
+        (1e-13, 1),
+        (2e6, 1),
+        (float("inf"), 1),
+        (float("nan"), 1),
+        (1, 0),
+        (1, 1.5),
+        (True, 1),
+        (1, 2**31),
+    ],
 )
 def test_a_rate_that_cannot_be_kept_is_refused(per_s: Any, burst: Any) -> None:
     with pytest.raises(ValueError, match=r"per_s|burst"):
@@ -206,3 +219,44 @@ def test_a_tenant_s_override_sets_its_slots_and_is_recorded_with_the_deferral() 
     after = {orjson_key(r.body): r.deferred_until and (r.deferred_until - T0).total_seconds() for r in ws.outbox}
     assert after == {"a1": None, "a2": 0.1, "a3": 0.2}  # 10/s burst 1, not the definition's 2/s burst 3
     assert {(h.detail["per_s"], h.detail["burst"]) for h in ws.history if h.outcome == "deferred"} == {(10, 1)}
+
+
+def test_a_message_queued_after_a_deferred_one_of_its_instance_waits_for_it() -> None:
+    """Bucket `b` is free, but the instance's earlier send (bucket `a`, over its limit) waits 0.5 s: the later send
+    waits for it, in the same batch and in a later one, so the relay never finds it due behind a row that is not."""
+    db = FakeDatabase()
+    started(db, "i-a1", "i-a2", "i-a3", "x")
+    sends(db, ["a1", "a2", "a3"])  # the burst of 3 used up
+    p = plan()
+    ws = db.apply(p.deliveries([delivery("send", "x", key="a4"), delivery("send", "x", key="b1")]))
+    after = {orjson_key(r.body): r.deferred_until and (r.deferred_until - T0).total_seconds() for r in ws.outbox}
+    assert after == {"a4": 0.5, "b1": 0.5}
+    held = [h.detail for h in ws.history if h.outcome == "deferred" and "behind" in h.detail]
+    assert [d["behind"] for d in held] == ["toy.do/per_letter"]
+    assert p.report.deferred == {("toy", "toy.do", "toy.do/per_letter"): 1}  # b1 was not deferred by its limit
+    assert db.instances[key_of("x")]["deferred_until"] == T0 + timedelta(seconds=0.5)
+    _p, later = sends_to(db, "x", "b2")  # a later batch: bucket b still free, the instance's send still waiting
+    assert [r.deferred_until for r in later.outbox] == [T0 + timedelta(seconds=0.5)]
+
+
+def key_of(entity: str) -> InstanceKey:
+    return InstanceKey(TENANT, "toy", entity)
+
+
+def sends_to(db: FakeDatabase, entity: str, key: str) -> tuple[BatchPlan, Any]:
+    p = plan(ENGINE, db.now)
+    return p, db.apply(p.deliveries([delivery("send", entity, key=key)]))
+
+
+def test_a_replayed_command_takes_a_slot_like_any_other() -> None:
+    """`sfworkflow replay --all-stuck` after a provider outage reissues thousands of sends: each takes its slot."""
+    db = FakeDatabase()
+    started(db, "i-a1", "i-a2", "i-a3", "i-a4")
+    sends(db, ["a1", "a2", "a3"])  # the burst of 3 used up
+    row = dict(db.instances[key_of("i-a4")], terminal=False)
+    command = {"command_id": "c-9", "command_type": "toy.do", "idempotency_key": "do/a4", "attempt": 2,
+               "data": {"key": "a4"}}  # fmt: skip
+    ws = db.run(plan().reissue_command(row, command, {"by": "oncall"}))
+    (out,) = ws.outbox
+    assert (out.deferred_until, out.deferred_by) == (T0 + timedelta(seconds=0.5), "toy.do/per_letter")
+    assert [h.outcome for h in ws.history] == ["replayed", "deferred"]

@@ -88,10 +88,10 @@ def test_a_reissued_command_keeps_the_trace_of_the_command_it_replaces() -> None
     pending = orjson.loads(ws.outbox[0].body)
     again = {**pending, "command_id": "6f1c1f8e-0000-4000-8000-000000000001", "attempt": 2}
     row = dict(db.instances[InstanceKey(TENANT, "toy", "r")], terminal=False)
-    (out,) = plan().reissue_command(row, again, {"by": "oncall"}).outbox
+    (out,) = db.run(plan().reissue_command(row, again, {"by": "oncall"})).outbox
     body_trace, header = orjson.loads(out.body)["trace_id"], out.headers[TRACEPARENT]
     assert body_trace == B.trace_id and header.split("-")[1] == B.trace_id  # one trace, not the instance's A
-    same = plan().reissue_command(row, {**again, "trace_id": A.trace_id}, {"by": "oncall"}).outbox[0]
+    same = db.run(plan().reissue_command(row, {**again, "trace_id": A.trace_id}, {"by": "oncall"})).outbox[0]
     assert same.headers[TRACEPARENT] == A.traceparent  # the instance's own trace: its own parent
 
 

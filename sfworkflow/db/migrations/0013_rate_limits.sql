@@ -16,8 +16,8 @@ CREATE INDEX IF NOT EXISTS rate_bucket_tenant_idx ON sfworkflow.rate_bucket (ten
 CREATE TABLE IF NOT EXISTS sfworkflow.limit_override (
     tenant_id   uuid        NOT NULL,
     limit_name  text        NOT NULL,
-    per_s       float8      NOT NULL CHECK (per_s > 0 AND per_s < 'Infinity'),
-    burst       integer     NOT NULL CHECK (burst >= 1),
+    per_s       float8      NOT NULL CHECK (per_s BETWEEN 0.0001 AND 1000000),  -- core/limits.py: check_rate
+    burst       integer     NOT NULL CHECK (burst BETWEEN 1 AND 1000000),
     reason      text        NOT NULL,
     updated_by  text        NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now(),
@@ -28,3 +28,7 @@ CREATE TABLE IF NOT EXISTS sfworkflow.limit_override (
 -- limit that deferred it. Nullable, no default: adding them rewrites nothing.
 ALTER TABLE sfworkflow.outbox ADD COLUMN IF NOT EXISTS deferred_until timestamptz,
     ADD COLUMN IF NOT EXISTS deferred_by text;
+
+-- The latest slot an instance's messages wait for: a message queued after it (a cancel's workflow.completed, a later
+-- command) is deferred to it too, so it neither overtakes the deferred one nor sits due in the relay's way.
+ALTER TABLE sfworkflow.instance ADD COLUMN IF NOT EXISTS deferred_until timestamptz;

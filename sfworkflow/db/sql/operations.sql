@@ -23,9 +23,12 @@ WITH candidate AS (
     UNION
     SELECT a.id FROM sfworkflow.instance a
     WHERE NOT a.terminal AND a.state_entered_at < now() - make_interval(secs => $5)
-      AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id))
+      AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id)
+      -- its messages waited for a rate limit's slot until less than the shortest age ago: not stuck yet, and not
+      -- to crowd the stuck ones out of the limit
+      AND (a.deferred_until IS NULL OR a.deferred_until < now() - make_interval(secs => $5)))
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
-       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
+       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, i.deferred_until, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at,
        c.deferred_until AS command_deferred_until, c.deferred_by AS command_deferred_by
 FROM candidate k
@@ -47,7 +50,7 @@ LIMIT $9
 -- stuck_instance --
 -- One named instance, terminal or not, stuck or not, with its earliest timer and latest command.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
-       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, t.next_due, t.timer_name,
+       i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, i.deferred_until, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at,
        c.deferred_until AS command_deferred_until, c.deferred_by AS command_deferred_by
 FROM sfworkflow.instance i

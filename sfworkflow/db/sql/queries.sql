@@ -35,7 +35,7 @@ ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 -- only for instances that have some. Nobody can park under the key meanwhile: that needs the key's row, which
 -- this transaction holds from create_instances on.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal,
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal, i.deferred_until,
        i.version = 0 AND EXISTS (SELECT 1 FROM sfworkflow.parked p
                                  WHERE (p.tenant_id, p.workflow, p.entity_id) = (i.tenant_id, i.workflow, i.entity_id))
          AS parked_for_key
@@ -48,7 +48,7 @@ FOR UPDATE OF i
 -- lock_instance --
 -- Lock one instance by id (an operator action: replay); the columns of lock_instances.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal, i.deferred_until
 FROM sfworkflow.instance i
 WHERE i.id = $1
 FOR UPDATE
@@ -72,13 +72,13 @@ WHERE workflow = $1 AND definition_version = $2 AND NOT terminal AND version > 0
 -- read_for_migration --
 -- Instances to migrate, without a lock (a dry run); the columns of lock_instances.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal, i.deferred_until
 FROM sfworkflow.instance i WHERE i.id = ANY($1::bigint[]) ORDER BY i.id
 
 -- lock_for_migration --
 -- Instances to migrate, locked; a row the service holds right now is skipped (taken by a later run).
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal, i.deferred_until
 FROM sfworkflow.instance i WHERE i.id = ANY($1::bigint[]) ORDER BY i.id
 FOR UPDATE SKIP LOCKED
 
@@ -124,11 +124,12 @@ WITH changed AS (
         updated_at = now(),
         trace_id = COALESCE(i.trace_id, u.trace_id),
         traceparent = CASE WHEN i.trace_id IS NULL THEN u.traceparent ELSE i.traceparent END,
-        tracestate = CASE WHEN i.trace_id IS NULL THEN u.tracestate ELSE i.tracestate END
+        tracestate = CASE WHEN i.trace_id IS NULL THEN u.tracestate ELSE i.tracestate END,
+        deferred_until = greatest(i.deferred_until, u.deferred_until)
     FROM jsonb_to_recordset($1::jsonb)
          AS u(id bigint, state text, context jsonb, version bigint, terminal bool, parked_count int,
               last_event_id uuid, last_event_type text, definition_version int, restart_clock bool, trace_id text,
-              traceparent text, tracestate text)
+              traceparent text, tracestate text, deferred_until timestamptz)
     WHERE i.id = u.id),
 history AS (
     INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail,
@@ -226,7 +227,7 @@ SELECT pg_notify('sfworkflow_outbox', '')
 SELECT l.lane, x.*
 FROM generate_series(0, 63) AS l(lane) CROSS JOIN LATERAL (
     SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-           i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
+           i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.deferred_until
     FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
     WHERE t.lane = l.lane AND t.due_at <= now()
       AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
@@ -242,7 +243,7 @@ FROM generate_series(0, 63) AS l(lane) CROSS JOIN LATERAL (
 -- replicas firing at once take different timers instead of all choosing the same oldest ones. Nothing here
 -- waits: an instance another transaction holds is skipped.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.deferred_until
 FROM sfworkflow.timer t JOIN sfworkflow.instance i ON i.id = t.instance_id
 WHERE t.due_at <= now() AND t.lane < 64  -- every lane: the predicate of timer_due_idx (migration 0012)
   AND (i.workflow, i.definition_version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
@@ -254,7 +255,7 @@ FOR UPDATE OF i SKIP LOCKED
 -- lock_timer_instance --
 -- One instance with due timers, unless another process holds it.
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
-       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate
+       i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.deferred_until
 FROM sfworkflow.instance i
 WHERE i.id = $1 AND EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = i.id AND t.due_at <= now())
 FOR UPDATE OF i SKIP LOCKED
