@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -86,13 +85,7 @@ async def limit_mode(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-fairness.log", "wb")
     ports = [BASE_PORT + k for k in range(args.replicas)]
-    services = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sfworkflow", "run"], env={**env, "SFWORKFLOW_HTTP_PORT": str(p)},
-            stdout=log, stderr=log, cwd=ROOT,
-        )
-        for p in ports
-    ]  # fmt: skip
+    services = throughput.start_replicas(env, ports, log)
     arrivals: dict[str, float] = {}  # command id -> arrival (wall clock, seconds)
     twice = 0
     try:
@@ -151,13 +144,7 @@ async def limit_mode(args: argparse.Namespace) -> dict[str, Any]:
         await publisher.close()
         await connection.close()
     finally:
-        for s in services:
-            s.terminate()
-        for s in services:
-            try:
-                s.wait(30)
-            except subprocess.TimeoutExpired:
-                s.kill()
+        throughput.stop_replicas(services)
         log.close()
     times = sorted(arrivals.values())
     first = times[0] if times else 0.0

@@ -367,6 +367,28 @@ async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError("service not ready in time")
 
 
+def start_replicas(env: dict[str, str], ports: list[int], log: Any) -> list[subprocess.Popen[bytes]]:
+    """One `python -m sfworkflow run` per port (its SFWORKFLOW_HTTP_PORT), output to `log`."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "sfworkflow", "run"], env={**env, "SFWORKFLOW_HTTP_PORT": str(port)},
+            stdout=log, stderr=log, cwd=ROOT,
+        )
+        for port in ports
+    ]  # fmt: skip
+
+
+def stop_replicas(services: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM each, then wait for it (killed past `timeout`)."""
+    for service in services:
+        service.terminate()
+    for service in services:
+        try:
+            service.wait(timeout)
+        except subprocess.TimeoutExpired:
+            service.kill()
+
+
 def engine_rate(seconds: float = 1.5) -> float:
     from bench.engine_step import measure
 
@@ -497,13 +519,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
     finally:
         if worker:
             await worker.stop()
-        for service in services:
-            service.terminate()
-        for service in services:
-            try:
-                service.wait(15)
-            except subprocess.TimeoutExpired:
-                service.kill()
+        stop_replicas(services, 15)
         log.close()
 
     # Steady state: the middle 60 % of the applied events.

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -55,13 +54,7 @@ async def one(n: int, replicas: int, timeout: float) -> dict[str, Any]:
     )
     ports = [throughput.HTTP_PORT + k for k in range(replicas)]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "sfworkflow-bench-timers.log", "wb")
-    services = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sfworkflow", "run"], env={**env, "SFWORKFLOW_HTTP_PORT": str(port)},
-            stdout=log, stderr=log, cwd=ROOT,
-        )
-        for port in ports
-    ]  # fmt: skip
+    services = throughput.start_replicas(env, ports, log)
     pg = await asyncpg.connect(db_url)
     try:
         for port, service in zip(ports, services, strict=True):
@@ -100,13 +93,7 @@ async def one(n: int, replicas: int, timeout: float) -> dict[str, Any]:
         )
     finally:
         await pg.close()
-        for s in services:
-            s.terminate()
-        for s in services:
-            try:
-                s.wait(30)
-            except subprocess.TimeoutExpired:
-                s.kill()
+        throughput.stop_replicas(services)
     checks = {
         "timers_due": pending,
         "all_fired": fired_at is not None,
