@@ -116,7 +116,8 @@ async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> 
         if d.in_force is None:
             rate, source = None, "off (SFWORKFLOW_RATE_LIMITS)"
         elif o is not None:
-            rate, source = Rate(o["per_s"], o["burst"]), f"override by {o['updated_by']} at {o['updated_at']}"
+            rate = Rate(o["per_s"], o["burst"])
+            source = f"override by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S} UTC: {o['reason']}"
         else:
             rate, source = d.in_force, d.as_json()["source"]
         keys = [
