@@ -403,7 +403,7 @@ def _publisher_cmd(args: argparse.Namespace, amqp_url: str, tenant: str) -> list
     ]  # fmt: skip
 
 
-async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
+async def _declare(db_url: str, amqp_url: str, queue_type: str, shards: int | None = None) -> None:
     """Schema and topology before the service starts, so the drain mode can preload the queue."""
     import aio_pika
 
@@ -417,9 +417,13 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str) -> None:
         await conn.close()
     connection = await aio_pika.connect(amqp_url)
     try:
+        from sfworkflow.settings import DEFAULT_EVENT_SHARDS
         from sfworkflow.workflows import DEFINITIONS
 
-        await declare(connection, sorted({d.name for d in DEFINITIONS}), queue_type)
+        await declare(
+            connection, sorted({d.name for d in DEFINITIONS}), queue_type, shards or DEFAULT_EVENT_SHARDS,
+            amqp_url=amqp_url,
+        )  # fmt: skip
     finally:
         await connection.close()
 

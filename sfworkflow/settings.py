@@ -26,7 +26,9 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sfworkflow"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_PREFETCH = 256  # deliveries in flight per consumer channel
-DEFAULT_CONSUMERS = 2  # consumer channels, each applying one micro-batch at a time
+DEFAULT_CONSUMERS = 2  # batch loops, each with a channel per event shard, applying one micro-batch at a time
+DEFAULT_EVENT_SHARDS = 16  # event queues, a tenant hashed to one (contract/topology.py)
+MAX_EVENT_SHARDS = 256
 DEFAULT_BATCH_SIZE = 128  # events per transaction at most
 DEFAULT_BATCH_LINGER_MS = 2.0  # milliseconds a batch waits for more deliveries
 DEFAULT_POOL_SIZE = 10  # PostgreSQL connections: consumers, relay rounds, timers, retention, HTTP
@@ -78,6 +80,7 @@ class Settings:
     http_port: int = DEFAULT_HTTP_PORT
     prefetch: int = DEFAULT_PREFETCH
     consumers: int = DEFAULT_CONSUMERS
+    event_shards: int = DEFAULT_EVENT_SHARDS
     batch_size: int = DEFAULT_BATCH_SIZE
     batch_linger_ms: float = DEFAULT_BATCH_LINGER_MS
     pool_size: int = DEFAULT_POOL_SIZE
@@ -230,6 +233,11 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "http_port": Rule(f"a whole number from 0 to {MAX_PORT} (0: any free port)", _whole_in(0, MAX_PORT)),
     "prefetch": _count(MAX_PREFETCH, " (an AMQP prefetch count)"),
     "consumers": _count(),
+    "event_shards": Rule(
+        f"a whole number from 1 to {MAX_EVENT_SHARDS} (event queues a tenant is hashed over; raise it, never lower it "
+        "while events wait: see the runbook)",
+        _whole_in(1, MAX_EVENT_SHARDS),
+    ),
     "batch_size": _count(),
     "batch_linger_ms": _number(
         "milliseconds", 0, low_ok=True, note=" (0: a batch is what is already delivered, without waiting for more)"

@@ -17,8 +17,9 @@ import orjson
 import pytest
 
 from sfworkflow.client.producer import EventPublisher, build_event
+from sfworkflow.contract.topology import event_queues
 from sfworkflow.runtime.service import Service
-from sfworkflow.settings import Settings
+from sfworkflow.settings import DEFAULT_EVENT_SHARDS, Settings
 
 # .ci/run sets it: there a missing test tool (promtool, chromium) fails the test instead of skipping it.
 REQUIRE_TOOLS = os.environ.get("SFWORKFLOW_TEST_REQUIRE_TOOLS") == "1"
@@ -114,6 +115,13 @@ class Amqp:
 
     async def drain_json(self, queue: str) -> list[dict[str, Any]]:
         return [orjson.loads(m.body) for m in await self.drain(queue)]
+
+    async def drain_events(self) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Every message currently in the event shard queues (removed from them), shard by shard."""
+        return [m for queue in event_queues(DEFAULT_EVENT_SHARDS) for m in await self.drain(queue)]
+
+    async def drain_events_json(self) -> list[dict[str, Any]]:
+        return [orjson.loads(m.body) for m in await self.drain_events()]
 
 
 async def instance(

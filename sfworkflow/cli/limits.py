@@ -1,4 +1,4 @@
-"""`sfworkflow limits list|show|set|unset`: the rate limits on commands, and a tenant's own rates.
+"""`sfworkflow limits list|show|set|unset`: the rate and concurrency limits on commands, and a tenant's own ones.
 
 The rate in force for a tenant is its override (set here), else the deployment's (SFWORKFLOW_RATE_LIMITS), else the
 definition's. An override applies from the next batch on, on every replica; commands already deferred keep their
@@ -25,10 +25,12 @@ from sfworkflow.workflows import DEFINITIONS
 def register(sub: Any) -> dict[str, Any]:
     p = sub.add_parser(
         "limits",
-        help="rate limits on commands, and a tenant's own rates",
-        description="Rate limits on outgoing commands (README, 'Rate limits on commands'). The rate in force for a "
-        "tenant is its override (`limits set`), else SFWORKFLOW_RATE_LIMITS, else the definition's. An override "
-        "applies from the next batch on, on every replica; commands already deferred keep their slots.",
+        help="rate and concurrency limits on commands, and a tenant's own ones",
+        description="Rate and concurrency limits on outgoing commands (README, 'Rate limits on commands', "
+        "'Concurrency limits'). The rate in force for a tenant is its override (`limits set`), else "
+        "SFWORKFLOW_RATE_LIMITS, else the definition's; its slots are its override, else the definition's. An "
+        "override applies from the next batch (a rate) or grant round (slots) on, on every replica; commands already "
+        "deferred keep their slots.",
     )
     actions = p.add_subparsers(dest="limits_command", required=True, metavar="list|show|set|unset")
     ls = actions.add_parser(
@@ -48,14 +50,19 @@ def register(sub: Any) -> dict[str, Any]:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     st = actions.add_parser(
         "set",
-        help="give a tenant its own rate for a limit",
-        description="Give TENANT its own rate for LIMIT (e.g. sequence.send_step/per_sender), replacing an earlier "
-        "override. Applies from the next batch on, on every replica. Commands already deferred keep their slots.",
+        help="give a tenant its own rate (or slots) for a limit",
+        description="Give TENANT its own rate for a rate limit (e.g. sequence.send_step/per_sender: --per-s, "
+        "--burst) or its own slots for a concurrency limit (e.g. agent.run_task/per_tenant: --slots), replacing an "
+        "earlier override. Applies from the next batch (or grant round) on, on every replica. Commands already "
+        "deferred keep their slots; lowering slots takes none back from the runs in flight.",
     )
     st.add_argument("tenant", help="tenant id (a UUID)")
     st.add_argument("limit", help="a declared limit, e.g. sequence.send_step/per_sender (`limits list`)")
-    st.add_argument("--per-s", type=float, required=True, help="commands a second (> 0)")
-    st.add_argument("--burst", type=int, help="commands at once after a quiet spell (default: the rate in force's)")
+    st.add_argument("--per-s", type=float, help="a rate limit: commands a second (> 0)")
+    st.add_argument(
+        "--burst", type=int, help="a rate limit: commands at once after a quiet spell (default: the rate in force's)"
+    )
+    st.add_argument("--slots", type=int, help="a concurrency limit: commands in flight at once per key")
     st.add_argument("--reason", required=True, help="why (kept with the override)")
     st.add_argument("--by", default=None, help="who (default: the login name)")
     st.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -81,6 +88,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         if args.limits_command == "list":
             found = {
                 "limits": [d.as_json() for d in limits.declared(engine)],
+                "concurrency": limits.declared_concurrency(engine),
                 "overrides": await limits.overrides(conn),
             }
             _print(found, args.json, _list_text)
@@ -89,12 +97,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             _print(await limits.tenant_view(conn, engine, args.tenant), args.json, _show_text)
             return 0
         if args.limits_command == "set":
-            d = limits.check_limit(engine, args.limit)
-            burst = args.burst if args.burst is not None else (d.in_force or d.definition).burst
             by = args.by or getpass.getuser()
             async with conn.transaction():
                 row = await limits.set_override(
-                    conn, engine, args.tenant, args.limit, args.per_s, burst, args.reason, by
+                    conn, engine, args.tenant, args.limit, args.per_s, args.burst, args.reason, by, args.slots
                 )
             _print(row, args.json, _set_text)
             return 0
@@ -102,8 +108,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         if removed is None:
             print(f"tenant {args.tenant} has no override of {args.limit}: nothing to remove")
             return ExitCode.FAILED
-        print(f"removed: {args.limit} for tenant {removed['tenant']} was {removed['per_s']:g}/s burst "
-              f"{removed['burst']}; it follows the deployment's rate from the next batch on")  # fmt: skip
+        print(f"removed: {args.limit} for tenant {removed['tenant']} was {_own(removed)}; it follows the "
+              "deployment's from the next batch on")  # fmt: skip
         return 0
     finally:
         await conn.close()
@@ -116,6 +122,10 @@ def _print(found: dict[str, Any], as_json: bool, text: Any) -> None:
         text(found)
 
 
+def _own(o: dict[str, Any]) -> str:
+    return f"{o['slots']} slots" if o.get("slots") is not None else f"{o['per_s']:g}/s burst {o['burst']}"
+
+
 def _rate(r: dict[str, Any] | None) -> str:
     return "off" if r is None else f"{r['per_s']:g}/s burst {r['burst']}"
 
@@ -124,9 +134,11 @@ def _list_text(found: dict[str, Any]) -> None:
     print("declared limits:" + ("" if found["limits"] else " none"))
     for d in found["limits"]:
         print(f"  {d['limit']:<40} {_rate(d['in_force']):<22} ({d['source']})  {d['description']}")
+    for c in found.get("concurrency", []):
+        print(f"  {c['limit']:<40} {str(c['slots']) + ' in flight':<22} (definition)  {c['description']}")
     print("tenant overrides:" + ("" if found["overrides"] else " none"))
     for o in found["overrides"]:
-        print(f"  {o['tenant']}  {o['limit']:<40} {o['per_s']:g}/s burst {o['burst']}  "
+        print(f"  {o['tenant']}  {o['limit']:<40} {_own(o)}  "
               f"by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S}: {o['reason']}")  # fmt: skip
 
 
@@ -139,10 +151,13 @@ def _show_text(found: dict[str, Any]) -> None:
         for k in lim["keys"]:
             ahead = f"booked {k['booked_ahead_s']:g} s ahead" if k["booked_ahead_s"] else "idle"
             print(f"    key {k['key']:<36} {ahead}")
+    for c in found.get("concurrency", []):
+        print(f"  {c['limit']:<40} {str(c['slots']) + ' in flight':<22} ({c['source']})")
+        print(f"    {c['held']} held, {c['waiting']} queued for a slot")
 
 
 def _set_text(row: dict[str, Any]) -> None:
-    print(f"set: {row['limit']} for tenant {row['tenant']} is {row['per_s']:g}/s burst {row['burst']} from the next "
-          f"batch on (by {row['updated_by']}: {row['reason']})")  # fmt: skip
+    print(f"set: {row['limit']} for tenant {row['tenant']} is {_own(row)} from the next batch on "
+          f"(by {row['updated_by']}: {row['reason']})")  # fmt: skip
     if row.get("note"):
         print(f"note: {row['note']}")

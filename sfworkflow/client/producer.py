@@ -19,8 +19,8 @@ from pamqp.commands import Basic
 
 from sfworkflow.client import amqp, tracing
 from sfworkflow.contract import schemas
+from sfworkflow.contract.headers import event_headers
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
-from sfworkflow.contract.tracing import TRACEPARENT
 from sfworkflow.errors import InvalidEvent
 
 
@@ -98,7 +98,7 @@ class EventPublisher:
             orjson.dumps(event),
             routing_key=event["event_type"],
             message_id=event["event_id"],
-            headers={TRACEPARENT: tp} if tp else None,
+            headers=event_headers(event, tp),
         )
 
     async def publish_raw(

@@ -28,8 +28,8 @@ import pika.exceptions
 from sfworkflow.client import tracing
 from sfworkflow.client.amqp import PERSISTENT
 from sfworkflow.client.producer import validate_event
+from sfworkflow.contract.headers import event_headers
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
-from sfworkflow.contract.tracing import TRACEPARENT
 
 # What a lost or closed connection raises in pika; a confirm the broker refused (NackError) or an event no queue
 # took (UnroutableError) is not one of them: those are the event's, and are raised to the caller.
@@ -76,7 +76,7 @@ class SyncEventPublisher:
             content_type="application/json",
             delivery_mode=PERSISTENT,
             message_id=event["event_id"],
-            headers={TRACEPARENT: tp} if tp else None,
+            headers=event_headers(event, tp),
         )
         for attempt in range(self.retries + 1):
             try:

@@ -552,12 +552,12 @@ class CommandWorker:
         confirmed every one."""
         if not answers:
             return
-        headers: dict[str, Any] | None = dict(trace_headers) or None
         batch = [
             amqp.Outgoing(
                 orjson.dumps(a), EVENTS_EXCHANGE, a["event_type"], True,
                 Basic.Properties(content_type="application/json", delivery_mode=amqp.PERSISTENT,
-                                 message_id=a["event_id"], app_id=self.source, headers=headers),
+                                 message_id=a["event_id"], app_id=self.source,
+                                 headers={**trace_headers, **wire.event_headers(a)}),
             )
             for a in answers
         ]  # fmt: skip

@@ -2,14 +2,20 @@
 
 All of them start with PREFIX. A dead letter in sfworkflow.dead carries the original message's body and
 headers plus REASON, DETAIL and the ORIGINAL_* headers; `sfworkflow dead-letters redrive` strips every
-PREFIX header before it re-publishes the original, and adds REDRIVES.
+PREFIX header but TENANT before it re-publishes the original, and adds REDRIVES.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
+
+from sfworkflow.contract.tracing import TRACEPARENT
 
 PREFIX = "x-sfworkflow-"  # every sfworkflow header starts with this; others belong to the message's producer
+
+TENANT = "x-sfworkflow-tenant"  # an event's tenant_id, set by its producer: RabbitMQ hashes it to pick its shard
 
 REASON = "x-sfworkflow-reason"  # a dead letter's reason code (sfworkflow.errors.DeadReason)
 FIRST_REASON = "x-sfworkflow-first-reason"  # an unstorable dead letter: the reason it was rejected for first
@@ -21,6 +27,18 @@ ORIGINAL_MESSAGE_ID = "x-sfworkflow-original-message-id"  # the AMQP message_id 
 DEAD_LETTERED_AT = "x-sfworkflow-dead-lettered-at"  # when it was dead-lettered (ISO 8601, UTC)
 REDRIVES = "x-sfworkflow-redrives"  # how many times `dead-letters redrive` re-published this message
 HEADERS_DROPPED = "x-sfworkflow-headers-dropped"  # the original headers were dropped (too large, unstorable): why
+
+
+def event_headers(event: Mapping[str, Any], traceparent: str | None = None) -> dict[str, str]:
+    """The AMQP headers a producer sets on an event: TENANT (its tenant_id, when it has a text one) and, when given,
+    the W3C `traceparent`. Both SDK producers use it; a producer in another language sets the same."""
+    h: dict[str, str] = {}
+    tenant = event.get("tenant_id")
+    if isinstance(tenant, str) and tenant:
+        h[TENANT] = tenant[:255]
+    if traceparent:
+        h[TRACEPARENT] = traceparent
+    return h
 
 
 def dead_letter_headers(
@@ -65,4 +83,5 @@ __all__ = [
     "PREFIX",
     "REASON",
     "REDRIVES",
+    "TENANT",
 ]  # the header names (tests/unit/test_layout.py holds each to the prefix); dead_letter_headers is public too

@@ -19,6 +19,7 @@ from sfworkflow.contract.topology import (
     COMMANDS_EXCHANGE,
     COMPENSATIONS_EXCHANGE,
     DEAD_QUEUE,
+    EVENT_SHARDS_EXCHANGE,
     EVENTS_EXCHANGE,
     LIFECYCLE_EXCHANGE,
     commands_queue,
@@ -85,6 +86,16 @@ TRACE_HEADERS = {
             "type": "string",
             "description": "W3C trace context vendor state (optional): passed on beside the traceparent it came with.",
         },
+        wire.TENANT: {
+            "type": "string",
+            "maxLength": 255,
+            "description": (
+                "On an event: its `tenant_id`, set by the producer (both SDK producers and the worker SDK do). "
+                "RabbitMQ hashes it to pick the event's shard queue, so one tenant's burst does not delay another "
+                "tenant's events; an event without it is applied all the same, from one fixed shard it shares with "
+                "every producer that leaves it out. The envelope's `tenant_id` stays the authority."
+            ),
+        },
     },
 }
 PUBLISHED = {"amqp": {"deliveryMode": PERSISTENT, "mandatory": True, "bindingVersion": "0.3.0"}}  # and confirmed
@@ -119,7 +130,9 @@ def document(engine: Engine) -> dict[str, Any]:
         "title": f"Events in: exchange {EVENTS_EXCHANGE}",
         "description": (
             f"SalesFlow publishes every event to the topic exchange `{EVENTS_EXCHANGE}` with its `event_type` as "
-            "the routing key: persistent, `message_id` = `event_id`, publisher confirms, mandatory."
+            "the routing key: persistent, `message_id` = `event_id`, publisher confirms, mandatory, and the header "
+            f"`{wire.TENANT}` = `tenant_id`. The exchange passes every event to `{EVENT_SHARDS_EXCHANGE}` "
+            "(consistent-hash on that header), which puts each tenant's events on one of the service's shard queues."
         ),
         "parameters": {"eventType": {"enum": events, "description": "The event's `event_type`."}},
         "messages": _channel_messages(events),

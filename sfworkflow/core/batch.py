@@ -262,6 +262,32 @@ class OutboxRow:
     mandatory: bool  # unroutable is an error (everything but lifecycle events)
     deferred_until: datetime | None = None  # a rate limit's slot: the row is not published before it
     deferred_by: str | None = None  # the limit that deferred it (core/limits.py: limit_name)
+    gate_key: str | None = None  # queued for a slot of this concurrency key: not published before one is granted
+    gate_timers: list[GateTimer] | None = None  # the issuing step's timers that start when the slot is granted
+    # Its instance's workflow has concurrency limits: it waits (never due) while an earlier message of its instance
+    # waits for a slot, in this batch (behind_gate) or an earlier one (found by write_batch), and falls due with it.
+    behind_gate: bool = False
+    check_gate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GateTimer:
+    """A timer set with a command a concurrency limit queues: set `delay_s` after the slot is granted."""
+
+    name: str
+    delay_s: float
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRelease:
+    """An instance of a workflow with concurrency limits, as the batch leaves it: the slots it holds in states it is
+    no longer in (or every slot, when it ended) are released."""
+
+    instance_id: int
+    state: str
+    terminal: bool
+    reissued: tuple[str, ...] = ()  # limits it issued a new command under: the slot it held for the last one goes
 
 
 @dataclass(slots=True)
@@ -282,6 +308,7 @@ class WriteSet:
     effect_releases: list[KeyRelease] = field(default_factory=list)
     registers: list[RegisterWrite] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
+    slot_releases: list[SlotRelease] = field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +326,9 @@ class BatchReport:
     outbox_rows: int = 0
     deferred: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (workflow, command, limit)
     deferral_s: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, limit, seconds deferred)
+    gated: Counter[tuple[str, str, str]] = field(
+        default_factory=Counter
+    )  # (workflow, command, limit): queued for a slot
     # Envelope timestamps of the events applied for the first time (not duplicates, not redriven dead letters):
     # the lag histogram observes these, so a retry or a redrive of an old event is not counted as lag.
     first_seen: list[datetime] = field(default_factory=list)
@@ -315,6 +345,7 @@ class BatchReport:
         self.outbox_rows += other.outbox_rows
         self.deferred.update(other.deferred)
         self.deferral_s += other.deferral_s
+        self.gated.update(other.gated)
         self.first_seen += other.first_seen
 
 

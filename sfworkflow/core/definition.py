@@ -18,7 +18,7 @@ from typing import Any
 
 from sfworkflow.contract.ids import uuid5_text
 from sfworkflow.contract.tracing import Trace
-from sfworkflow.core.limits import RateLimit
+from sfworkflow.core.limits import Limit
 
 # Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
@@ -94,8 +94,9 @@ class WorkflowDefinition:
     # recorded as ignored instead of parked.
     stale: Callable[[Step], str | None] | None = None
     description: str = ""
-    # Rate limits on outgoing commands (core/limits.py): a command over its limit is deferred, never dropped.
-    limits: tuple[RateLimit, ...] = ()
+    # Limits on outgoing commands (core/limits.py): a rate limit defers a command over it, a concurrency limit queues
+    # it until a slot is free; neither drops one.
+    limits: tuple[Limit, ...] = ()
 
     def event_type(self, name: str) -> str:
         return f"{self.name}.{name}"

@@ -34,7 +34,7 @@ from sfworkflow.core.definition import (
     TimerRequest,
     WorkflowDefinition,
 )
-from sfworkflow.core.limits import Rate, RateLimit, check_overrides, limit_name
+from sfworkflow.core.limits import ConcurrencyLimit, Rate, RateLimit, check_overrides, limit_name
 from sfworkflow.errors import DefinitionError
 
 # The lifecycle event every ending publishes, exactly once and last (its data: final_state). workflow.failed and
@@ -171,10 +171,14 @@ class CompiledWorkflow:
         self.table = table
         # command type -> its rate limits, each with its full name (`sequence.send_step/per_sender`)
         self.rate_limits: dict[str, list[tuple[str, RateLimit]]] = {}
+        # command type -> its concurrency limit (at most one), with its full name
+        self.concurrency: dict[str, tuple[str, ConcurrencyLimit]] = {}
         for lim in definition.limits:
-            self.rate_limits.setdefault(definition.event_type(lim.command), []).append(
-                (limit_name(definition.name, lim), lim)
-            )
+            command_type = definition.event_type(lim.command)
+            if isinstance(lim, ConcurrencyLimit):
+                self.concurrency[command_type] = (limit_name(definition.name, lim), lim)
+            else:
+                self.rate_limits.setdefault(command_type, []).append((limit_name(definition.name, lim), lim))
 
     def mermaid(self) -> str:
         """The transition table as a Mermaid state diagram."""
@@ -231,13 +235,32 @@ def check_definition(d: WorkflowDefinition, states: Iterable[str]) -> None:
         if e not in d.events:
             raise DefinitionError(f"{d.name} v{d.version}: start event {e!r} is not an event")
     names: set[str] = set()
+    gated: set[str] = set()
     for lim in d.limits:
+        kind = "concurrency limit" if isinstance(lim, ConcurrencyLimit) else "rate limit"
         if lim.command not in d.commands:
             what = "a compensation: an undo never waits" if lim.command in d.compensations else "not a command"
-            raise DefinitionError(f"{d.name} v{d.version}: rate limit {lim.name!r} is on {lim.command!r}, {what}")
+            raise DefinitionError(f"{d.name} v{d.version}: {kind} {lim.name!r} is on {lim.command!r}, {what}")
         if lim.name in names:
-            raise DefinitionError(f"{d.name} v{d.version}: rate limit {lim.name!r} is declared twice")
+            raise DefinitionError(f"{d.name} v{d.version}: limit {lim.name!r} is declared twice")
         names.add(lim.name)
+        if isinstance(lim, ConcurrencyLimit):
+            if any(isinstance(r, RateLimit) and r.command == lim.command for r in d.limits):
+                raise DefinitionError(
+                    f"{d.name} v{d.version}: {lim.command!r} has a rate and a concurrency limit: its rate slot would "
+                    "be booked when decided, not when the gate lets it out; keep one"
+                )
+            if lim.command in gated:
+                raise DefinitionError(f"{d.name} v{d.version}: {lim.command!r} has two concurrency limits; keep one")
+            gated.add(lim.command)
+            unknown = sorted(set(lim.held_in) - known)
+            if unknown:
+                raise DefinitionError(f"{d.name} v{d.version}: {kind} {lim.name!r} held_in names unknown {unknown}")
+            ends = sorted(set(lim.held_in) & set(d.terminal))
+            if ends:
+                raise DefinitionError(
+                    f"{d.name} v{d.version}: {kind} {lim.name!r} is held in terminal {ends}: it would never be released"
+                )
 
 
 class Engine:
@@ -271,6 +294,20 @@ class Engine:
             {(c.definition.name, cmd, n) for c in self.compiled.values() for cmd, ls in c.rate_limits.items()
              for n, _ in ls}
         )  # fmt: skip
+
+    def concurrency_labels(self) -> list[tuple[str, str, str]]:
+        """(workflow, command type, limit name) of every declared concurrency limit: the metrics' label values."""
+        return sorted(
+            {(c.definition.name, cmd, n) for c in self.compiled.values() for cmd, (n, _l) in c.concurrency.items()}
+        )
+
+    def concurrency_limits(self) -> dict[str, ConcurrencyLimit]:
+        """Every declared concurrency limit by full name (the latest version's declaration when versions differ)."""
+        out: dict[str, ConcurrencyLimit] = {}
+        for (_name, _version), c in sorted(self.compiled.items()):
+            for n, lim in c.concurrency.values():
+                out[n] = lim
+        return out
 
     def rate_limits(self, compiled: CompiledWorkflow, command_type: str) -> list[tuple[str, RateLimit, Rate]]:
         """The rate limits in force on a command type: (full name, declaration, rate)."""

@@ -45,6 +45,43 @@ class RateLimit:
         check_rate(f"rate limit {self.name!r}", self.per_s, self.burst)
 
 
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    """At most `slots` commands `command` in flight per key (the tenant and `key(data)`). Every such command is queued
+    behind a *gate*: its outbox row is not published until a slot is granted to it (runtime/gates.py, oldest first
+    per key, across replicas). The instance holds the slot while its state is one of `held_in`; a transition out of
+    them (an answer, a failure, a timeout) or the instance's end releases it, and the next queued command gets it.
+    The timers named in `timers_after_release`, set by the step that issued the command, start when the slot is
+    granted, not when the command was decided (a run's timeout counts from when it really goes out). Named
+    `<workflow>.<command>/<name>` like a rate limit; a tenant's own `slots` override it (`sfworkflow limits set`)."""
+
+    command: str
+    name: str
+    slots: int
+    held_in: frozenset[str]
+    timers_after_release: tuple[str, ...] = ()
+    key: KeyOf | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"concurrency limit name {self.name!r}: use lower-case letters, digits and _")
+        check_slots(f"concurrency limit {self.name!r}", self.slots)
+        if not self.held_in:
+            raise ValueError(f"concurrency limit {self.name!r}: held_in must name the states that hold a slot")
+
+
+MAX_SLOTS = 100_000
+
+
+def check_slots(what: str, slots: object) -> None:
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
+        raise ValueError(f"{what}: slots must be a whole number from 1 to {MAX_SLOTS}, got {slots!r}")
+
+
+Limit = RateLimit | ConcurrencyLimit
+
+
 MIN_PER_S = 0.0001  # one command in under three hours: slower is a daily cap, not a rate
 MAX_RATE = 1_000_000  # commands a second, and a burst, at most (more is no limit at all)
 
@@ -70,7 +107,7 @@ class Rate:
         return 1.0 / self.per_s
 
 
-def limit_name(workflow: str, limit: RateLimit) -> str:
+def limit_name(workflow: str, limit: Limit) -> str:
     """`sequence.send_step/per_sender`: how metrics, history, settings and the bucket table name a limit."""
     return f"{workflow}.{limit.command}/{limit.name}"
 

@@ -43,6 +43,7 @@ from sfworkflow.core.batch import (
     ClaimKeys,
     Delivery,
     EffectClaim,
+    GateTimer,
     HistoryEntry,
     InsertInbox,
     InstanceUpdate,
@@ -60,6 +61,7 @@ from sfworkflow.core.batch import (
     RegisterWrite,
     Request,
     Row,
+    SlotRelease,
     TakeRates,
     TimerCancel,
     TimerSet,
@@ -75,7 +77,7 @@ from sfworkflow.core.definition import (
     derive_id,
 )
 from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
-from sfworkflow.core.limits import Rate, RateLimit, bucket_key, slots
+from sfworkflow.core.limits import Limit, Rate, bucket_key, slots
 from sfworkflow.errors import DeadReason, Rejection, StepLimitExceeded
 
 log = structlog.get_logger("sfworkflow.store")
@@ -172,6 +174,10 @@ class BatchPlan:
         self.registers: dict[str, tuple[Any, _Run]] = {}  # register writes of this batch (last wins)
         self.released_effects: list[KeyRelease] = []  # effects that did not happen after all
         self.deferrals: dict[str, tuple[datetime, str]] = {}  # message id -> (its rate limit's slot, the limit)
+        self.gates: dict[str, tuple[str, list[GateTimer]]] = {}  # message id -> (its concurrency key, timers at grant)
+        self.releases_of: list[SlotRelease] = []  # instances with concurrency limits this batch changed
+        self.behind_gate: set[str] = set()  # message ids queued after a gated message of their instance
+        self.gate_checked: set[str] = set()  # message ids of instances whose workflow has concurrency limits
 
     # ---- entry points --------------------------------------------------------------------------
     def deliveries(self, deliveries: Sequence[Delivery]) -> Steps:
@@ -923,7 +929,42 @@ class BatchPlan:
     def _finish(self) -> Steps:
         yield from self._resolve()
         yield from self._take_rates()
+        self._gate()
         return self.write_set()
+
+    # ---- concurrency limits (core/limits.py ConcurrencyLimit) -------------------------------------------------------
+    def _gate(self) -> None:
+        """Queue every command under a concurrency limit behind its key's gate (the gate loop grants slots, oldest
+        first: runtime/gates.py), with the timers its step set that start at the grant; and note, for the release,
+        every instance of a workflow with such limits that this batch changed. No history entry: most commands get
+        their slot at once; the outbox row says when it was granted (`granted_at`), and `inspect` shows a wait."""
+        for run in self.runs.values():
+            if run.row_id is None or run.view is None or not run.compiled.concurrency:
+                continue
+            reissued: set[str] = set()
+            gated = False
+            for m in run.outgoing:
+                self.gate_checked.add(m.message_id)
+                gate = run.compiled.concurrency.get(m.routing_key) if m.kind == "command" else None
+                if gate is None:
+                    if gated:  # behind its instance's queued command: falls due with it, not before
+                        self.behind_gate.add(m.message_id)
+                    continue
+                gated = True
+                reissued.add(gate[0])
+                name, limit = gate
+                timers = []
+                for t in limit.timers_after_release:
+                    op = run.timer_ops.get(t)
+                    if op is not None:  # set by this batch: it starts when the slot is granted
+                        timers.append(GateTimer(t, max(0.0, (op.due_at - self.now).total_seconds()), op.payload))
+                        run.timer_ops[t] = None  # and one of that name set before is cancelled
+                self.gates[m.message_id] = (_bucket(name, run.key.tenant_id, m.body["data"], limit, m.routing_key),
+                                            timers)  # fmt: skip
+                self.report.gated[(run.key.workflow, m.routing_key, name)] += 1
+            if run.changed:
+                # A new command under a limit replaces the one the instance held a slot for (a retry, a replay).
+                self.releases_of.append(SlotRelease(run.row_id, run.view.state, run.terminal, tuple(sorted(reissued))))
 
     # ---- rate limits (core/limits.py) -------------------------------------------------------------
     def _take_rates(self) -> Generator[Request, Any, None]:
@@ -1041,9 +1082,12 @@ class BatchPlan:
                     ws.timers.append(TimerSet(run.row_id, name, t.due_at, t.payload))
             for m in run.outgoing:
                 until, by = self.deferrals.get(m.message_id, (None, None))
+                gate_key, gate_timers = self.gates.get(m.message_id, (None, None))
                 ws.outbox.append(
                     OutboxRow(m.message_id, m.kind, EXCHANGE_OF_KIND[m.kind], m.routing_key, run.row_id,
-                              orjson.dumps(m.body), trace_headers(m.trace), m.kind != "lifecycle", until, by)
+                              orjson.dumps(m.body), trace_headers(m.trace), m.kind != "lifecycle", until, by,
+                              gate_key, gate_timers, m.message_id in self.behind_gate,
+                              m.message_id in self.gate_checked)
                 )  # fmt: skip
                 self.report.queued[(run.key.workflow, m.kind)] += 1
         changed_ids = {r.row_id for r in self.runs.values() if r.changed}
@@ -1054,13 +1098,14 @@ class BatchPlan:
             RegisterWrite(k, self.registers[k][0], self.registers[k][1].key.tenant_id, self.registers[k][1].row_id)
             for k in sorted(self.registers)
         ]
+        ws.slot_releases = sorted(self.releases_of, key=lambda r: r.instance_id)
         self.report.outbox_rows = len(ws.outbox)
         return ws
 
 
-def _bucket(name: str, tenant_id: str, data: dict[str, Any], limit: RateLimit, command_type: str) -> str:
-    """The rate-limit bucket of a command; the tenant's own bucket of the limit when the declared key function does
-    not fit the command's data (logged: a definition's bug, not a reason to fail the batch)."""
+def _bucket(name: str, tenant_id: str, data: dict[str, Any], limit: Limit, command_type: str) -> str:
+    """The rate-limit bucket (or concurrency key) of a command; the tenant's own one for the limit when the declared
+    key function does not fit the command's data (logged: a definition's bug, not a reason to fail the batch)."""
     try:
         return bucket_key(name, tenant_id, data, limit.key)
     except Exception as exc:

@@ -217,15 +217,28 @@ async def demo_outbox_by_kind(conn: asyncpg.Connection, tenant_id: str) -> dict[
 
 # ---- rate limits (ops/limits.py) ----------------------------------------------------------------------------
 async def limit_overrides(conn: asyncpg.Connection, tenant_id: str | None) -> list[asyncpg.Record]:
-    """The tenants' rate-limit overrides (one tenant's when given), by tenant and limit."""
+    """The tenants' limit overrides (one tenant's when given), by tenant and limit."""
     return list(await conn.fetch(q("limit_overrides"), tenant_id))
 
 
 async def upsert_limit_override(
-    conn: asyncpg.Connection, tenant_id: str, limit_name: str, per_s: float, burst: int, reason: str, by: str
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    limit_name: str,
+    per_s: float | None,
+    burst: int | None,
+    reason: str,
+    by: str,
+    slots: int | None = None,
 ) -> asyncpg.Record:
-    """Set a tenant's rate for a limit (replacing its earlier override); the stored row."""
-    return await conn.fetchrow(q("upsert_limit_override"), tenant_id, limit_name, per_s, burst, reason, by)
+    """Set a tenant's rate (or, for a concurrency limit, its slots) for a limit, replacing its earlier override; the
+    stored row."""
+    return await conn.fetchrow(q("upsert_limit_override"), tenant_id, limit_name, per_s, burst, reason, by, slots)
+
+
+async def slots_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
+    """Per concurrency limit, a tenant's slots held and commands queued for one."""
+    return list(await conn.fetch(q("slots_of_tenant"), tenant_id))
 
 
 async def delete_limit_override(conn: asyncpg.Connection, tenant_id: str, limit_name: str) -> asyncpg.Record | None:

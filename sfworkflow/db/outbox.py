@@ -53,6 +53,11 @@ async def backlog(conn: asyncpg.Connection) -> asyncpg.Record:
     return await conn.fetchrow(q("outbox_backlog"))
 
 
+async def slots_by_limit(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Concurrency slots `held` and commands `waiting` for one, per `limit_name` (limits with neither not listed)."""
+    return list(await conn.fetch(q("slots_by_limit")))
+
+
 async def failed_count(conn: asyncpg.Connection) -> int:
     """Rows given up, waiting for an operator's republish."""
     return int(await conn.fetchval(q("outbox_failed_count")))

@@ -30,7 +30,7 @@ import contextlib
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -56,10 +56,10 @@ from sfworkflow.core.batch import (
 )
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import Rate
+from sfworkflow.core.limits import ConcurrencyLimit, Rate
 from sfworkflow.core.plan import RETRY_FAILED_TIMER, BatchPlan
 from sfworkflow.db.outbox import Queued
-from sfworkflow.db.pool import is_transient, q
+from sfworkflow.db.pool import is_connection_error, is_transient, q
 from sfworkflow.settings import REDELIVERY_WINDOW_DAYS
 
 log = structlog.get_logger("sfworkflow.store")
@@ -210,6 +210,45 @@ class Store:
             out["rate_buckets"] = int((await conn.execute(q("prune_rate_buckets"), limit)).split()[-1])
         return out
 
+    async def grant_slots(
+        self, limits: Mapping[str, ConcurrencyLimit], after: str = "", keys: int = 500
+    ) -> tuple[list[tuple[str, int]], str]:
+        """One round of the gates (runtime/gates.py): for up to `keys` concurrency keys with queued commands after key
+        `after`, each in a transaction of its own under the key's lock (a key another replica is granting is
+        skipped), grant the free slots to the oldest queued commands whose instance still holds that state (and
+        withdraw those whose instance moved on). `limits`: the declared ones by full name. Returns (limit name,
+        commands granted) per key that granted some, and the key to start the next round after ("" once every key
+        was seen). A key whose grant fails is logged and skipped: the others go on."""
+        async with self.pool.acquire() as conn:
+            waiting = [r["gate_key"] for r in await conn.fetch(q("waiting_gates"), keys, after)]
+        out: list[tuple[str, int]] = []
+        for key in waiting:
+            name, tenant, _part = key.split("|", 2)
+            limit = limits.get(name)
+            if limit is None:  # a limit this replica does not declare (a rolling deploy): a replica that does grants
+                continue
+            try:
+                async with self._transaction() as unit:
+                    await unit.conn.execute(q("ensure_gate"), key, tenant, name)
+                    if await unit.conn.fetchval(q("lock_gate"), key) is None:
+                        continue
+                    granted = await unit.conn.fetch(
+                        q("grant_slots"), key, limit.slots, sorted(limit.held_in), tenant, name
+                    )
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                log.error("granting a concurrency key failed; the others go on", gate_key=key, error=repr(exc)[:300])
+                continue
+            if granted:
+                out.append((name, len(granted)))
+        return out, (waiting[-1] if len(waiting) == keys else "")
+
+    async def sweep_slots(self) -> int:
+        """Release the concurrency slots whose instance ended, moved on or is gone; how many."""
+        async with self.pool.acquire() as conn:
+            return len(await conn.fetch(q("sweep_slots")))
+
     async def redrive_parked(
         self, key: InstanceKey, expect_version: int | None = None, replayed: dict[str, Any] | None = None
     ) -> int | None:
@@ -321,8 +360,18 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             [{"instance_id": x.instance_id, "name": x.name} for x in c],
             [{"message_id": x.message_id, "kind": x.kind, "exchange": x.exchange, "routing_key": x.routing_key,
               "instance_id": x.instance_id, "headers": x.headers, "mandatory": x.mandatory,
-              "deferred_until": x.deferred_until, "deferred_by": x.deferred_by} for x in o],
+              "deferred_until": x.deferred_until, "deferred_by": x.deferred_by,
+              **({"gate_key": x.gate_key, "gate_timers": [{"name": t.name, "delay_s": t.delay_s, "payload": t.payload}
+                                                         for t in x.gate_timers or ()]} if x.gate_key else {}),
+              **({"behind_gate": True} if x.behind_gate else {}), **({"check_gate": True} if x.check_gate else {})}
+             for x in o],
             [x.body for x in o],
+        )  # fmt: skip
+    if ws.slot_releases:
+        await conn.execute(
+            q("release_slots"),
+            [{"instance_id": r.instance_id, "state": r.state, "terminal": r.terminal, "reissued": list(r.reissued)}
+             for r in ws.slot_releases],
         )  # fmt: skip
     if ws.unstarted:
         await conn.execute(q("delete_unstarted"), ws.unstarted)

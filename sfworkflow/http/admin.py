@@ -266,7 +266,11 @@ async def list_limits(request: web.Request) -> web.Response:
     params(request, "listLimits")
     engine = _engine(request)
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-        found = {"limits": [d.as_json() for d in limits.declared(engine)], "overrides": await limits.overrides(conn)}
+        found = {
+            "limits": [d.as_json() for d in limits.declared(engine)],
+            "concurrency": limits.declared_concurrency(engine),
+            "overrides": await limits.overrides(conn),
+        }
     return json_response(found)
 
 
@@ -281,16 +285,21 @@ async def put_tenant_limit(request: web.Request) -> web.Response:
     body = request.app[CHECKS].body("setTenantLimit", await request.read())
     engine = _engine(request)
     try:
-        d = limits.check_limit(engine, body["limit"])
+        limits.check_limit(engine, body["limit"])
     except UsageError as exc:
         raise ApiError(404, "unknown_limit", str(exc)) from None
-    burst = int(body["burst"]) if "burst" in body else (d.in_force or d.definition).burst
+    per_s = float(body["per_s"]) if "per_s" in body else None
+    burst = int(body["burst"]) if "burst" in body else None
+    slots = int(body["slots"]) if "slots" in body else None
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-        row = await limits.set_override(
-            conn, engine, p["tenant"], body["limit"], float(body["per_s"]), burst, body["reason"], body["by"]
-        )
-    log.info("rate limit override set", tenant_id=row["tenant"], limit=row["limit"], per_s=row["per_s"],
-             burst=row["burst"], reason=row["reason"], by=row["updated_by"])  # fmt: skip
+        try:
+            row = await limits.set_override(
+                conn, engine, p["tenant"], body["limit"], per_s, burst, body["reason"], body["by"], slots
+            )
+        except UsageError as exc:  # a rate for a concurrency limit, slots for a rate limit: no such limit of that kind
+            raise ApiError(404, "wrong_kind_of_limit", str(exc)) from None
+    log.info("limit override set", tenant_id=row["tenant"], limit=row["limit"], per_s=row["per_s"],
+             burst=row["burst"], slots=row["slots"], reason=row["reason"], by=row["updated_by"])  # fmt: skip
     return json_response(row)
 
 

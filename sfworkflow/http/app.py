@@ -51,5 +51,6 @@ async def metrics(request: web.Request) -> web.Response:
     database check when PostgreSQL does not answer)."""
     service: Service = request.app[SERVICE]
     await service.readiness(READY_CHECK_TIMEOUT_S)
+    service.record_buffers()
     body = await asyncio.to_thread(service.metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

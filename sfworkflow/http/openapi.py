@@ -13,7 +13,7 @@ from typing import Any
 from sfworkflow import __version__
 from sfworkflow.core.durations import EXAMPLES as AGE_EXAMPLES
 from sfworkflow.core.durations import UNITS
-from sfworkflow.core.limits import MAX_RATE, MIN_PER_S
+from sfworkflow.core.limits import MAX_RATE, MAX_SLOTS, MIN_PER_S
 
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -22,7 +22,7 @@ ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 chara
 # calls valid is a finite age: at most 6 digits, 3 decimals, then a unit (s m h d w) or none (seconds).
 AGE = rf"[0-9]{{1,6}}(\.[0-9]{{1,3}})?[{''.join(UNITS)}]?"
 INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
-LIMIT_NAME = rf"{NAME}\.{NAME}/{NAME}"  # a rate limit: <workflow>.<command>/<name>
+LIMIT_NAME = rf"{NAME}\.{NAME}/{NAME}"  # a limit: <workflow>.<command>/<name>
 # Free text (reason, by): no control characters, at least one character that is not a space.
 TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
 MAX_REASON = 500
@@ -52,7 +52,7 @@ IN_WORDS = {
     anchored(ENTITY): "1 to 200 characters, no '/'",
     anchored(AGE): f"an age such as {AGE_EXAMPLES}",
     anchored(INSTANCE_REF): "TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)",
-    anchored(LIMIT_NAME): "a rate limit's name, WORKFLOW.COMMAND/NAME, e.g. sequence.send_step/per_sender",
+    anchored(LIMIT_NAME): "a limit's name, WORKFLOW.COMMAND/NAME, e.g. sequence.send_step/per_sender",
     anchored(TEXT): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
 }
 
@@ -97,6 +97,14 @@ def _op(summary: str, description: str, ok: dict[str, Any], params: list[dict[st
     op.update(extra)
     op["responses"] = responses
     return op
+
+
+LIMIT_FIELD = {
+    "type": "string",
+    "maxLength": 200,
+    "pattern": anchored(LIMIT_NAME),
+    "description": "The limit, e.g. sequence.send_step/per_sender (GET /v1/limits lists them).",
+}
 
 
 def _schemas() -> dict[str, Any]:
@@ -219,6 +227,16 @@ def _schemas() -> dict[str, Any]:
                                 "description": "A command a rate limit deferred is not published before this.",
                             },
                             "deferred_by": {**NULLABLE_STRING, "description": "The rate limit that deferred it."},
+                            "gate_key": {
+                                **NULLABLE_STRING,
+                                "description": "The concurrency key (limit|tenant|part) it was queued for.",
+                            },
+                            "granted_at": {**NULLABLE_TIMESTAMP, "description": "When it was granted a slot."},
+                            "queued": {"type": "boolean", "description": "Waiting for a concurrency slot."},
+                            "queued_ahead": {
+                                "type": ["integer", "null"],
+                                "description": "While queued: the key's commands ahead of it.",
+                            },
                             "body": {"description": "The message body as published (JSON)."},
                         },
                     },
@@ -283,12 +301,14 @@ def _schemas() -> dict[str, Any]:
         },
         "LimitOverride": {
             "type": "object",
-            "required": ["tenant", "limit", "per_s", "burst", "reason", "updated_by", "updated_at"],
+            "required": ["tenant", "limit", "per_s", "burst", "slots", "reason", "updated_by", "updated_at"],
+            "description": "A tenant's own rate (per_s, burst) for a rate limit, or slots for a concurrency limit.",
             "properties": {
                 "tenant": {"type": "string", "format": "uuid"},
                 "limit": {"type": "string"},
-                "per_s": {"type": "number"},
-                "burst": {"type": "integer"},
+                "per_s": {"type": ["number", "null"]},
+                "burst": {"type": ["integer", "null"]},
+                "slots": {"type": ["integer", "null"]},
                 "reason": {"type": "string"},
                 "updated_by": {"type": "string"},
                 "updated_at": TIMESTAMP,
@@ -315,14 +335,43 @@ def _schemas() -> dict[str, Any]:
                         },
                     },
                 },
+                "concurrency": {"type": "array", "items": {"$ref": "#/components/schemas/ConcurrencyLimit"}},
                 "overrides": {"type": "array", "items": {"$ref": "#/components/schemas/LimitOverride"}},
+            },
+        },
+        "ConcurrencyLimit": {
+            "type": "object",
+            "required": ["limit", "workflow", "command", "slots", "held_in"],
+            "properties": {
+                "limit": {"type": "string"},
+                "workflow": {"type": "string"},
+                "command": {"type": "string"},
+                "description": {"type": "string"},
+                "slots": {"type": "integer", "description": "The definition's: commands in flight at once per key."},
+                "held_in": {"type": "array", "items": {"type": "string"}},
             },
         },
         "TenantLimits": {
             "type": "object",
-            "required": ["tenant", "limits"],
+            "required": ["tenant", "limits", "concurrency"],
             "properties": {
                 "tenant": {"type": "string", "format": "uuid"},
+                "concurrency": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["limit", "command", "slots", "source", "held", "waiting"],
+                        "properties": {
+                            "limit": {"type": "string"},
+                            "command": {"type": "string"},
+                            "slots": {"type": "integer", "description": "In force for the tenant."},
+                            "source": {"type": "string"},
+                            "override": {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]},
+                            "held": {"type": "integer", "description": "Its slots held now."},
+                            "waiting": {"type": "integer", "description": "Its commands queued for a slot."},
+                        },
+                    },
+                },
                 "limits": {
                     "type": "array",
                     "items": {
@@ -354,31 +403,51 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "LimitOverrideRequest": {
+            "description": "A tenant's own rate for a rate limit (`per_s`, `burst`) or its own slots for a concurrency "
+            "limit (`slots`). The other kind's numbers for a limit: 404 wrong_kind_of_limit.",
             "type": "object",
-            "required": ["limit", "per_s", "reason"],
-            "additionalProperties": False,
-            "properties": {
-                "limit": {
-                    "type": "string",
-                    "maxLength": 200,
-                    "pattern": anchored(LIMIT_NAME),
-                    "description": "The limit, e.g. sequence.send_step/per_sender (GET /v1/limits lists them).",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "title": "A rate",
+                    "required": ["limit", "per_s", "reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "limit": LIMIT_FIELD,
+                        "per_s": {
+                            "type": "number",
+                            "minimum": MIN_PER_S,
+                            "maximum": MAX_RATE,
+                            "description": "Commands a second for this tenant.",
+                        },
+                        "burst": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_RATE,
+                            "description": "Commands at once after a quiet spell (default: the rate in force's burst).",
+                        },
+                        "reason": {**filters["reason"], "description": "Why (kept with the override)."},
+                        "by": filters["by"],
+                    },
                 },
-                "per_s": {
-                    "type": "number",
-                    "minimum": MIN_PER_S,
-                    "maximum": MAX_RATE,
-                    "description": "Commands a second for this tenant.",
+                {
+                    "type": "object",
+                    "title": "Slots",
+                    "required": ["limit", "slots", "reason"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "limit": LIMIT_FIELD,
+                        "slots": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_SLOTS,
+                            "description": "A concurrency limit: this tenant's commands in flight at once per key.",
+                        },
+                        "reason": {**filters["reason"], "description": "Why (kept with the override)."},
+                        "by": filters["by"],
+                    },
                 },
-                "burst": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "maximum": MAX_RATE,
-                    "description": "Commands at once after a quiet spell (default: the rate in force's burst).",
-                },
-                "reason": {**filters["reason"], "description": "Why (kept with the override)."},
-                "by": filters["by"],
-            },
+            ],
         },
         "ReplayRequest": {
             "description": "Either one instance (`instance`) or every stuck instance matching filters (`all_stuck`).",

@@ -36,6 +36,7 @@ from sfworkflow.contract.headers import (
     PREFIX,
     REASON,
     REDRIVES,
+    TENANT,
 )
 from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
 from sfworkflow.errors import DeadLetterQueueError, StoreUnavailable
@@ -120,8 +121,9 @@ class DeadLetter:
         return self.original_routing_key or self.event_type
 
     def redrive_headers(self) -> dict[str, Any]:
-        """The original headers without sfworkflow's, plus the redrive count + 1."""
-        out = {k: v for k, v in self.headers.items() if not k.startswith(PREFIX)}
+        """The original headers without sfworkflow's (but the tenant's, which picks the event's shard), plus the
+        redrive count + 1."""
+        out = {k: v for k, v in self.headers.items() if not k.startswith(PREFIX) or k == TENANT}
         out[REDRIVES] = self.redrives + 1
         return out
 

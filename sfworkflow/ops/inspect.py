@@ -90,6 +90,9 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
                     f"FAILED, given up after {o['publish_attempts']} attempts ({o['last_error']}); "
                     f"republish: sfworkflow outbox republish --id {o['id']}"
                 )
+            elif o.get("queued"):
+                limit = str(o["gate_key"]).split("|")[0]
+                status = f"QUEUED for a slot of {limit} ({o['queued_ahead']} of the key's commands ahead)"
             elif o.get("deferred_until") and o["deferred_until"] > datetime.now(UTC):
                 status = f"DEFERRED until {o['deferred_until']:%Y-%m-%d %H:%M:%S.%f} UTC by {o['deferred_by']}"
             else:
@@ -98,6 +101,8 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
                     status += f"; deferred until {o['deferred_until']:%H:%M:%S.%f} by {o['deferred_by']}"
             if o["published_at"] and o.get("deferred_until"):
                 status += f" (deferred by {o['deferred_by']} until {o['deferred_until']:%H:%M:%S.%f})"
+            if o.get("granted_at"):
+                status += f" (slot of {str(o['gate_key']).split('|')[0]} granted {o['granted_at']:%H:%M:%S.%f})"
             attempt = o["body"].get("attempt")
             print(
                 f"  {o['kind']:<12} {o['routing_key']:<32} {status}"

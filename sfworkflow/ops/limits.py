@@ -1,10 +1,14 @@
-"""Rate limits for operators (`sfworkflow limits`, `/v1/limits`): what is declared, what is in force for a tenant, and
-a tenant's overrides.
+"""Limits for operators (`sfworkflow limits`, `/v1/limits`): what is declared, what is in force for a tenant, and
+a tenant's overrides: its own rate for a rate limit, its own slots for a concurrency limit.
 
 The rate in force for a (tenant, limit) is, first to last: the tenant's override (sfworkflow.limit_override, set here),
 the deployment's setting (SFWORKFLOW_RATE_LIMITS), the definition's. An override applies from the next batch on, on
 every replica (take_rates reads it in the statement that reserves the slots); commands already deferred keep their
 slots. A limit the deployment turned off (`=off`) is not enforced for anyone, overrides included.
+
+The slots in force for a (tenant, concurrency limit) are the tenant's override, else the definition's; the gate loop
+reads them at every grant, so raising them lets queued commands out within a round, on every replica; lowering them
+takes no slot back (the runs in flight finish).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import Rate, check_rate
+from sfworkflow.core.limits import ConcurrencyLimit, Rate, check_rate, check_slots
 from sfworkflow.db import operations
 from sfworkflow.errors import UsageError
 
@@ -54,11 +58,22 @@ def declared(engine: Engine) -> list[Declared]:
     return [out[k] for k in sorted(out)]
 
 
-def check_limit(engine: Engine, name: str) -> Declared:
-    """The declared limit `name`, or UsageError naming the declared ones."""
-    known = {d.name: d for d in declared(engine)}
+def declared_concurrency(engine: Engine) -> list[dict[str, Any]]:
+    """Every concurrency limit the loaded definitions declare, with its slots."""
+    out = []
+    for name, lim in sorted(engine.concurrency_limits().items()):
+        workflow, command = name.split("/")[0].split(".", 1)
+        out.append({"limit": name, "workflow": workflow, "command": f"{workflow}.{command}",
+                    "description": lim.description, "slots": lim.slots, "held_in": sorted(lim.held_in)})  # fmt: skip
+    return out
+
+
+def check_limit(engine: Engine, name: str) -> Declared | ConcurrencyLimit:
+    """The declared limit `name` (a rate limit's Declared, or the concurrency limit), or UsageError naming them."""
+    known: dict[str, Declared | ConcurrencyLimit] = {d.name: d for d in declared(engine)}
+    known.update(engine.concurrency_limits())
     if name not in known:
-        raise UsageError(f"no rate limit {name!r}; declared: {', '.join(sorted(known)) or 'none'}")
+        raise UsageError(f"no limit {name!r}; declared: {', '.join(sorted(known)) or 'none'}")
     return known[name]
 
 
@@ -75,18 +90,40 @@ async def overrides(conn: asyncpg.Connection, tenant: str | None = None) -> list
 
 
 async def set_override(
-    conn: asyncpg.Connection, engine: Engine, tenant: str, limit: str, per_s: float, burst: int, reason: str, by: str
+    conn: asyncpg.Connection,
+    engine: Engine,
+    tenant: str,
+    limit: str,
+    per_s: float | None,
+    burst: int | None,
+    reason: str,
+    by: str,
+    slots: int | None = None,
 ) -> dict[str, Any]:
-    """Give `tenant` its own rate for `limit` (replacing an earlier override); the stored override, with a `note`
-    when the deployment has the limit off (then it has no effect)."""
+    """Give `tenant` its own rate (`per_s`, `burst`: the rate in force's when None) for a rate limit, or its own
+    `slots` for a concurrency limit, replacing an earlier override; the stored override, with a `note` when the
+    deployment has the limit off (then it has no effect)."""
     tenant = check_tenant(tenant)
     d = check_limit(engine, limit)
+    if not reason.strip():
+        raise UsageError("say why (--reason): it is kept with the override")
+    if isinstance(d, ConcurrencyLimit):
+        if slots is None or per_s is not None or burst is not None:
+            raise UsageError(f"{limit} is a concurrency limit: give its slots (--slots N), not a rate")
+        try:
+            check_slots(limit, slots)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return _override_json(
+            await operations.upsert_limit_override(conn, tenant, limit, None, None, reason, by, slots)
+        )
+    if per_s is None or slots is not None:
+        raise UsageError(f"{limit} is a rate limit: give its rate (--per-s, and --burst), not slots")
+    burst = burst if burst is not None else (d.in_force or d.definition).burst
     try:
         check_rate(limit, per_s, burst)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not reason.strip():
-        raise UsageError("say why (--reason): it is kept with the override")
     row = await operations.upsert_limit_override(conn, tenant, limit, float(per_s), int(burst), reason, by)
     out = _override_json(row)
     if d.in_force is None:
@@ -133,7 +170,18 @@ async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> 
                 "deferred_until": waiting["last"] if waiting else None,
             }
         )  # fmt: skip
-    return {"tenant": tenant, "limits": limits}
+    concurrency = []
+    held = {r["limit_name"]: r for r in await operations.slots_of_tenant(conn, tenant)}
+    for c in declared_concurrency(engine):
+        o = own.get(c["limit"])
+        mine = held.get(c["limit"])
+        concurrency.append(
+            {"limit": c["limit"], "command": c["command"], "slots": o["slots"] if o else c["slots"],
+             "source": (f"override by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S} UTC: {o['reason']}"
+                        if o else "definition"),
+             "override": o, "held": mine["held"] if mine else 0, "waiting": mine["waiting"] if mine else 0}
+        )  # fmt: skip
+    return {"tenant": tenant, "limits": limits, "concurrency": concurrency}
 
 
 def _rate_json(rate: Rate | None) -> dict[str, Any] | None:
@@ -143,5 +191,5 @@ def _rate_json(rate: Rate | None) -> dict[str, Any] | None:
 def _override_json(r: Any) -> dict[str, Any]:
     return {
         "tenant": str(r["tenant_id"]), "limit": r["limit_name"], "per_s": r["per_s"], "burst": r["burst"],
-        "reason": r["reason"], "updated_by": r["updated_by"], "updated_at": r["updated_at"],
+        "slots": r["slots"], "reason": r["reason"], "updated_by": r["updated_by"], "updated_at": r["updated_at"],
     }  # fmt: skip

@@ -1,7 +1,9 @@
-"""The event consumer: deliveries from `sfworkflow.events`, applied in micro-batches, acked after commit.
+"""The event consumer: deliveries from the event shard queues, applied in micro-batches, acked after commit.
 
-Each consumer channel has its own buffer and applies one batch at a time, so one
-`basic.ack(multiple=True)` on the batch's last delivery tag acks exactly that batch. A batch whose
+Each batch loop has one channel per event queue (the shards of contract/topology.py), each with its own buffer,
+and applies one batch at a time. A batch takes a fair share of every buffer (core/admission.py), always a prefix
+of it, so one `basic.ack(multiple=True)` per channel on the batch's last delivery tag from it acks exactly that
+batch, and a tenant's burst on one shard holds another shard's events back by one batch at most. A batch whose
 transaction fails for a transient reason (PostgreSQL down, deadlock) is retried with backoff and
 nothing is acked meanwhile; prefetch then stops the broker from sending more. A batch failing for
 any other reason is split and applied message by message, so one bad message cannot fail its
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections import deque
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -41,7 +44,8 @@ from sfworkflow.client import tracing
 from sfworkflow.contract.envelope import EventParser, IncomingEvent
 from sfworkflow.contract.headers import HEADERS_DROPPED, dead_letter_headers
 from sfworkflow.contract.storable import clean_json, clean_text
-from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE
+from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_EXCHANGE
+from sfworkflow.core.admission import fair_shares
 from sfworkflow.core.batch import Delivery
 from sfworkflow.db.pool import is_connection_error, is_transient
 from sfworkflow.db.repository import Store
@@ -95,6 +99,7 @@ class Consumer:
         health: Health,
         supervisor: Supervisor | None = None,
         *,
+        queues: list[str],
         tracer: Any = None,
     ) -> None:
         self.settings = settings
@@ -105,54 +110,70 @@ class Consumer:
         self.parser = parser
         self.metrics = metrics
         self.health = health
+        self.queues = list(queues)  # the event queues to consume: the shards (and a legacy queue) declare.py returned
         self._channels: list[tuple[AbstractChannel, AbstractQueue, str]] = []
-        self._buffers: list[asyncio.Queue[Received | None]] = []
+        self._buffers: list[ShardBuffers] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._dead_channel: AbstractChannel | None = None  # publishes what cannot be stored at all
 
     async def start(self) -> None:
+        """Consume the event queues: `settings.consumers` batch loops, each with a channel per queue."""
         for i in range(self.settings.consumers):
-            buffer: asyncio.Queue[Received | None] = asyncio.Queue()
-            channel = await self.connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
-            queue = await channel.get_queue(EVENTS_QUEUE, ensure=True)
-
-            async def slow(m: AbstractIncomingMessage, buffer: asyncio.Queue[Received | None] = buffer) -> None:
-                try:
-                    buffer.put_nowait(received_from_aio_pika(m))
-                except aio_pika.exceptions.ChannelInvalidStateError:
-                    pass  # its channel closed meanwhile: the broker redelivers it
-
-            async def fast(m: aiormq.abc.DeliveredMessage, buffer: asyncio.Queue[Received | None] = buffer) -> None:
-                buffer.put_nowait(received_from_frames(m))
-
-            tag = await queue.consume(slow, no_ack=False)
-            await take_fast_path(channel, tag, fast)
-            assert isinstance(channel, AbstractRobustChannel)
-            channel.reopen_callbacks.add(partial(retake_fast_path, tag=tag, fast=fast))
-            self._channels.append((channel, queue, tag))
-            self._buffers.append(buffer)
-            self._tasks.append(self.supervisor.spawn("consumer", self._batch_loop(buffer), index=i))
+            buffers = ShardBuffers(len(self.queues))
+            for k, name in enumerate(self.queues):
+                await self._consume(name, buffers, k)
+            self._buffers.append(buffers)
+            self._tasks.append(self.supervisor.spawn("consumer", self._batch_loop(buffers), index=i))
         self.health.consuming = True
-        log.info("consuming", queue=EVENTS_QUEUE, consumers=self.settings.consumers, prefetch=self.settings.prefetch)
+        s = self.settings
+        log.info("consuming", queues=len(self.queues), consumers=s.consumers, prefetch=s.prefetch)
+
+    async def _consume(self, name: str, buffers: ShardBuffers, k: int) -> None:
+        """One channel consuming queue `name` into buffer k."""
+        channel = await self.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        queue = await channel.get_queue(name, ensure=True)
+        buffer = buffers.shards[k]
+        arrived = buffers.arrived
+
+        async def slow(m: AbstractIncomingMessage) -> None:
+            try:
+                buffer.append(received_from_aio_pika(m))
+                arrived.set()
+            except aio_pika.exceptions.ChannelInvalidStateError:
+                pass  # its channel closed meanwhile: the broker redelivers it
+
+        async def fast(m: aiormq.abc.DeliveredMessage) -> None:
+            buffer.append(received_from_frames(m))
+            arrived.set()
+
+        tag = await queue.consume(slow, no_ack=False)
+        await take_fast_path(channel, tag, fast)
+        assert isinstance(channel, AbstractRobustChannel)
+        channel.reopen_callbacks.add(partial(retake_fast_path, tag=tag, fast=fast))
+        self._channels.append((channel, queue, tag))
+
+    def buffered(self) -> list[int]:
+        """Deliveries waiting in this replica's buffers, per event queue (a hot shard shows here)."""
+        return [sum(len(b.shards[k]) for b in self._buffers) for k in range(len(self.queues))]
 
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries, apply and ack what was already delivered, then close the channels.
 
-        A batch loop that died before (the supervisor reported it) acks nothing more: closing its channel
-        hands its unacked deliveries back to RabbitMQ, which redelivers them."""
+        A batch loop that died before (the supervisor reported it) acks nothing more: closing its channels
+        hands their unacked deliveries back to RabbitMQ, which redelivers them."""
         self.health.consuming = False
         for task in self._tasks:
-            self.supervisor.stopping(task)  # before any loop can see the end of its buffer and return
+            self.supervisor.stopping(task)  # before any loop can see the end of its buffers and return
         for _channel, queue, tag in self._channels:
             try:
                 await queue.cancel(tag)
             except Exception as exc:  # channel already gone: its deliveries come back to the queue
                 log.info("cancel failed", error=type(exc).__name__)
         self._stopping.set()
-        for buffer in self._buffers:
-            buffer.put_nowait(None)  # after cancel-ok nothing more arrives: this is the end of the buffer
+        for buffers in self._buffers:
+            buffers.end()  # after cancel-ok nothing more arrives: what is buffered is all there is
         deadline = time.monotonic() + timeout
         for task in self._tasks:
             await self.supervisor.stop(task, max(0.1, deadline - time.monotonic()))
@@ -164,37 +185,20 @@ class Consumer:
                 except Exception:
                     pass
 
-    async def _batch_loop(self, buffer: asyncio.Queue[Received | None]) -> None:
-        """Take what is buffered (up to a batch), linger briefly for more, apply; until the stop sentinel."""
+    async def _batch_loop(self, buffers: ShardBuffers) -> None:
+        """Take a fair share of what is buffered (up to a batch), linger briefly for more, apply; until the end
+        of the buffers after stop."""
         size = self.settings.batch_size
         linger = self.settings.batch_linger_ms / 1000.0
-        ended = False
-        while not ended:
-            first = await buffer.get()
-            if first is None:
+        while True:
+            if not await buffers.wait():
                 return
-            batch = [first]
-            ended = self._drain(buffer, batch, size)
-            if not ended and len(batch) < size and linger > 0:
+            if buffers.total() < size and linger > 0 and not buffers.ended:
                 await asyncio.sleep(linger)
-                ended = self._drain(buffer, batch, size)
-            if not await self._process(batch):
+            if not await self._process(buffers.take(size)):
                 # Not applied (stopping while PostgreSQL is down): acking any later batch with
                 # multiple=True would ack this one too. Stop here; the broker redelivers the rest.
                 return
-
-    @staticmethod
-    def _drain(buffer: asyncio.Queue[Received | None], batch: list[Received], size: int) -> bool:
-        """Move buffered deliveries into `batch`; True when the stop sentinel was reached."""
-        while len(batch) < size:
-            try:
-                m = buffer.get_nowait()
-            except asyncio.QueueEmpty:
-                return False
-            if m is None:
-                return True
-            batch.append(m)
-        return False
 
     def _delivery(self, m: Received) -> Delivery:
         try:
@@ -252,7 +256,7 @@ class Consumer:
             and (link := tracing.link(d.parsed.trace.traceparent, d.parsed.trace.tracestate)) is not None
         ]
         with self.tracer.start_as_current_span(
-            f"process {EVENTS_QUEUE}",
+            f"process {EVENTS_EXCHANGE}",
             context=tracing.start_context(None),  # a trace of its own: a batch holds many
             kind=tracing.span_kind("CONSUMER"),
             links=links,
@@ -260,7 +264,7 @@ class Consumer:
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "process",
                 "messaging.operation.name": "process",
-                "messaging.destination.name": EVENTS_QUEUE,
+                "messaging.destination.name": EVENTS_EXCHANGE,
                 "messaging.batch.message_count": len(deliveries),
             },
         ) as span:
@@ -363,6 +367,41 @@ class Consumer:
                     return False
                 await asyncio.sleep(delay)
                 delay = min(BACKOFF_CAP_S, delay * 2)
+
+
+class ShardBuffers:
+    """One batch loop's buffers, one per event queue, filled by the channels' delivery callbacks."""
+
+    def __init__(self, n: int) -> None:
+        self.shards: list[deque[Received]] = [deque() for _ in range(n)]
+        self.arrived = asyncio.Event()  # set by every delivery and by `end`
+        self.ended = False  # set by `end`: nothing more arrives
+        self._start = 0  # the shard a batch's remainder starts from, turned one on per batch
+
+    def total(self) -> int:
+        return sum(len(b) for b in self.shards)
+
+    async def wait(self) -> bool:
+        """Wait until something is buffered: True; False when the buffers ended empty."""
+        while not any(self.shards):
+            if self.ended:
+                return False
+            self.arrived.clear()
+            await self.arrived.wait()
+        return True
+
+    def take(self, size: int) -> list[Received]:
+        """The next batch: each buffer's fair share (core/admission.py), a prefix of it, in shard order."""
+        shares = fair_shares([len(b) for b in self.shards], size, self._start)
+        self._start = (self._start + 1) % max(1, len(self.shards))
+        batch: list[Received] = []
+        for buffer, n in zip(self.shards, shares, strict=True):
+            batch.extend(buffer.popleft() for _ in range(n))
+        return batch
+
+    def end(self) -> None:
+        self.ended = True
+        self.arrived.set()
 
 
 def _retry_same(exc: BaseException, transient_failures: int) -> bool:

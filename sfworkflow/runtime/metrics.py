@@ -33,7 +33,8 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = OUTBOX_KINDS
-BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "retention", "stats")  # runtime/supervisor.py kinds
+# runtime/supervisor.py kinds
+BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "gates", "retention", "stats")
 # End-to-end lag: fine steps up to 150 ms (the service's target is tens of ms), then coarse ones up to an hour,
 # so a backlog of minutes reads as minutes on a dashboard instead of one +Inf bucket.
 DEFERRAL_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
@@ -54,8 +55,14 @@ def build_labels() -> dict[str, str]:
 
 
 class Metrics:
-    def __init__(self, workflows: Iterable[str] = (), limits: Iterable[tuple[str, str, str]] = ()) -> None:
-        """`limits`: (workflow, command type, limit name) of every rate limit declared, for their series at 0."""
+    def __init__(
+        self,
+        workflows: Iterable[str] = (),
+        limits: Iterable[tuple[str, str, str]] = (),
+        concurrency: Iterable[tuple[str, str, str]] = (),
+    ) -> None:
+        """`limits`, `concurrency`: (workflow, command type, limit name) of every rate and concurrency limit declared,
+        for their series at 0."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # the standard ones; they keep no state, so every registry may share them
@@ -77,6 +84,13 @@ class Metrics:
             "sfworkflow_events",
             "Events received, by outcome: applied, duplicate, parked, ignored, dead_lettered.",
             ["workflow", "outcome"],
+            registry=r,
+        )
+        self.events_buffered = Gauge(
+            "sfworkflow_events_buffered",
+            "Deliveries this replica holds, not yet in a batch, per event queue (a shard at the prefetch limit while "
+            "others are near 0 is one tenant's burst: fair admission keeps the others moving); set at every scrape.",
+            ["queue"],
             registry=r,
         )
         self.transitions = Counter(
@@ -141,6 +155,20 @@ class Metrics:
             buckets=DEFERRAL_BUCKETS,
             registry=r,
         )
+        self.gated = Counter(
+            "sfworkflow_commands_queued_for_slot",
+            "Commands a concurrency limit queued behind its gate: published once a slot is granted, never dropped.",
+            ["workflow", "command", "limit"],
+            registry=r,
+        )
+        self.slots_granted = Counter(
+            "sfworkflow_slots_granted", "Concurrency slots this replica's gate loop granted.", ["limit"], registry=r
+        )
+        self.slots_swept = Counter(
+            "sfworkflow_slots_swept",
+            "Concurrency slots the gate loop's sweep released (their instance ended or moved on outside a batch).",
+            registry=r,
+        )
         self.timers_fired = Counter("sfworkflow_timers_fired", "Durable timers fired by the timer loop.", registry=r)
         self.timer_failures = Counter(
             "sfworkflow_timer_failures",
@@ -196,6 +224,13 @@ class Metrics:
             "1 on the one replica that exports the cluster gauges (outbox backlog and age, instances, parked, "
             "stuck); the other replicas export none of them, so a max() over replicas counts each once.",
             registry=r,
+        )
+        self.slots_held = Gauge(
+            "sfworkflow_slots_held", "Concurrency slots held, per limit (every key of every tenant).", ["limit"],
+            registry=c,
+        )  # fmt: skip
+        self.slots_waiting = Gauge(
+            "sfworkflow_slots_waiting", "Commands queued for a concurrency slot, per limit.", ["limit"], registry=c
         )
         self.outbox_backlog = Gauge(
             "sfworkflow_outbox_backlog", "Outbox rows due and not yet published (deferred commands not counted).",
@@ -260,6 +295,11 @@ class Metrics:
         for workflow, command, limit in limits:
             self.deferred.labels(workflow, command, limit)
             self.deferral.labels(workflow, limit)
+        for workflow, command, limit in concurrency:
+            self.gated.labels(workflow, command, limit)
+            self.slots_granted.labels(limit)
+            self.slots_held.labels(limit)
+            self.slots_waiting.labels(limit)
         for k in KINDS:
             self.published.labels(k)
             self.publish_failures.labels(k)
@@ -290,6 +330,8 @@ class Metrics:
             self.timer_failures.inc(report.timer_failures)
         for (workflow, command, limit), n in report.deferred.items():
             self.deferred.labels(workflow, command, limit).inc(n)
+        for (workflow, command, limit), n in report.gated.items():
+            self.gated.labels(workflow, command, limit).inc(n)
         for workflow, limit, seconds in report.deferral_s:
             self.deferral.labels(workflow, limit).observe(seconds)
         if report.first_seen:  # record() runs once the batch committed: now is its commit time

@@ -185,11 +185,14 @@ class Relay:
 
     def hand(self, queued: Sequence[Queued]) -> None:
         """Rows a transaction of this process committed: published from memory by the next round that takes them.
-        A row a rate limit deferred is not handed: a polling round claims it once due, woken at its slot."""
-        deferred = [x.row.deferred_until for x in queued if x.row.deferred_until is not None]
+        A row a rate limit deferred is not handed: a polling round claims it once due, woken at its slot; nor is a
+        row queued for a concurrency slot: the gate loop rings when it grants one."""
+        deferred = [x.row.deferred_until for x in queued if x.row.deferred_until is not None and x.row.gate_key is None]
         if deferred:
             self._wake_at(deferred)
-            queued = [x for x in queued if x.row.deferred_until is None]
+        queued = [
+            x for x in queued if x.row.deferred_until is None and x.row.gate_key is None and not x.row.behind_gate
+        ]
         room = self._handed_cap - len(self._handed)
         for x in queued[:room]:
             r = x.row

@@ -39,6 +39,7 @@ from sfworkflow.http.app import build_app
 from sfworkflow.runtime import hooks, memory
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
+from sfworkflow.runtime.gates import GateLoop
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
 from sfworkflow.runtime.retention import RetentionLoop
@@ -75,7 +76,9 @@ class Service:
         self.http_enabled = http
         # every (workflow, version) loaded; new instances start on the latest
         self.engine = Engine(definitions, parse_overrides(settings.rate_limits))
-        self.metrics = Metrics(sorted({n for n, _v in self.engine.compiled}), self.engine.limit_labels())
+        self.metrics = Metrics(
+            sorted({n for n, _v in self.engine.compiled}), self.engine.limit_labels(), self.engine.concurrency_labels()
+        )
         self.health = Health()
         self.schemas = schemas.default()
         self.parser = EventParser(self.schemas, known_event_types(self.engine), settings.max_message_bytes)
@@ -85,6 +88,7 @@ class Service:
         self.consumer: Consumer | None = None
         self.relay: Relay | None = None
         self.timers: TimerLoop | None = None
+        self.gates: GateLoop | None = None
         self.retention: RetentionLoop | None = None
         self._runner: web.AppRunner | None = None
         self.stats: ClusterStats | None = None
@@ -149,17 +153,22 @@ class Service:
             log.info("migrations applied", versions=applied)
         self.pool = await db.create_pool(s.database_url, s.pool_size)
         self.amqp = await _retry("RabbitMQ", s.amqp_url, lambda: amqp.connect_robust(s.amqp_url))
-        await declare(self.amqp, sorted({cw.definition.name for cw in self.engine.compiled.values()}), s.queue_type)
+        workflows = sorted({cw.definition.name for cw in self.engine.compiled.values()})
+        event_queues = await declare(self.amqp, workflows, s.queue_type, s.event_shards, amqp_url=s.amqp_url)
         self.relay = Relay(s, self.pool, self.amqp, self.metrics, self.supervisor, tracer=self.tracer)
         await self.relay.start()
         self.store = Store(self.pool, self.engine, s.park_timeout_s, on_commit=self.relay.hand)
         self.timers = TimerLoop(self.store, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
         self.timers.start()
+        self.gates = GateLoop(self.store, self.engine.concurrency_limits(), self.metrics, s.timer_poll_ms,
+                              lambda: self.relay.doorbell.ring() if self.relay else None, self.supervisor)  # fmt: skip
+        self.gates.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)
         self.retention.start()
         self.consumer = Consumer(
-            s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor, tracer=self.tracer
-        )
+            s, self.amqp, self.store, self.parser, self.metrics, self.health, self.supervisor,
+            queues=event_queues, tracer=self.tracer,
+        )  # fmt: skip
         if consume:
             await self.consumer.start()
         self.stats = ClusterStats(s.database_url, self.engine, self.metrics, s.stuck_after_s)
@@ -206,6 +215,8 @@ class Service:
             await _step("retention", self.retention.stop(timeout=left(0.1)))
         if self.timers:
             await _step("timers", self.timers.stop(timeout=left(0.2)))
+        if self.gates:
+            await _step("gates", self.gates.stop(timeout=left(0.2)))
         if self.relay:
             await _step("relay", self.relay.stop(timeout=left(0.7)))
         await _step("tasks", self.supervisor.close(left(0.2)))  # none is left; one cut short mid-start might be
@@ -277,6 +288,12 @@ class Service:
             }
         self.metrics.ready.set(1 if all(c["ok"] for c in checks.values()) else 0)
         return checks
+
+    def record_buffers(self) -> None:
+        """Set sfworkflow_events_buffered from the consumer's buffers (called at every scrape)."""
+        if self.consumer is not None:
+            for queue, n in zip(self.consumer.queues, self.consumer.buffered(), strict=True):
+                self.metrics.events_buffered.labels(queue).set(n)
 
     async def _check_database(self, timeout: float) -> list[int]:
         """Ping PostgreSQL and read the pending migrations, waiting at most `timeout` (TimeoutError then).

@@ -102,6 +102,12 @@ class ClusterStats:
         m.outbox_deferred.set(row["deferred"])
         m.outbox_deferred_until.set(row["deferred_until_s"])
         m.outbox_failed.set(await outbox.failed_count(conn))
+        for name in self.engine.concurrency_limits():  # a limit with nothing held or queued reads 0, not its last value
+            m.slots_held.labels(name).set(0)
+            m.slots_waiting.labels(name).set(0)
+        for r in await outbox.slots_by_limit(conn):
+            m.slots_held.labels(r["limit_name"]).set(r["held"])
+            m.slots_waiting.labels(r["limit_name"]).set(r["waiting"])
         rows = await operations.active_instances_by_state(conn)
         m.instances.clear()
         for r in rows:

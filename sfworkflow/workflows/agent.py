@@ -35,6 +35,9 @@ Dedupe: "a task submitted twice runs once" is the instance key itself (tenant, a
 in sfworkflow.instance: a second `task_submitted` for a started task is ignored by the engine
 ("instance already started"), and a redelivered one (same event id) is dropped by the inbox.
 
+Concurrency: at most 4 runs per tenant in flight (`agent.run_task/per_tenant`, core/limits.py ConcurrencyLimit): a
+run_task past them is queued until a run of the tenant leaves dispatched/running, and its `run_timeout` starts then.
+
 Timeout: the durable timer `run_timeout` is set when run_task is issued (each attempt, each replay),
 not when `started` arrives, so a run that is never picked up times out too; `started` does not extend
 it. Its firing counts as a retryable failure with error code `timeout`. The timer's payload names the
@@ -51,6 +54,7 @@ from enum import StrEnum
 from typing import Any
 
 from sfworkflow.core.definition import RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.limits import ConcurrencyLimit
 
 NAME = "agent"
 DEFAULT_TIMEOUT_S = 30
@@ -267,6 +271,20 @@ DEFINITION = WorkflowDefinition(
     # When an instance counts as stuck (seconds in the state with no pending timer; the run timeout is a
     # timer, so a run is stuck only if that timer is overdue).
     stuck_after_s={S.DISPATCHED: 900.0, S.RUNNING: 900.0, S.RETRY_WAIT: 900.0},
+    # LLM calls cost money per call and providers limit parallel requests: at most 4 runs of a tenant in flight. A
+    # run_task beyond them is queued (its instance stays `dispatched`) and goes out when one of the tenant's runs
+    # leaves dispatched/running (succeeded, failed, timed out); its timeout starts then, not while it waits.
+    # A tenant's own number: `sfworkflow limits set TENANT agent.run_task/per_tenant --slots N`.
+    limits=(
+        ConcurrencyLimit(
+            "run_task",
+            name="per_tenant",
+            slots=4,
+            held_in=frozenset({S.DISPATCHED, S.RUNNING}),
+            timers_after_release=("run_timeout",),
+            description="agent runs in flight per tenant",
+        ),
+    ),
     transitions=(
         Transition("task_submitted", S.NEW, D, action=submit),
         Transition("started", D, R, action=record_started),

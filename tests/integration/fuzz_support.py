@@ -7,7 +7,7 @@ import hashlib
 import random
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -484,8 +484,8 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
-def queue_counts(vhost: str, queue: str) -> tuple[int, int]:
-    """(ready, unacknowledged) messages of `queue`, from rabbitmqctl."""
+def queue_counts(vhost: str, queues: Collection[str]) -> tuple[int, int]:
+    """(ready, unacknowledged) messages summed over `queues`, from rabbitmqctl (each must be listed)."""
     out = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"],
         check=True,
@@ -493,11 +493,14 @@ def queue_counts(vhost: str, queue: str) -> tuple[int, int]:
         text=True,
         timeout=60,
     ).stdout
-    for line in out.splitlines():
-        parts = line.split("\t")
-        if parts and parts[0] == queue:
-            return int(parts[1]), int(parts[2])
-    raise AssertionError(f"queue {queue} not listed in vhost {vhost}: {out!r}")
+    rows = {
+        p[0]: (int(p[1]), int(p[2]))
+        for p in (line.split("\t") for line in out.splitlines())
+        if len(p) == 3 and p[1].isdigit() and p[2].isdigit()  # not the header line
+    }
+    missing = set(queues) - set(rows)
+    assert not missing, f"queues {sorted(missing)} not listed in vhost {vhost}: {out!r}"
+    return sum(rows[q][0] for q in queues), sum(rows[q][1] for q in queues)
 
 
 def metric_total(metric: Any, **labels: str) -> float:

@@ -12,14 +12,15 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from sfworkflow.settings import Settings
+from sfworkflow.contract.topology import event_queues
+from sfworkflow.settings import DEFAULT_EVENT_SHARDS, Settings
 from tests.conftest import wait_for
 from tests.support import TENANT, Amqp, history, instance, state_of
 
 COMMANDS_Q = "sfworkflow.commands.sequence"
 COMPENSATIONS_Q = "sfworkflow.compensations.sequence"
 DEAD_Q = "sfworkflow.dead"
-EVENTS_Q = "sfworkflow.events"
+EVENT_QUEUES = event_queues(DEFAULT_EVENT_SHARDS)  # the event shard queues a service with default settings reads
 LIFECYCLE_EXCHANGE = "sfworkflow.lifecycle"
 
 
@@ -71,6 +72,23 @@ async def queue_depth(url: str, queue: str) -> tuple[int, int]:
         return q.declaration_result.message_count, q.declaration_result.consumer_count
     finally:
         await conn.close()
+
+
+async def events_depth(url: str) -> tuple[int, int]:
+    """(ready messages, consumers) summed over every event shard queue, read by passive declares on one fresh
+    connection (see queue_depth)."""
+    ready = consumers = 0
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        for queue in EVENT_QUEUES:
+            q = await ch.declare_queue(queue, passive=True)
+            assert q.declaration_result is not None
+            ready += q.declaration_result.message_count
+            consumers += q.declaration_result.consumer_count
+    finally:
+        await conn.close()
+    return ready, consumers
 
 
 async def bind_capture_queue(url: str, exchange: str, name: str, routing_key: str = "#") -> None:

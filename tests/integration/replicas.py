@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sfworkflow.settings import Settings
@@ -79,7 +81,18 @@ class Replica:
         _status, text = await http_get(self.port, "/metrics")
         total = 0.0
         for line in text.splitlines():
-            m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
                 total += float(m.group(2))
         return total
+
+
+@contextmanager
+def replicas(settings: Settings, logs: Path, n: int = 2, release: str = "1", **env: str) -> Iterator[list[Replica]]:
+    """`n` replicas of `release` (not started), each logging to `logs`/replica-<i>.log; stopped on the way out."""
+    made = [Replica(settings, release, logs / f"replica-{i}.log", **env) for i in range(n)]
+    try:
+        yield made
+    finally:
+        for r in made:
+            r.stop()

@@ -28,7 +28,7 @@ from sfworkflow.cli.main import build_parser, subcommands
 from sfworkflow.core.durations import WITH_UNITS
 from sfworkflow.settings import Settings
 from tests.conftest import PG_SERVER, _admin, wait_for
-from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, queue_depth, quick, wait_all_published
+from tests.integration.helpers_extra import DEAD_Q, events_depth, queue_depth, quick, wait_all_published
 from tests.integration.test_deadletters_cli import _dead_headers, _put_dead
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service
 
@@ -329,7 +329,7 @@ async def test_dead_letters_redrive_shows_progress(settings: Settings, pg: async
     _assert_progress(mode, rc, out, err, "redrive", "dead letter(s) read")
     assert out.count("redriven ") == N and f"{N} redriven, 0 refused, 0 failed" in out
     assert (await queue_depth(settings.amqp_url, DEAD_Q))[0] == 0
-    assert (await queue_depth(settings.amqp_url, EVENTS_Q))[0] == N
+    assert (await events_depth(settings.amqp_url))[0] == N
 
 
 @pytest.mark.parametrize("mode", ["pipe", "terminal"])

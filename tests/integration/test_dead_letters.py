@@ -16,10 +16,9 @@ from tests.conftest import wait_for
 from tests.integration.helpers_extra import (
     COMMANDS_Q,
     DEAD_Q,
-    EVENTS_Q,
     Inbox,
     counter,
-    queue_depth,
+    events_depth,
     quick,
     wait_all_published,
     wait_state,
@@ -136,7 +135,7 @@ async def test_bad_message_is_dead_lettered(
     assert m.content_type == kwargs.get("content_type", "application/json")
     assert dead_metric == 1 and dl_metric == 1
     # Nothing stuck or requeued: once the service stopped (unacked deliveries would return), it is empty.
-    assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)
+    assert await events_depth(settings.amqp_url) == (0, 0)
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox") == 1  # only the good event
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.instance") == 1
     assert (
@@ -168,7 +167,7 @@ async def test_many_bad_messages_in_one_batch_do_not_block_good_ones(
     assert len(letters) == len(bad)
     assert sorted(m.headers["x-sfworkflow-reason"] for m in dead.messages) == sorted(r for _b, _k, r in bad)
     assert sorted(m.body for m in dead.messages) == sorted(b for b, _k, _r in bad)
-    assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)
+    assert await events_depth(settings.amqp_url) == (0, 0)
 
 
 async def _instances(pg: asyncpg.Connection, n: int) -> bool:

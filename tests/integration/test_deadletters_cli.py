@@ -20,7 +20,7 @@ from sfworkflow.cli.main import build_parser
 from sfworkflow.ops import dead_letters as deadletter_queue
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, queue_depth, quick, wait_all_published, wait_state
+from tests.integration.helpers_extra import DEAD_Q, queue_depth, quick, wait_all_published, wait_state
 from tests.support import Amqp, enrolled_data, event, instance, running_service
 
 
@@ -214,7 +214,7 @@ async def test_redrive_applies_an_event_that_is_valid_now_and_dry_run_changes_no
     async with Amqp(settings.amqp_url) as mq:
         [left] = await mq.drain(DEAD_Q)
         assert left.message_id == other_id and orjson.loads(left.body) == other
-        assert await mq.drain(EVENTS_Q) == []
+        assert await mq.drain_events() == []
 
 
 async def test_redrive_of_an_expired_parked_event_is_applied_once_its_instance_allows_it(

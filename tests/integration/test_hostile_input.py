@@ -34,7 +34,14 @@ from tests.integration.fuzz_support import (
     metric_total,
     queue_counts,
 )
-from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick, wait_all_published
+from tests.integration.helpers_extra import (
+    DEAD_Q,
+    EVENT_QUEUES,
+    Inbox,
+    events_depth,
+    quick,
+    wait_all_published,
+)
 from tests.support import OTHER_TENANT, TENANT, Amqp, enrolled_data, event, running_service
 
 SEED = int(os.environ.get("SFWORKFLOW_TEST_FUZZ_SEED", "20261126"))
@@ -67,7 +74,7 @@ async def _drain_run(settings: Settings, pg: asyncpg.Connection, cases: list[Cas
         dead = Inbox(mq, DEAD_Q)
         for c in cases:
             await _publish(mq, c)
-        assert (await queue_depth(settings.amqp_url, EVENTS_Q))[0] == len(cases)
+        assert (await events_depth(settings.amqp_url))[0] == len(cases)
         assert service.consumer is not None and service.http_port is not None
         started = time.perf_counter()
         await service.consumer.start()
@@ -90,7 +97,7 @@ async def _drain_run(settings: Settings, pg: asyncpg.Connection, cases: list[Cas
             await dead.wait_raw(n_bad, timeout=60)
         letters = await dead.settle_raw(0.5)
         ready, body = await http_get(service.http_port, "/readyz")
-        counts = queue_counts(_vhost(settings.amqp_url), EVENTS_Q)
+        counts = queue_counts(_vhost(settings.amqp_url), EVENT_QUEUES)
         alive = [not t.done() for t in service.consumer._tasks]
         metrics = {
             "applied": metric_total(service.metrics.events, outcome="applied"),
@@ -108,7 +115,7 @@ async def _drain_run(settings: Settings, pg: asyncpg.Connection, cases: list[Cas
         "all_s": all_s,
         "ready": (ready, body),
         "events_queue": counts,
-        "after_stop": await queue_depth(settings.amqp_url, EVENTS_Q),
+        "after_stop": await events_depth(settings.amqp_url),
         "consumers_alive": alive,
         "metrics": metrics,
     }

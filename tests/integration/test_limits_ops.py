@@ -20,6 +20,7 @@ from tests.integration.test_admin_api import TOKEN, _call
 from tests.integration.test_cli import _cli
 from tests.support import OTHER_TENANT, TENANT, event, running_service
 
+AGENT = "agent.run_task/per_tenant"
 LIMIT = "sequence.send_step/per_sender"
 ADDRESSES = itertools.count()
 
@@ -85,9 +86,23 @@ async def test_an_operator_raises_a_tenant_s_rate_from_the_shell_and_the_next_ba
     assert again.returncode == 1 and "has no override" in again.stdout
     typo = await asyncio.to_thread(_cli, "limits", "set", TENANT, "sequence.send_step/per_sendr", "--per-s", "1",
                                    "--reason", "x", **env)  # fmt: skip
-    assert typo.returncode == 2 and "declared: sequence.send_step/per_sender" in typo.stderr
+    assert typo.returncode == 2 and "declared: agent.run_task/per_tenant, sequence.send_step/per_sender" in typo.stderr
     bad = await asyncio.to_thread(_cli, "limits", "set", TENANT, LIMIT, "--per-s", "0", "--reason", "x", **env)
     assert bad.returncode == 2 and "per_s must be a number > 0" in bad.stderr
+
+    # A concurrency limit takes slots, a rate limit a rate; each refuses the other's.
+    slots = await asyncio.to_thread(_cli, "limits", "set", TENANT, AGENT, "--slots", "8", "--reason", "INC-9 plan",
+                                    "--by", "oncall", **env)  # fmt: skip
+    assert slots.returncode == 0 and f"{AGENT} for tenant {TENANT} is 8 slots" in slots.stdout, slots.stderr
+    shown = await asyncio.to_thread(_cli, "limits", "show", TENANT, "--json", **env)
+    (mine,) = orjson.loads(shown.stdout)["concurrency"]
+    assert (mine["limit"], mine["slots"], mine["held"], mine["waiting"]) == (AGENT, 8, 0, 0)
+    wrong = await asyncio.to_thread(_cli, "limits", "set", TENANT, AGENT, "--per-s", "3", "--reason", "x", **env)
+    assert wrong.returncode == 2 and "is a concurrency limit: give its slots" in wrong.stderr
+    wrong = await asyncio.to_thread(_cli, "limits", "set", TENANT, LIMIT, "--slots", "3", "--reason", "x", **env)
+    assert wrong.returncode == 2 and "is a rate limit: give its rate" in wrong.stderr
+    removed = await asyncio.to_thread(_cli, "limits", "unset", TENANT, AGENT, **env)
+    assert removed.returncode == 0 and "was 8 slots" in removed.stdout
 
 
 async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings: Settings) -> None:
@@ -96,6 +111,7 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         base = f"http://127.0.0.1:{service.http_port}/v1/limits"
         status, body, _ = await _call(http, "GET", base)
         assert status == 200 and [d["limit"] for d in body["limits"]] == [LIMIT] and body["overrides"] == []
+        assert [(c["limit"], c["slots"]) for c in body["concurrency"]] == [(AGENT, 4)]
         put = {"limit": LIMIT, "per_s": 80, "burst": 160, "reason": "INC-7 number upgraded", "by": "oncall"}
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=put)
         assert status == 200 and (body["per_s"], body["burst"], body["updated_by"]) == (80, 160, "oncall"), body
@@ -113,6 +129,15 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         assert status == 200 and body["per_s"] == 80
         status, body, _ = await _call(http, "DELETE", f"{base}/{TENANT}", params={"limit": LIMIT})
         assert status == 404 and "no override" in body["message"]
+        slots = {"limit": AGENT, "slots": 2, "reason": "INC-8 model quota", "by": "oncall"}
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=slots)
+        assert status == 200 and (body["slots"], body["per_s"]) == (2, None), body
+        status, body, _ = await _call(http, "GET", f"{base}/{TENANT}")
+        assert status == 200 and body["concurrency"][0]["slots"] == 2
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**slots, "per_s": 1})
+        assert status == 400 and body["error"] == "bad_request", body  # both kinds' numbers: the schema refuses it
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "limit": AGENT})
+        assert status == 404 and body["error"] == "wrong_kind_of_limit" and "give its slots" in body["message"], body
         status, body, _ = await _call(http, "GET", base, headers=None)
         assert status == 401
 

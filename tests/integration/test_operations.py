@@ -20,12 +20,11 @@ from tests.integration.helpers_extra import (
     COMMANDS_Q,
     COMPENSATIONS_Q,
     DEAD_Q,
-    EVENTS_Q,
     LIFECYCLE_EXCHANGE,
     Inbox,
     bind_capture_queue,
+    events_depth,
     outcomes,
-    queue_depth,
     quick,
     wait_all_published,
     wait_state,
@@ -308,7 +307,7 @@ async def all_published_now(pg: asyncpg.Connection) -> bool:
 
 async def _consuming(url: str) -> bool:
     try:
-        _ready, consumers = await queue_depth(url, EVENTS_Q)
+        _ready, consumers = await events_depth(url)
     except aio_pika.exceptions.AMQPError:  # the queue is not declared yet
         return False
     return consumers > 0
@@ -358,7 +357,7 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
     assert rc == 0, output[-3000:]
     assert took < 10
     assert "stopped" in output
-    left_in_queue, consumers = await queue_depth(settings.amqp_url, EVENTS_Q)
+    left_in_queue, consumers = await events_depth(settings.amqp_url)
     assert consumers == 0
     applied_at_exit = await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox")
     assert applied_at_exit + left_in_queue == n, (applied_at_exit, left_in_queue)  # none lost, none unacked
@@ -381,7 +380,7 @@ async def test_sigterm_drains_and_loses_nothing(settings: Settings, pg: asyncpg.
         await commands.wait(n, timeout=15)
         sends = await commands.settle(0.5)
 
-    assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)
+    assert await events_depth(settings.amqp_url) == (0, 0)
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.instance") == n
     assert await pg.fetchval("SELECT count(*) FROM sfworkflow.inbox") == n
     assert set(await pg.fetchval("SELECT array_agg(event_id::text) FROM sfworkflow.inbox")) == {

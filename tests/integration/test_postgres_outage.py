@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -18,7 +19,7 @@ import pytest
 
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers_extra import COMMANDS_Q, EVENTS_Q, Inbox, queue_depth, quick
+from tests.integration.helpers_extra import COMMANDS_Q, EVENT_QUEUES, Inbox, events_depth, quick
 from tests.support import Amqp, enrolled_data, event, running_service
 
 N = 20  # events per phase: before, during, after
@@ -41,8 +42,8 @@ def _pg_online() -> bool:
     return any(line.split()[:2] == [_pg_version(), "main"] and "online" in line.split() for line in out.splitlines())
 
 
-def _queue_messages(amqp_url: str, queue: str) -> tuple[int, int, int]:
-    """(messages, ready, unacked) of a queue, as RabbitMQ counts them."""
+def _queue_messages(amqp_url: str, queues: Collection[str]) -> tuple[int, int, int]:
+    """(messages, ready, unacked) summed over `queues`, as RabbitMQ counts them (each must be listed)."""
     vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) or "/"
     out = subprocess.run(
         [
@@ -62,11 +63,14 @@ def _queue_messages(amqp_url: str, queue: str) -> tuple[int, int, int]:
         timeout=60,
         check=True,
     ).stdout
-    for line in out.splitlines():
-        parts = line.split("\t")
-        if parts[0] == queue:
-            return int(parts[1]), int(parts[2]), int(parts[3])
-    raise AssertionError(f"queue {queue} not listed: {out!r}")
+    rows = {
+        p[0]: tuple(map(int, p[1:]))
+        for p in (line.split("\t") for line in out.splitlines())
+        if len(p) == 4 and all(x.isdigit() for x in p[1:])
+    }
+    missing = set(queues) - set(rows)
+    assert not missing, f"queues {sorted(missing)} not listed: {out!r}"
+    return (sum(rows[q][0] for q in queues), sum(rows[q][1] for q in queues), sum(rows[q][2] for q in queues))
 
 
 async def _readyz(port: int | None) -> tuple[int, dict[str, Any]]:
@@ -119,7 +123,7 @@ async def test_postgres_outage_loses_nothing(settings: Settings, database_url: s
             for ev in during:
                 await mq.publish(ev)
             await asyncio.sleep(3.0)  # the consumer takes them and retries its batch; nothing may be acked
-            messages, ready, unacked = await asyncio.to_thread(_queue_messages, settings.amqp_url, EVENTS_Q)
+            messages, ready, unacked = await asyncio.to_thread(_queue_messages, settings.amqp_url, EVENT_QUEUES)
             assert messages == N, (messages, ready, unacked)
             assert unacked > 0, "the consumer should hold (not ack) deliveries while PostgreSQL is down"
             status, body = await _readyz(port)
@@ -142,7 +146,7 @@ async def test_postgres_outage_loses_nothing(settings: Settings, database_url: s
         await commands.wait(3 * N)
         sends = await commands.settle(0.5)
 
-    assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)
+    assert await events_depth(settings.amqp_url) == (0, 0)
     conn = await asyncpg.connect(database_url)
     try:
         ids = {e["event_id"] for e in before + during + after}

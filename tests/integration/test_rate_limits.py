@@ -18,7 +18,7 @@ import pytest
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import COMMANDS_Q, Inbox
-from tests.integration.replicas import Replica
+from tests.integration.replicas import Replica, replicas
 from tests.support import TENANT, Amqp, event
 
 N = 40  # enrollments, one send each: published in well under a second, far faster than the limit lets them out
@@ -35,10 +35,8 @@ def pair(settings: Settings, tmp_path: Path) -> Iterator[list[Replica]]:
         "SFWORKFLOW_PREFETCH": "8",
         "SFWORKFLOW_BATCH_SIZE": "8",
     }
-    made = [Replica(settings, "1", tmp_path / f"replica-{i}.log", **env) for i in range(2)]
-    yield made
-    for r in made:
-        r.stop()
+    with replicas(settings, tmp_path, **env) as made:
+        yield made
 
 
 def enrollment(i: int) -> dict[str, Any]:

@@ -57,7 +57,7 @@ async def rig(settings: Settings) -> AsyncIterator[Rig]:
     s = dataclasses.replace(settings, relay_max_attempts=3)
     pool = await db.create_pool(s.database_url, 4)
     amqp = await aio_pika.connect_robust(s.amqp_url)
-    await declare(amqp, ["sequence"], s.queue_type)
+    await declare(amqp, ["sequence"], s.queue_type, s.event_shards, amqp_url=s.amqp_url)
     channel = await amqp.channel()
     queue = await channel.declare_queue("ordertest", durable=True)
     await queue.bind(COMMANDS_EXCHANGE, ROUTED)

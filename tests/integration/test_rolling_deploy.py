@@ -17,7 +17,7 @@ import pytest
 
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers_extra import COMMANDS_Q, DEAD_Q, EVENTS_Q, Inbox, queue_depth
+from tests.integration.helpers_extra import COMMANDS_Q, DEAD_Q, Inbox, events_depth
 from tests.integration.replicas import Replica
 from tests.integration.storekit import delivery, direct_store
 from tests.support import TENANT, Amqp, enrolled_data, event, history, instance
@@ -131,7 +131,7 @@ async def _is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
 
 
 async def mq_depth_zero(settings: Settings) -> bool:
-    return (await queue_depth(settings.amqp_url, EVENTS_Q))[0] == 0
+    return (await events_depth(settings.amqp_url))[0] == 0
 
 
 async def test_an_event_no_replica_with_its_version_takes_expires_as_unknown_definition_version(

@@ -18,7 +18,7 @@ from sfworkflow.db.repository import Store
 from sfworkflow.errors import StepLimitExceeded
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
-from tests.integration.helpers_extra import DEAD_Q, EVENTS_Q, Inbox, queue_depth, quick
+from tests.integration.helpers_extra import DEAD_Q, Inbox, events_depth, quick
 from tests.integration.storekit import delivery, direct_store
 from tests.support import Amqp, enrolled_data, event, instance, running_service
 
@@ -111,4 +111,4 @@ def _record_batches(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple
 
 
 async def _depth(settings: Settings, n: int) -> bool:
-    return (await queue_depth(settings.amqp_url, EVENTS_Q))[0] == n
+    return (await events_depth(settings.amqp_url))[0] == n

@@ -28,7 +28,7 @@ from sfworkflow.runtime.supervisor import EXIT_TASK_DIED, TASK_PREFIX
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.fuzz_support import http_get
-from tests.integration.helpers_extra import EVENTS_Q, queue_depth, quick, wait_state
+from tests.integration.helpers_extra import events_depth, quick, wait_state
 from tests.support import Amqp, enrolled_data, event, running_service, terminate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,7 +176,7 @@ async def test_a_dead_batch_loop_takes_readiness_down_and_the_process_exits_70_a
     n = len(published)
 
     async def accounted() -> tuple[int, int] | None:
-        ready, consumers = await queue_depth(settings.amqp_url, EVENTS_Q)
+        ready, consumers = await events_depth(settings.amqp_url)
         applied = await _inbox(pg)
         return (applied, ready) if consumers == 0 and applied + ready == n else None
 
@@ -194,7 +194,7 @@ async def test_a_dead_batch_loop_takes_readiness_down_and_the_process_exits_70_a
 
 
 async def _all_applied(pg: asyncpg.Connection, amqp_url: str, n: int) -> bool:
-    return await _inbox(pg) == n and (await queue_depth(amqp_url, EVENTS_Q))[0] == 0
+    return await _inbox(pg) == n and (await events_depth(amqp_url))[0] == 0
 
 
 async def test_sigterm_still_exits_0(settings: Settings) -> None:
@@ -225,7 +225,7 @@ async def test_a_start_that_fails_at_the_http_port_stops_everything_it_had_start
     assert service.supervisor.failure is None  # stopping them was orderly, not a death
     assert service.pool is not None and service.pool.is_closing()
     assert service.amqp is not None and service.amqp.is_closed
-    assert await queue_depth(settings.amqp_url, EVENTS_Q) == (0, 0)  # no consumer left on the queue
+    assert await events_depth(settings.amqp_url) == (0, 0)  # no consumer left on the queue
     assert service.stopped.is_set()
     await service.stop()  # a stop after the failed start has nothing left to do
 

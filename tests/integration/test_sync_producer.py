@@ -9,7 +9,6 @@ import asyncpg
 import pytest
 
 from sfworkflow.client.sync_producer import SyncEventPublisher
-from sfworkflow.contract.topology import EVENTS_QUEUE
 from sfworkflow.errors import InvalidEvent
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
@@ -35,7 +34,7 @@ async def test_an_invalid_event_is_refused_before_it_is_published(settings: Sett
     async with running_service(settings, consume=False), Amqp(settings.amqp_url) as mq:
         with SyncEventPublisher.connect(settings.amqp_url) as pub, pytest.raises(InvalidEvent, match="steps"):
             pub.publish(bad)
-        assert await mq.drain(EVENTS_QUEUE) == []
+        assert await mq.drain_events() == []
 
 
 async def test_a_connection_lost_before_a_publish_is_reopened_and_the_event_confirmed(settings: Settings) -> None:
@@ -53,5 +52,5 @@ async def test_a_connection_lost_before_a_publish_is_reopened_and_the_event_conf
         finally:
             pub.close()
         async with Amqp(settings.amqp_url) as mq:
-            got = await wait_for(lambda: mq.drain_json(EVENTS_QUEUE), what="the event after the reconnect")
+            got = await wait_for(lambda: mq.drain_events_json(), what="the event after the reconnect")
     assert [m["event_id"] for m in got] == [ev["event_id"]]

@@ -57,6 +57,9 @@ async def test_the_lane_is_the_tenant_id_s_last_byte_modulo_64(pg: asyncpg.Conne
 
 async def test_a_timer_the_service_sets_is_in_its_tenant_s_lane(pg: asyncpg.Connection, store: Store) -> None:
     await store.apply_deliveries([delivery(event("agent.task_submitted", "lane-1", submitted(), tenant=B))])
+    # The run's timeout starts when its concurrency slot is granted (the gate loop's round, here by hand).
+    (granted,), _ = await store.grant_slots(store.engine.concurrency_limits())
+    assert granted == ("agent.run_task/per_tenant", 1)
     lanes = await pg.fetch(
         "SELECT t.lane, sfworkflow.tenant_lane(i.tenant_id) AS want FROM sfworkflow.timer t"
         " JOIN sfworkflow.instance i ON i.id = t.instance_id"

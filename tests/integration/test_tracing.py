@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sfworkflow.client.worker import Answer, Command, CommandWorker, PostgresDedupe
-from sfworkflow.contract.topology import COMMANDS_EXCHANGE, EVENTS_QUEUE, LIFECYCLE_EXCHANGE
+from sfworkflow.contract.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, LIFECYCLE_EXCHANGE
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.support import TENANT, Amqp, enrolled_data, event, running_service
@@ -97,7 +97,7 @@ async def test_one_enrollment_is_one_trace_from_the_producer_to_the_worker_s_ans
     provider, exporter = _recording()
     seen: list[Any] = []
     worker = _worker(settings, store, seen, tracer_provider=provider)
-    batches = f"process {EVENTS_QUEUE}"
+    batches = f"process {EVENTS_EXCHANGE}"
 
     def linked() -> set[int]:
         return {link.context.span_id for s in exporter.get_finished_spans() if s.name == batches for link in s.links}

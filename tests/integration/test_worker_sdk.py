@@ -23,7 +23,7 @@ from sfworkflow.client.worker import (
     MemoryDedupe,
     PostgresDedupe,
 )
-from sfworkflow.contract.topology import DEAD_QUEUE, EVENTS_QUEUE, commands_queue
+from sfworkflow.contract.topology import DEAD_QUEUE, commands_queue
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.sdk_worker import KILLED
@@ -112,7 +112,7 @@ async def test_a_command_delivered_twice_runs_its_handler_once_and_is_answered_t
             answers: list[dict[str, Any]] = []
 
             async def both() -> bool:
-                answers.extend(await mq.drain_json(EVENTS_QUEUE))
+                answers.extend(await mq.drain_events_json())
                 return len(answers) >= 2
 
             await wait_for(both, what="two answers")
@@ -136,7 +136,7 @@ async def test_a_fatal_failure_is_answered_with_the_declared_failure_event(setti
         await worker.start()
         try:
             await _send_command(mq, orjson.dumps(cmd), commands_queue("sequence"), cmd["command_id"])
-            answers = await wait_for(lambda: mq.drain_json(EVENTS_QUEUE), what="the failure event")
+            answers = await wait_for(lambda: mq.drain_events_json(), what="the failure event")
         finally:
             await worker.stop()
     assert [a["event_type"] for a in answers] == ["sequence.step_failed"]
@@ -244,7 +244,7 @@ async def test_a_command_whose_handling_failed_midway_is_handed_back_and_answere
         await worker.start()
         try:
             await _send_command(mq, orjson.dumps(cmd), commands_queue("sequence"), cmd["command_id"])
-            answers = await wait_for(lambda: mq.drain_json(EVENTS_QUEUE), what="the answer after the hand-back")
+            answers = await wait_for(lambda: mq.drain_events_json(), what="the answer after the hand-back")
         finally:
             await worker.stop()
     assert store.failed

@@ -33,7 +33,7 @@ class FailingStore:
 
 class Recording(Consumer):
     def __init__(self, store: FailingStore) -> None:
-        super().__init__(Settings(), None, store, None, Metrics(), Health())  # type: ignore[arg-type]
+        super().__init__(Settings(), None, store, None, Metrics(), Health(), queues=[])  # type: ignore[arg-type]
         self.published: list[tuple[Delivery, str]] = []
 
     async def _publish_unstorable(self, d: Delivery, error: str) -> bool:

@@ -52,3 +52,12 @@ def test_the_service_and_the_worker_are_built_from_the_dockerfile_s_stages_and_r
         assert set(services[name]["environment"]) <= known, name
     assert services["sfworkflow"]["command"] == ["run"]
     assert services["worker"]["command"][0] == "worker"
+
+
+def test_rabbitmq_gets_the_consistent_hash_exchange_plugin() -> None:
+    """The service refuses to start on a broker without it (runtime/declare.py): the compose broker enables it."""
+    volumes = _compose()["services"]["rabbitmq"]["volumes"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in volumes if v.startswith("./")}
+    plugins = (ROOT / mounts["/etc/rabbitmq/enabled_plugins"]).read_text()
+    assert "rabbitmq_consistent_hash_exchange" in plugins and "rabbitmq_management" in plugins
+    assert plugins.strip().startswith("[") and plugins.strip().endswith("].")  # an Erlang term, as RabbitMQ reads it

@@ -85,3 +85,13 @@ def test_message_id_is_deterministic() -> None:
 )
 def test_message_id_changes_with_seed_body_and_reason(changes: dict) -> None:
     assert row(**changes).message_id != row().message_id
+
+
+def test_a_redrive_keeps_the_tenant_header_and_drops_sfworkflows_others() -> None:
+    """The tenant header picks the event's shard (fair admission): a redriven event keeps it."""
+    from sfworkflow.contract.headers import PREFIX, REASON, TENANT
+    from sfworkflow.ops.dead_letters import DeadLetter
+
+    headers = {TENANT: "t-1", REASON: "schema_violation", PREFIX + "detail": "x", "app": "crm"}
+    redriven = DeadLetter("m-1", b"{}", headers, None, 0, None).redrive_headers()  # type: ignore[arg-type]
+    assert redriven == {TENANT: "t-1", "app": "crm", PREFIX + "redrives": 1}

@@ -26,7 +26,10 @@ WITH candidate AS (
       AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id)
       -- its messages waited for a rate limit's slot until less than the shortest age ago: not stuck yet, and not
       -- to crowd the stuck ones out of the limit
-      AND (a.deferred_until IS NULL OR a.deferred_until < now() - make_interval(secs => $5)))
+      AND (a.deferred_until IS NULL OR a.deferred_until < now() - make_interval(secs => $5))
+      -- a command of it waits for a concurrency slot: not stuck (sfworkflow_slots_waiting counts those)
+      AND NOT EXISTS (SELECT 1 FROM sfworkflow.outbox g WHERE g.instance_id = a.id AND g.next_attempt_at = 'infinity'
+                        AND g.published_at IS NULL AND g.failed_at IS NULL))
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context, i.version, i.terminal,
        i.state_entered_at, i.updated_at, i.last_event_type, i.parked_count, i.deferred_until, t.next_due, t.timer_name,
        c.routing_key AS command_type, c.body AS command_body, c.published_at AS command_published_at,
@@ -86,10 +89,19 @@ FROM sfworkflow.history WHERE instance_id = $1 ORDER BY id
 SELECT name, due_at, payload FROM sfworkflow.timer WHERE instance_id = $1 ORDER BY due_at
 
 -- outbox_of_instance --
--- One instance's outbox rows (published or not), in order; deferred_until/deferred_by: a rate limit's slot.
-SELECT id, message_id, kind, routing_key, created_at, published_at, publish_attempts, last_error, failed_at,
-       deferred_until, deferred_by, body
-FROM sfworkflow.outbox WHERE instance_id = $1 ORDER BY id
+-- One instance's outbox rows (published or not), in order; deferred_until/deferred_by: a rate limit's slot;
+-- gate_key: the concurrency key it was queued for, `queued` while it waits for a slot (with how many of the key's
+-- commands are ahead of it), granted_at once it got one.
+SELECT o.id, o.message_id, o.kind, o.routing_key, o.created_at, o.published_at, o.publish_attempts, o.last_error,
+       o.failed_at, o.deferred_until, o.deferred_by, o.gate_key, o.granted_at,
+       COALESCE(o.next_attempt_at = 'infinity' AND o.published_at IS NULL AND o.failed_at IS NULL, false) AS queued,
+       CASE WHEN o.gate_key IS NOT NULL AND o.next_attempt_at = 'infinity' AND o.published_at IS NULL
+                 AND o.failed_at IS NULL
+            THEN (SELECT count(*) FROM sfworkflow.outbox g
+                  WHERE g.gate_key = o.gate_key AND g.next_attempt_at = 'infinity' AND g.published_at IS NULL
+                    AND g.failed_at IS NULL AND g.id < o.id) END AS queued_ahead,
+       o.body
+FROM sfworkflow.outbox o WHERE o.instance_id = $1 ORDER BY o.id
 
 -- list_instances_page --
 -- One page of instances in id order after $5 ($6 rows at most); the filters are NULL when not given.
@@ -141,12 +153,14 @@ GROUP BY 1 ORDER BY n DESC, reason
 
 -- outbox_backlog_by_kind --
 -- Unpublished messages per kind: those due (n) and the age in seconds of the oldest of them, counted from when it
--- was due, and those a rate limit deferred to a time still ahead (deferred: not late).
+-- was due, and those a rate limit deferred to a time still ahead (deferred: not late). Commands queued for a
+-- concurrency slot are not counted (slots_by_limit counts them).
 SELECT kind, count(*) FILTER (WHERE NOT ahead) AS n,
        COALESCE(EXTRACT(EPOCH FROM now() - min(due) FILTER (WHERE NOT ahead)), 0)::float8 AS oldest_s,
        count(*) FILTER (WHERE ahead) AS deferred
-FROM (SELECT kind, COALESCE(deferred_until, created_at) AS due, COALESCE(deferred_until > now(), false) AS ahead
-      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL) o
+FROM (SELECT kind, greatest(created_at, deferred_until, granted_at) AS due,
+             COALESCE(deferred_until > now(), false) AS ahead
+      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at <> 'infinity') o
 GROUP BY kind ORDER BY kind
 
 -- demo_settled_count --
@@ -190,23 +204,34 @@ SELECT o.kind, count(*) AS n FROM sfworkflow.outbox o JOIN sfworkflow.instance i
 ON i.id = o.instance_id WHERE i.tenant_id = $1 GROUP BY o.kind
 
 -- limit_overrides --
--- The tenants' rate-limit overrides ($1: one tenant's, or NULL for every tenant's).
-SELECT tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at FROM sfworkflow.limit_override
+-- The tenants' limit overrides ($1: one tenant's, or NULL for every tenant's): a rate, or slots.
+SELECT tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at FROM sfworkflow.limit_override
 WHERE ($1::uuid IS NULL OR tenant_id = $1::uuid)
 ORDER BY tenant_id, limit_name
 
 -- upsert_limit_override --
--- Set a tenant's rate for a limit, replacing its earlier override; the stored row.
-INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by)
-VALUES ($1::uuid, $2, $3, $4, $5, $6)
+-- Set a tenant's rate ($3, $4) or slots ($7) for a limit, replacing its earlier override; the stored row.
+INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by, slots)
+VALUES ($1::uuid, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (tenant_id, limit_name) DO UPDATE SET per_s = EXCLUDED.per_s, burst = EXCLUDED.burst,
-    reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()
-RETURNING tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at
+    slots = EXCLUDED.slots, reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()
+RETURNING tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at
 
 -- delete_limit_override --
 -- Remove a tenant's override of a limit; the removed row (none when it had no override).
 DELETE FROM sfworkflow.limit_override WHERE tenant_id = $1::uuid AND limit_name = $2
-RETURNING tenant_id, limit_name, per_s, burst, reason, updated_by, updated_at
+RETURNING tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at
+
+-- slots_of_tenant --
+-- A tenant's concurrency slots held and commands queued for one, per limit.
+SELECT limit_name, sum(held)::bigint AS held, sum(waiting)::bigint AS waiting
+FROM (SELECT limit_name, count(*) AS held, 0 AS waiting FROM sfworkflow.slot WHERE tenant_id = $1::uuid GROUP BY 1
+      UNION ALL
+      SELECT split_part(o.gate_key, '|', 1), 0, count(*) FROM sfworkflow.outbox o
+      WHERE o.gate_key LIKE '%|' || $1::text || '|%' AND o.next_attempt_at = 'infinity'
+        AND o.published_at IS NULL AND o.failed_at IS NULL
+      GROUP BY 1) x
+GROUP BY limit_name
 
 -- rate_buckets_of_tenant --
 -- A tenant's rate-limit buckets, the most booked first.

@@ -109,7 +109,10 @@ FOR UPDATE OF p
 --   timers cancelled: every timer of some instances ($3), named timers of others ($4); one join over both
 --      lists, so each is looked up in the primary key (instance_id, name), never the whole table;
 --   $5 outbox, with $6 the bodies in the same order: messages queued; a message id queued before is skipped; a
---      command a rate limit deferred is due at its slot (deferred_until), not now.
+--      command a rate limit deferred is due at its slot (deferred_until), not now; one a concurrency limit queued
+--      (gate_key) is never due until the gate loop grants it a slot (grant_slots), nor is a message queued behind
+--      one of its instance (behind_gate, or check_gate and such a row waits from an earlier batch): it falls due
+--      with it, so the relay never finds it due behind a row that is not.
 WITH changed AS (
     UPDATE sfworkflow.instance AS i
     SET state = u.state,
@@ -145,15 +148,22 @@ cancelled AS (
     WHERE t.instance_id = c.instance_id AND (c.name IS NULL OR t.name = c.name)),
 queued AS (
     INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body, headers, mandatory,
-                                   next_attempt_at, deferred_until, deferred_by)
+                                   next_attempt_at, deferred_until, deferred_by, gate_key, gate_timers)
     SELECT o.message_id, o.kind, o.exchange, o.routing_key, o.instance_id, o.body, o.headers, o.mandatory,
-           COALESCE(o.deferred_until, now()), o.deferred_until, o.deferred_by
+           CASE WHEN o.gate_key IS NOT NULL OR o.behind_gate THEN 'infinity'
+                WHEN o.check_gate AND EXISTS (
+                    SELECT 1 FROM sfworkflow.outbox g
+                    WHERE g.instance_id = o.instance_id AND g.published_at IS NULL AND g.failed_at IS NULL
+                      AND g.next_attempt_at = 'infinity') THEN 'infinity'
+                ELSE COALESCE(o.deferred_until, now()) END,
+           o.deferred_until, o.deferred_by, o.gate_key, o.gate_timers
     FROM ROWS FROM (jsonb_to_recordset($5::jsonb)
                         AS (message_id uuid, kind text, exchange text, routing_key text, instance_id bigint,
-                            headers jsonb, mandatory bool, deferred_until timestamptz, deferred_by text),
+                            headers jsonb, mandatory bool, deferred_until timestamptz, deferred_by text,
+                            gate_key text, gate_timers jsonb, behind_gate bool, check_gate bool),
                     unnest($6::bytea[]))
          AS o(message_id, kind, exchange, routing_key, instance_id, headers, mandatory, deferred_until, deferred_by,
-              body)
+              gate_key, gate_timers, behind_gate, check_gate, body)
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
     RETURNING id, message_id)
 SELECT id, message_id FROM queued
@@ -161,6 +171,112 @@ SELECT id, message_id FROM queued
 -- delete_unstarted --
 -- Remove instances created for a start event that could not be applied (still at version 0).
 DELETE FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) AND version = 0
+
+-- release_slots --
+-- Concurrency slots the batch's instances no longer hold ($1: [{instance_id, state, terminal, reissued}] as the
+-- batch leaves them): those held in states the instance left, every one when it ended, and those of the limits it
+-- issued a new command under (the new one waits for a slot of its own). Returns their keys.
+DELETE FROM sfworkflow.slot s
+USING jsonb_to_recordset($1::jsonb) AS r(instance_id bigint, state text, terminal bool, reissued text[])
+WHERE s.instance_id = r.instance_id AND (r.terminal OR r.state <> ALL (s.held_in) OR s.limit_name = ANY (r.reissued))
+RETURNING s.gate_key
+
+-- waiting_gates --
+-- Concurrency keys with commands queued for a slot (through outbox_gated_idx), after key $2, in key order, at
+-- most $1 (the gate loop goes round them all, $1 a round).
+SELECT DISTINCT gate_key FROM sfworkflow.outbox
+WHERE gate_key IS NOT NULL AND next_attempt_at = 'infinity' AND published_at IS NULL AND failed_at IS NULL
+  AND gate_key > $2
+ORDER BY gate_key
+LIMIT $1
+
+-- ensure_gate --
+-- The row whose lock serialises a concurrency key's grants ($1 key, $2 tenant, $3 limit name).
+INSERT INTO sfworkflow.slot_gate (gate_key, tenant_id, limit_name) VALUES ($1, $2, $3)
+ON CONFLICT (gate_key) DO NOTHING
+
+-- lock_gate --
+-- Lock a concurrency key for its grants, unless another replica is granting it now (it is skipped this round).
+SELECT gate_key FROM sfworkflow.slot_gate WHERE gate_key = $1 FOR UPDATE SKIP LOCKED
+
+-- grant_slots --
+-- Under the key's lock (lock_gate; counted in a statement of its own, so it sees every grant committed before the
+-- lock): give the free slots of key $1 (the tenant's own `slots`, else $2) to its oldest queued commands whose
+-- instance is still in the limit's states $3 (locked FOR SHARE: no batch moves it meanwhile): a slot row each, the
+-- outbox row due now (or at its rate limit's slot) with the instance's messages queued behind it up to its next
+-- queued command, the timers its step set to start now. A queued command whose instance left $3 or ended before a
+-- slot was free is withdrawn: never published silently (failed_at, last_error says why; `outbox republish --id`
+-- sends it anyway), and the messages behind it fall due. Looks at up to 50 rows past the free slots, so withdrawn
+-- ones do not hold the key's grants back for long; none when no slot is free. $4 tenant, $5 limit name. Returns
+-- the outbox ids granted.
+WITH cap AS (
+    SELECT COALESCE((SELECT o.slots FROM sfworkflow.limit_override o
+                     WHERE o.tenant_id = $4 AND o.limit_name = $5 AND o.slots IS NOT NULL), $2)
+           - (SELECT count(*) FROM sfworkflow.slot WHERE gate_key = $1) AS free),
+queued AS (
+    SELECT o.id, o.message_id, o.instance_id, o.gate_timers, NOT i.terminal AND i.state = ANY ($3::text[]) AS live
+    FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
+    WHERE o.gate_key = $1 AND o.next_attempt_at = 'infinity' AND o.published_at IS NULL AND o.failed_at IS NULL
+    ORDER BY o.id
+    LIMIT CASE WHEN (SELECT free FROM cap) > 0 THEN (SELECT free FROM cap) + 50 ELSE 0 END
+    FOR UPDATE OF o FOR SHARE OF i),
+chosen AS (
+    SELECT * FROM queued WHERE live ORDER BY id LIMIT greatest(0, (SELECT free FROM cap))),
+withdrawn AS (
+    UPDATE sfworkflow.outbox o
+    SET failed_at = now(),
+        last_error = 'withdrawn: the instance left ' || array_to_string($3::text[], '/') || ' before a slot of '
+                     || $5 || ' was free; `sfworkflow outbox republish --id` sends it anyway'
+    FROM queued q WHERE o.id = q.id AND NOT q.live
+    RETURNING o.id, o.instance_id),
+opened AS (  -- the granted or withdrawn rows, and each instance's next queued command after them (the end of what
+             -- falls due with them)
+    SELECT x.id, x.instance_id,
+           (SELECT min(n.id) FROM sfworkflow.outbox n
+            WHERE n.instance_id = x.instance_id AND n.id > x.id AND n.gate_key IS NOT NULL
+              AND n.next_attempt_at = 'infinity' AND n.published_at IS NULL AND n.failed_at IS NULL) AS next_gate
+    FROM (SELECT id, instance_id FROM chosen UNION ALL SELECT id, instance_id FROM withdrawn) x),
+granted AS (
+    UPDATE sfworkflow.outbox o
+    SET next_attempt_at = greatest(now(), o.deferred_until),
+        granted_at = CASE WHEN o.id IN (SELECT id FROM chosen) THEN now() END
+    FROM opened p
+    WHERE o.instance_id = p.instance_id AND o.published_at IS NULL AND o.failed_at IS NULL
+      AND o.next_attempt_at = 'infinity'
+      AND (o.id = p.id AND o.id IN (SELECT id FROM chosen)
+           OR o.id > p.id AND o.gate_key IS NULL AND (p.next_gate IS NULL OR o.id < p.next_gate))
+    RETURNING o.id),
+held AS (
+    INSERT INTO sfworkflow.slot (command_id, gate_key, limit_name, tenant_id, instance_id, held_in)
+    SELECT c.message_id, $1, $5, $4, c.instance_id, $3::text[] FROM chosen c
+    ON CONFLICT (command_id) DO NOTHING),
+started AS (
+    INSERT INTO sfworkflow.timer (instance_id, name, due_at, payload, lane)
+    SELECT c.instance_id, t.name, now() + make_interval(secs => t.delay_s), t.payload, sfworkflow.tenant_lane($4)
+    FROM chosen c
+    CROSS JOIN LATERAL jsonb_to_recordset(COALESCE(c.gate_timers, '[]'::jsonb)) AS t(name text, delay_s float8,
+                                                                                     payload jsonb)
+    ON CONFLICT (instance_id, name) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+        created_at = now())
+SELECT id FROM chosen
+
+-- sweep_slots --
+-- Slots nobody holds any more: their instance ended, left the states that hold them, or is gone (an operator's
+-- action, retention). A batch releases its own (release_slots); this catches the rest. Returns their keys.
+DELETE FROM sfworkflow.slot s
+WHERE NOT EXISTS (SELECT 1 FROM sfworkflow.instance i
+                  WHERE i.id = s.instance_id AND NOT i.terminal AND i.state = ANY (s.held_in))
+RETURNING s.gate_key
+
+-- slots_by_limit --
+-- Concurrency slots held, and commands queued for one, per limit (the cluster gauges).
+SELECT limit_name, sum(held)::bigint AS held, sum(waiting)::bigint AS waiting
+FROM (SELECT limit_name, count(*) AS held, 0 AS waiting FROM sfworkflow.slot GROUP BY 1
+      UNION ALL
+      SELECT split_part(gate_key, '|', 1), 0, count(*) FROM sfworkflow.outbox
+      WHERE gate_key IS NOT NULL AND next_attempt_at = 'infinity' AND published_at IS NULL AND failed_at IS NULL
+      GROUP BY 1) x
+GROUP BY limit_name ORDER BY limit_name
 
 -- upsert_timers --
 -- Schedule or move timers, each in its tenant's lane (migration 0012).
@@ -380,17 +496,21 @@ WHERE o.id = f.id
 -- outbox_backlog --
 -- Unpublished messages the relay still tries, and the age in seconds of the oldest, counted from when it was due
 -- (rows given up not counted); commands a rate limit deferred to a time still ahead are not late but `deferred`,
--- with the seconds until the last of them falls due.
+-- with the seconds until the last of them falls due. Commands queued for a concurrency slot are not counted
+-- (slots_by_limit counts them); a granted one is late from its grant.
 SELECT count(*) FILTER (WHERE NOT ahead) AS backlog,
        COALESCE(EXTRACT(EPOCH FROM now() - min(due) FILTER (WHERE NOT ahead)), 0)::float8 AS oldest_s,
        count(*) FILTER (WHERE ahead) AS deferred,
        COALESCE(EXTRACT(EPOCH FROM max(due) FILTER (WHERE ahead) - now()), 0)::float8 AS deferred_until_s
-FROM (SELECT COALESCE(deferred_until, created_at) AS due, COALESCE(deferred_until > now(), false) AS ahead
-      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL) o
+FROM (SELECT greatest(created_at, deferred_until, granted_at) AS due,
+             COALESCE(deferred_until > now(), false) AS ahead
+      FROM sfworkflow.outbox WHERE published_at IS NULL AND failed_at IS NULL AND next_attempt_at <> 'infinity') o
 
 -- outbox_failed_count --
--- Rows the relay gave up, waiting for an operator's republish.
-SELECT count(*) FROM sfworkflow.outbox WHERE failed_at IS NOT NULL AND published_at IS NULL
+-- Rows the relay gave up, waiting for an operator's republish (not the commands a gate withdrew: their instance
+-- moved on, nothing waits for them).
+SELECT count(*) FROM sfworkflow.outbox
+WHERE failed_at IS NOT NULL AND published_at IS NULL AND NOT (gate_key IS NOT NULL AND granted_at IS NULL)
 
 -- outbox_failed --
 -- Rows the relay gave up, oldest first ($1: a kind or NULL), at most $2.
@@ -401,12 +521,14 @@ ORDER BY id
 LIMIT $2
 
 -- republish_failed --
--- Make given-up rows due again ($1: their ids, or NULL for all; $2: a kind or NULL); how many.
+-- Make given-up rows due again ($1: their ids, or NULL for all but the commands a gate withdrew, which only their
+-- id sends: their instance moved on; $2: a kind or NULL); how many.
 WITH again AS (
     UPDATE sfworkflow.outbox
     SET failed_at = NULL, publish_attempts = 0, next_attempt_at = now()
     WHERE failed_at IS NOT NULL AND published_at IS NULL
-      AND ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR kind = $2)
+      AND ($1::bigint[] IS NULL AND NOT (gate_key IS NOT NULL AND granted_at IS NULL) OR id = ANY($1))
+      AND ($2::text IS NULL OR kind = $2)
     RETURNING id)
 SELECT count(*) FROM again
 
