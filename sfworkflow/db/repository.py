@@ -87,6 +87,9 @@ class Store:
         # Called with the outbox rows a transaction queued, once it committed: the service hands them to its
         # relay, which publishes them from memory. Without it (an operator's command), rows are NOTIFYed.
         self.on_commit = on_commit
+        # Called once a transaction that queued a command for a concurrency slot, or released slots, committed:
+        # the service wakes its gate loop (runtime/gates.py), which grants at once instead of at its next poll.
+        self.on_gates: Callable[[], None] | None = None
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Unit]:
@@ -96,6 +99,8 @@ class Store:
             yield unit
         if unit.queued and self.on_commit is not None:
             self.on_commit(unit.queued)
+        if unit.gates and self.on_gates is not None:
+            self.on_gates()
 
     async def apply_deliveries(self, deliveries: Sequence[Delivery]) -> BatchReport:
         """Apply a micro-batch in one transaction. Raises only when the transaction failed as a whole."""
@@ -325,16 +330,19 @@ class Store:
 
     async def _write(self, unit: _Unit, ws: WriteSet) -> None:
         unit.queued += await write(unit.conn, ws, notify=self.on_commit is None)
+        if ws.slot_releases or any(x.gate_key is not None for x in ws.outbox):
+            unit.gates = True
 
 
 class _Unit:
     """One transaction of the store: its connection, and the outbox rows it queued so far."""
 
-    __slots__ = ("conn", "queued")
+    __slots__ = ("conn", "gates", "queued")
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.queued: list[Queued] = []
+        self.gates = False  # it queued a command for a concurrency slot or released slots
 
 
 async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) -> list[Queued]:

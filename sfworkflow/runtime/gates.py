@@ -1,11 +1,13 @@
 """The gate loop: grants concurrency slots (core/limits.py ConcurrencyLimit) to the commands queued for them.
 
 A command under a concurrency limit is written gated (never due) by the batch that decides it. Every replica runs
-this loop; each round, per key with queued commands and in a transaction of its own under the key's row lock (a key
-another replica is granting is skipped), it gives up the queued commands whose instance moved on, then grants the
-key's free slots to its oldest queued commands: they fall due, the relay publishes them, and the timers their step
-set start now. A batch that moves an instance out of the limit's states releases its slot in its own transaction;
-every SWEEP_S this loop also releases slots left by what no batch saw (an operator's edit, retention).
+this loop, every SFWORKFLOW_TIMER_POLL_MS, or at once when a transaction of its process queued such a command or
+released a slot. Each round, per key with queued commands and in a transaction of its own under the key's row lock
+(a key another replica is granting is skipped), it grants the key's free slots to its oldest queued commands whose
+instance is still in the limit's states (and withdraws those whose instance moved on): they fall due, the relay
+publishes them, and the timers their step set start now. A batch that moves an instance out of the limit's states
+releases its slot in its own transaction; every SWEEP_S this loop also releases slots left by what no batch saw (an
+operator's edit, retention).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class GateLoop:
         self.poll = poll_ms / 1000.0
         self.on_grant = on_grant
         self._stop = asyncio.Event()
+        self._woken = asyncio.Event()  # set by `wake` and by `stop`
         self._task: asyncio.Task[None] | None = None
         self._after = ""  # the key the next round starts after: every key gets its turn, however many wait
 
@@ -53,10 +56,15 @@ class GateLoop:
         if self.limits:  # no definition declares one: nothing to grant
             self._task = self.supervisor.spawn("gates", self._run())
 
+    def wake(self) -> None:
+        """A transaction of this process queued a command for a slot or released one: grant now, not at the poll."""
+        self._woken.set()
+
     async def stop(self, timeout: float = 5.0) -> None:
         if self._task:
             self.supervisor.stopping(self._task)
         self._stop.set()
+        self._woken.set()
         if self._task:
             await self.supervisor.stop(self._task, timeout)
 
@@ -87,5 +95,7 @@ class GateLoop:
                 await self._wait(self.poll)
 
     async def _wait(self, seconds: float) -> None:
+        """Sleep `seconds`, or until woken or stopped."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            await asyncio.wait_for(self._woken.wait(), seconds)
+        self._woken.clear()

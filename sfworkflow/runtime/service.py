@@ -162,6 +162,7 @@ class Service:
         self.timers.start()
         self.gates = GateLoop(self.store, self.engine.concurrency_limits(), self.metrics, s.timer_poll_ms,
                               lambda: self.relay.doorbell.ring() if self.relay else None, self.supervisor)  # fmt: skip
+        self.store.on_gates = self.gates.wake
         self.gates.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)
         self.retention.start()

@@ -218,3 +218,23 @@ async def test_a_queued_run_whose_task_moved_on_is_withdrawn_not_sent_and_not_co
         assert await mq.drain(COMMANDS_Q) == []
         assert await outbox_rows.failed_count(pg) == 0  # not a row the relay gave up: no page
         assert await outbox_rows.republish_failed(pg, None, None) == 0  # `republish --all` leaves it alone
+
+
+async def test_a_run_queued_by_this_process_is_granted_at_once_not_at_the_next_poll(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """The batch that queues a run wakes its process's gate loop: with the poll a minute apart, the run still goes
+    out within seconds (and the next one as soon as the first one's answer releases its slot)."""
+    async with running_service(quick(settings, timer_poll_ms=60_000)), Amqp(settings.amqp_url) as mq:
+        await pg.execute(
+            """INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, slots, reason, updated_by)
+               VALUES ($1, $2, 1, 'test', 'test')""",
+            uuid.UUID(TENANT), LIMIT,
+        )  # fmt: skip
+        await asyncio.sleep(0.5)  # past the gate loop's first round at start: what follows waits for a wake
+        await mq.publish(event("agent.task_submitted", "woken-1", submitted()))
+        await mq.publish(event("agent.task_submitted", "woken-2", submitted()))
+        (first,) = await wait_for(lambda: mq.drain_json(COMMANDS_Q), timeout=10, what="the first run, woken")
+        await _answer_all(mq, [first])
+        (second,) = await wait_for(lambda: mq.drain_json(COMMANDS_Q), timeout=10, what="the second run, woken")
+    assert {first["entity_id"], second["entity_id"]} == {"woken-1", "woken-2"}
