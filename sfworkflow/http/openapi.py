@@ -107,6 +107,9 @@ LIMIT_FIELD = {
 }
 
 
+OVERRIDE_OR_NULL = {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]}
+
+
 def _schemas() -> dict[str, Any]:
     filters = {
         "state": {"type": "string", "maxLength": 64, "pattern": anchored(NAME)},
@@ -121,6 +124,11 @@ def _schemas() -> dict[str, Any]:
             "default": "admin-api", "description": "Who (recorded).",
         },
     }  # fmt: skip
+    # The why and who of a limit override, in both forms of its request.
+    override_why = {
+        "reason": {**filters["reason"], "description": "Why (kept with the override)."},
+        "by": filters["by"],
+    }
     return {
         "Error": {
             "type": "object",
@@ -366,7 +374,7 @@ def _schemas() -> dict[str, Any]:
                             "command": {"type": "string"},
                             "slots": {"type": "integer", "description": "In force for the tenant."},
                             "source": {"type": "string"},
-                            "override": {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]},
+                            "override": OVERRIDE_OR_NULL,
                             "held": {"type": "integer", "description": "Its slots held now."},
                             "waiting": {"type": "integer", "description": "Its commands queued for a slot."},
                         },
@@ -382,7 +390,7 @@ def _schemas() -> dict[str, Any]:
                             "command": {"type": "string"},
                             "rate": {"$ref": "#/components/schemas/Rate"},
                             "source": {"type": "string"},
-                            "override": {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]},
+                            "override": OVERRIDE_OR_NULL,
                             "keys": {
                                 "type": "array",
                                 "items": {
@@ -426,8 +434,7 @@ def _schemas() -> dict[str, Any]:
                             "maximum": MAX_RATE,
                             "description": "Commands at once after a quiet spell (default: the rate in force's burst).",
                         },
-                        "reason": {**filters["reason"], "description": "Why (kept with the override)."},
-                        "by": filters["by"],
+                        **override_why,
                     },
                 },
                 {
@@ -443,8 +450,7 @@ def _schemas() -> dict[str, Any]:
                             "maximum": MAX_SLOTS,
                             "description": "A concurrency limit: this tenant's commands in flight at once per key.",
                         },
-                        "reason": {**filters["reason"], "description": "Why (kept with the override)."},
-                        "by": filters["by"],
+                        **override_why,
                     },
                 },
             ],

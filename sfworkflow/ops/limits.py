@@ -60,12 +60,12 @@ def declared(engine: Engine) -> list[Declared]:
 
 def declared_concurrency(engine: Engine) -> list[dict[str, Any]]:
     """Every concurrency limit the loaded definitions declare, with its slots."""
-    out = []
-    for name, lim in sorted(engine.concurrency_limits().items()):
-        workflow, command = name.split("/")[0].split(".", 1)
-        out.append({"limit": name, "workflow": workflow, "command": f"{workflow}.{command}",
-                    "description": lim.description, "slots": lim.slots, "held_in": sorted(lim.held_in)})  # fmt: skip
-    return out
+    limits = engine.concurrency_limits()
+    return [
+        {"limit": name, "workflow": workflow, "command": command, "description": limits[name].description,
+         "slots": limits[name].slots, "held_in": sorted(limits[name].held_in)}
+        for workflow, command, name in engine.concurrency_labels()
+    ]  # fmt: skip
 
 
 def check_limit(engine: Engine, name: str) -> Declared | ConcurrencyLimit:
@@ -154,7 +154,7 @@ async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> 
             rate, source = None, "off (SFWORKFLOW_RATE_LIMITS)"
         elif o is not None:
             rate = Rate(o["per_s"], o["burst"])
-            source = f"override by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S} UTC: {o['reason']}"
+            source = _override_source(o)
         else:
             rate, source = d.in_force, d.as_json()["source"]
         keys = [
@@ -177,11 +177,15 @@ async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> 
         mine = held.get(c["limit"])
         concurrency.append(
             {"limit": c["limit"], "command": c["command"], "slots": o["slots"] if o else c["slots"],
-             "source": (f"override by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S} UTC: {o['reason']}"
-                        if o else "definition"),
+             "source": _override_source(o) if o else "definition",
              "override": o, "held": mine["held"] if mine else 0, "waiting": mine["waiting"] if mine else 0}
         )  # fmt: skip
     return {"tenant": tenant, "limits": limits, "concurrency": concurrency}
+
+
+def _override_source(o: dict[str, Any]) -> str:
+    """Where a limit in force for a tenant comes from, when it is the tenant's own override."""
+    return f"override by {o['updated_by']} at {o['updated_at']:%Y-%m-%d %H:%M:%S} UTC: {o['reason']}"
 
 
 def _rate_json(rate: Rate | None) -> dict[str, Any] | None:
