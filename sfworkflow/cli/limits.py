@@ -27,7 +27,7 @@ def register(sub: Any) -> dict[str, Any]:
         "limits",
         help="rate and concurrency limits on commands, and a tenant's own ones",
         description="Rate and concurrency limits on outgoing commands (README, 'Rate limits on commands', "
-        "'Concurrency limits'). The rate in force for a tenant is its override (`limits set`), else "
+        "'Concurrency limits'). The rate (and daily cap) in force for a tenant is its override (`limits set`), else "
         "SFWORKFLOW_RATE_LIMITS, else the definition's; its slots are its override, else the definition's. An "
         "override applies from the next batch (a rate) or grant round (slots) on, on every replica; commands already "
         "deferred keep their slots.",
@@ -50,9 +50,10 @@ def register(sub: Any) -> dict[str, Any]:
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     st = actions.add_parser(
         "set",
-        help="give a tenant its own rate (or slots) for a limit",
-        description="Give TENANT its own rate for a rate limit (e.g. sequence.send_step/per_sender: --per-s, "
-        "--burst) or its own slots for a concurrency limit (e.g. agent.run_task/per_tenant: --slots), replacing an "
+        help="give a tenant its own rate, daily cap or slots for a limit",
+        description="Give TENANT its own rate and/or daily cap for a rate limit (e.g. sequence.send_step/per_sender: "
+        "--per-s, --burst, --daily-cap; what it does not name stays as in force) or its own slots for a concurrency "
+        "limit (e.g. agent.run_task/per_tenant: --slots), replacing an "
         "earlier override. Applies from the next batch (or grant round) on, on every replica. Commands already "
         "deferred keep their slots; lowering slots takes none back from the runs in flight.",
     )
@@ -61,6 +62,9 @@ def register(sub: Any) -> dict[str, Any]:
     st.add_argument("--per-s", type=float, help="a rate limit: commands a second (> 0)")
     st.add_argument(
         "--burst", type=int, help="a rate limit: commands at once after a quiet spell (default: the rate in force's)"
+    )
+    st.add_argument(
+        "--daily-cap", type=int, help="a rate limit: commands a UTC day per key at most (with or without a rate)"
     )
     st.add_argument("--slots", type=int, help="a concurrency limit: commands in flight at once per key")
     st.add_argument("--reason", required=True, help="why (kept with the override)")
@@ -100,7 +104,16 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             by = args.by or getpass.getuser()
             async with conn.transaction():
                 row = await limits.set_override(
-                    conn, engine, args.tenant, args.limit, args.per_s, args.burst, args.reason, by, args.slots
+                    conn,
+                    engine,
+                    args.tenant,
+                    args.limit,
+                    args.per_s,
+                    args.burst,
+                    args.reason,
+                    by,
+                    args.slots,
+                    args.daily_cap,
                 )
             _print(row, args.json, _set_text)
             return 0
@@ -123,11 +136,16 @@ def _print(found: dict[str, Any], as_json: bool, text: Any) -> None:
 
 
 def _own(o: dict[str, Any]) -> str:
-    return f"{o['slots']} slots" if o.get("slots") is not None else f"{o['per_s']:g}/s burst {o['burst']}"
+    if o.get("slots") is not None:
+        return f"{o['slots']} slots"
+    parts = [] if o["per_s"] is None else [f"{o['per_s']:g}/s burst {o['burst']}"]
+    return ", ".join(parts + ([] if o.get("daily_cap") is None else [f"{o['daily_cap']} a day"]))
 
 
 def _rate(r: dict[str, Any] | None) -> str:
-    return "off" if r is None else f"{r['per_s']:g}/s burst {r['burst']}"
+    if r is None:
+        return "off"
+    return f"{r['per_s']:g}/s burst {r['burst']}" + ("" if r.get("daily_cap") is None else f", {r['daily_cap']}/day")
 
 
 def _list_text(found: dict[str, Any]) -> None:
@@ -150,6 +168,8 @@ def _show_text(found: dict[str, Any]) -> None:
             print(f"    {lim['deferred']} command(s) deferred, the last until {lim['deferred_until']:%H:%M:%S.%f}")
         for k in lim["keys"]:
             ahead = f"booked {k['booked_ahead_s']:g} s ahead" if k["booked_ahead_s"] else "idle"
+            if "day" in k:
+                ahead += f"; {k['booked_that_day']} booked on {k['day']} (UTC)"
             print(f"    key {k['key']:<36} {ahead}")
     for c in found.get("concurrency", []):
         print(f"  {c['limit']:<40} {str(c['slots']) + ' in flight':<22} ({c['source']})")

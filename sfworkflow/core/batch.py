@@ -30,7 +30,7 @@ from sfworkflow.contract.envelope import IncomingEvent
 from sfworkflow.contract.storable import clean_json, clean_text, replaced_note
 from sfworkflow.contract.topology import DEAD_QUEUE, DEFAULT_EXCHANGE
 from sfworkflow.core.definition import InstanceKey, derive_id
-from sfworkflow.core.limits import Rate
+from sfworkflow.core.limits import DayCount, Rate
 from sfworkflow.errors import DeadReason, Rejection
 
 
@@ -168,6 +168,7 @@ class RateAnswer:
     tat: dict[str, datetime]  # bucket key -> its theoretical arrival time after this batch's reservations
     rates: dict[str, Rate]  # bucket key -> the rate it was taken at (the tenant's override, or the one asked)
     now: datetime  # the transaction's clock, which the buckets run on
+    counts: dict[str, DayCount] = field(default_factory=dict)  # capped bucket key -> its daily count before
 
 
 Request = InsertInbox | LockInstances | LoadParked | ClaimEffects | ClaimKeys | ReadRegisters | TakeRates
@@ -290,6 +291,15 @@ class SlotRelease:
     reissued: tuple[str, ...] = ()  # limits it issued a new command under: the slot it held for the last one goes
 
 
+@dataclass(frozen=True, slots=True)
+class BucketWrite:
+    """A capped rate-limit bucket after the batch booked its slots (core/limits.py reserve)."""
+
+    bucket_key: str
+    tat: datetime
+    count: DayCount
+
+
 @dataclass(slots=True)
 class WriteSet:
     """Every row one batch writes, in the order the repository writes them."""
@@ -309,6 +319,7 @@ class WriteSet:
     registers: list[RegisterWrite] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
     slot_releases: list[SlotRelease] = field(default_factory=list)
+    buckets: list[BucketWrite] = field(default_factory=list)  # capped rate-limit buckets booked (locked: take_rates)
 
 
 @dataclass
@@ -326,6 +337,7 @@ class BatchReport:
     outbox_rows: int = 0
     deferred: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (workflow, command, limit)
     deferral_s: list[tuple[str, str, float]] = field(default_factory=list)  # (workflow, limit, seconds deferred)
+    capped: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (workflow, command, limit): to a later day
     gated: Counter[tuple[str, str, str]] = field(
         default_factory=Counter
     )  # (workflow, command, limit): queued for a slot

@@ -34,7 +34,7 @@ from sfworkflow.core.definition import (
     TimerRequest,
     WorkflowDefinition,
 )
-from sfworkflow.core.limits import ConcurrencyLimit, Rate, RateLimit, check_overrides, limit_name
+from sfworkflow.core.limits import ConcurrencyLimit, Rate, RateLimit, RateSetting, check_overrides, limit_name
 from sfworkflow.errors import DefinitionError
 
 # The lifecycle event every ending publishes, exactly once and last (its data: final_state). workflow.failed and
@@ -267,7 +267,7 @@ class Engine:
     """Every loaded workflow definition, compiled once; `step` is pure and synchronous."""
 
     def __init__(
-        self, definitions: Iterable[WorkflowDefinition], rate_overrides: Mapping[str, Rate | None] | None = None
+        self, definitions: Iterable[WorkflowDefinition], rate_overrides: Mapping[str, RateSetting | None] | None = None
     ) -> None:
         self.compiled: dict[tuple[str, int], CompiledWorkflow] = {}
         self.latest: dict[str, int] = {}
@@ -277,8 +277,8 @@ class Engine:
             self.compiled[(d.name, d.version)] = CompiledWorkflow(d)
             self.latest[d.name] = max(self.latest.get(d.name, 0), d.version)
         # The rate in force per limit name: the deployment's setting (SFWORKFLOW_RATE_LIMITS; None: not enforced),
-        # else the definition's.
-        self.rate_overrides: dict[str, Rate | None] = dict(rate_overrides or {})
+        # else the definition's (a setting that names no daily cap keeps the definition's).
+        self.rate_overrides: dict[str, RateSetting | None] = dict(rate_overrides or {})
         try:
             check_overrides(self.rate_overrides, self.limit_names())
         except ValueError as exc:
@@ -313,10 +313,18 @@ class Engine:
         """The rate limits in force on a command type: (full name, declaration, rate)."""
         out = []
         for name, lim in compiled.rate_limits.get(command_type, ()):
-            rate = self.rate_overrides[name] if name in self.rate_overrides else Rate(lim.per_s, lim.burst)
+            rate = self.rate_in_force(name, lim)
             if rate is not None:
                 out.append((name, lim, rate))
         return out
+
+    def rate_in_force(self, name: str, limit: RateLimit) -> Rate | None:
+        """The rate this deployment enforces for a declared rate limit: SFWORKFLOW_RATE_LIMITS's over the
+        definition's, or None when the setting turns the limit off (a tenant's override may still replace it)."""
+        if name not in self.rate_overrides:
+            return limit.rate
+        setting = self.rate_overrides[name]
+        return None if setting is None else setting.over(limit.rate)
 
     def workflow(self, name: str, version: int | None = None) -> CompiledWorkflow | None:
         v = self.latest.get(name) if version is None else version

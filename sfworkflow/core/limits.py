@@ -12,6 +12,12 @@ holds one timestamp, its *theoretical arrival time* `tat`. A request at `now` ta
 `burst` requests go at once, then one every `1 / per_s` seconds, and over any window of `w` seconds at most
 `burst + per_s * w` slots fall in it. Nothing here does I/O; the repository's `take_rates` statement moves `tat`
 and this module turns its answer into the slots.
+
+A limit may also cap a key's slots per day (`daily_cap`: a WhatsApp number's messaging tier, a mailbox's daily sending
+quota). Days are UTC days. The bucket counts the slots booked on the day of its latest slot (`DayCount`); a request
+that would be over the cap takes its slot at the next UTC midnight instead, and the rate applies from there on (the
+slots of a day past its cap go out at its start in a burst, then at the rate). `reserve` books a capped bucket's slots
+one by one; the batch writes the bucket's new `tat` and count back under the lock `take_rates` took.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 KeyOf = Callable[[Mapping[str, Any]], str]  # a command's `data` -> the part of its key after the tenant
@@ -38,11 +44,19 @@ class RateLimit:
     burst: int = 1
     key: KeyOf | None = None
     description: str = ""
+    daily_cap: int | None = None  # at most this many a UTC day per key (None: no cap)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"rate limit name {self.name!r}: use lower-case letters, digits and _")
         check_rate(f"rate limit {self.name!r}", self.per_s, self.burst)
+        if self.daily_cap is not None:
+            check_cap(f"rate limit {self.name!r}", self.daily_cap)
+
+    @property
+    def rate(self) -> Rate:
+        """The rate the definition declares."""
+        return Rate(self.per_s, self.burst, self.daily_cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,14 @@ def check_slots(what: str, slots: object) -> None:
 Limit = RateLimit | ConcurrencyLimit
 
 
+MAX_DAILY_CAP = 1_000_000_000
+
+
+def check_cap(what: str, cap: object) -> None:
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_DAILY_CAP:
+        raise ValueError(f"{what}: daily_cap must be a whole number from 1 to {MAX_DAILY_CAP}, got {cap!r}")
+
+
 MIN_PER_S = 0.0001  # one command in under three hours: slower is a daily cap, not a rate
 MAX_RATE = 1_000_000  # commands a second, and a burst, at most (more is no limit at all)
 
@@ -101,6 +123,7 @@ class Rate:
 
     per_s: float
     burst: int
+    daily_cap: int | None = None
 
     @property
     def interval_s(self) -> float:
@@ -134,10 +157,90 @@ def advance_s(n: int, rate: Rate) -> float:
     return n * rate.interval_s
 
 
-def parse_overrides(text: str) -> dict[str, Rate | None]:
-    """`SFWORKFLOW_RATE_LIMITS`: comma-separated `<workflow>.<command>/<name>=PER_S[/BURST]` or `=off` (None: the limit
-    is not enforced). Raises ValueError naming the part that is wrong."""
-    out: dict[str, Rate | None] = {}
+@dataclass(frozen=True, slots=True)
+class DayCount:
+    """A capped bucket's count: the UTC day of its latest slot and how many of its slots fall on that day."""
+
+    day: date | None = None
+    used: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The slots of a capped bucket's requests, in request order, and the bucket after them."""
+
+    slots: list[datetime]
+    capped: list[bool]  # the daily cap put the request's slot later than the rate alone would have
+    tat: datetime
+    count: DayCount
+
+
+def utc_day(t: datetime) -> date:
+    return t.astimezone(UTC).date()
+
+
+def midnight(day: date) -> datetime:
+    """The start of a UTC day."""
+    return datetime.combine(day, time(), UTC)
+
+
+def reserve(start: datetime, now: datetime, n: int, rate: Rate, count: DayCount) -> Reservation:
+    """Book `n` requests on a bucket with a daily cap. `start` is `max(tat, now)` before them, `count` the bucket's
+    count. Each request takes its GCRA slot, unless its day already holds `daily_cap` slots: then the first instant
+    of the next UTC day, from which the rate goes on. A bucket whose booked slots reach past today (an earlier
+    batch went over the cap) books after them: slots stay in request order across batches."""
+    cap = rate.daily_cap
+    if cap is None:
+        raise ValueError("reserve: the rate has no daily cap (slots() books an uncapped bucket)")
+    step = timedelta(seconds=rate.interval_s)
+    ahead = timedelta(seconds=(rate.burst - 1) * rate.interval_s)
+    tat, floor, day, used = start, now, count.day, count.used
+    if day is not None and day > utc_day(now):
+        floor = max(floor, midnight(day))
+    out: list[datetime] = []
+    capped: list[bool] = []
+    for j in range(n):
+        slot = max(floor, tat - ahead)
+        slot_day = utc_day(slot)
+        if day is None or slot_day > day:
+            day, used = slot_day, 0
+        if used >= cap:  # the day is full: the next day's first instant, the bucket running from there
+            day, used = day + timedelta(days=1), 0
+            floor = midnight(day)
+            tat = max(tat, floor)
+            slot = max(floor, tat - ahead)
+        out.append(slot)
+        # The cap's doing when the slot is later than the rate alone would have put it.
+        capped.append(slot > max(now, start + j * step - ahead))
+        used += 1
+        tat += step
+    return Reservation(out, capped, tat, DayCount(day, used))
+
+
+@dataclass(frozen=True, slots=True)
+class RateSetting:
+    """One limit in SFWORKFLOW_RATE_LIMITS: a rate replacing the definition's, and its daily cap when the setting
+    names one (`sets_cap`; else the definition's cap stays)."""
+
+    per_s: float
+    burst: int
+    daily_cap: int | None = None
+    sets_cap: bool = False
+
+    def over(self, declared: Rate) -> Rate:
+        """The rate in force: this one, with the declared daily cap unless the setting names its own."""
+        return Rate(self.per_s, self.burst, self.daily_cap if self.sets_cap else declared.daily_cap)
+
+
+_SETTING_FORM = (
+    "write LIMIT=PER_S[/BURST][/daily:CAP|/daily:off] or LIMIT=off, e.g. sequence.send_step/per_sender=20/40"
+)
+
+
+def parse_overrides(text: str) -> dict[str, RateSetting | None]:
+    """`SFWORKFLOW_RATE_LIMITS`: comma-separated `<workflow>.<command>/<name>=PER_S[/BURST][/daily:CAP|/daily:off]`
+    or `=off` (None: the limit is not enforced). Raises ValueError naming the part that is wrong."""
+    out: dict[str, RateSetting | None] = {}
     for raw in text.split(","):
         part = raw.strip()
         if not part:
@@ -145,23 +248,33 @@ def parse_overrides(text: str) -> dict[str, Rate | None]:
         name, sep, value = part.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise ValueError(
-                f"{part!r}: write LIMIT=PER_S[/BURST] or LIMIT=off, e.g. sequence.send_step/per_sender=20/40"
-            )
+            raise ValueError(f"{part!r}: {_SETTING_FORM}")
         if value == "off":
             out[name] = None
             continue
-        per, _, burst = value.partition("/")
+        pieces = [p.strip() for p in value.split("/")]
+        cap: int | None = None
+        sets_cap = pieces[-1].startswith("daily:")
+        if sets_cap:
+            word = pieces.pop().removeprefix("daily:").strip()
+            try:
+                cap = None if word == "off" else int(word)
+            except ValueError:
+                raise ValueError(f"{part!r}: CAP must be a whole number or off") from None
+            if cap is not None:
+                check_cap(name, cap)
+        if not 1 <= len(pieces) <= 2:
+            raise ValueError(f"{part!r}: {_SETTING_FORM}")
         try:
-            rate = Rate(float(per), int(burst) if burst else 1)
+            setting = RateSetting(float(pieces[0]), int(pieces[1]) if len(pieces) == 2 else 1, cap, sets_cap)
         except ValueError:
             raise ValueError(f"{part!r}: PER_S must be a number and BURST a whole number") from None
-        check_rate(name, rate.per_s, rate.burst)
-        out[name] = rate
+        check_rate(name, setting.per_s, setting.burst)
+        out[name] = setting
     return out
 
 
-def check_overrides(overrides: Mapping[str, Rate | None], declared: Sequence[str]) -> None:
+def check_overrides(overrides: Mapping[str, RateSetting | None], declared: Sequence[str]) -> None:
     """Every overridden limit must be one a definition declares."""
     unknown = sorted(set(overrides) - set(declared))
     if unknown:

@@ -38,6 +38,7 @@ from sfworkflow.contract.tracing import Trace, trace_from_columns, trace_headers
 from sfworkflow.core import arbitration
 from sfworkflow.core.batch import (
     BatchReport,
+    BucketWrite,
     ClaimAnswer,
     ClaimEffects,
     ClaimKeys,
@@ -77,7 +78,7 @@ from sfworkflow.core.definition import (
     derive_id,
 )
 from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
-from sfworkflow.core.limits import Limit, Rate, bucket_key, slots
+from sfworkflow.core.limits import DayCount, Limit, Rate, advance_s, bucket_key, reserve, slots
 from sfworkflow.errors import DeadReason, Rejection, StepLimitExceeded
 
 log = structlog.get_logger("sfworkflow.store")
@@ -174,6 +175,8 @@ class BatchPlan:
         self.registers: dict[str, tuple[Any, _Run]] = {}  # register writes of this batch (last wins)
         self.released_effects: list[KeyRelease] = []  # effects that did not happen after all
         self.deferrals: dict[str, tuple[datetime, str]] = {}  # message id -> (its rate limit's slot, the limit)
+        self.capped: set[str] = set()  # message ids whose slot a daily cap moved to a later day
+        self.bucket_writes: list[BucketWrite] = []  # capped buckets booked: their tat and count, written with the batch
         self.gates: dict[str, tuple[str, list[GateTimer]]] = {}  # message id -> (its concurrency key, timers at grant)
         self.releases_of: list[SlotRelease] = []  # instances with concurrency limits this batch changed
         self.behind_gate: set[str] = set()  # message ids queued after a gated message of their instance
@@ -309,6 +312,7 @@ class BatchPlan:
         if trace is not None:
             command = {**command, "trace_id": trace.trace_id}
         until, by = yield from self._slot_of(row, command)
+        ws.buckets = self.bucket_writes
         ws.outbox.append(
             OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
                       orjson.dumps(command), trace_headers(trace), True, until, by)
@@ -342,7 +346,7 @@ class BatchPlan:
             )
             now = answer.now
             for k, (name, _rate) in keyed.items():
-                (slot,) = slots(answer.tat[k], now, 1, answer.rates[k])
+                (slot,), _capped = self._book(answer, k, 1)
                 if slot > now and (until is None or slot > until):
                     until, by = slot, name
         floor = row["deferred_until"]
@@ -995,14 +999,18 @@ class BatchPlan:
             now = answer.now
             for k in keys:
                 reqs, rate = wanted[k], answer.rates[k]
-                for (_run, m, name, _asked), slot in zip(reqs, slots(answer.tat[k], now, len(reqs), rate),
-                                                        strict=True):  # fmt: skip
+                booked, capped = self._book(answer, k, len(reqs))
+                for (_run, m, name, _asked), slot, moved in zip(reqs, booked, capped, strict=True):
                     if slot <= now:
                         continue
                     held = self.deferrals.get(m.message_id)
                     if held is None or slot > held[0]:  # under two limits a command waits for the later slot
                         self.deferrals[m.message_id] = (slot, name)
                         rate_of[m.message_id] = rate
+                        if moved:
+                            self.capped.add(m.message_id)
+                        else:
+                            self.capped.discard(m.message_id)
         for run in self.runs.values():
             floor = run.deferred_floor if run.deferred_floor is not None and run.deferred_floor > now else None
             by = "the instance's earlier deferred message"
@@ -1019,6 +1027,17 @@ class BatchPlan:
             if floor is not None and (run.deferred_floor is None or floor > run.deferred_floor):
                 run.deferred_floor = floor  # written with the instance (a run with messages has changed)
 
+    def _book(self, answer: RateAnswer, key: str, n: int) -> tuple[list[datetime], list[bool]]:
+        """The slots of `n` requests on bucket `key` from take_rates' answer, and which of them a daily cap moved to a
+        later day. A capped bucket is booked here (core/limits.py reserve) and written back with the batch."""
+        rate = answer.rates[key]
+        if rate.daily_cap is None:
+            return slots(answer.tat[key], answer.now, n, rate), [False] * n
+        start = answer.tat[key] - timedelta(seconds=advance_s(n, rate))  # max(tat, now) before this batch
+        booked = reserve(start, answer.now, n, rate, answer.counts.get(key, DayCount()))
+        self.bucket_writes.append(BucketWrite(key, booked.tat, booked.count))
+        return booked.slots, booked.capped
+
     def _held(self, run: _Run, m: OutgoingMessage, until: datetime, by: str) -> None:
         assert run.view is not None
         detail = {"command_id": m.message_id, "until": until.isoformat(), "behind": by}
@@ -1033,6 +1052,11 @@ class BatchPlan:
         assert run.view is not None
         detail = {"command_id": m.message_id, "limit": limit, "until": until.isoformat(), "per_s": rate.per_s,
                   "burst": rate.burst}  # fmt: skip
+        if rate.daily_cap is not None:
+            detail["daily_cap"] = rate.daily_cap
+        if m.message_id in self.capped:  # the day's cap was reached: the next UTC day's first slots
+            detail["cause"] = "daily_cap"
+            self.report.capped[(run.key.workflow, m.routing_key, limit)] += 1
         run.history.append(
             HistoryEntry(run.row_id, run.view.version, None, m.routing_key, "deferred", run.view.state,
                          run.view.state, detail, _trace_id(m.trace))
@@ -1042,7 +1066,7 @@ class BatchPlan:
 
     def write_set(self) -> WriteSet:
         """Every row the batch writes, once nothing is pending."""
-        ws = WriteSet()
+        ws = WriteSet(buckets=self.bucket_writes)
         # Dead letters in message id order (two batches may hold copies of one bad message), then the
         # instances' messages in the order they were decided (the relay publishes in outbox order).
         ws.outbox = sorted(self.dead, key=lambda row: row.message_id)

@@ -230,10 +230,13 @@ async def upsert_limit_override(
     reason: str,
     by: str,
     slots: int | None = None,
+    daily_cap: int | None = None,
 ) -> asyncpg.Record:
-    """Set a tenant's rate (or, for a concurrency limit, its slots) for a limit, replacing its earlier override; the
-    stored row."""
-    return await conn.fetchrow(q("upsert_limit_override"), tenant_id, limit_name, per_s, burst, reason, by, slots)
+    """Set a tenant's rate and/or daily cap (or, for a concurrency limit, its slots) for a limit, replacing its earlier
+    override; the stored row."""
+    return await conn.fetchrow(
+        q("upsert_limit_override"), tenant_id, limit_name, per_s, burst, reason, by, slots, daily_cap
+    )
 
 
 async def slots_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
@@ -247,7 +250,7 @@ async def delete_limit_override(conn: asyncpg.Connection, tenant_id: str, limit_
 
 
 async def rate_buckets_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
-    """A tenant's rate-limit buckets: key, limit, and the time its slots are booked until."""
+    """A tenant's rate-limit buckets: key, limit, the time its slots are booked until, and its daily count."""
     return list(await conn.fetch(q("rate_buckets_of_tenant"), tenant_id))
 
 

@@ -56,7 +56,7 @@ from sfworkflow.core.batch import (
 )
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import ConcurrencyLimit, Rate
+from sfworkflow.core.limits import ConcurrencyLimit, DayCount, Rate
 from sfworkflow.core.plan import RETRY_FAILED_TIMER, BatchPlan
 from sfworkflow.db.outbox import Queued
 from sfworkflow.db.pool import is_connection_error, is_transient, q
@@ -353,7 +353,7 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
     its own relay after the commit."""
     u, h, c, o = ws.instances, ws.history, ws.cancel_timers, ws.outbox
     inserted: list[asyncpg.Record] = []
-    if u or h or c or ws.cancel_all_timers or o:
+    if u or h or c or ws.cancel_all_timers or o or ws.buckets:
         inserted = await conn.fetch(
             q("write_batch"),
             [{"id": x.instance_id, "state": x.state, "context": x.context, "version": x.version,
@@ -374,6 +374,8 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
               **({"behind_gate": True} if x.behind_gate else {}), **({"check_gate": True} if x.check_gate else {})}
              for x in o],
             [x.body for x in o],
+            [{"bucket_key": b.bucket_key, "tat": b.tat, "cap_day": b.count.day, "cap_used": b.count.used}
+             for b in ws.buckets],
         )  # fmt: skip
     if ws.slot_releases:
         await conn.execute(
@@ -472,12 +474,13 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
             rows = await conn.fetch(
                 q("take_rates"),
                 [{"bucket_key": t.bucket_key, "tenant_id": t.tenant_id, "limit_name": t.limit_name, "n": t.n,
-                  "per_s": t.rate.per_s, "burst": t.rate.burst} for t in takes],
+                  "per_s": t.rate.per_s, "burst": t.rate.burst, "daily_cap": t.rate.daily_cap} for t in takes],
             )  # fmt: skip
             return RateAnswer(
                 {r["bucket_key"]: r["tat"] for r in rows},
-                {r["bucket_key"]: Rate(r["per_s"], r["burst"]) for r in rows},
+                {r["bucket_key"]: Rate(r["per_s"], r["burst"], r["daily_cap"]) for r in rows},
                 rows[0]["now"],
+                {r["bucket_key"]: DayCount(r["cap_day"], r["cap_used"]) for r in rows if r["daily_cap"] is not None},
             )
     raise TypeError(f"a batch plan asked for {type(request).__name__}, which the repository cannot answer")
 

@@ -291,15 +291,17 @@ async def put_tenant_limit(request: web.Request) -> web.Response:
     per_s = float(body["per_s"]) if "per_s" in body else None
     burst = int(body["burst"]) if "burst" in body else None
     slots = int(body["slots"]) if "slots" in body else None
+    daily_cap = int(body["daily_cap"]) if "daily_cap" in body else None
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
         try:
             row = await limits.set_override(
-                conn, engine, p["tenant"], body["limit"], per_s, burst, body["reason"], body["by"], slots
+                conn, engine, p["tenant"], body["limit"], per_s, burst, body["reason"], body["by"], slots, daily_cap
             )
         except UsageError as exc:  # a rate for a concurrency limit, slots for a rate limit: no such limit of that kind
             raise ApiError(404, "wrong_kind_of_limit", str(exc)) from None
     log.info("limit override set", tenant_id=row["tenant"], limit=row["limit"], per_s=row["per_s"],
-             burst=row["burst"], slots=row["slots"], reason=row["reason"], by=row["updated_by"])  # fmt: skip
+             burst=row["burst"], daily_cap=row["daily_cap"], slots=row["slots"], reason=row["reason"],
+             by=row["updated_by"])  # fmt: skip
     return json_response(row)
 
 

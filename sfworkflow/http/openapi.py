@@ -13,7 +13,7 @@ from typing import Any
 from sfworkflow import __version__
 from sfworkflow.core.durations import EXAMPLES as AGE_EXAMPLES
 from sfworkflow.core.durations import UNITS
-from sfworkflow.core.limits import MAX_RATE, MAX_SLOTS, MIN_PER_S
+from sfworkflow.core.limits import MAX_DAILY_CAP, MAX_RATE, MAX_SLOTS, MIN_PER_S
 
 NAME = r"[A-Za-z][A-Za-z0-9_]{0,63}"  # a workflow or state name
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -99,6 +99,12 @@ def _op(summary: str, description: str, ok: dict[str, Any], params: list[dict[st
     return op
 
 
+DAILY_CAP_FIELD = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_DAILY_CAP,
+    "description": "A rate limit: this tenant's commands a UTC day per key at most (past it: the next day's).",
+}
 LIMIT_FIELD = {
     "type": "string",
     "maxLength": 200,
@@ -303,19 +309,36 @@ def _schemas() -> dict[str, Any]:
         },
         "Rate": {
             "type": ["object", "null"],
-            "description": "Commands a second and the burst; null: the limit is off in this deployment.",
-            "required": ["per_s", "burst"],
-            "properties": {"per_s": {"type": "number"}, "burst": {"type": "integer"}},
+            "description": "Commands a second, the burst and the daily cap (commands a UTC day per key; null: none); "
+            "null: the limit is off in this deployment.",
+            "required": ["per_s", "burst", "daily_cap"],
+            "properties": {
+                "per_s": {"type": "number"},
+                "burst": {"type": "integer"},
+                "daily_cap": {"type": ["integer", "null"]},
+            },
         },
         "LimitOverride": {
             "type": "object",
-            "required": ["tenant", "limit", "per_s", "burst", "slots", "reason", "updated_by", "updated_at"],
-            "description": "A tenant's own rate (per_s, burst) for a rate limit, or slots for a concurrency limit.",
+            "required": [
+                "tenant",
+                "limit",
+                "per_s",
+                "burst",
+                "daily_cap",
+                "slots",
+                "reason",
+                "updated_by",
+                "updated_at",
+            ],
+            "description": "A tenant's own rate (per_s, burst) and/or daily cap for a rate limit (null: the one in "
+            "force), or slots for a concurrency limit.",
             "properties": {
                 "tenant": {"type": "string", "format": "uuid"},
                 "limit": {"type": "string"},
                 "per_s": {"type": ["number", "null"]},
                 "burst": {"type": ["integer", "null"]},
+                "daily_cap": {"type": ["integer", "null"]},
                 "slots": {"type": ["integer", "null"]},
                 "reason": {"type": "string"},
                 "updated_by": {"type": "string"},
@@ -411,8 +434,9 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "LimitOverrideRequest": {
-            "description": "A tenant's own rate for a rate limit (`per_s`, `burst`) or its own slots for a concurrency "
-            "limit (`slots`). The other kind's numbers for a limit: 404 wrong_kind_of_limit.",
+            "description": "A tenant's own rate for a rate limit (`per_s`, `burst`), its own daily cap (`daily_cap`, "
+            "with or without a rate: what the body does not name stays as in force), or its own slots for a "
+            "concurrency limit (`slots`). The other kind's numbers for a limit: 404 wrong_kind_of_limit.",
             "type": "object",
             "oneOf": [
                 {
@@ -434,8 +458,16 @@ def _schemas() -> dict[str, Any]:
                             "maximum": MAX_RATE,
                             "description": "Commands at once after a quiet spell (default: the rate in force's burst).",
                         },
+                        "daily_cap": DAILY_CAP_FIELD,
                         **override_why,
                     },
+                },
+                {
+                    "type": "object",
+                    "title": "A daily cap",
+                    "required": ["limit", "daily_cap", "reason"],
+                    "additionalProperties": False,
+                    "properties": {"limit": LIMIT_FIELD, "daily_cap": DAILY_CAP_FIELD, **override_why},
                 },
                 {
                     "type": "object",

@@ -9,7 +9,8 @@ Query and path values are text: the value of an integer or a boolean parameter i
 that cannot be converted stays text, so its schema refuses it by its type. A query parameter given twice is
 refused (the document describes each once). A body with `oneOf` branches is checked against the branch its
 distinguishing required field picks (`instance` or `all_stuck` for a replay), so an error names the field
-at fault instead of "valid under none of the schemas". What a parameter or field leaves out gets the
+at fault instead of "valid under none of the schemas"; when the body has the fields of several branches, the one
+branch it is valid under (a limit override's `per_s` with a `daily_cap`). What a parameter or field leaves out gets the
 schema's `default`.
 """
 
@@ -232,6 +233,10 @@ def _pick(body_rules: Body, body: dict[str, Any]) -> Branch:
     if len(branches) == 1:
         return branches[0]
     given = [b for b in branches if b.key in body]
+    if len(given) > 1:  # one branch's own field may be an optional one of another (a rate with a daily cap)
+        fitting = [b for b in given if not _errors(b.validator, body)]
+        if len(fitting) == 1:
+            return fitting[0]
     if len(given) != 1:
         keys = " and ".join(f'"{b.key}"' for b in branches)
         why = body_rules.schema.get("description", "")

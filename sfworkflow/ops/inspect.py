@@ -82,6 +82,11 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
         for t in found["timers"]:
             print(f"  {t['name']:<12} due {t['due_at']:%Y-%m-%d %H:%M:%S}")
         print("outbox:")
+        capped = {  # command id -> the daily cap that moved it to a later day
+            h["detail"]["command_id"]: h["detail"].get("daily_cap")
+            for h in found["history"]
+            if h["outcome"] == "deferred" and h["detail"] and h["detail"].get("cause") == "daily_cap"
+        }
         for o in found["outbox"]:
             if o["published_at"]:
                 status = f"published {o['published_at']:%H:%M:%S}"
@@ -95,6 +100,8 @@ async def inspect_instance(settings: Settings, ref: str, as_json: bool = False) 
                 status = f"QUEUED for a slot of {limit} ({o['queued_ahead']} of the key's commands ahead)"
             elif o.get("deferred_until") and o["deferred_until"] > datetime.now(UTC):
                 status = f"DEFERRED until {o['deferred_until']:%Y-%m-%d %H:%M:%S.%f} UTC by {o['deferred_by']}"
+                if str(o["message_id"]) in capped:
+                    status += f" (its daily cap of {capped[str(o['message_id'])]} reached: the next UTC day's)"
             else:
                 status = f"PENDING (attempts {o['publish_attempts']}, {o['last_error'] or 'not tried yet'})"
                 if o.get("deferred_until"):

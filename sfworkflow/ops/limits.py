@@ -1,10 +1,11 @@
 """Limits for operators (`sfworkflow limits`, `/v1/limits`): what is declared, what is in force for a tenant, and
-a tenant's overrides: its own rate for a rate limit, its own slots for a concurrency limit.
+a tenant's overrides: its own rate and/or daily cap for a rate limit, its own slots for a concurrency limit.
 
 The rate in force for a (tenant, limit) is, first to last: the tenant's override (sfworkflow.limit_override, set here),
-the deployment's setting (SFWORKFLOW_RATE_LIMITS), the definition's. An override applies from the next batch on, on
-every replica (take_rates reads it in the statement that reserves the slots); commands already deferred keep their
-slots. A limit the deployment turned off (`=off`) is not enforced for anyone, overrides included.
+the deployment's setting (SFWORKFLOW_RATE_LIMITS), the definition's; the same for its daily cap, each on its own (an
+override of the rate alone keeps the cap in force, and the other way round). An override applies from the next batch
+on, on every replica (take_rates reads it in the statement that reserves the slots); commands already deferred keep
+their slots. A limit the deployment turned off (`=off`) is not enforced for anyone, overrides included.
 
 The slots in force for a (tenant, concurrency limit) are the tenant's override, else the definition's; the gate loop
 reads them at every grant, so raising them lets queued commands out within a round, on every replica; lowering them
@@ -21,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import ConcurrencyLimit, Rate, check_rate, check_slots
+from sfworkflow.core.limits import ConcurrencyLimit, Rate, check_cap, check_rate, check_slots
 from sfworkflow.db import operations
 from sfworkflow.errors import UsageError
 
@@ -52,9 +53,8 @@ def declared(engine: Engine) -> list[Declared]:
     for (_w, _v), compiled in sorted(engine.compiled.items()):
         for command, limits in compiled.rate_limits.items():
             for name, lim in limits:
-                rate = Rate(lim.per_s, lim.burst)
-                in_force = engine.rate_overrides[name] if name in engine.rate_overrides else rate
-                out[name] = Declared(name, compiled.definition.name, command, lim.description, rate, in_force)
+                in_force = engine.rate_in_force(name, lim)
+                out[name] = Declared(name, compiled.definition.name, command, lim.description, lim.rate, in_force)
     return [out[k] for k in sorted(out)]
 
 
@@ -99,16 +99,17 @@ async def set_override(
     reason: str,
     by: str,
     slots: int | None = None,
+    daily_cap: int | None = None,
 ) -> dict[str, Any]:
-    """Give `tenant` its own rate (`per_s`, `burst`: the rate in force's when None) for a rate limit, or its own
-    `slots` for a concurrency limit, replacing an earlier override; the stored override, with a `note` when the
-    deployment has the limit off (then it has no effect)."""
+    """Give `tenant` its own rate (`per_s`, `burst`: the rate in force's when None) and/or its own `daily_cap` for a
+    rate limit, or its own `slots` for a concurrency limit, replacing an earlier override; the stored override, with
+    a `note` when the deployment has the limit off (then it has no effect)."""
     tenant = check_tenant(tenant)
     d = check_limit(engine, limit)
     if not reason.strip():
         raise UsageError("say why (--reason): it is kept with the override")
     if isinstance(d, ConcurrencyLimit):
-        if slots is None or per_s is not None or burst is not None:
+        if slots is None or per_s is not None or burst is not None or daily_cap is not None:
             raise UsageError(f"{limit} is a concurrency limit: give its slots (--slots N), not a rate")
         try:
             check_slots(limit, slots)
@@ -117,14 +118,23 @@ async def set_override(
         return _override_json(
             await operations.upsert_limit_override(conn, tenant, limit, None, None, reason, by, slots)
         )
-    if per_s is None or slots is not None:
-        raise UsageError(f"{limit} is a rate limit: give its rate (--per-s, and --burst), not slots")
-    burst = burst if burst is not None else (d.in_force or d.definition).burst
+    if (per_s is None and daily_cap is None) or slots is not None:
+        raise UsageError(f"{limit} is a rate limit: give its rate (--per-s, and --burst) and/or --daily-cap, not slots")
+    if per_s is None and burst is not None:
+        raise UsageError(f"{limit}: a burst goes with a rate: give --per-s too")
+    if per_s is not None:
+        burst = burst if burst is not None else (d.in_force or d.definition).burst
     try:
-        check_rate(limit, per_s, burst)
+        if per_s is not None:
+            check_rate(limit, per_s, burst)
+        if daily_cap is not None:
+            check_cap(limit, daily_cap)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    row = await operations.upsert_limit_override(conn, tenant, limit, float(per_s), int(burst), reason, by)
+    row = await operations.upsert_limit_override(
+        conn, tenant, limit, None if per_s is None else float(per_s), None if burst is None else int(burst), reason,
+        by, None, daily_cap,
+    )  # fmt: skip
     out = _override_json(row)
     if d.in_force is None:
         out["note"] = f"{limit} is off in this deployment (SFWORKFLOW_RATE_LIMITS): the override has no effect"
@@ -153,13 +163,18 @@ async def tenant_view(conn: asyncpg.Connection, engine: Engine, tenant: str) -> 
         if d.in_force is None:
             rate, source = None, "off (SFWORKFLOW_RATE_LIMITS)"
         elif o is not None:
-            rate = Rate(o["per_s"], o["burst"])
+            rate = Rate(
+                d.in_force.per_s if o["per_s"] is None else o["per_s"],
+                d.in_force.burst if o["burst"] is None else o["burst"],
+                d.in_force.daily_cap if o["daily_cap"] is None else o["daily_cap"],
+            )
             source = _override_source(o)
         else:
             rate, source = d.in_force, d.as_json()["source"]
         keys = [
             {"key": b["bucket_key"].split("|", 2)[2], "booked_until": b["tat"],
-             "booked_ahead_s": round(max(0.0, (b["tat"] - now).total_seconds()), 3)}
+             "booked_ahead_s": round(max(0.0, (b["tat"] - now).total_seconds()), 3),
+             **({"day": b["cap_day"], "booked_that_day": b["cap_used"]} if b["cap_day"] is not None else {})}
             for b in buckets if b["limit_name"] == d.name
         ]  # fmt: skip
         waiting = deferred.get(d.name)
@@ -189,11 +204,12 @@ def _override_source(o: dict[str, Any]) -> str:
 
 
 def _rate_json(rate: Rate | None) -> dict[str, Any] | None:
-    return None if rate is None else {"per_s": rate.per_s, "burst": rate.burst}
+    return None if rate is None else {"per_s": rate.per_s, "burst": rate.burst, "daily_cap": rate.daily_cap}
 
 
 def _override_json(r: Any) -> dict[str, Any]:
     return {
         "tenant": str(r["tenant_id"]), "limit": r["limit_name"], "per_s": r["per_s"], "burst": r["burst"],
-        "slots": r["slots"], "reason": r["reason"], "updated_by": r["updated_by"], "updated_at": r["updated_at"],
+        "daily_cap": r["daily_cap"], "slots": r["slots"], "reason": r["reason"], "updated_by": r["updated_by"],
+        "updated_at": r["updated_at"],
     }  # fmt: skip

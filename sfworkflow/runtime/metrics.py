@@ -148,6 +148,12 @@ class Metrics:
             ["workflow", "command", "limit"],
             registry=r,
         )
+        self.capped = Counter(
+            "sfworkflow_commands_capped",
+            "Commands a daily cap deferred to a later UTC day (counted in sfworkflow_commands_deferred_total too).",
+            ["workflow", "command", "limit"],
+            registry=r,
+        )
         self.deferral = Histogram(
             "sfworkflow_command_deferral_seconds",
             "How far a rate limit deferred a command: from the batch that queued it to its slot.",
@@ -294,6 +300,7 @@ class Metrics:
                 self.queued.labels(w, k)
         for workflow, command, limit in limits:
             self.deferred.labels(workflow, command, limit)
+            self.capped.labels(workflow, command, limit)
             self.deferral.labels(workflow, limit)
         for workflow, command, limit in concurrency:
             self.gated.labels(workflow, command, limit)
@@ -330,6 +337,8 @@ class Metrics:
             self.timer_failures.inc(report.timer_failures)
         for (workflow, command, limit), n in report.deferred.items():
             self.deferred.labels(workflow, command, limit).inc(n)
+        for (workflow, command, limit), n in report.capped.items():
+            self.capped.labels(workflow, command, limit).inc(n)
         for (workflow, command, limit), n in report.gated.items():
             self.gated.labels(workflow, command, limit).inc(n)
         for workflow, limit, seconds in report.deferral_s:

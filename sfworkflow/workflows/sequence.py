@@ -344,7 +344,9 @@ DEFINITION = WorkflowDefinition(
             per_s=50,
             burst=50,
             key=by_sender,
-            description="sends per (tenant, channel, sender)",
+            description="sends per (tenant, channel, sender); at most 100,000 a UTC day (a WhatsApp number's "
+            "highest messaging tier short of unlimited)",
+            daily_cap=100_000,
         ),
     ),
     transitions=(

@@ -46,6 +46,14 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
             [{"instance_id": 3, "name": "retry"}, {"instance_id": 4, "name": "step"}],
             [],
             [],
+            [
+                {
+                    "bucket_key": "sequence.send_step/per_sender|t|email:-",
+                    "tat": "2026-12-07T00:00:01+00:00",
+                    "cap_day": "2026-12-07",
+                    "cap_used": 3,
+                }
+            ],
         ),
     ),
     ("lock_due_timer_instances_by_lane", (4, ["sequence"], [1])),

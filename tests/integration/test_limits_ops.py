@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import aiohttp
@@ -73,7 +74,8 @@ async def test_an_operator_raises_a_tenant_s_rate_from_the_shell_and_the_next_ba
     shown = await asyncio.to_thread(_cli, "limits", "show", TENANT, "--json", **env)
     view = orjson.loads(shown.stdout)
     (mine,) = [lim for lim in view["limits"] if lim["limit"] == LIMIT]
-    assert mine["rate"] == {"per_s": 5.0, "burst": 2} and mine["source"].startswith("override by oncall")
+    assert mine["rate"] == {"per_s": 5.0, "burst": 2, "daily_cap": 100_000}  # the rate overridden, the cap kept
+    assert mine["source"].startswith("override by oncall")
     assert mine["keys"] and mine["keys"][0]["key"] == "whatsapp:+15550100"
     # Another sender of the same tenant: a fresh key at the tenant's new rate; another tenant keeps the shipped one.
     new_sender = await _sends(database_url, TENANT, 4, "after", "+15550199")
@@ -105,6 +107,48 @@ async def test_an_operator_raises_a_tenant_s_rate_from_the_shell_and_the_next_ba
     assert removed.returncode == 0 and "was 8 slots" in removed.stdout
 
 
+async def test_a_tenant_s_daily_cap_set_from_the_shell_sends_what_is_past_it_the_next_utc_day(
+    settings: Settings, database_url: str
+) -> None:
+    env = {"SFWORKFLOW_DATABASE_URL": database_url}
+    got = await asyncio.to_thread(
+        _cli, "limits", "set", TENANT, LIMIT, "--daily-cap", "3", "--reason", "INC-11 number on tier 1", "--by",
+        "oncall", **env,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert f"{LIMIT} for tenant {TENANT} is 3 a day from the next batch on" in got.stdout
+    await _sends(database_url, TENANT, 5, "capped")
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT o.created_at, o.deferred_until, i.entity_id FROM sfworkflow.outbox o JOIN sfworkflow.instance i"
+            " ON i.id = o.instance_id WHERE o.routing_key = 'sequence.send_step' AND i.entity_id LIKE 'capped-%'"
+            " ORDER BY o.id"
+        )
+        causes = await conn.fetch(
+            "SELECT h.detail FROM sfworkflow.history h JOIN sfworkflow.instance i ON i.id = h.instance_id"
+            " WHERE h.outcome = 'deferred' AND i.entity_id LIKE 'capped-%'"
+        )
+    finally:
+        await conn.close()
+    batch_day = rows[0]["created_at"].astimezone(UTC).date()
+    next_midnight = datetime.combine(batch_day + timedelta(days=1), time(), UTC)
+    # Three today (the burst lets them go at once), the two past the cap at the next UTC midnight: one batch, one
+    # clock, so this holds at any time of day.
+    assert [r["deferred_until"] for r in rows] == [None, None, None, next_midnight, next_midnight]
+    details = [orjson.loads(c["detail"]) if isinstance(c["detail"], str) else c["detail"] for c in causes]
+    assert sorted((d["cause"], d["daily_cap"]) for d in details) == [("daily_cap", 3)] * 2
+    shown = await asyncio.to_thread(_cli, "limits", "show", TENANT, **env)
+    assert f"2 booked on {next_midnight.date()} (UTC)" in shown.stdout, shown.stdout
+    assert "50/s burst 50, 3/day" in shown.stdout
+    ref = f"{TENANT}/sequence/{rows[3]['entity_id']}"
+    inspected = await asyncio.to_thread(_cli, "inspect", ref, **env)
+    assert inspected.returncode == 0, inspected.stderr
+    assert f"DEFERRED until {next_midnight:%Y-%m-%d} 00:00:00.000000 UTC by {LIMIT} (its daily cap of 3 reached" in (
+        inspected.stdout
+    ), inspected.stdout
+
+
 async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings: Settings) -> None:
     on = dataclasses.replace(settings, admin_token=TOKEN)
     async with running_service(on) as service, aiohttp.ClientSession() as http:
@@ -116,7 +160,7 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=put)
         assert status == 200 and (body["per_s"], body["burst"], body["updated_by"]) == (80, 160, "oncall"), body
         status, body, _ = await _call(http, "GET", f"{base}/{TENANT}")
-        assert status == 200 and body["limits"][0]["rate"] == {"per_s": 80.0, "burst": 160}
+        assert status == 200 and body["limits"][0]["rate"] == {"per_s": 80.0, "burst": 160, "daily_cap": 100_000}
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "limit": "sequence.send_step/x"})
         assert status == 404 and body["error"] == "unknown_limit" and LIMIT in body["message"]
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "per_s": 0})
@@ -138,6 +182,16 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         assert status == 400 and body["error"] == "bad_request", body  # both kinds' numbers: the schema refuses it
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "limit": AGENT})
         assert status == 404 and body["error"] == "wrong_kind_of_limit" and "give its slots" in body["message"], body
+        # A daily cap alone: the rate in force stays.
+        cap = {"limit": LIMIT, "daily_cap": 500, "reason": "INC-10 tier 1 number", "by": "oncall"}
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=cap)
+        assert status == 200 and (body["daily_cap"], body["per_s"], body["burst"]) == (500, None, None), body
+        status, body, _ = await _call(http, "GET", f"{base}/{TENANT}")
+        assert status == 200 and body["limits"][0]["rate"] == {"per_s": 50.0, "burst": 50, "daily_cap": 500}
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**cap, "daily_cap": 0})
+        assert status == 400 and body["error"] == "bad_request", body
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**cap, "limit": AGENT})
+        assert status == 404 and body["error"] == "wrong_kind_of_limit", body
         status, body, _ = await _call(http, "GET", base, headers=None)
         assert status == 401
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +117,63 @@ async def test_two_replicas_share_a_limit_defer_what_is_over_it_and_lose_nothing
     for iid, own in by_instance.items():
         times = [row["published_at"] for row in own]
         assert times == sorted(times), f"instance {iid}: its messages were published out of order: {own}"
+
+
+CAP = 12  # a day's sends per key in the test below
+CAPPED_N = 30
+
+
+@pytest.fixture
+def capped_pair(settings: Settings, tmp_path: Path) -> Iterator[list[Replica]]:
+    env = {
+        "SFWORKFLOW_RATE_LIMITS": f"{LIMIT}=1000/1000/daily:{CAP}",  # the rate out of the way: the cap alone counts
+        "SFWORKFLOW_PREFETCH": "4",
+        "SFWORKFLOW_BATCH_SIZE": "4",
+    }
+    with replicas(settings, tmp_path, **env) as made:
+        yield made
+
+
+async def test_two_replicas_share_a_daily_cap_and_book_what_is_past_it_on_the_next_utc_day(
+    settings: Settings, pg: asyncpg.Connection, capped_pair: list[Replica]
+) -> None:
+    for r in capped_pair:
+        r.start()
+    for r in capped_pair:
+        await r.ready()
+    async with Amqp(settings.amqp_url) as mq:
+        for i in range(CAPPED_N):
+            await mq.publish(event("sequence.enrolled", f"cap-{i}", enrollment(i)))
+
+        async def booked() -> bool:
+            n = await pg.fetchval(
+                "SELECT count(*) FROM sfworkflow.outbox WHERE routing_key = 'sequence.send_step'"
+                " AND (published_at IS NOT NULL OR deferred_until > now())"
+            )
+            return bool(n == CAPPED_N)
+
+        await wait_for(booked, timeout=60, what=f"{CAPPED_N} sends published or booked on a later day")
+    sends = await pg.fetch(
+        "SELECT created_at, deferred_until, published_at FROM sfworkflow.outbox"
+        " WHERE routing_key = 'sequence.send_step' ORDER BY id"
+    )
+    slots = [r["deferred_until"] or r["created_at"] for r in sends]
+    per_day: dict[Any, int] = {}
+    for slot in slots:
+        day = slot.astimezone(UTC).date()
+        per_day[day] = per_day.get(day, 0) + 1
+    # Both replicas booked on one count: no UTC day holds more than the cap (this holds across a midnight too).
+    assert max(per_day.values()) <= CAP, per_day
+    assert sum(per_day.values()) == CAPPED_N  # none dropped
+    # What waits for a later day waits for its first instant, and was not published before it.
+    later = [r for r in sends if r["deferred_until"] is not None and r["deferred_until"] > r["created_at"]]
+    assert later and all(r["deferred_until"] == datetime.combine(r["deferred_until"].date(), time(), UTC)
+                         for r in later)  # fmt: skip
+    assert all(r["published_at"] is None or r["published_at"] >= r["deferred_until"] for r in later)
+    capped = 0
+    for r in capped_pair:
+        capped += await r.counter("sfworkflow_commands_capped_total", limit=LIMIT)
+    entries = await pg.fetchval(
+        "SELECT count(*) FROM sfworkflow.history WHERE outcome = 'deferred' AND detail->>'cause' = 'daily_cap'"
+    )
+    assert capped == entries == len(later), (capped, entries, len(later))

@@ -34,7 +34,7 @@ from sfworkflow.core.batch import (
 )
 from sfworkflow.core.definition import InstanceKey, Step, Transition, WorkflowDefinition
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import Rate
+from sfworkflow.core.limits import DayCount, Rate
 from sfworkflow.core.plan import BatchPlan
 
 TENANT = "3f6e5d0e-3a52-4a8f-8d7e-4b4d2a1c9e00"
@@ -146,6 +146,7 @@ class FakeDatabase:
     timers: dict[tuple[int, str], Any] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     buckets: dict[str, datetime] = field(default_factory=dict)  # rate-limit bucket key -> tat
+    counts: dict[str, DayCount] = field(default_factory=dict)  # rate-limit bucket key -> its daily count
     overrides: dict[tuple[str, str], Rate] = field(default_factory=dict)  # (tenant, limit) -> the tenant's rate
     now: datetime = T0  # the transaction's clock, as the buckets see it
     keys_by_id: dict[int, InstanceKey] = field(default_factory=dict)
@@ -224,7 +225,9 @@ class FakeDatabase:
                 for t in takes:
                     start = max(self.buckets.get(t.bucket_key, self.now), self.now)
                     self.buckets[t.bucket_key] = start + timedelta(seconds=t.n * rates[t.bucket_key].interval_s)
-                return RateAnswer({t.bucket_key: self.buckets[t.bucket_key] for t in takes}, rates, self.now)
+                counts = {t.bucket_key: self.counts.get(t.bucket_key, DayCount()) for t in takes
+                          if rates[t.bucket_key].daily_cap is not None}  # fmt: skip
+                return RateAnswer({t.bucket_key: self.buckets[t.bucket_key] for t in takes}, rates, self.now, counts)
         raise TypeError(request)
 
     def _release(self, releases: Any) -> None:
@@ -233,6 +236,8 @@ class FakeDatabase:
                 del self.claims[r.key]
 
     def write(self, ws: WriteSet) -> None:
+        for b in ws.buckets:  # write_batch: a capped bucket as the plan booked it
+            self.buckets[b.bucket_key], self.counts[b.bucket_key] = b.tat, b.count
         for u in ws.instances:
             row = self.instances[self.keys_by_id[u.instance_id]]
             row.update(state=u.state, context=u.context, version=u.version, parked_count=u.parked_count)

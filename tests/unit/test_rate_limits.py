@@ -5,7 +5,7 @@ in-memory database answers its TakeRates request the way take_rates does)."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sfworkflow.core.batch import TakeRates
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import Rate, RateLimit, bucket_key, parse_overrides, slots
+from sfworkflow.core.limits import DayCount, Rate, RateLimit, RateSetting, bucket_key, parse_overrides, reserve, slots
 from sfworkflow.core.plan import BatchPlan
 from sfworkflow.errors import DefinitionError
 from sfworkflow.workflows import DEFINITIONS
@@ -126,15 +126,94 @@ def test_a_limit_on_a_compensation_or_an_unknown_command_is_refused() -> None:
 
 def test_overrides_parse_and_name_only_declared_limits() -> None:
     assert parse_overrides(" toy.do/per_letter=20/40 , toy.do/other=off,") == {
-        "toy.do/per_letter": Rate(20.0, 40),
+        "toy.do/per_letter": RateSetting(20.0, 40),
         "toy.do/other": None,
     }
-    assert parse_overrides("toy.do/per_letter=0.5") == {"toy.do/per_letter": Rate(0.5, 1)}
-    for bad in ("toy.do/per_letter", "=3", "toy.do/per_letter=fast", "toy.do/per_letter=0", "x=1/0"):
+    assert parse_overrides("toy.do/per_letter=0.5") == {"toy.do/per_letter": RateSetting(0.5, 1)}
+    assert parse_overrides("a.b/c=2/4/daily:500, a.b/d=1/daily:off") == {
+        "a.b/c": RateSetting(2.0, 4, 500, sets_cap=True),
+        "a.b/d": RateSetting(1.0, 1, None, sets_cap=True),
+    }
+    for bad in ("toy.do/per_letter", "=3", "toy.do/per_letter=fast", "toy.do/per_letter=0", "x=1/0",
+                "x=1/2/3", "x=1/daily:0", "x=1/daily:many", "x=daily:5"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_overrides(bad)
     with pytest.raises(DefinitionError, match=r"unknown rate limit toy\.do/typo; declared: toy\.do/per_letter"):
-        Engine([LIMITED], {"toy.do/typo": Rate(1, 1)})
+        Engine([LIMITED], {"toy.do/typo": RateSetting(1, 1)})
+
+
+def test_a_setting_keeps_the_definition_s_daily_cap_unless_it_names_one() -> None:
+    capped = dataclasses.replace(TOY, limits=(RateLimit("do", name="per_letter", per_s=2, burst=3, daily_cap=100),))
+    (limit,) = capped.limits
+    assert isinstance(limit, RateLimit)
+    name = "toy.do/per_letter"
+    assert Engine([capped]).rate_in_force(name, limit) == Rate(2, 3, 100)
+    assert Engine([capped], parse_overrides(f"{name}=5/5")).rate_in_force(name, limit) == Rate(5, 5, 100)
+    assert Engine([capped], parse_overrides(f"{name}=5/5/daily:7")).rate_in_force(name, limit) == Rate(5, 5, 7)
+    assert Engine([capped], parse_overrides(f"{name}=5/5/daily:off")).rate_in_force(name, limit) == Rate(5, 5)
+    assert Engine([capped], parse_overrides(f"{name}=off")).rate_in_force(name, limit) is None
+    with pytest.raises(ValueError, match="daily_cap"):
+        RateLimit("do", name="x", per_s=1, daily_cap=0)
+
+
+# ---- daily caps: core/limits.py reserve ---------------------------------------------------------------------
+NIGHT = datetime(2026, 12, 6, 23, 59, 58, tzinfo=UTC)
+MIDNIGHT = datetime(2026, 12, 7, tzinfo=UTC)
+
+
+def test_past_the_day_s_cap_a_request_takes_the_next_utc_midnight_and_the_rate_goes_on_from_there() -> None:
+    rate = Rate(per_s=1, burst=2, daily_cap=2)
+    got = reserve(NIGHT, NIGHT, 4, rate, DayCount())
+    # Two at once (the burst) fill the day; the third would go at 23:59:59: it takes midnight instead, and the rest
+    # follows from there at the rate (its burst of 2).
+    assert got.slots == [NIGHT, NIGHT, MIDNIGHT, MIDNIGHT]
+    assert got.capped == [False, False, True, False]  # the fourth: where the rate alone puts it
+    assert got.count == DayCount(MIDNIGHT.date(), 2)
+    assert got.tat == MIDNIGHT + timedelta(seconds=2)
+    # The next batch, still on the 6th: tomorrow is full too, so the day after.
+    later = reserve(got.tat, NIGHT + timedelta(seconds=1), 1, rate, got.count)
+    assert later.slots == [MIDNIGHT + timedelta(days=1)] and later.capped == [True]
+    # A request the rate alone puts past midnight is not the cap's doing.
+    natural = reserve(NIGHT + timedelta(seconds=3), NIGHT, 1, Rate(per_s=1, burst=1, daily_cap=2), DayCount())
+    assert natural.slots == [NIGHT + timedelta(seconds=3)] and natural.capped == [False]
+
+
+def test_a_count_of_an_earlier_day_does_not_hold_today_back() -> None:
+    rate = Rate(per_s=10, burst=10, daily_cap=2)
+    got = reserve(MIDNIGHT, MIDNIGHT, 2, rate, DayCount(NIGHT.date(), 2))
+    assert got.slots == [MIDNIGHT, MIDNIGHT] and got.capped == [False, False]
+    assert got.count == DayCount(MIDNIGHT.date(), 2)
+
+
+def test_reserve_needs_a_cap() -> None:
+    with pytest.raises(ValueError, match="no daily cap"):
+        reserve(NIGHT, NIGHT, 1, Rate(1, 1), DayCount())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    per_s=st.sampled_from([0.5, 1.0, 3.0, 50.0]),
+    burst=st.integers(1, 6),
+    cap=st.integers(1, 12),
+    batches=st.lists(st.tuples(st.floats(0, 200_000), st.integers(1, 20)), min_size=1, max_size=12),
+)
+def test_no_utc_day_holds_more_than_the_cap_and_slots_keep_their_order(
+    per_s: float, burst: int, cap: int, batches: list[tuple[float, int]]
+) -> None:
+    rate = Rate(per_s, burst, cap)
+    tat, count, now = NIGHT, DayCount(), NIGHT - timedelta(hours=1)
+    booked: list[datetime] = []
+    for gap, n in batches:
+        now += timedelta(seconds=gap)
+        got = reserve(max(tat, now), now, n, rate, count)
+        assert all(slot >= now for slot in got.slots), "a slot before its batch"
+        booked += got.slots
+        tat, count = got.tat, got.count
+    assert booked == sorted(booked), "slots out of request order"
+    per_day: dict[Any, int] = {}
+    for slot in booked:
+        per_day[slot.date()] = per_day.get(slot.date(), 0) + 1
+    assert max(per_day.values()) <= cap
 
 
 def test_the_shipped_sequence_declares_its_per_sender_limit() -> None:
@@ -143,7 +222,7 @@ def test_the_shipped_sequence_declares_its_per_sender_limit() -> None:
     compiled = engine.workflow("sequence")
     assert compiled is not None
     ((name, limit, rate),) = engine.rate_limits(compiled, "sequence.send_step")
-    assert (name, rate) == ("sequence.send_step/per_sender", Rate(50, 50))
+    assert (name, rate) == ("sequence.send_step/per_sender", Rate(50, 50, 100_000))
     assert limit.key is not None
     assert limit.key({"recipient": {"channel": "whatsapp", "address": "+1", "sender": "+15550100"}}) == (
         "whatsapp:+15550100"
@@ -180,6 +259,25 @@ def test_the_next_batch_continues_behind_the_deferred_ones() -> None:
     _p, ws = sends(db, ["a5"])
     (row,) = [r for r in ws.outbox if r.kind == "command"]
     assert row.deferred_until == T0 + timedelta(seconds=1.0)  # after a4's slot at 0.5 s
+
+
+def test_a_command_past_its_key_s_daily_cap_waits_for_the_next_utc_day_and_says_so() -> None:
+    db = FakeDatabase(overrides={(TENANT, "toy.do/per_letter"): Rate(per_s=100, burst=100, daily_cap=2)})
+    db.now = NIGHT
+    started(db, "i-a1", "i-a2", "i-a3", "i-a4")
+    p, ws = sends(db, ["a1", "a2", "a3"])
+    after = {orjson_key(r.body): r.deferred_until for r in ws.outbox if r.kind == "command"}
+    assert after == {"a1": None, "a2": None, "a3": MIDNIGHT}
+    (entry,) = [h.detail for h in ws.history if h.outcome == "deferred"]
+    assert (entry["cause"], entry["daily_cap"], entry["until"]) == ("daily_cap", 2, MIDNIGHT.isoformat())
+    assert p.report.capped == {("toy", "toy.do", "toy.do/per_letter"): 1}
+    (written,) = ws.buckets  # the count goes back with the batch's writes
+    assert written.count == DayCount(MIDNIGHT.date(), 1)
+    # The next batch, still before midnight, books behind it: the 7th's second slot (the cap's doing too).
+    _p, ws2 = sends(db, ["a4"])
+    assert [r.deferred_until for r in ws2.outbox if r.kind == "command"] == [MIDNIGHT]
+    assert db.counts[written.bucket_key] == DayCount(MIDNIGHT.date(), 2)
+    assert [h.detail["cause"] for h in ws2.history if h.outcome == "deferred"] == ["daily_cap"]
 
 
 def test_a_suppressed_send_takes_no_slot() -> None:

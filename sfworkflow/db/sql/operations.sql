@@ -204,23 +204,26 @@ SELECT o.kind, count(*) AS n FROM sfworkflow.outbox o JOIN sfworkflow.instance i
 ON i.id = o.instance_id WHERE i.tenant_id = $1 GROUP BY o.kind
 
 -- limit_overrides --
--- The tenants' limit overrides ($1: one tenant's, or NULL for every tenant's): a rate, or slots.
-SELECT tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at FROM sfworkflow.limit_override
+-- The tenants' limit overrides ($1: one tenant's, or NULL for every tenant's): a rate and/or a daily cap, or slots.
+SELECT tenant_id, limit_name, per_s, burst, daily_cap, slots, reason, updated_by, updated_at
+FROM sfworkflow.limit_override
 WHERE ($1::uuid IS NULL OR tenant_id = $1::uuid)
 ORDER BY tenant_id, limit_name
 
 -- upsert_limit_override --
--- Set a tenant's rate ($3, $4) or slots ($7) for a limit, replacing its earlier override; the stored row.
-INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by, slots)
-VALUES ($1::uuid, $2, $3, $4, $5, $6, $7)
+-- Set a tenant's rate ($3, $4) and/or daily cap ($8), or slots ($7), for a limit, replacing its earlier override; the
+-- stored row.
+INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by, slots, daily_cap)
+VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (tenant_id, limit_name) DO UPDATE SET per_s = EXCLUDED.per_s, burst = EXCLUDED.burst,
-    slots = EXCLUDED.slots, reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()
-RETURNING tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at
+    slots = EXCLUDED.slots, daily_cap = EXCLUDED.daily_cap, reason = EXCLUDED.reason,
+    updated_by = EXCLUDED.updated_by, updated_at = now()
+RETURNING tenant_id, limit_name, per_s, burst, daily_cap, slots, reason, updated_by, updated_at
 
 -- delete_limit_override --
 -- Remove a tenant's override of a limit; the removed row (none when it had no override).
 DELETE FROM sfworkflow.limit_override WHERE tenant_id = $1::uuid AND limit_name = $2
-RETURNING tenant_id, limit_name, per_s, burst, slots, reason, updated_by, updated_at
+RETURNING tenant_id, limit_name, per_s, burst, daily_cap, slots, reason, updated_by, updated_at
 
 -- slots_of_tenant --
 -- A tenant's concurrency slots held and commands queued for one, per limit.
@@ -234,8 +237,9 @@ FROM (SELECT limit_name, count(*) AS held, 0 AS waiting FROM sfworkflow.slot WHE
 GROUP BY limit_name
 
 -- rate_buckets_of_tenant --
--- A tenant's rate-limit buckets, the most booked first.
-SELECT bucket_key, limit_name, tat FROM sfworkflow.rate_bucket WHERE tenant_id = $1::uuid ORDER BY tat DESC LIMIT 100
+-- A tenant's rate-limit buckets, the most booked first: with a daily cap, the UTC day of the latest slot and how many
+-- slots that day holds.
+SELECT bucket_key, limit_name, tat, cap_day, cap_used FROM sfworkflow.rate_bucket WHERE tenant_id = $1::uuid ORDER BY tat DESC LIMIT 100
 
 -- deferred_of_tenant --
 -- Per limit, a tenant's unpublished commands deferred to a time still ahead: how many, and the last slot.

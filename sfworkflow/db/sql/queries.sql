@@ -112,7 +112,8 @@ FOR UPDATE OF p
 --      command a rate limit deferred is due at its slot (deferred_until), not now; one a concurrency limit queued
 --      (gate_key) is never due until the gate loop grants it a slot (grant_slots), nor is a message queued behind
 --      one of its instance (behind_gate, or check_gate and such a row waits from an earlier batch): it falls due
---      with it, so the relay never finds it due behind a row that is not.
+--      with it, so the relay never finds it due behind a row that is not;
+--   $7 capped rate-limit buckets the batch booked (take_rates locked them): their tat and daily count.
 WITH changed AS (
     UPDATE sfworkflow.instance AS i
     SET state = u.state,
@@ -165,7 +166,11 @@ queued AS (
          AS o(message_id, kind, exchange, routing_key, instance_id, headers, mandatory, deferred_until, deferred_by,
               gate_key, gate_timers, behind_gate, check_gate, body)
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
-    RETURNING id, message_id)
+    RETURNING id, message_id),
+booked AS (
+    UPDATE sfworkflow.rate_bucket b SET tat = c.tat, cap_day = c.cap_day, cap_used = c.cap_used
+    FROM jsonb_to_recordset($7::jsonb) AS c(bucket_key text, tat timestamptz, cap_day date, cap_used int)
+    WHERE b.bucket_key = c.bucket_key)
 SELECT id, message_id FROM queued
 
 -- delete_unstarted --
@@ -412,23 +417,26 @@ RETURNING id, tenant_id, workflow, entity_id, event_id, event_type, body, header
           awaiting_version
 
 -- take_rates --
--- Reserve slots in rate-limit buckets (core/limits.py; $1: [{bucket_key, tenant_id, limit_name, n, per_s, burst}],
--- in key order, the lock order), at the tenant's override of the rate when it has one: each bucket's theoretical
--- arrival time moves on by n intervals from itself or from now, whichever is later (a new bucket starts at now).
--- Returns each bucket's new tat, the rate it was taken at, and the transaction's clock. The bucket rows stay locked
--- until commit: batches sharing a key take their slots one after the other.
+-- Reserve slots in rate-limit buckets (core/limits.py; $1: [{bucket_key, tenant_id, limit_name, n, per_s, burst,
+-- daily_cap}], in key order, the lock order), at the tenant's override of the rate (and of the daily cap) when it
+-- has one: each bucket's theoretical arrival time moves on by n intervals from itself or from now, whichever is later
+-- (a new bucket starts at now). Returns each bucket's new tat, the rate it was taken at, its daily count, and the
+-- transaction's clock. The bucket rows stay locked until commit: batches sharing a key take their slots one after
+-- the other. A capped bucket's slots are booked by the plan from this answer (core/limits.py reserve), and the
+-- batch's write_batch writes its tat and count.
 WITH r AS (
     SELECT r.bucket_key, r.tenant_id, r.limit_name, r.n, COALESCE(o.per_s, r.per_s) AS per_s,
-           COALESCE(o.burst, r.burst) AS burst
+           COALESCE(o.burst, r.burst) AS burst, COALESCE(o.daily_cap, r.daily_cap) AS daily_cap
     FROM jsonb_to_recordset($1::jsonb)
-         AS r(bucket_key text, tenant_id uuid, limit_name text, n int, per_s float8, burst int)
+         AS r(bucket_key text, tenant_id uuid, limit_name text, n int, per_s float8, burst int, daily_cap int)
     LEFT JOIN sfworkflow.limit_override o ON o.tenant_id = r.tenant_id AND o.limit_name = r.limit_name),
 taken AS (
     INSERT INTO sfworkflow.rate_bucket AS b (bucket_key, tenant_id, limit_name, tat)
     SELECT bucket_key, tenant_id, limit_name, now() + make_interval(secs => n / per_s) FROM r ORDER BY bucket_key
     ON CONFLICT (bucket_key) DO UPDATE SET tat = greatest(b.tat, now()) + (EXCLUDED.tat - now()), updated_at = now()
-    RETURNING bucket_key, tat)
-SELECT t.bucket_key, t.tat, r.per_s, r.burst, now() AS now FROM taken t JOIN r USING (bucket_key)
+    RETURNING bucket_key, tat, cap_day, cap_used)
+SELECT t.bucket_key, t.tat, t.cap_day, t.cap_used, r.per_s, r.burst, r.daily_cap, now() AS now
+FROM taken t JOIN r USING (bucket_key)
 
 -- claim_outbox --
 -- Unpublished messages due for a publish attempt, skipping rows another relay holds and rows behind an earlier
@@ -593,10 +601,13 @@ DELETE FROM sfworkflow.outbox WHERE id IN (
     FOR UPDATE SKIP LOCKED)
 
 -- prune_rate_buckets --
--- Retention: rate-limit buckets whose theoretical arrival time passed an hour ago: such a bucket is the same as
--- none (a new one starts at now), so deleting it changes no slot. At most $1 per call, skipping locked ones.
+-- Retention: rate-limit buckets whose theoretical arrival time passed an hour ago and whose daily count is of an
+-- earlier UTC day: such a bucket is the same as none (a new one starts at now, its count at 0), so deleting it
+-- changes no slot. At most $1 per call, skipping locked ones.
 DELETE FROM sfworkflow.rate_bucket WHERE bucket_key IN (
-    SELECT bucket_key FROM sfworkflow.rate_bucket WHERE tat < now() - interval '1 hour' LIMIT $1
+    SELECT bucket_key FROM sfworkflow.rate_bucket
+    WHERE tat < now() - interval '1 hour' AND (cap_day IS NULL OR cap_day < (now() AT TIME ZONE 'UTC')::date)
+    LIMIT $1
     FOR UPDATE SKIP LOCKED)
 
 -- prune_inbox --
