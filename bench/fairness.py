@@ -329,6 +329,12 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
         "batch_p99_ms": throughput._ms(
             throughput.quantile_from_buckets(metrics, "sfworkflow_batch_processing_seconds", 0.99)
         ),
+        "batches": int(throughput.metric(metrics, "sfworkflow_batch_size_count")),
+        "mean_batch": round(
+            throughput.metric(metrics, "sfworkflow_batch_size_sum")
+            / max(1.0, throughput.metric(metrics, "sfworkflow_batch_size_count")),
+            1,
+        ),
     }
     if steady:
         per_tenant = {

@@ -99,8 +99,8 @@ class Settings:
     log_format: str = "auto"  # console on a terminal, JSON otherwise; or "json", "console"
     use_uvloop: bool = True
     processes: int = 1  # service processes of `sfworkflow run`; 0: one per usable core
-    # The deployment's rates replacing the definitions' (core/limits.py): `LIMIT=PER_S[/BURST]` or `LIMIT=off`, comma
-    # separated, e.g. `sequence.send_step/per_sender=20/40`.
+    # The deployment's rates replacing the definitions' (core/limits.py): `LIMIT=PER_S[/BURST][/daily:CAP|/daily:off]`
+    # or `LIMIT=off`, comma separated, e.g. `sequence.send_step/per_sender=20/40` (the definition's daily cap kept).
     rate_limits: str = ""
     # Bearer token of the admin HTTP API under /v1/ (empty: the admin API is off). A secret: never
     # logged, never in repr().
@@ -265,7 +265,8 @@ RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "log_format": _one_of(LOG_FORMATS, any_case=True),
     "processes": Rule("a whole number, 0 or more (0: one per usable core)", _whole_in(0)),
     "rate_limits": Rule(
-        "comma-separated LIMIT=PER_S[/BURST] or LIMIT=off, each LIMIT one a definition declares, e.g. "
+        "comma-separated LIMIT=PER_S[/BURST][/daily:CAP|/daily:off] or LIMIT=off, each LIMIT one a definition "
+        "declares, e.g. "
         "sequence.send_step/per_sender=20/40",
         _rate_limits,
     ),

@@ -52,8 +52,8 @@ def register(sub: Any) -> dict[str, Any]:
         "set",
         help="give a tenant its own rate, daily cap or slots for a limit",
         description="Give TENANT its own rate and/or daily cap for a rate limit (e.g. sequence.send_step/per_sender: "
-        "--per-s, --burst, --daily-cap; what it does not name stays as in force) or its own slots for a concurrency "
-        "limit (e.g. agent.run_task/per_tenant: --slots), replacing an "
+        "--per-s, --burst, --daily-cap; what it does not name stays: the tenant's own, else the one in force) or its "
+        "own slots for a concurrency limit (e.g. agent.run_task/per_tenant: --slots), replacing an "
         "earlier override. Applies from the next batch (or grant round) on, on every replica. Commands already "
         "deferred keep their slots; lowering slots takes none back from the runs in flight.",
     )

@@ -159,10 +159,12 @@ def advance_s(n: int, rate: Rate) -> float:
 
 @dataclass(frozen=True, slots=True)
 class DayCount:
-    """A capped bucket's count: the UTC day of its latest slot and how many of its slots fall on that day."""
+    """A capped bucket's count: the UTC day of its latest slot, how many of its slots fall on that day, and whether
+    they are there because an earlier day's cap filled (`pushed`)."""
 
     day: date | None = None
     used: int = 0
+    pushed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +172,7 @@ class Reservation:
     """The slots of a capped bucket's requests, in request order, and the bucket after them."""
 
     slots: list[datetime]
-    capped: list[bool]  # the daily cap put the request's slot later than the rate alone would have
+    capped: list[bool]  # the request's slot follows a day its cap filled
     tat: datetime
     count: DayCount
 
@@ -188,33 +190,36 @@ def reserve(start: datetime, now: datetime, n: int, rate: Rate, count: DayCount)
     """Book `n` requests on a bucket with a daily cap. `start` is `max(tat, now)` before them, `count` the bucket's
     count. Each request takes its GCRA slot, unless its day already holds `daily_cap` slots: then the first instant
     of the next UTC day, from which the rate goes on. A bucket whose booked slots reach past today (an earlier
-    batch went over the cap) books after them: slots stay in request order across batches."""
+    batch went over the cap) books after them: slots stay in request order across batches. A slot is `capped`
+    while the bucket's bookings follow a day its cap filled (`DayCount.pushed`), until that later day comes."""
     cap = rate.daily_cap
     if cap is None:
         raise ValueError("reserve: the rate has no daily cap (slots() books an uncapped bucket)")
-    step = timedelta(seconds=rate.interval_s)
-    ahead = timedelta(seconds=(rate.burst - 1) * rate.interval_s)
-    tat, floor, day, used = start, now, count.day, count.used
-    if day is not None and day > utc_day(now):
+    today = utc_day(now)
+    ahead = (rate.burst - 1) * rate.interval_s
+    # tat = anchor + k intervals, each offset rounded once (as slots() does), the anchor moved at a day's jump.
+    anchor, k, floor, day, used = start, 0, now, count.day, count.used
+    pushed = count.pushed and day is not None and day > today
+    if day is not None and day > today:
         floor = max(floor, midnight(day))
     out: list[datetime] = []
     capped: list[bool] = []
-    for j in range(n):
-        slot = max(floor, tat - ahead)
+    for _ in range(n):
+        slot = max(floor, anchor + timedelta(seconds=k * rate.interval_s - ahead))
         slot_day = utc_day(slot)
         if day is None or slot_day > day:
             day, used = slot_day, 0
         if used >= cap:  # the day is full: the next day's first instant, the bucket running from there
-            day, used = day + timedelta(days=1), 0
+            day, used, pushed = day + timedelta(days=1), 0, True
             floor = midnight(day)
-            tat = max(tat, floor)
-            slot = max(floor, tat - ahead)
+            anchor, k = max(anchor + timedelta(seconds=k * rate.interval_s), floor), 0
+            slot = max(floor, anchor - timedelta(seconds=ahead))
         out.append(slot)
-        # The cap's doing when the slot is later than the rate alone would have put it.
-        capped.append(slot > max(now, start + j * step - ahead))
+        capped.append(pushed)
         used += 1
-        tat += step
-    return Reservation(out, capped, tat, DayCount(day, used))
+        k += 1
+    tat = anchor + timedelta(seconds=k * rate.interval_s)
+    return Reservation(out, capped, tat, DayCount(day, used, pushed))
 
 
 @dataclass(frozen=True, slots=True)

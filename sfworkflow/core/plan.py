@@ -311,7 +311,7 @@ class BatchPlan:
             trace = trace_of(trace_id, None, command["command_id"])
         if trace is not None:
             command = {**command, "trace_id": trace.trace_id}
-        until, by = yield from self._slot_of(row, command)
+        until, by, cause = yield from self._slot_of(row, command)
         ws.buckets = self.bucket_writes
         ws.outbox.append(
             OutboxRow(command["command_id"], "command", COMMANDS_EXCHANGE, command["command_type"], row["id"],
@@ -319,22 +319,25 @@ class BatchPlan:
         )  # fmt: skip
         if until is not None:
             ws.instances[0].deferred_until = until
+            detail = {"command_id": command["command_id"], "limit": by, "until": until.isoformat()}
+            if cause is not None:  # a daily cap's
+                detail.update(cause="daily_cap", daily_cap=cause)
+                self.report.capped[(row["workflow"], command["command_type"], str(by))] += 1
             ws.history.append(
                 HistoryEntry(row["id"], ws.instances[0].version, None, command["command_type"], "deferred",
-                             row["state"], row["state"], {"command_id": command["command_id"], "limit": by,
-                             "until": until.isoformat()}, row["trace_id"])
+                             row["state"], row["state"], detail, row["trace_id"])
             )  # fmt: skip
         self.report.outbox_rows = len(ws.outbox)
         return ws
 
     def _slot_of(
         self, row: Row, command: dict[str, Any]
-    ) -> Generator[Request, Any, tuple[datetime | None, str | None]]:
-        """One command's slot under its rate limits, and the instance's earlier deferred messages: (until, by), or
-        (None, None) when it goes now."""
+    ) -> Generator[Request, Any, tuple[datetime | None, str | None, int | None]]:
+        """One command's slot under its rate limits, and the instance's earlier deferred messages: (until, by, the
+        daily cap when one moved it to a later day), or (None, None, None) when it goes now."""
         compiled = self.engine.workflow(row["workflow"], row["definition_version"])
         limits = [] if compiled is None else self.engine.rate_limits(compiled, command["command_type"])
-        now, until, by = self.now, None, None
+        now, until, by, cause = self.now, None, None, None
         if limits:
             keyed = {}
             for name, limit, rate in limits:
@@ -346,13 +349,13 @@ class BatchPlan:
             )
             now = answer.now
             for k, (name, _rate) in keyed.items():
-                (slot,), _capped = self._book(answer, k, 1)
+                (slot,), (capped,) = self._book(answer, k, 1)
                 if slot > now and (until is None or slot > until):
-                    until, by = slot, name
+                    until, by, cause = slot, name, answer.rates[k].daily_cap if capped else None
         floor = row["deferred_until"]
         if floor is not None and floor > now and (until is None or floor > until):
-            until, by = floor, "the instance's earlier deferred message"
-        return until, by
+            until, by, cause = floor, "the instance's earlier deferred message", None
+        return until, by, cause
 
     def migrated(self, moves: Sequence[tuple[Row, str]], to_version: int, detail: dict[str, Any]) -> WriteSet:
         """`sfworkflow migrate-instances`: each (locked instance row, state in the target version) moves to

@@ -374,8 +374,8 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
               **({"behind_gate": True} if x.behind_gate else {}), **({"check_gate": True} if x.check_gate else {})}
              for x in o],
             [x.body for x in o],
-            [{"bucket_key": b.bucket_key, "tat": b.tat, "cap_day": b.count.day, "cap_used": b.count.used}
-             for b in ws.buckets],
+            [{"bucket_key": b.bucket_key, "tat": b.tat, "cap_day": b.count.day, "cap_used": b.count.used,
+              "cap_pushed": b.count.pushed} for b in ws.buckets],
         )  # fmt: skip
     if ws.slot_releases:
         await conn.execute(
@@ -480,7 +480,11 @@ async def _answer(conn: asyncpg.Connection, request: Request) -> Any:
                 {r["bucket_key"]: r["tat"] for r in rows},
                 {r["bucket_key"]: Rate(r["per_s"], r["burst"], r["daily_cap"]) for r in rows},
                 rows[0]["now"],
-                {r["bucket_key"]: DayCount(r["cap_day"], r["cap_used"]) for r in rows if r["daily_cap"] is not None},
+                {
+                    r["bucket_key"]: DayCount(r["cap_day"], r["cap_used"], r["cap_pushed"])
+                    for r in rows
+                    if r["daily_cap"] is not None
+                },
             )
     raise TypeError(f"a batch plan asked for {type(request).__name__}, which the repository cannot answer")
 

@@ -423,6 +423,16 @@ def _schemas() -> dict[str, Any]:
                                         "key": {"type": "string"},
                                         "booked_until": TIMESTAMP,
                                         "booked_ahead_s": {"type": "number"},
+                                        "day": {
+                                            "type": "string",
+                                            "format": "date",
+                                            "description": "A daily cap in force: the UTC day of the key's latest "
+                                            "slot.",
+                                        },
+                                        "booked_that_day": {
+                                            "type": "integer",
+                                            "description": "A daily cap in force: the slots booked on `day`.",
+                                        },
                                     },
                                 },
                             },
@@ -435,8 +445,9 @@ def _schemas() -> dict[str, Any]:
         },
         "LimitOverrideRequest": {
             "description": "A tenant's own rate for a rate limit (`per_s`, `burst`), its own daily cap (`daily_cap`, "
-            "with or without a rate: what the body does not name stays as in force), or its own slots for a "
-            "concurrency limit (`slots`). The other kind's numbers for a limit: 404 wrong_kind_of_limit.",
+            "with or without a rate: what the body does not name stays: the tenant's own, else the one in force), or "
+            "its own slots for a concurrency limit (`slots`). The other kind's numbers for a limit: 404 "
+            "wrong_kind_of_limit.",
             "type": "object",
             "oneOf": [
                 {

@@ -237,6 +237,10 @@ def _pick(body_rules: Body, body: dict[str, Any]) -> Branch:
         fitting = [b for b in given if not _errors(b.validator, body)]
         if len(fitting) == 1:
             return fitting[0]
+        # Valid under none: the branch that has every field given, so its errors name the value at fault.
+        holding = [b for b in given if set(body) <= set(b.schema.get("properties", {}))]
+        if len(holding) == 1:
+            return holding[0]
     if len(given) != 1:
         keys = " and ".join(f'"{b.key}"' for b in branches)
         why = body_rules.schema.get("description", "")

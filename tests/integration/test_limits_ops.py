@@ -190,6 +190,14 @@ async def test_the_admin_api_sets_shows_and_removes_a_tenant_s_override(settings
         assert status == 200 and body["limits"][0]["rate"] == {"per_s": 50.0, "burst": 50, "daily_cap": 500}
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**cap, "daily_cap": 0})
         assert status == 400 and body["error"] == "bad_request", body
+        # A rate set later keeps the tenant's own cap (and a cap its own rate): each half stays until replaced.
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**put, "per_s": 60, "burst": 60})
+        assert status == 200 and (body["per_s"], body["burst"], body["daily_cap"]) == (60, 60, 500), body
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**cap, "daily_cap": 700})
+        assert status == 200 and (body["per_s"], body["daily_cap"]) == (60, 700), body
+        both = {**put, "per_s": 5, "daily_cap": 0}  # both halves given, one wrong: the error names it
+        status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json=both)
+        assert status == 400 and "daily_cap" in body["message"] and "exactly one" not in body["message"], body
         status, body, _ = await _call(http, "PUT", f"{base}/{TENANT}", json={**cap, "limit": AGENT})
         assert status == 404 and body["error"] == "wrong_kind_of_limit", body
         status, body, _ = await _call(http, "GET", base, headers=None)

@@ -167,8 +167,8 @@ def test_past_the_day_s_cap_a_request_takes_the_next_utc_midnight_and_the_rate_g
     # Two at once (the burst) fill the day; the third would go at 23:59:59: it takes midnight instead, and the rest
     # follows from there at the rate (its burst of 2).
     assert got.slots == [NIGHT, NIGHT, MIDNIGHT, MIDNIGHT]
-    assert got.capped == [False, False, True, False]  # the fourth: where the rate alone puts it
-    assert got.count == DayCount(MIDNIGHT.date(), 2)
+    assert got.capped == [False, False, True, True]  # the fourth too: on a day the cap pushed the bucket to
+    assert got.count == DayCount(MIDNIGHT.date(), 2, pushed=True)
     assert got.tat == MIDNIGHT + timedelta(seconds=2)
     # The next batch, still on the 6th: tomorrow is full too, so the day after.
     later = reserve(got.tat, NIGHT + timedelta(seconds=1), 1, rate, got.count)
@@ -188,6 +188,30 @@ def test_a_count_of_an_earlier_day_does_not_hold_today_back() -> None:
 def test_reserve_needs_a_cap() -> None:
     with pytest.raises(ValueError, match="no daily cap"):
         reserve(NIGHT, NIGHT, 1, Rate(1, 1), DayCount())
+
+
+@settings(max_examples=100, deadline=None)
+@given(cap=st.integers(1, 50), burst=st.integers(1, 60), batches=st.lists(st.integers(1, 90), min_size=2, max_size=8))
+def test_every_send_the_cap_moved_past_today_says_so_whatever_the_batches(
+    cap: int, burst: int, batches: list[int]
+) -> None:
+    """Far from midnight and at a rate that cannot reach it, every slot past today is the cap's doing: each one is
+    flagged, in the batch that filled the day and in every later one."""
+    rate = Rate(per_s=1000, burst=burst, daily_cap=cap)
+    noon = NIGHT.replace(hour=12)
+    tat, count = noon, DayCount()
+    for n in batches:
+        got = reserve(max(tat, noon), noon, n, rate, count)
+        assert got.capped == [slot.date() > noon.date() for slot in got.slots]
+        tat, count = got.tat, got.count
+
+
+def test_slots_keep_the_rate_without_rounding_drift() -> None:
+    """Each offset is rounded once: 30,000 slots at 3 a second end where the rate says, not milliseconds early."""
+    rate = Rate(per_s=3, burst=1, daily_cap=1_000_000)
+    got = reserve(NIGHT.replace(hour=0), NIGHT.replace(hour=0), 30_000, rate, DayCount())
+    assert got.slots[-1] == NIGHT.replace(hour=0) + timedelta(seconds=29_999 / 3)
+    assert got.tat == NIGHT.replace(hour=0) + timedelta(seconds=10_000)
 
 
 @settings(max_examples=200, deadline=None)
@@ -272,11 +296,11 @@ def test_a_command_past_its_key_s_daily_cap_waits_for_the_next_utc_day_and_says_
     assert (entry["cause"], entry["daily_cap"], entry["until"]) == ("daily_cap", 2, MIDNIGHT.isoformat())
     assert p.report.capped == {("toy", "toy.do", "toy.do/per_letter"): 1}
     (written,) = ws.buckets  # the count goes back with the batch's writes
-    assert written.count == DayCount(MIDNIGHT.date(), 1)
+    assert written.count == DayCount(MIDNIGHT.date(), 1, pushed=True)
     # The next batch, still before midnight, books behind it: the 7th's second slot (the cap's doing too).
     _p, ws2 = sends(db, ["a4"])
     assert [r.deferred_until for r in ws2.outbox if r.kind == "command"] == [MIDNIGHT]
-    assert db.counts[written.bucket_key] == DayCount(MIDNIGHT.date(), 2)
+    assert db.counts[written.bucket_key] == DayCount(MIDNIGHT.date(), 2, pushed=True)
     assert [h.detail["cause"] for h in ws2.history if h.outcome == "deferred"] == ["daily_cap"]
 
 
@@ -358,3 +382,21 @@ def test_a_replayed_command_takes_a_slot_like_any_other() -> None:
     (out,) = ws.outbox
     assert (out.deferred_until, out.deferred_by) == (T0 + timedelta(seconds=0.5), "toy.do/per_letter")
     assert [h.outcome for h in ws.history] == ["replayed", "deferred"]
+
+
+def test_a_replayed_command_past_the_day_s_cap_waits_for_the_next_day_and_says_why() -> None:
+    db = FakeDatabase(overrides={(TENANT, "toy.do/per_letter"): Rate(per_s=100, burst=100, daily_cap=3)})
+    db.now = NIGHT
+    started(db, "i-a1", "i-a2", "i-a3", "i-a4")
+    sends(db, ["a1", "a2", "a3"])  # the day's 3 used up
+    row = dict(db.instances[key_of("i-a4")], terminal=False)
+    command = {"command_id": "c-9", "command_type": "toy.do", "idempotency_key": "do/a4", "attempt": 2,
+               "data": {"key": "a4"}}  # fmt: skip
+    p = plan(now=NIGHT)
+    ws = db.run(p.reissue_command(row, command, {"by": "oncall"}))
+    (out,) = ws.outbox
+    assert out.deferred_until == MIDNIGHT
+    (deferred,) = [h.detail for h in ws.history if h.outcome == "deferred"]
+    assert (deferred["cause"], deferred["daily_cap"]) == ("daily_cap", 3)
+    assert p.report.capped == {("toy", "toy.do", "toy.do/per_letter"): 1}
+    assert [b.count for b in ws.buckets] == [DayCount(MIDNIGHT.date(), 1, pushed=True)]  # written back

@@ -11,3 +11,7 @@ ALTER TABLE sfworkflow.limit_override DROP CONSTRAINT IF EXISTS limit_override_r
 ALTER TABLE sfworkflow.limit_override ADD CONSTRAINT limit_override_rate_or_slots
     CHECK ((slots IS NULL AND (per_s IS NULL) = (burst IS NULL) AND (per_s IS NOT NULL OR daily_cap IS NOT NULL))
            OR (slots IS NOT NULL AND per_s IS NULL AND burst IS NULL AND daily_cap IS NULL));
+
+-- The capped bucket's slots on cap_day follow a day its cap filled: what it books until that day comes is the cap's
+-- doing (the history entry says so).
+ALTER TABLE sfworkflow.rate_bucket ADD COLUMN IF NOT EXISTS cap_pushed boolean NOT NULL DEFAULT false;

@@ -211,13 +211,17 @@ WHERE ($1::uuid IS NULL OR tenant_id = $1::uuid)
 ORDER BY tenant_id, limit_name
 
 -- upsert_limit_override --
--- Set a tenant's rate ($3, $4) and/or daily cap ($8), or slots ($7), for a limit, replacing its earlier override; the
--- stored row.
-INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, per_s, burst, reason, updated_by, slots, daily_cap)
+-- Set a tenant's rate ($3, $4) and/or daily cap ($8), or slots ($7), for a limit; the stored row. A rate limit's
+-- override keeps what this one does not name of the tenant's earlier one (a cap set keeps its own rate, and the other
+-- way round); slots replace.
+INSERT INTO sfworkflow.limit_override AS o (tenant_id, limit_name, per_s, burst, reason, updated_by, slots, daily_cap)
 VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (tenant_id, limit_name) DO UPDATE SET per_s = EXCLUDED.per_s, burst = EXCLUDED.burst,
-    slots = EXCLUDED.slots, daily_cap = EXCLUDED.daily_cap, reason = EXCLUDED.reason,
-    updated_by = EXCLUDED.updated_by, updated_at = now()
+ON CONFLICT (tenant_id, limit_name) DO UPDATE SET
+    per_s = CASE WHEN EXCLUDED.slots IS NULL AND EXCLUDED.per_s IS NULL THEN o.per_s ELSE EXCLUDED.per_s END,
+    burst = CASE WHEN EXCLUDED.slots IS NULL AND EXCLUDED.per_s IS NULL THEN o.burst ELSE EXCLUDED.burst END,
+    daily_cap = CASE WHEN EXCLUDED.slots IS NULL AND EXCLUDED.daily_cap IS NULL THEN o.daily_cap
+                     ELSE EXCLUDED.daily_cap END,
+    slots = EXCLUDED.slots, reason = EXCLUDED.reason, updated_by = EXCLUDED.updated_by, updated_at = now()
 RETURNING tenant_id, limit_name, per_s, burst, daily_cap, slots, reason, updated_by, updated_at
 
 -- delete_limit_override --

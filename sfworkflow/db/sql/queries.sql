@@ -168,8 +168,10 @@ queued AS (
     ON CONFLICT ON CONSTRAINT outbox_message DO NOTHING
     RETURNING id, message_id),
 booked AS (
-    UPDATE sfworkflow.rate_bucket b SET tat = c.tat, cap_day = c.cap_day, cap_used = c.cap_used
-    FROM jsonb_to_recordset($7::jsonb) AS c(bucket_key text, tat timestamptz, cap_day date, cap_used int)
+    UPDATE sfworkflow.rate_bucket b SET tat = c.tat, cap_day = c.cap_day, cap_used = c.cap_used,
+        cap_pushed = c.cap_pushed
+    FROM jsonb_to_recordset($7::jsonb)
+         AS c(bucket_key text, tat timestamptz, cap_day date, cap_used int, cap_pushed bool)
     WHERE b.bucket_key = c.bucket_key)
 SELECT id, message_id FROM queued
 
@@ -434,8 +436,9 @@ taken AS (
     INSERT INTO sfworkflow.rate_bucket AS b (bucket_key, tenant_id, limit_name, tat)
     SELECT bucket_key, tenant_id, limit_name, now() + make_interval(secs => n / per_s) FROM r ORDER BY bucket_key
     ON CONFLICT (bucket_key) DO UPDATE SET tat = greatest(b.tat, now()) + (EXCLUDED.tat - now()), updated_at = now()
-    RETURNING bucket_key, tat, cap_day, cap_used)
-SELECT t.bucket_key, t.tat, t.cap_day, t.cap_used, r.per_s, r.burst, r.daily_cap, now() AS now
+    RETURNING bucket_key, tat, cap_day, cap_used, cap_pushed)
+SELECT t.bucket_key, t.tat, t.cap_day, t.cap_used, t.cap_pushed, r.per_s, r.burst, r.daily_cap,
+       now() AS now
 FROM taken t JOIN r USING (bucket_key)
 
 -- claim_outbox --
