@@ -96,3 +96,11 @@ def replicas(settings: Settings, logs: Path, n: int = 2, release: str = "1", **e
     finally:
         for r in made:
             r.stop()
+
+
+async def start_all(made: list[Replica]) -> None:
+    """Start every replica, then wait until each is ready (they start side by side)."""
+    for r in made:
+        r.start()
+    for r in made:
+        await r.ready()

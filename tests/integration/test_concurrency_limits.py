@@ -19,7 +19,7 @@ from sfworkflow.db import outbox as outbox_rows
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import quick
-from tests.integration.replicas import Replica, replicas
+from tests.integration.replicas import Replica, replicas, start_all
 from tests.support import TENANT, Amqp, event, running_service
 
 COMMANDS_Q = "sfworkflow.commands.agent"
@@ -53,10 +53,7 @@ async def _started_at_grant(pg: asyncpg.Connection, command_id: str) -> bool:
 async def test_two_replicas_never_run_more_than_the_slots_and_every_task_finishes(
     settings: Settings, pg: asyncpg.Connection, pair: list[Replica]
 ) -> None:
-    for r in pair:
-        r.start()
-    for r in pair:
-        await r.ready()
+    await start_all(pair)
     await pg.execute(
         """INSERT INTO sfworkflow.limit_override (tenant_id, limit_name, slots, reason, updated_by)
            VALUES ($1, $2, $3, 'test', 'test')""",

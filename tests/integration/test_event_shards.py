@@ -23,7 +23,7 @@ from sfworkflow.settings import DEFAULT_EVENT_SHARDS, Settings
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import EVENT_QUEUES, events_depth, queue_depth, quick
-from tests.integration.replicas import Replica, replicas
+from tests.integration.replicas import Replica, replicas, start_all
 from tests.support import Amqp, enrolled_data, event, running_service
 
 A_BACKLOG = 3000  # tenant A's enrollments, queued before any replica consumes
@@ -81,10 +81,7 @@ async def test_a_tenants_backlog_does_not_hold_back_another_tenants_event(
         for chunk in range(0, A_BACKLOG, 500):
             await asyncio.gather(*(mq.publish(ev) for ev in events[chunk : chunk + 500]))
         await mq.publish(event("sequence.enrolled", "b-0", enrolled_data(steps=1), tenant=tenant_b))  # the last one
-    for r in pair:
-        r.start()
-    for r in pair:
-        await r.ready()
+    await start_all(pair)
 
     async def all_applied() -> bool:
         return await pg.fetchval("SELECT count(*) FROM sfworkflow.instance") == A_BACKLOG + 1

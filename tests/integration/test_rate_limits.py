@@ -18,7 +18,7 @@ import pytest
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.helpers_extra import COMMANDS_Q, Inbox
-from tests.integration.replicas import Replica, replicas
+from tests.integration.replicas import Replica, replicas, start_all
 from tests.support import TENANT, Amqp, event
 
 N = 40  # enrollments, one send each: published in well under a second, far faster than the limit lets them out
@@ -68,10 +68,7 @@ def _most_in_a_window(slots: list[datetime]) -> float:
 async def test_two_replicas_share_a_limit_defer_what_is_over_it_and_lose_nothing(
     settings: Settings, pg: asyncpg.Connection, pair: list[Replica]
 ) -> None:
-    for r in pair:
-        r.start()
-    for r in pair:
-        await r.ready()
+    await start_all(pair)
     async with Amqp(settings.amqp_url) as mq:
         for i in range(N):
             await mq.publish(event("sequence.enrolled", f"rl-{i}", enrollment(i)))
@@ -137,10 +134,7 @@ def capped_pair(settings: Settings, tmp_path: Path) -> Iterator[list[Replica]]:
 async def test_two_replicas_share_a_daily_cap_and_book_what_is_past_it_on_the_next_utc_day(
     settings: Settings, pg: asyncpg.Connection, capped_pair: list[Replica]
 ) -> None:
-    for r in capped_pair:
-        r.start()
-    for r in capped_pair:
-        await r.ready()
+    await start_all(capped_pair)
     async with Amqp(settings.amqp_url) as mq:
         for i in range(CAPPED_N):
             await mq.publish(event("sequence.enrolled", f"cap-{i}", enrollment(i)))
