@@ -258,7 +258,7 @@ def _quiet_drivers() -> None:
 
 
 # What `sfworkflow[service]` adds to the producer and worker SDK.
-SERVICE_MODULES = ("aiohttp", "transitions", "grandalf")
+SERVICE_MODULES = ("aiohttp", "transitions", "grandalf", "croniter")
 
 
 def missing_service_modules() -> list[str]:

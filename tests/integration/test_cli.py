@@ -227,3 +227,16 @@ async def test_no_progress_for_finds_what_a_hung_worker_left_before_the_definiti
 
 async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
     return await state_of(pg, entity) == state
+
+
+def test_schedules_next_prints_the_ticks_across_a_dst_change_and_refuses_what_cannot_tick() -> None:
+    done = _cli("schedules", "next", "--cron", "30 2 * * *", "--tz", "Europe/Berlin", "--from", "2027-03-27T12:00:00Z",
+                "--count", "2", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ticks = json.loads(done.stdout)["ticks"]
+    # 02:30 does not exist on 2027-03-28 in Berlin (02:00 -> 03:00): the next tick is the 29th, in summer time.
+    assert [t["utc"] for t in ticks] == ["2027-03-29T00:30:00+00:00", "2027-03-30T00:30:00+00:00"]
+    assert ticks[0]["local"] == "2027-03-29T02:30:00+02:00"
+    bad = _cli("schedules", "next", "--cron", "0 8 * * *", "--tz", "Asia/Riyad")
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1
+    assert "'Asia/Riyad' is not an IANA time zone" in bad.stderr

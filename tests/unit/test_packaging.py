@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICE_ONLY = ("aiohttp", "transitions", "uvloop", "grandalf", "shtab")
+SERVICE_ONLY = ("aiohttp", "transitions", "uvloop", "grandalf", "shtab", "croniter")
 
 
 def _project() -> dict[str, object]:

@@ -1,0 +1,144 @@
+"""Schedules: when a schedule's ticks fall, and which of them to fire after a wait. Pure: no I/O, no clock.
+
+A schedule ticks on a cron expression read in an IANA time zone, or every N seconds from an anchor. Cron ticks are
+wall-clock times in the zone, so daylight-saving changes are decided here (docs/design/schedules.md):
+
+- a wall time that does not exist on a spring-forward day (02:30 in Europe/Berlin on the last Sunday of March) has
+  no tick that day;
+- a wall time that exists twice on a fall-back day (02:30 in Europe/Berlin on the last Sunday of October) ticks
+  once, at its first occurrence;
+- a zone without daylight saving (Asia/Riyadh) ticks at the same UTC time every day.
+
+Intervals are counted from the anchor, not from the last fire, so they never drift. After a wait (the service down,
+or a replica late), `due` says which ticks to fire under the schedule's catch-up policy: `skip` fires the latest
+tick only if it is less than `grace` late, `once` fires the latest whatever its lateness, `all` fires the latest
+`max_catch_up` ticks oldest first; the others are counted as missed. Each tick has a deterministic event id
+(`tick_id`), so firing it twice is deduplicated by the inbox, and a deterministic jitter (`jitter_of`).
+
+Cron expressions are read by croniter (5 fields, or 6 with seconds last as croniter takes them): a well-kept
+parser of the full cron grammar (ranges, steps, names, `L`, `#`), which is what no hand-written one gets right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+NAMESPACE = uuid.UUID("4b2f0c7e-5d51-4b8e-9a5c-3f6e0d1c2a90")  # the tick ids' uuid5 namespace
+MAX_SCAN = 100_000  # ticks looked at at most when counting missed ones (a per-second schedule down for a day)
+LOOKBACK = timedelta(hours=3)  # cron candidates start this far back in wall time: covers any fall-back repeat
+
+
+class CatchUp(StrEnum):
+    SKIP = "skip"
+    ONCE = "once"
+    ALL = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """When a schedule ticks: `cron` in `timezone`, or `every_s` seconds from `anchor` (UTC)."""
+
+    cron: str | None = None
+    every_s: int | None = None
+    anchor: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    timezone: str = "UTC"
+    jitter_s: float = 0.0
+    catch_up: CatchUp = CatchUp.ONCE
+    max_catch_up: int = 10
+    grace_s: float = 60.0  # `skip`: a tick this late or less is on time, not missed
+    zone: ZoneInfo = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.cron is None) == (self.every_s is None):
+            raise ValueError("a schedule needs either a cron expression or an interval (every_s), not both")
+        if self.cron is not None and not croniter.is_valid(self.cron):
+            raise ValueError(f"{self.cron!r} is not a cron expression (minute hour day month weekday, e.g. 0 8 * * *)")
+        if self.every_s is not None and (isinstance(self.every_s, bool) or not 1 <= self.every_s <= 366 * 86400):
+            raise ValueError(f"every_s must be a whole number of seconds from 1 to a year, got {self.every_s!r}")
+        try:
+            zone = ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{self.timezone!r} is not an IANA time zone (e.g. Europe/Berlin, Asia/Riyadh)") from None
+        if self.anchor.tzinfo is None:
+            raise ValueError("the anchor must be an aware datetime")
+        if not 0 <= self.jitter_s <= 3600:
+            raise ValueError(f"jitter_s must be from 0 to 3600 seconds, got {self.jitter_s!r}")
+        if not 1 <= self.max_catch_up <= 1000:
+            raise ValueError(f"max_catch_up must be from 1 to 1000, got {self.max_catch_up!r}")
+        object.__setattr__(self, "zone", zone)
+
+
+def next_tick(spec: Spec, after: datetime) -> datetime:
+    """The schedule's first tick strictly after `after`, in UTC."""
+    if spec.every_s is not None:
+        step = spec.every_s
+        k = int((after - spec.anchor).total_seconds() // step) + 1
+        tick = spec.anchor + timedelta(seconds=k * step)
+        while tick <= after:  # float division at the boundary
+            tick += timedelta(seconds=step)
+        return tick.astimezone(UTC)
+    assert spec.cron is not None
+    wall = after.astimezone(spec.zone).replace(tzinfo=None)
+    candidates = croniter(spec.cron, wall - LOOKBACK)
+    while True:
+        local: datetime = candidates.get_next(datetime)
+        aware = local.replace(tzinfo=spec.zone, fold=0)  # an ambiguous wall time: its first occurrence
+        if aware.astimezone(UTC).astimezone(spec.zone).replace(tzinfo=None) != local:
+            continue  # a wall time the spring-forward skips: no tick
+        tick = aware.astimezone(UTC)
+        if tick > after:
+            return tick
+
+
+def ticks(spec: Spec, after: datetime, until: datetime, limit: int = MAX_SCAN) -> list[datetime]:
+    """The ticks in (after, until], at most `limit` of them, in order."""
+    out: list[datetime] = []
+    t = next_tick(spec, after)
+    while t <= until and len(out) < limit:
+        out.append(t)
+        t = next_tick(spec, t)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    fire: list[datetime]  # ticks to fire now, oldest first
+    missed: int  # ticks passed over under the catch-up policy (at least; the count stops at MAX_SCAN)
+    next_at: datetime  # the first tick after now: where the schedule waits next
+
+
+def due(spec: Spec, next_at: datetime, now: datetime) -> Due:
+    """What to fire at `now` for a schedule whose first unfired tick is `next_at`."""
+    if next_at > now:
+        return Due([], 0, next_at)
+    passed = [next_at, *ticks(spec, next_at, now)]
+    latest = passed[-1]
+    following = next_tick(spec, now)
+    if spec.catch_up is CatchUp.ALL:
+        fire = passed[-spec.max_catch_up :]
+    elif spec.catch_up is CatchUp.ONCE or (now - latest).total_seconds() <= spec.grace_s:
+        fire = [latest]
+    else:
+        fire = []
+    return Due(fire, len(passed) - len(fire), following)
+
+
+def tick_id(schedule_key: str, tick: datetime) -> str:
+    """The event id of a tick: the same for every replica and every retry, so the inbox keeps one."""
+    return str(uuid.uuid5(NAMESPACE, f"{schedule_key}@{tick.astimezone(UTC).isoformat()}"))
+
+
+def jitter_of(spec: Spec, schedule_key: str, tick: datetime) -> timedelta:
+    """A tick's jitter: spread over [0, jitter_s) by a hash of the schedule and the tick, the same on every try."""
+    if spec.jitter_s <= 0:
+        return timedelta(0)
+    digest = hashlib.sha256(f"{schedule_key}@{tick.astimezone(UTC).isoformat()}".encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return timedelta(seconds=fraction * spec.jitter_s)

@@ -1,0 +1,106 @@
+"""Schedule ticks without a clock or a database (core/schedules.py): cron in a time zone across daylight-saving
+changes, intervals from their anchor, each catch-up policy after an hour down, deterministic ids and jitter."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sfworkflow.core.schedules import CatchUp, Spec, due, jitter_of, next_tick, tick_id, ticks
+
+BERLIN_0230 = Spec(cron="30 2 * * *", timezone="Europe/Berlin")
+RIYADH_0800 = Spec(cron="0 8 * * *", timezone="Asia/Riyadh")
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def test_a_berlin_0230_tick_is_skipped_on_the_spring_forward_day_and_fires_once_on_the_fall_back_day() -> None:
+    # 2027-03-28: 02:00 CET jumps to 03:00 CEST, so 02:30 does not exist that day.
+    spring = ticks(BERLIN_0230, utc(2027, 3, 26, 12), utc(2027, 3, 30, 12))
+    # CET the 27th, none the 28th, CEST from the 29th
+    assert spring == [utc(2027, 3, 27, 1, 30), utc(2027, 3, 29, 0, 30), utc(2027, 3, 30, 0, 30)]
+    # 2027-10-31: 03:00 CEST falls back to 02:00 CET, so 02:30 happens twice: the tick is the first one (CEST).
+    autumn = ticks(BERLIN_0230, utc(2027, 10, 29, 12), utc(2027, 11, 2, 12))
+    assert autumn == [utc(2027, 10, 30, 0, 30), utc(2027, 10, 31, 0, 30), utc(2027, 11, 1, 1, 30),
+                      utc(2027, 11, 2, 1, 30)]  # fmt: skip
+
+
+def test_a_riyadh_0800_tick_is_0500_utc_all_year() -> None:
+    year = ticks(RIYADH_0800, utc(2027, 1, 1), utc(2028, 1, 1))
+    assert len(year) == 365 and {(t.hour, t.minute) for t in year} == {(5, 0)}
+
+
+def test_an_hourly_cron_ticks_once_an_hour_of_real_time_across_both_changes() -> None:
+    hourly = Spec(cron="0 * * * *", timezone="Europe/Berlin")
+    spring = ticks(hourly, utc(2027, 3, 27, 22), utc(2027, 3, 28, 4))
+    assert [t.hour for t in spring] == [23, 0, 1, 2, 3, 4]  # wall 00, 01, 03 (02 skipped: it is 03), 04, 05, 06
+    autumn = ticks(hourly, utc(2027, 10, 30, 22), utc(2027, 10, 31, 4))
+    # wall 00, 01, 02 (first, CEST), 03 (CET), 04, 05: the repeated 02:00 ticks once, so one UTC hour has none
+    assert [t.hour for t in autumn] == [23, 0, 2, 3, 4]
+
+
+def test_an_interval_counts_from_its_anchor_and_never_drifts() -> None:
+    every = Spec(every_s=300, anchor=utc(2026, 12, 7, 0, 1))
+    assert next_tick(every, utc(2026, 12, 7, 9, 3, 17)) == utc(2026, 12, 7, 9, 6)
+    assert next_tick(every, utc(2026, 12, 7, 9, 6)) == utc(2026, 12, 7, 9, 11)  # strictly after
+    assert next_tick(every, utc(2026, 12, 6)) == utc(2026, 12, 6, 0, 1)  # before the anchor too
+
+
+FIVE_MIN = dict(every_s=300, anchor=utc(2026, 12, 7))
+
+
+@pytest.mark.parametrize(
+    ("policy", "fired", "missed"),
+    [
+        (CatchUp.SKIP, [], 13),  # down an hour: nothing missed is fired, the latest is 2 min late (> 60 s grace)
+        (CatchUp.ONCE, [utc(2026, 12, 7, 11, 0)], 12),
+        (CatchUp.ALL, [utc(2026, 12, 7, 10, 50) + timedelta(minutes=5 * i) for i in range(3)], 10),
+    ],
+)
+def test_after_an_hour_down_each_catch_up_policy_fires_what_it_says(
+    policy: CatchUp, fired: list[datetime], missed: int
+) -> None:
+    spec = Spec(**FIVE_MIN, catch_up=policy, max_catch_up=3)  # type: ignore[arg-type]
+    got = due(spec, utc(2026, 12, 7, 10, 0), utc(2026, 12, 7, 11, 2))
+    assert got.fire == fired and got.missed == missed
+    assert got.next_at == utc(2026, 12, 7, 11, 5)
+
+
+def test_a_tick_a_little_late_fires_under_every_policy_and_nothing_fires_early() -> None:
+    for policy in CatchUp:
+        spec = Spec(**FIVE_MIN, catch_up=policy)  # type: ignore[arg-type]
+        assert due(spec, utc(2026, 12, 7, 10, 0), utc(2026, 12, 7, 10, 0, 2)).fire == [utc(2026, 12, 7, 10, 0)]
+        early = due(spec, utc(2026, 12, 7, 10, 0), utc(2026, 12, 7, 9, 59, 59))
+        assert early.fire == [] and early.next_at == utc(2026, 12, 7, 10, 0)
+
+
+@given(st.integers(0, 10**6), st.integers(1, 86_400))
+def test_tick_ids_and_jitter_are_the_same_on_every_try_and_jitter_stays_in_range(offset: int, jitter: int) -> None:
+    spec = Spec(**FIVE_MIN, jitter_s=min(jitter, 3600))  # type: ignore[arg-type]
+    tick = utc(2026, 12, 7) + timedelta(seconds=offset)
+    assert tick_id("t/report", tick) == tick_id("t/report", tick.astimezone(RIYADH_0800.zone))
+    assert tick_id("t/report", tick) != tick_id("t/other", tick)
+    j = jitter_of(spec, "t/report", tick)
+    assert j == jitter_of(spec, "t/report", tick) and timedelta(0) <= j < timedelta(seconds=spec.jitter_s)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "either a cron expression or an interval"),
+        ({"cron": "0 8 * * *", "every_s": 60}, "not both"),
+        ({"cron": "61 * * * *"}, "not a cron expression"),
+        ({"every_s": 0}, "every_s must be"),
+        ({"cron": "0 8 * * *", "timezone": "Mars/Olympus"}, "not an IANA time zone"),
+        ({"every_s": 60, "anchor": datetime(2026, 1, 1)}, "aware"),
+        ({"every_s": 60, "max_catch_up": 0}, "max_catch_up"),
+    ],
+)
+def test_a_schedule_that_cannot_tick_is_refused_with_what_to_write(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Spec(**kwargs)  # type: ignore[arg-type]
