@@ -51,15 +51,17 @@ async def run(_settings: Any, args: argparse.Namespace) -> int:
     if not 1 <= args.count <= MAX_COUNT:
         raise UsageError(f"--count must be from 1 to {MAX_COUNT}, got {args.count}")
     try:
-        every = None if args.every is None else round(parse_age(args.every))
-        spec = Spec(cron=args.cron, every_s=every, anchor=start, timezone=args.tz)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    ticks = []
-    t = start
-    for _ in range(args.count):
-        t = next_tick(spec, t)
-        ticks.append(t)
+        every = None if args.every is None else parse_age(args.every)
+        if every is not None and every != int(every):
+            raise ValueError(f"--every {args.every!r}: a schedule ticks in whole seconds ({EXAMPLES})")
+        spec = Spec(cron=args.cron, every_s=None if every is None else int(every), anchor=start, timezone=args.tz)
+        ticks = []
+        t = start
+        for _ in range(args.count):
+            t = next_tick(spec, t)
+            ticks.append(t)
+    except (ValueError, OverflowError) as exc:  # OverflowError: past the year 9999
+        raise UsageError(str(exc) or "no tick before the year 9999") from None
     if args.json:
         out = [{"utc": t.isoformat(), "local": t.astimezone(spec.zone).isoformat()} for t in ticks]
         print(orjson.dumps({"timezone": args.tz, "ticks": out}, option=orjson.OPT_INDENT_2).decode())
@@ -77,4 +79,7 @@ def _instant(text: str) -> datetime:
         raise UsageError(f"--from {text!r}: write an ISO 8601 instant, e.g. 2027-03-26T00:00:00Z") from None
     if value.tzinfo is None:
         raise UsageError(f"--from {text!r}: give its offset (Z for UTC, or +03:00), e.g. 2027-03-26T00:00:00Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise UsageError(f"--from {text!r}: out of range (years 1 to 9999, in UTC)") from None

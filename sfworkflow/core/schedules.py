@@ -28,11 +28,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 NAMESPACE = uuid.UUID("4b2f0c7e-5d51-4b8e-9a5c-3f6e0d1c2a90")  # the tick ids' uuid5 namespace
-MAX_SCAN = 100_000  # ticks looked at at most when counting missed ones (a per-second schedule down for a day)
-LOOKBACK = timedelta(hours=3)  # cron candidates start this far back in wall time: covers any fall-back repeat
+MAX_SCAN = 100_000  # ticks counted at most as missed (a per-second schedule down for a day)
+MAX_CANDIDATES = 10_000  # cron wall times tried for one tick: one that only ever falls in skipped hours never ticks
 
 
 class CatchUp(StrEnum):
@@ -58,21 +58,29 @@ class Spec:
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.every_s is None):
             raise ValueError("a schedule needs either a cron expression or an interval (every_s), not both")
-        if self.cron is not None and not croniter.is_valid(self.cron):
+        if self.cron is not None and (
+            not croniter.is_valid(self.cron) or any(c in self.cron.upper() for c in ("R", "H"))
+        ):  # R and H are croniter's random and hashed fields: replicas would disagree on the ticks
             raise ValueError(f"{self.cron!r} is not a cron expression (minute hour day month weekday, e.g. 0 8 * * *)")
         if self.every_s is not None and (isinstance(self.every_s, bool) or not 1 <= self.every_s <= 366 * 86400):
             raise ValueError(f"every_s must be a whole number of seconds from 1 to a year, got {self.every_s!r}")
         try:
             zone = ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(f"{self.timezone!r} is not an IANA time zone (e.g. Europe/Berlin, Asia/Riyadh)") from None
         if self.anchor.tzinfo is None:
             raise ValueError("the anchor must be an aware datetime")
+        object.__setattr__(self, "anchor", self.anchor.astimezone(UTC))  # an interval counts real seconds
         if not 0 <= self.jitter_s <= 3600:
             raise ValueError(f"jitter_s must be from 0 to 3600 seconds, got {self.jitter_s!r}")
         if not 1 <= self.max_catch_up <= 1000:
             raise ValueError(f"max_catch_up must be from 1 to 1000, got {self.max_catch_up!r}")
         object.__setattr__(self, "zone", zone)
+        if self.cron is not None:
+            try:
+                next_tick(self, self.anchor)
+            except (CroniterError, ValueError, OverflowError):
+                raise ValueError(f"{self.cron!r} never ticks (in {self.timezone}): no date matches it") from None
 
 
 def next_tick(spec: Spec, after: datetime) -> datetime:
@@ -85,16 +93,46 @@ def next_tick(spec: Spec, after: datetime) -> datetime:
             tick += timedelta(seconds=step)
         return tick.astimezone(UTC)
     assert spec.cron is not None
-    wall = after.astimezone(spec.zone).replace(tzinfo=None)
-    candidates = croniter(spec.cron, wall - LOOKBACK)
-    while True:
-        local: datetime = candidates.get_next(datetime)
-        aware = local.replace(tzinfo=spec.zone, fold=0)  # an ambiguous wall time: its first occurrence
-        if aware.astimezone(UTC).astimezone(spec.zone).replace(tzinfo=None) != local:
-            continue  # a wall time the spring-forward skips: no tick
-        tick = aware.astimezone(UTC)
-        if tick > after:
-            return tick
+    candidates = croniter(spec.cron, after.astimezone(spec.zone).replace(tzinfo=None))
+    for _ in range(MAX_CANDIDATES):
+        found = _real(spec, candidates.get_next(datetime))
+        if found is not None and found > after:
+            return found
+    raise ValueError(f"{spec.cron!r} has no tick in {spec.timezone} within {MAX_CANDIDATES} candidates")
+
+
+def prev_tick(spec: Spec, at: datetime) -> datetime:
+    """The schedule's latest tick at or before `at`, in UTC."""
+    if spec.every_s is not None:
+        k = int((at - spec.anchor).total_seconds() // spec.every_s)
+        tick = spec.anchor + timedelta(seconds=k * spec.every_s)
+        while tick > at:
+            tick -= timedelta(seconds=spec.every_s)
+        return tick.astimezone(UTC)
+    assert spec.cron is not None
+    # Wall times from a second past `at` (croniter's get_prev is strict), and past the hour a recent fall-back
+    # repeated: its first occurrence ticked before `at` though its wall time is later than `at`'s.
+    repeated = max(timedelta(0), _offset(spec, at - timedelta(hours=3)) - _offset(spec, at))
+    start = (at + timedelta(seconds=1)).astimezone(spec.zone).replace(tzinfo=None) + repeated
+    candidates = croniter(spec.cron, start)
+    for _ in range(MAX_CANDIDATES):
+        found = _real(spec, candidates.get_prev(datetime))
+        if found is not None and found <= at:
+            return found
+    raise ValueError(f"{spec.cron!r} has no tick in {spec.timezone} within {MAX_CANDIDATES} candidates")
+
+
+def _offset(spec: Spec, at: datetime) -> timedelta:
+    return at.astimezone(spec.zone).utcoffset() or timedelta(0)
+
+
+def _real(spec: Spec, local: datetime) -> datetime | None:
+    """A cron wall time as the instant it ticks: None when the spring-forward skips it, the first occurrence when
+    the fall-back repeats it."""
+    aware = local.replace(tzinfo=spec.zone, fold=0)
+    if aware.astimezone(UTC).astimezone(spec.zone).replace(tzinfo=None) != local:
+        return None
+    return aware.astimezone(UTC)
 
 
 def ticks(spec: Spec, after: datetime, until: datetime, limit: int = MAX_SCAN) -> list[datetime]:
@@ -118,16 +156,17 @@ def due(spec: Spec, next_at: datetime, now: datetime) -> Due:
     """What to fire at `now` for a schedule whose first unfired tick is `next_at`."""
     if next_at > now:
         return Due([], 0, next_at)
-    passed = [next_at, *ticks(spec, next_at, now)]
-    latest = passed[-1]
-    following = next_tick(spec, now)
+    latest = max(next_at, prev_tick(spec, now))
+    passed = 1 + len(ticks(spec, next_at, now, limit=MAX_SCAN))  # next_at and those after it, counted up to a bound
     if spec.catch_up is CatchUp.ALL:
-        fire = passed[-spec.max_catch_up :]
+        fire = [latest]
+        while len(fire) < spec.max_catch_up and fire[0] > next_at:
+            fire.insert(0, max(next_at, prev_tick(spec, fire[0] - timedelta(microseconds=1))))
     elif spec.catch_up is CatchUp.ONCE or (now - latest).total_seconds() <= spec.grace_s:
         fire = [latest]
     else:
         fire = []
-    return Due(fire, len(passed) - len(fire), following)
+    return Due(fire, max(0, passed - len(fire)), next_tick(spec, now))
 
 
 def tick_id(schedule_key: str, tick: datetime) -> str:
@@ -140,5 +179,5 @@ def jitter_of(spec: Spec, schedule_key: str, tick: datetime) -> timedelta:
     if spec.jitter_s <= 0:
         return timedelta(0)
     digest = hashlib.sha256(f"{schedule_key}@{tick.astimezone(UTC).isoformat()}".encode()).digest()
-    fraction = int.from_bytes(digest[:8], "big") / 2**64
-    return timedelta(seconds=fraction * spec.jitter_s)
+    span_us = max(1, int(spec.jitter_s * 1_000_000))
+    return timedelta(microseconds=int.from_bytes(digest[:8], "big") % span_us)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sfworkflow.core.schedules import CatchUp, Spec, due, jitter_of, next_tick, tick_id, ticks
+from sfworkflow.core.schedules import CatchUp, Spec, due, jitter_of, next_tick, prev_tick, tick_id, ticks
 
 BERLIN_0230 = Spec(cron="30 2 * * *", timezone="Europe/Berlin")
 RIYADH_0800 = Spec(cron="0 8 * * *", timezone="Asia/Riyadh")
@@ -104,3 +104,32 @@ def test_tick_ids_and_jitter_are_the_same_on_every_try_and_jitter_stays_in_range
 def test_a_schedule_that_cannot_tick_is_refused_with_what_to_write(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Spec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_latest_tick_before_an_instant_in_the_repeated_hour_is_its_first_occurrence() -> None:
+    # 01:15 UTC on 2027-10-31 is 02:15 CET, the second time that wall time came: 02:30 CEST (00:30 UTC) has ticked.
+    assert prev_tick(BERLIN_0230, utc(2027, 10, 31, 1, 15)) == utc(2027, 10, 31, 0, 30)
+    assert prev_tick(BERLIN_0230, utc(2027, 10, 31, 0, 30)) == utc(2027, 10, 31, 0, 30)  # at or before
+    assert prev_tick(BERLIN_0230, utc(2027, 3, 28, 12)) == utc(2027, 3, 27, 1, 30)  # the 28th has none
+
+
+@pytest.mark.parametrize("expr", ["0 0 30 2 *", "30 2 * 3 L0", "R 8 * * *", "H 8 * * *"])
+def test_a_cron_that_never_ticks_or_ticks_at_random_is_refused(expr: str) -> None:
+    with pytest.raises(ValueError, match=r"never ticks|not a cron expression"):
+        Spec(cron=expr, timezone="Europe/Berlin", anchor=utc(2027, 1, 1))
+
+
+def test_two_days_down_every_second_fires_the_latest_ticks_not_stale_ones() -> None:
+    for policy, fired in ((CatchUp.ONCE, [utc(2027, 1, 3)]), (CatchUp.ALL, [utc(2027, 1, 3) - timedelta(seconds=1),
+                                                                            utc(2027, 1, 3)])):  # fmt: skip
+        spec = Spec(every_s=1, anchor=utc(2027, 1, 1), catch_up=policy, max_catch_up=2)
+        got = due(spec, utc(2027, 1, 1, 0, 0, 1), utc(2027, 1, 3, 0, 0, 0, 500_000))
+        assert got.fire == fired and got.next_at == utc(2027, 1, 3, 0, 0, 1)
+
+
+def test_an_interval_anchored_in_a_zone_counts_real_seconds_across_a_dst_change() -> None:
+    berlin_midnight = datetime(2027, 3, 27, tzinfo=BERLIN_0230.zone)  # 23:00Z the 26th
+    spec = Spec(every_s=86_400, anchor=berlin_midnight)
+    assert ticks(spec, utc(2027, 3, 26, 12), utc(2027, 3, 29, 12)) == [
+        utc(2027, 3, 26, 23), utc(2027, 3, 27, 23), utc(2027, 3, 28, 23)
+    ]  # fmt: skip
