@@ -16,8 +16,8 @@ and this module turns its answer into the slots.
 A limit may also cap a key's slots per day (`daily_cap`: a WhatsApp number's messaging tier, a mailbox's daily sending
 quota). Days are UTC days. The bucket counts the slots booked on the day of its latest slot (`DayCount`); a request
 that would be over the cap takes its slot at the next UTC midnight instead, and the rate applies from there on (the
-slots of a day past its cap go out at its start in a burst, then at the rate). `reserve` books a capped bucket's slots
-one by one; the batch writes the bucket's new `tat` and count back under the lock `take_rates` took.
+bucket is not reset at midnight: a burst there only as far as the rate's interval allows). `reserve` books a capped
+bucket's slots one by one; the batch writes the bucket's new `tat` and count back under the lock `take_rates` took.
 """
 
 from __future__ import annotations
