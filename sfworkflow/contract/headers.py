@@ -17,6 +17,7 @@ PREFIX = "x-sfworkflow-"  # every sfworkflow header starts with this; others bel
 
 TENANT = "x-sfworkflow-tenant"  # an event's tenant_id, set by its producer: RabbitMQ hashes it to pick its shard
 
+SCHEDULE = "x-sfworkflow-schedule"  # a message a schedule published: the schedule's name (its tenant: TENANT)
 REASON = "x-sfworkflow-reason"  # a dead letter's reason code (sfworkflow.errors.DeadReason)
 FIRST_REASON = "x-sfworkflow-first-reason"  # an unstorable dead letter: the reason it was rejected for first
 DETAIL = "x-sfworkflow-detail"  # a dead letter's readable sentence: what was wrong, what to do

@@ -6,6 +6,8 @@ exchange sfworkflow.events.by-tenant (x-consistent-hash on header x-sfworkflow-t
 exchange sfworkflow.commands      (topic)  -> queue sfworkflow.commands.<workflow>         binding '<workflow>.#'
 exchange sfworkflow.compensations (topic)  -> queue sfworkflow.compensations.<workflow>    binding '<workflow>.#'
 exchange sfworkflow.lifecycle     (topic)     routing key '<workflow.event>.<workflow>', no queue of ours
+exchange sfworkflow.schedules     (topic)     schedule ticks for SalesFlow's jobs, routing key = the schedule's
+                                              event_type (e.g. 'follow_up.scan'), no queue of ours
 queue sfworkflow.dead                         dead letters, published through the default exchange
 """
 
@@ -25,6 +27,7 @@ LEGACY_EVENTS_QUEUE = "sfworkflow.events"  # the one events queue before shards:
 COMMANDS_EXCHANGE = "sfworkflow.commands"  # commands out, routing key = command_type
 COMPENSATIONS_EXCHANGE = "sfworkflow.compensations"  # compensation commands out, routing key = command_type
 LIFECYCLE_EXCHANGE = "sfworkflow.lifecycle"  # workflow.started/completed/failed/compensated, for observers
+SCHEDULES_EXCHANGE = "sfworkflow.schedules"  # schedule ticks out (kind tick), routing key = the tick's event_type
 DEAD_QUEUE = "sfworkflow.dead"  # dead letters, published to it through DEFAULT_EXCHANGE
 DEFAULT_EXCHANGE = ""  # AMQP's default exchange: the routing key is the queue's name
 

@@ -248,7 +248,7 @@ class RegisterWrite:
     instance_id: int | None
 
 
-OUTBOX_KINDS = ("command", "compensation", "lifecycle", "dead_letter")  # what an outbox row carries
+OUTBOX_KINDS = ("command", "compensation", "lifecycle", "dead_letter", "schedule")  # what an outbox row carries
 
 
 @dataclass(frozen=True, slots=True)

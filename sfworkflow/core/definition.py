@@ -19,6 +19,7 @@ from typing import Any
 from sfworkflow.contract.ids import uuid5_text
 from sfworkflow.contract.tracing import Trace
 from sfworkflow.core.limits import Limit
+from sfworkflow.core.schedules import Schedule
 
 # Namespace of every id sfworkflow derives (command ids, lifecycle event ids, timer event ids).
 ID_NAMESPACE = uuid.UUID("5b0c4b6e-8f61-4f57-9a4e-2f1f3c6d7a10")
@@ -97,6 +98,9 @@ class WorkflowDefinition:
     # Limits on outgoing commands (core/limits.py): a rate limit defers a command over it, a concurrency limit queues
     # it until a slot is free; neither drops one.
     limits: tuple[Limit, ...] = ()
+    # Schedules it declares (core/schedules.py): upserted at start-up under the nil tenant; each publishes a tick for
+    # SalesFlow's periodic job (kind tick) or an event (kind event) at every tick, once whatever the replicas.
+    schedules: tuple[Schedule, ...] = ()
 
     def event_type(self, name: str) -> str:
         return f"{self.name}.{name}"

@@ -22,17 +22,28 @@ parser of the full cron grammar (ranges, steps, names, `L`, `#`), which is what 
 from __future__ import annotations
 
 import hashlib
+import re
+import string
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
+from sfworkflow.contract.headers import SCHEDULE, TENANT
+from sfworkflow.contract.topology import EVENTS_EXCHANGE, SCHEDULES_EXCHANGE
+
 NAMESPACE = uuid.UUID("4b2f0c7e-5d51-4b8e-9a5c-3f6e0d1c2a90")  # the tick ids' uuid5 namespace
 MAX_SCAN = 100_000  # ticks counted at most as missed (a per-second schedule down for a day)
 MAX_CANDIDATES = 10_000  # cron wall times tried for one tick: one that only ever falls in skipped hours never ticks
+NIL_TENANT = "00000000-0000-0000-0000-000000000000"  # the tenant of code-declared schedules
+SOURCE = "sfworkflow.schedules"  # the `source` of the events schedules publish
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")  # a schedule's name (the table's CHECK says the same)
+TEMPLATE_FIELDS = frozenset({"tick", "date", "schedule"})  # what an entity id template may name
 
 
 class CatchUp(StrEnum):
@@ -181,3 +192,148 @@ def jitter_of(spec: Spec, schedule_key: str, tick: datetime) -> timedelta:
     digest = hashlib.sha256(f"{schedule_key}@{tick.astimezone(UTC).isoformat()}".encode()).digest()
     span_us = max(1, int(spec.jitter_s * 1_000_000))
     return timedelta(microseconds=int.from_bytes(digest[:8], "big") % span_us)
+
+
+def manual_tick_id(schedule_key: str, request_id: str) -> str:
+    """The event id of a tick fired by hand (`schedules trigger`): one per request, whatever the retries."""
+    return str(uuid.uuid5(NAMESPACE, f"{schedule_key}@manual:{request_id}"))
+
+
+# ---- schedules as declared, and what firing one writes -----------------------------------------------------------
+class Kind(StrEnum):
+    EVENT = "event"  # an event into sfworkflow (sfworkflow.events): a start event starts an instance per tick
+    TICK = "tick"  # a tick message for SalesFlow's own jobs (sfworkflow.schedules, routing key = event_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A schedule: what it publishes at each tick of `spec`. Declared in a workflow definition (the nil tenant's,
+    source `code`) or at run time per tenant (`schedules add`, the admin API; source `api`)."""
+
+    name: str
+    kind: Kind
+    event_type: str  # event: the event's type; tick: the tick's routing key
+    spec: Spec
+    entity_id: str | None = None  # event: the entity, a template naming {tick}, {date} or {schedule}
+    data: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    tenant_id: str = NIL_TENANT
+
+    def __post_init__(self) -> None:
+        if not NAME.match(self.name):
+            raise ValueError(
+                f"{self.name!r} is not a schedule name: lower-case letters, digits, '.', '_' or '-', up to 100, "
+                "e.g. sequence.tick or daily-report"
+            )
+        object.__setattr__(self, "kind", Kind(self.kind))
+        if not re.match(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$", self.event_type) or len(self.event_type) > 100:
+            raise ValueError(f"{self.event_type!r} is not a dotted event type or routing key, e.g. sequence.tick")
+        if self.kind is Kind.EVENT:
+            if not self.entity_id:
+                raise ValueError(f"schedule {self.name}: an event needs an entity id (a template, e.g. cycle-{{tick}})")
+            check_template(self.entity_id)
+        elif self.entity_id is not None:
+            raise ValueError(
+                f"schedule {self.name}: a tick has no entity id (it goes to SalesFlow's jobs, not to "
+                "an instance); use kind event to publish an event to an instance"
+            )
+        if not isinstance(self.data, Mapping):
+            raise ValueError(f"schedule {self.name}: data must be a JSON object")
+
+    @property
+    def key(self) -> str:
+        """What its tick ids hash: the tenant and the name (two tenants' schedules of one name never collide)."""
+        return f"{self.tenant_id}/{self.name}"
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError unless `template` names only {tick}, {date} and {schedule} (and no format spec)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"entity id template {template!r}: {exc} (write {{{{ and }}}} for braces)") from None
+    for _text, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or spec or conversion:
+            raise ValueError(
+                f"entity id template {template!r} names {{{name}}}: only {{tick}} (the tick's instant), {{date}} "
+                "(its date in the schedule's zone) and {schedule} (its name)"
+            )
+
+
+def entity_of(schedule: Schedule, tick: datetime) -> str:
+    """The entity id a tick's event goes to: the template with the tick filled in."""
+    assert schedule.entity_id is not None
+    return schedule.entity_id.format(
+        tick=_iso(tick), date=tick.astimezone(schedule.spec.zone).date().isoformat(), schedule=schedule.name
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TickMessage:
+    """One message a tick publishes, as the outbox takes it."""
+
+    message_id: str
+    exchange: str
+    routing_key: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    mandatory: bool  # an event must reach sfworkflow's queues; a tick nobody listens to is dropped
+
+
+def message(schedule: Schedule, tick: datetime, message_id: str, manual: bool = False) -> TickMessage:
+    """What `schedule` publishes for `tick` under `message_id` (tick_id, or manual_tick_id for a trigger)."""
+    if schedule.kind is Kind.EVENT:
+        body = {
+            "event_id": message_id, "event_type": schedule.event_type, "spec_version": "1.0", "schema_version": 1,
+            "tenant_id": schedule.tenant_id, "entity_id": entity_of(schedule, tick), "correlation_id": None,
+            "causation_id": None, "source": SOURCE, "actor_type": "system", "timestamp": _iso(tick),
+            "trace_id": None, "data": dict(schedule.data),
+        }  # fmt: skip
+        headers = {TENANT: schedule.tenant_id, SCHEDULE: schedule.name}
+        return TickMessage(message_id, EVENTS_EXCHANGE, schedule.event_type, body, headers, True)
+    body = {
+        "message_id": message_id, "schedule": schedule.name, "tenant_id": schedule.tenant_id,
+        "tick_at": _iso(tick), "timezone": schedule.spec.timezone, "manual": manual, "data": dict(schedule.data),
+    }  # fmt: skip
+    headers = {TENANT: schedule.tenant_id, SCHEDULE: schedule.name}
+    return TickMessage(message_id, SCHEDULES_EXCHANGE, schedule.event_type, body, headers, False)
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """What one round does with a due schedule: the messages to queue, and where the schedule waits next."""
+
+    messages: list[TickMessage]
+    ticks: list[datetime]  # the ticks fired, oldest first
+    missed: int
+    next_tick_at: datetime
+    due_at: datetime  # next_tick_at with its jitter
+    lateness_s: float  # how late the latest tick fired is (seconds past its instant and jitter), 0 when none
+
+
+def fire(schedule: Schedule, next_tick_at: datetime, now: datetime) -> Fire:
+    """The ticks of `schedule` to fire at `now`, its first unfired tick being `next_tick_at` (the catch-up policy
+    decides which of several missed ones), and its next wait."""
+    d = due(schedule.spec, next_tick_at, now)
+    messages = [message(schedule, t, tick_id(schedule.key, t)) for t in d.fire]
+    late = 0.0
+    if d.fire:
+        latest = d.fire[-1]
+        late = max(0.0, (now - latest - jitter_of(schedule.spec, schedule.key, latest)).total_seconds())
+    return Fire(messages, d.fire, d.missed, d.next_at, due_at(schedule, d.next_at), late)
+
+
+def due_at(schedule: Schedule, tick: datetime) -> datetime:
+    """When the loop takes a schedule whose next tick is `tick`: the tick plus its jitter."""
+    return tick + jitter_of(schedule.spec, schedule.key, tick)
+
+
+def first_tick(schedule: Schedule, now: datetime) -> datetime:
+    """Where a new (or resumed, or changed) schedule waits: its first tick after `now`."""
+    return next_tick(schedule.spec, now)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -20,6 +20,7 @@ from sfworkflow.contract.topology import (
     EVENTS_EXCHANGE,
     LEGACY_EVENTS_QUEUE,
     LIFECYCLE_EXCHANGE,
+    SCHEDULES_EXCHANGE,
     commands_queue,
     compensations_queue,
     event_queues,
@@ -74,6 +75,7 @@ async def _declare(channel: AbstractChannel, workflows: list[str], queue_type: s
     commands = await channel.declare_exchange(COMMANDS_EXCHANGE, topic, durable=True)
     compensations = await channel.declare_exchange(COMPENSATIONS_EXCHANGE, topic, durable=True)
     await channel.declare_exchange(LIFECYCLE_EXCHANGE, topic, durable=True)
+    await channel.declare_exchange(SCHEDULES_EXCHANGE, topic, durable=True)
     for name in event_queues(shards):
         q = await channel.declare_queue(name, durable=True, arguments=args)
         await q.bind(by_tenant, "1")  # the binding key is the shard's weight: every shard the same

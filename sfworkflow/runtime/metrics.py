@@ -34,9 +34,12 @@ disable_created_metrics()  # no *_created series: they double the output and nob
 OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered", "awaiting_version")
 KINDS = OUTBOX_KINDS
 # runtime/supervisor.py kinds
-BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "gates", "retention", "stats")
+BACKGROUND_TASKS = ("consumer", "relay", "relay-listen", "timers", "gates", "schedules", "retention", "stats")
 # End-to-end lag: fine steps up to 150 ms (the service's target is tens of ms), then coarse ones up to an hour,
 # so a backlog of minutes reads as minutes on a dashboard instead of one +Inf bucket.
+# Schedule lateness (seconds past a tick and its jitter when fired): the loop's poll is a fraction of a second; a
+# replica down for minutes, or an `all` catch-up, shows in the coarse buckets.
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
 DEFERRAL_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 EVENT_AGE_BUCKETS = (
     *(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
@@ -60,9 +63,10 @@ class Metrics:
         workflows: Iterable[str] = (),
         limits: Iterable[tuple[str, str, str]] = (),
         concurrency: Iterable[tuple[str, str, str]] = (),
+        schedules: Iterable[str] = (),
     ) -> None:
         """`limits`, `concurrency`: (workflow, command type, limit name) of every rate and concurrency limit declared,
-        for their series at 0."""
+        `schedules`: the names of the code-declared schedules, for their series at 0."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # the standard ones; they keep no state, so every registry may share them
@@ -173,6 +177,25 @@ class Metrics:
         self.slots_swept = Counter(
             "sfworkflow_slots_swept",
             "Concurrency slots the gate loop's sweep released (their instance ended or moved on outside a batch).",
+            registry=r,
+        )
+        self.schedule_ticks = Counter(
+            "sfworkflow_schedule_ticks",
+            "Schedule ticks by outcome: fired (queued in the outbox, once whatever the replicas), missed (passed over "
+            "after downtime under the schedule's catch-up policy), manual (`schedules trigger`, counted where run).",
+            ["schedule", "outcome"],
+            registry=r,
+        )
+        self.schedule_lateness = Histogram(
+            "sfworkflow_schedule_lateness_seconds",
+            "How late a schedule's latest due tick fired: seconds past its instant and its jitter.",
+            ["schedule"],
+            buckets=LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.schedules_paused_broken = Counter(
+            "sfworkflow_schedules_paused_broken",
+            "Schedules the loop paused because their row describes no schedule (e.g. a time zone unknown here).",
             registry=r,
         )
         self.timers_fired = Counter("sfworkflow_timers_fired", "Durable timers fired by the timer loop.", registry=r)
@@ -317,6 +340,9 @@ class Metrics:
             self.up.labels(dep)
         for task in BACKGROUND_TASKS:
             self.task_exits.labels(task)
+        for name in schedules:
+            for outcome in ("fired", "missed"):
+                self.schedule_ticks.labels(name, outcome)
 
     def record(self, report: BatchReport) -> None:
         for (workflow, outcome), n in report.events.items():

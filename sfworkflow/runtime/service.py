@@ -1,7 +1,8 @@
-"""The sfworkflow process: consumer, outbox relay, timer loop, retention sweep, stats and HTTP, with one lifecycle.
+"""The sfworkflow process: consumer, outbox relay, timer, gate and schedule loops, retention sweep, stats and HTTP,
+with one lifecycle.
 
-start: create database if missing -> migrate -> pool -> RabbitMQ (robust) -> declare topology
-       -> relay, timers, retention, consumer, stats, HTTP
+start: create database if missing -> migrate, store the code-declared schedules -> pool -> RabbitMQ (robust)
+       -> declare topology -> relay, timers, gates, schedules, retention, consumer, stats, HTTP
 stop (SIGTERM/SIGINT): stop consuming, apply and ack what was delivered, flush the relay,
        stop timers and retention, close everything; within SFWORKFLOW_SHUTDOWN_TIMEOUT_S.
 background task died (runtime/supervisor.py): /readyz 503 naming it, then the same graceful stop (its own
@@ -17,6 +18,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -33,9 +35,11 @@ from sfworkflow.core.definition import WorkflowDefinition
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.limits import parse_overrides
 from sfworkflow.db import migrate, operations
+from sfworkflow.db import schedules as db_schedules
 from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
+from sfworkflow.ops.schedules import declared as declared_schedules
 from sfworkflow.runtime import hooks, memory
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
@@ -43,6 +47,7 @@ from sfworkflow.runtime.gates import GateLoop
 from sfworkflow.runtime.metrics import Metrics
 from sfworkflow.runtime.relay import Relay
 from sfworkflow.runtime.retention import RetentionLoop
+from sfworkflow.runtime.schedules import ScheduleLoop
 from sfworkflow.runtime.stats import ClusterStats
 from sfworkflow.runtime.supervisor import EXIT_TASK_DIED, Supervisor, TaskExit
 from sfworkflow.runtime.timers import TimerLoop
@@ -77,7 +82,10 @@ class Service:
         # every (workflow, version) loaded; new instances start on the latest
         self.engine = Engine(definitions, parse_overrides(settings.rate_limits))
         self.metrics = Metrics(
-            sorted({n for n, _v in self.engine.compiled}), self.engine.limit_labels(), self.engine.concurrency_labels()
+            sorted({n for n, _v in self.engine.compiled}),
+            self.engine.limit_labels(),
+            self.engine.concurrency_labels(),
+            [s.name for _w, s in declared_schedules(self.engine)],
         )
         self.health = Health()
         self.schemas = schemas.default()
@@ -89,6 +97,7 @@ class Service:
         self.relay: Relay | None = None
         self.timers: TimerLoop | None = None
         self.gates: GateLoop | None = None
+        self.schedules: ScheduleLoop | None = None
         self.retention: RetentionLoop | None = None
         self._runner: web.AppRunner | None = None
         self.stats: ClusterStats | None = None
@@ -147,6 +156,7 @@ class Service:
         conn = await asyncpg.connect(s.database_url)
         try:
             applied = await migrate.migrate(conn)
+            await db_schedules.upsert_declared(conn, declared_schedules(self.engine), datetime.now(UTC))
         finally:
             await conn.close()
         if applied:
@@ -164,6 +174,8 @@ class Service:
                               lambda: self.relay.doorbell.ring() if self.relay else None, self.supervisor)  # fmt: skip
         self.store.on_gates = self.gates.wake
         self.gates.start()
+        self.schedules = ScheduleLoop(self.pool, self.metrics, self.health, s.timer_poll_ms, self.supervisor)
+        self.schedules.start()
         self.retention = RetentionLoop(self.store, self.metrics, s.retention_days, self.supervisor)
         self.retention.start()
         self.consumer = Consumer(
@@ -218,6 +230,8 @@ class Service:
             await _step("timers", self.timers.stop(timeout=left(0.2)))
         if self.gates:
             await _step("gates", self.gates.stop(timeout=left(0.2)))
+        if self.schedules:
+            await _step("schedules", self.schedules.stop(timeout=left(0.2)))
         if self.relay:
             await _step("relay", self.relay.stop(timeout=left(0.7)))
         await _step("tasks", self.supervisor.close(left(0.2)))  # none is left; one cut short mid-start might be

@@ -47,6 +47,7 @@ from enum import StrEnum
 from typing import Any
 
 from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
+from sfworkflow.core.schedules import CatchUp, Kind, Schedule, Spec
 from sfworkflow.workflows._cursor import (
     current_and_has_next,
     current_and_last,
@@ -279,6 +280,18 @@ DEFINITION = WorkflowDefinition(
     # When an instance counts as stuck (seconds in the state with no pending timer; step delays of days
     # are timers, so waiting is stuck only once its timer is overdue).
     stuck_after_s={S.WAITING: 900.0, S.SENDING: 900.0, S.RETRY_WAIT: 900.0},
+    # SalesFlow's follow-up scan (its Celery beat job, every 300 s) for leads stale over 24 h: a tick on
+    # sfworkflow.schedules, routing key follow_up.scan; a scan missed while the service was down is not worth two.
+    schedules=(
+        Schedule(
+            "follow_up.scan",
+            Kind.TICK,
+            "follow_up.scan",
+            Spec(every_s=300, catch_up=CatchUp.ONCE),
+            data={"stale_after_s": 86400},
+            description="SalesFlow's scan for leads stale over 24 h (was Celery beat's)",
+        ),
+    ),
     transitions=(
         Transition("scheduled", S.NEW, W, action=start),
         Transition("timer_step_due", W, SE, action=issue_send),

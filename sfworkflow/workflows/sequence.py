@@ -23,6 +23,7 @@ from typing import Any
 
 from sfworkflow.core.definition import ANY_ACTIVE, RetryPolicy, Step, Transition, WorkflowDefinition
 from sfworkflow.core.limits import RateLimit
+from sfworkflow.core.schedules import CatchUp, Kind, Schedule, Spec
 from sfworkflow.workflows._cursor import (
     current_and_has_next,
     current_and_last,
@@ -347,6 +348,17 @@ DEFINITION = WorkflowDefinition(
             description="sends per (tenant, channel, sender); at most 100,000 a UTC day (a WhatsApp number's "
             "highest messaging tier short of unlimited)",
             daily_cap=100_000,
+        ),
+    ),
+    # SalesFlow's sequence tick (its Celery beat job, every 300 s): a tick on sfworkflow.schedules, routing key
+    # sequence.tick, for SalesFlow's periodic sequence job; fired once per tick whatever the replicas.
+    schedules=(
+        Schedule(
+            "sequence.tick",
+            Kind.TICK,
+            "sequence.tick",
+            Spec(every_s=300, catch_up=CatchUp.ONCE),
+            description="SalesFlow's periodic sequence job (was Celery beat's sequence tick)",
         ),
     ),
     transitions=(
