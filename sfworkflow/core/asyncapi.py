@@ -22,6 +22,7 @@ from sfworkflow.contract.topology import (
     EVENT_SHARDS_EXCHANGE,
     EVENTS_EXCHANGE,
     LIFECYCLE_EXCHANGE,
+    SCHEDULES_EXCHANGE,
     commands_queue,
     compensations_queue,
 )
@@ -202,6 +203,40 @@ def document(engine: Engine) -> dict[str, Any]:
         "channel": {"$ref": "#/channels/lifecycle"},
         "bindings": PUBLISHED,
         "messages": _operation_messages("lifecycle", list(LIFECYCLE_EVENTS)),
+    }
+
+    messages["schedule_tick"] = {
+        "name": "schedule_tick",
+        "title": "Schedule tick",
+        "summary": "A tick of a schedule of kind tick, for SalesFlow's periodic job.",
+        "contentType": "application/json",
+        "headers": {
+            "type": "object",
+            "properties": {wire.TENANT: {"type": "string"}, wire.SCHEDULE: {"type": "string"}},
+        },
+        "payload": {"$ref": f"{SCHEMAS}/envelope/tick.v1.json"},
+        "bindings": {"amqp": {"bindingVersion": "0.3.0"}},
+    }
+    ticks = sorted({s.event_type for d in definitions for s in d.schedules if s.kind == "tick"})
+    channels["schedules"] = {
+        "address": "{routingKey}",
+        "title": f"Schedule ticks: exchange {SCHEDULES_EXCHANGE}",
+        "description": (
+            f"Published to the topic exchange `{SCHEDULES_EXCHANGE}` once per tick of each schedule of kind `tick` "
+            "(no queue of sfworkflow's: a job binds its own to the schedule's routing key). The definitions declare "
+            + ", ".join(f"`{t}`" for t in ticks)
+            + "; a tenant's own come from `sfworkflow schedules add` and `POST /v1/schedules`. Unroutable ticks are "
+            "dropped. Deduplicate on the AMQP `message_id` (the tick's)."
+        ),
+        "parameters": {"routingKey": {"description": "The schedule's routing key, e.g. follow_up.scan."}},
+        "messages": {"schedule_tick": {"$ref": "#/components/messages/schedule_tick"}},
+        "bindings": _exchange(SCHEDULES_EXCHANGE),
+    }
+    operations["sendScheduleTicks"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/schedules"},
+        "bindings": PUBLISHED,
+        "messages": [{"$ref": "#/channels/schedules/messages/schedule_tick"}],
     }
 
     dead_headers = (

@@ -27,6 +27,7 @@ from sfworkflow.client.producer import EventPublisher, build_event
 from sfworkflow.core.stuck import operator_states
 from sfworkflow.db import operations
 from sfworkflow.demo import profiles as simulation
+from sfworkflow.demo import schedules as demo_schedules
 from sfworkflow.demo.profiles import Profile, Traffic
 from sfworkflow.demo.worker import SimulatedWorker
 from sfworkflow.runtime.service import Service
@@ -77,6 +78,9 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     store = await PostgresDedupe.open(settings.database_url)
     worker = SimulatedWorker(settings.amqp_url, profile, workflows, hang=hung, store=store)
     await worker.start()
+    ticks = demo_schedules.TickListener()
+    await ticks.start(settings.amqp_url)
+    triggered = await demo_schedules.install(settings, service.engine, tenant)
     publisher = await EventPublisher.connect(settings.amqp_url)
     started = time.monotonic()
     published = Counter[str]()
@@ -108,14 +112,17 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         await _wait_outbox_empty(settings, 10.0)
         await asyncio.sleep(0.5)  # let the worker take the last compensation commands
         summary = await _summary(settings, tenant)
+        schedule_lines = await demo_schedules.report(settings, tenant, ticks, triggered)
     finally:
         for task in pending:
             task.cancel()
+        await ticks.stop()
         await publisher.close()
         await worker.stop()
         await service.stop()
     summary["sends_twice"] = worker.stats.sends_twice()
     _print_summary(summary, service, worker, published, elapsed, len(instances), tenant, ok)
+    print("\n".join(schedule_lines))
     if hung:
         _print_hung(hung, tenant)
     if not ok:

@@ -3,13 +3,34 @@ changes, intervals from their anchor, each catch-up policy after an hour down, d
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sfworkflow.core.schedules import CatchUp, Spec, due, jitter_of, next_tick, prev_tick, tick_id, ticks
+from sfworkflow.client.producer import validate_event
+from sfworkflow.contract import schemas
+from sfworkflow.core.schedules import (
+    CatchUp,
+    Kind,
+    Schedule,
+    Spec,
+    due,
+    due_at,
+    fire,
+    jitter_of,
+    manual_tick_id,
+    message,
+    next_tick,
+    prev_tick,
+    tick_id,
+    ticks,
+)
+from sfworkflow.workflows import DEFINITIONS
 
 BERLIN_0230 = Spec(cron="30 2 * * *", timezone="Europe/Berlin")
 RIYADH_0800 = Spec(cron="0 8 * * *", timezone="Asia/Riyadh")
@@ -133,3 +154,100 @@ def test_an_interval_anchored_in_a_zone_counts_real_seconds_across_a_dst_change(
     assert ticks(spec, utc(2027, 3, 26, 12), utc(2027, 3, 29, 12)) == [
         utc(2027, 3, 26, 23), utc(2027, 3, 27, 23), utc(2027, 3, 28, 23)
     ]  # fmt: skip
+
+
+# ---- schedules as declared, and what firing one writes ------------------------------------------------------------
+T = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
+
+
+def _cycle(**spec: object) -> Schedule:
+    return Schedule(
+        "self-improvement", Kind.EVENT, "self_improvement.cycle_started", Spec(**spec),  # type: ignore[arg-type]
+        entity_id="cycle-{date}-{tick}", data={"requested_by": "scheduler"}, tenant_id=T,
+    )  # fmt: skip
+
+
+def test_a_scheduled_event_is_an_envelope_with_the_tick_id_the_tenant_header_and_the_filled_entity() -> None:
+    s = _cycle(cron="0 8 * * *", timezone="Asia/Riyadh", catch_up=CatchUp.ONCE)
+    tick = datetime(2027, 3, 28, 5, 0, tzinfo=UTC)
+    m = message(s, tick, tick_id(s.key, tick))
+    assert m.exchange == "sfworkflow.events" and m.routing_key == "self_improvement.cycle_started" and m.mandatory
+    assert m.body["event_id"] == m.message_id == tick_id(f"{T}/self-improvement", tick)
+    assert m.body["entity_id"] == "cycle-2027-03-28-2027-03-28T05:00:00Z"
+    assert m.body["tenant_id"] == T and m.headers["x-sfworkflow-tenant"] == T
+    assert m.body["timestamp"] == "2027-03-28T05:00:00Z" and m.body["data"] == {"requested_by": "scheduler"}
+    validate_event(m.body)  # the envelope and its data pass the schemas the consumer checks
+
+
+def test_a_tick_goes_to_the_schedules_exchange_unmandatory_and_names_its_schedule() -> None:
+    s = Schedule("follow_up.scan", Kind.TICK, "follow_up.scan", Spec(every_s=300), data={"stale_after_s": 86400})
+    tick = datetime(2027, 1, 1, 0, 5, tzinfo=UTC)
+    m = message(s, tick, tick_id(s.key, tick))
+    assert (m.exchange, m.routing_key, m.mandatory) == ("sfworkflow.schedules", "follow_up.scan", False)
+    assert m.body["schedule"] == "follow_up.scan" and m.body["tick_at"] == "2027-01-01T00:05:00Z"
+    assert m.body["tenant_id"] == "00000000-0000-0000-0000-000000000000" and m.body["manual"] is False
+
+
+def test_two_tenants_schedules_of_one_name_never_share_a_tick_id() -> None:
+    tick = datetime(2027, 1, 1, tzinfo=UTC)
+    a, b = _cycle(every_s=60), replace(_cycle(every_s=60), tenant_id="00000000-0000-0000-0000-000000000001")
+    assert tick_id(a.key, tick) != tick_id(b.key, tick)
+    assert manual_tick_id(a.key, "r1") == manual_tick_id(a.key, "r1") != manual_tick_id(a.key, "r2")
+
+
+def test_fire_after_an_hour_down_queues_the_policy_s_ticks_and_waits_for_the_next_one() -> None:
+    now = datetime(2027, 1, 1, 12, 0, 30, tzinfo=UTC)
+    s = _cycle(every_s=600, catch_up=CatchUp.ALL, max_catch_up=4)
+    f = fire(s, now - timedelta(hours=1), now)
+    assert f.ticks == [datetime(2027, 1, 1, 11, m, tzinfo=UTC) for m in (30, 40, 50)] + [
+        datetime(2027, 1, 1, 12, 0, tzinfo=UTC)
+    ]
+    assert f.missed == 3 and f.next_tick_at == datetime(2027, 1, 1, 12, 10, tzinfo=UTC)
+    assert [m.message_id for m in f.messages] == [tick_id(s.key, t) for t in f.ticks]
+    assert f.lateness_s == 30.0 and f.due_at == f.next_tick_at  # no jitter
+
+
+def test_jitter_delays_when_the_loop_takes_a_schedule_not_the_tick_it_fires() -> None:
+    s = _cycle(every_s=60, jitter_s=30)
+    tick = datetime(2027, 1, 1, 0, 1, tzinfo=UTC)
+    assert tick <= due_at(s, tick) < tick + timedelta(seconds=30)
+    f = fire(s, tick, due_at(s, tick))
+    assert f.ticks == [tick] and f.lateness_s == 0.0 and f.due_at == due_at(s, f.next_tick_at)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message_part"),
+    [
+        ({"name": "Daily Report"}, "is not a schedule name"),
+        ({"entity_id": None}, "needs an entity id"),
+        ({"entity_id": "cycle-{when}"}, "only {tick}"),
+        ({"entity_id": "cycle-{tick:%Y}"}, "only {tick}"),
+        ({"entity_id": "cycle-{tick"}, "entity id template"),
+        ({"event_type": "cycle started"}, "is not a dotted event type"),
+        ({"kind": Kind.TICK}, "a tick has no entity id"),
+    ],
+)
+def test_a_schedule_that_cannot_publish_is_refused_saying_what_to_write(
+    kwargs: dict[str, Any], message_part: str
+) -> None:
+    fields: dict[str, Any] = {
+        "name": "self-improvement", "kind": Kind.EVENT, "event_type": "self_improvement.cycle_started",
+        "spec": Spec(every_s=900), "entity_id": "cycle-{tick}",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message_part)):
+        Schedule(**{**fields, **kwargs})
+
+
+def test_the_shipped_definitions_declare_salesflow_s_beat_jobs() -> None:
+    declared = {s.name: s for d in DEFINITIONS for s in d.schedules}
+    assert {n: (s.kind, s.spec.every_s) for n, s in declared.items()} == {
+        "sequence.tick": (Kind.TICK, 300), "follow_up.scan": (Kind.TICK, 300),
+    }  # fmt: skip
+
+
+def test_a_tick_s_body_passes_the_tick_schema_salesflow_s_jobs_are_given() -> None:
+    s = Schedule("follow_up.scan", Kind.TICK, "follow_up.scan", Spec(every_s=300), data={"stale_after_s": 86400})
+    tick = datetime(2027, 1, 1, 0, 5, tzinfo=UTC)
+    for m in (message(s, tick, tick_id(s.key, tick)), message(s, tick, manual_tick_id(s.key, "r"), manual=True)):
+        assert schemas.default().errors("envelope", "tick", m.body) == []
+    assert schemas.default().errors("envelope", "tick", {**m.body, "tick_at": 5}) != []
