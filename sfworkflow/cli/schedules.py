@@ -60,7 +60,7 @@ def register(sub: Any) -> dict[str, Any]:
     add.add_argument("--tenant", required=True, help="tenant id (a UUID)")
     when = add.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help="a cron expression: minute hour day-of-month month day-of-week, e.g. '0 8 * * *'")
-    when.add_argument("--every", help=f"an interval ({EXAMPLES}), counted from now")
+    when.add_argument("--every", help=f"an interval ({EXAMPLES}), counted from 2026-01-01 UTC (15m: :00, :15, …)")
     what = add.add_mutually_exclusive_group(required=True)
     what.add_argument("--event", help="publish this event type into sfworkflow at each tick (needs --entity)")
     what.add_argument("--tick", help="publish a tick with this routing key on sfworkflow.schedules (SalesFlow's job)")

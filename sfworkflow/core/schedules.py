@@ -220,13 +220,13 @@ class Schedule:
     tenant_id: str = NIL_TENANT
 
     def __post_init__(self) -> None:
-        if not NAME.match(self.name):
+        if not NAME.fullmatch(self.name):
             raise ValueError(
                 f"{self.name!r} is not a schedule name: lower-case letters, digits, '.', '_' or '-', up to 100, "
                 "e.g. sequence.tick or daily-report"
             )
         object.__setattr__(self, "kind", Kind(self.kind))
-        if not re.match(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$", self.event_type) or len(self.event_type) > 100:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+", self.event_type) or len(self.event_type) > 100:
             raise ValueError(f"{self.event_type!r} is not a dotted event type or routing key, e.g. sequence.tick")
         if self.kind is Kind.EVENT:
             if not self.entity_id:

@@ -1,5 +1,5 @@
-"""The admin HTTP API under /v1/: instances, stuck instances, replay, rate limits, definitions, and its OpenAPI
-document.
+"""The admin HTTP API under /v1/: instances, stuck instances, replay, rate limits, schedules, definitions, and its
+OpenAPI document.
 
 Off unless SFWORKFLOW_ADMIN_TOKEN is set: then every /v1/ route answers 404 saying how to turn it on.
 On: every route but /v1/openapi.json wants `Authorization: Bearer <token>` (compared in constant time).
@@ -22,16 +22,18 @@ import structlog
 from aiohttp import web
 
 from sfworkflow import db
+from sfworkflow.contract.storable import clean_json
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.durations import parse_age
 from sfworkflow.core.engine import CompiledWorkflow, Engine
 from sfworkflow.core.stuck import Filters
 from sfworkflow.db import operations
+from sfworkflow.db import schedules as schedule_rows
 from sfworkflow.errors import UsageError
 from sfworkflow.http import openapi
 from sfworkflow.http.validation import Checks, Invalid
-from sfworkflow.ops import limits, replay
+from sfworkflow.ops import limits, replay, schedules
 from sfworkflow.ops.inspect import load_instance
 from sfworkflow.ops.stuck import find_stuck
 
@@ -87,6 +89,13 @@ def mount(app: web.Application, service: Service) -> None:
     app.router.add_get(PREFIX + "/limits/{tenant}", get_tenant_limits)
     app.router.add_put(PREFIX + "/limits/{tenant}", put_tenant_limit)
     app.router.add_delete(PREFIX + "/limits/{tenant}", delete_tenant_limit)
+    app.router.add_get(PREFIX + "/schedules", list_schedules)
+    app.router.add_post(PREFIX + "/schedules", post_schedule)
+    app.router.add_get(PREFIX + "/schedules/{name}", get_schedule)
+    app.router.add_delete(PREFIX + "/schedules/{name}", delete_schedule)
+    app.router.add_post(PREFIX + "/schedules/{name}/pause", pause_schedule)
+    app.router.add_post(PREFIX + "/schedules/{name}/resume", resume_schedule)
+    app.router.add_post(PREFIX + "/schedules/{name}/trigger", trigger_schedule)
     app.router.add_get(PREFIX + "/definitions", list_definitions)
     app.router.add_get(PREFIX + "/definitions/{workflow}", get_definition)
 
@@ -318,6 +327,111 @@ async def delete_tenant_limit(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"tenant {p['tenant']} has no override of {p['limit']}")
     log.info("rate limit override removed", tenant_id=row["tenant"], limit=row["limit"])
     return json_response(row)
+
+
+# ---- schedules (ops/schedules.py) ------------------------------------------------------------------------------
+# ops/schedules.py says what it refuses with a UsageError: a body it cannot use is a 400 (invalid_schedule), no such
+# schedule a 404, anything else the schedule's state refuses (a taken name, a code-declared one deleted) a 409.
+def _no_schedule(tenant: str | None, name: str) -> ApiError:
+    whose = f"tenant {tenant}" if tenant else "the code-declared ones (no tenant)"
+    return ApiError(404, "not_found", f"no schedule {name!r} among {whose}; GET {PREFIX}/schedules lists them")
+
+
+async def _refused(conn: asyncpg.Connection, tenant: str | None, name: str, exc: UsageError, code: str) -> ApiError:
+    """The answer to a UsageError of ops/schedules.py about the schedule `name`: 404 when it is not there, else 409."""
+    if await schedule_rows.get(conn, schedules.check_tenant(tenant), name) is None:
+        return _no_schedule(tenant, name)
+    return ApiError(409, code, str(exc))
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    p = params(request, "listSchedules")
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        return json_response({"items": await schedules.list_(conn, _lower(p.get("tenant")))})
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    p = params(request, "getSchedule")
+    tenant, name = _lower(p.get("tenant")), p["name"]
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            return json_response(await schedules.show(conn, tenant, name))
+        except UsageError:
+            raise _no_schedule(tenant, name) from None
+
+
+async def post_schedule(request: web.Request) -> web.Response:
+    body = request.app[CHECKS].body("addSchedule", await request.read())
+    if clean_json(body["data"])[1]:  # a jsonb column holds neither
+        raise ApiError(400, "invalid_schedule", '"data" holds a NUL character or an unpaired surrogate: remove it')
+    try:
+        s = schedules.build(
+            _engine(request), tenant=body["tenant"], name=body["name"], kind=body["kind"],
+            event_type=body["event_type"], entity_id=body.get("entity_id"), data=dict(body["data"]),
+            cron=body.get("cron"), every_s=int(body["every_s"]) if "every_s" in body else None,
+            timezone=body["timezone"], jitter_s=float(body["jitter_s"]), catch_up=body["catch_up"],
+            max_catch_up=int(body["max_catch_up"]), description=body["description"],
+        )  # fmt: skip
+    except UsageError as exc:  # a cron expression, a zone, an event type or data it cannot use: nothing stored
+        raise ApiError(400, "invalid_schedule", str(exc)) from None
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            row = await schedules.add(conn, s, body["by"], body["reason"])
+        except UsageError as exc:  # the tenant has one of that name
+            raise ApiError(409, "already_exists", str(exc)) from None
+    log.info("schedule added", tenant_id=row["tenant"], schedule=row["name"], kind=row["kind"],
+             event_type=row["event_type"], cron=row["cron"], every_s=row["every_s"], timezone=row["timezone"],
+             reason=row["reason"], by=row["updated_by"])  # fmt: skip
+    return json_response(row, status=201)
+
+
+async def _pause_or_resume(request: web.Request, operation_id: str, paused: bool) -> web.Response:
+    p = params(request, operation_id)
+    body = request.app[CHECKS].body(operation_id, await request.read())
+    tenant, name = _lower(body.get("tenant")), p["name"]
+    change, code = (schedules.pause, "cannot_pause") if paused else (schedules.resume, "cannot_resume")
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            row = await change(conn, tenant, name, body["by"], body["reason"])
+        except UsageError as exc:
+            raise await _refused(conn, tenant, name, exc, code) from None
+    log.info("schedule paused" if paused else "schedule resumed", tenant_id=row["tenant"], schedule=name,
+             next_tick_at=row["next_tick_at"], reason=row["reason"], by=row["updated_by"])  # fmt: skip
+    return json_response(row)
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, "pauseSchedule", True)
+
+
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, "resumeSchedule", False)
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    p = params(request, "deleteSchedule")
+    tenant, name = _lower(p.get("tenant")), p["name"]
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            row = await schedules.delete(conn, tenant, name)
+        except UsageError as exc:  # not there, or declared by a definition (it would come back at the next start)
+            raise await _refused(conn, tenant, name, exc, "code_declared") from None
+    log.info("schedule deleted", tenant_id=row["tenant"], schedule=name)
+    return json_response(row)
+
+
+async def trigger_schedule(request: web.Request) -> web.Response:
+    p = params(request, "triggerSchedule")
+    body = request.app[CHECKS].body("triggerSchedule", await request.read() or b"{}")  # the body is optional
+    tenant, name = _lower(body.get("tenant")), p["name"]
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            out = await schedules.trigger(conn, tenant, name, body.get("request_id"))
+        except UsageError as exc:
+            raise await _refused(conn, tenant, name, exc, "cannot_fire") from None
+    log.info("schedule triggered", tenant_id=out["tenant"], schedule=name, request_id=out["request_id"],
+             message_id=out["message_id"], queued=out["queued"])  # fmt: skip
+    return json_response(out)
 
 
 async def post_replay(request: web.Request) -> web.Response:

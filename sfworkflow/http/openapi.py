@@ -23,8 +23,15 @@ ENTITY = r"[^/\u0000]{1,200}"  # an entity id: no '/', no NUL, at most 200 chara
 AGE = rf"[0-9]{{1,6}}(\.[0-9]{{1,3}})?[{''.join(UNITS)}]?"
 INSTANCE_REF = rf"{UUID}/{NAME}/{ENTITY}"
 LIMIT_NAME = rf"{NAME}\.{NAME}/{NAME}"  # a limit: <workflow>.<command>/<name>
+SCHEDULE_NAME = r"[a-z0-9][a-z0-9_.-]{0,99}"  # a schedule's name (core/schedules.py NAME, the table's CHECK)
+ROUTING = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+"  # a schedule's event type or tick routing key, e.g. sequence.tick
 # Free text (reason, by): no control characters, at least one character that is not a space.
 TEXT = r"[^\u0000-\u001f\u007f]*[^\u0000-\u0020\u007f][^\u0000-\u001f\u007f]*"
+LINE = r"[^\u0000-\u001f\u007f]*"  # text that may be empty (a description): no control characters
+# A schedule's reason: TEXT whose character that is not a space is not one of the other spaces Python's str.strip()
+# removes either (ops/schedules.py refuses a reason that strips to nothing).
+SPACES = r"\u0000-\u0020\u007f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+WORDS = rf"[^\u0000-\u001f\u007f]*[^{SPACES}][^\u0000-\u001f\u007f]*"
 MAX_REASON = 500
 MAX_BY = 100
 MAX_LIMIT = 500
@@ -54,6 +61,10 @@ IN_WORDS = {
     anchored(INSTANCE_REF): "TENANT/WORKFLOW/ENTITY (a UUID, a workflow name, an entity id)",
     anchored(LIMIT_NAME): "a limit's name, WORKFLOW.COMMAND/NAME, e.g. sequence.send_step/per_sender",
     anchored(TEXT): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
+    anchored(LINE): "text of at most {maxLength} characters, without control characters",
+    anchored(WORDS): "text of {minLength} to {maxLength} characters, without control characters, not only spaces",
+    anchored(SCHEDULE_NAME): "lower-case letters, digits, '.', '_' or '-' (up to 100), e.g. daily-report",
+    anchored(ROUTING): "a dotted name such as self_improvement.cycle_started or salesflow.daily_report",
 }
 
 
@@ -80,19 +91,38 @@ OLDER_THAN_Q = _query(
     f"Stuck for at least this long: {AGE_EXAMPLES}.",
 )
 TENANT_P = _path("tenant", UUID, 36, "Tenant id (UUID).")
+SCHEDULE_P = _path("name", SCHEDULE_NAME, 100, "The schedule's name, e.g. daily-report or sequence.tick.")
+SCHEDULE_TENANT_Q = _query(
+    "tenant",
+    {"type": "string", "format": "uuid", "pattern": anchored(UUID)},
+    "Its tenant (UUID); omit it for a schedule the workflow definitions declare (they belong to no tenant).",
+)
 WORKFLOW_P = _path("workflow", NAME, 64, "Workflow name, e.g. `sequence`.")
 ENTITY_P = _path("entity", ENTITY, 200, "Entity id the instance is keyed on.")
 
 ERRORS_COMMON = {"401": UNAUTHORIZED, "404": ERROR, "503": ERROR}
 
 
-def _op(summary: str, description: str, ok: dict[str, Any], params: list[dict[str, Any]], **extra: Any) -> Any:
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
+def _op(
+    summary: str,
+    description: str,
+    ok: dict[str, Any],
+    params: list[dict[str, Any]],
+    *,
+    status: str = "200",
+    conflict: bool = False,
+    **extra: Any,
+) -> Any:
+    """An operation answering `status` with `ok`; `conflict`: also 409 (the item's state refuses the change)."""
+    content = {"application/json": {"schema": ok}}
+    responses: dict[str, Any] = {status: {"description": {"200": "OK", "201": "Created"}[status], "content": content}}
     if params or "requestBody" in extra:
         responses["400"] = ERROR
     if "requestBody" in extra:
         responses["413"] = ERROR
     responses.update(ERRORS_COMMON)
+    if conflict:
+        responses["409"] = ERROR
     op: dict[str, Any] = {"summary": summary, "description": description, "parameters": params}
     op.update(extra)
     op["responses"] = responses
@@ -114,6 +144,164 @@ LIMIT_FIELD = {
 
 
 OVERRIDE_OR_NULL = {"oneOf": [{"$ref": "#/components/schemas/LimitOverride"}, {"type": "null"}]}
+
+SCHEDULE_TENANT_FIELD = {
+    "type": "string",
+    "format": "uuid",
+    "pattern": anchored(UUID),
+    "description": "Its tenant (UUID); leave it out for a schedule the workflow definitions declare.",
+}
+MAX_EVERY_S = 366 * 86400  # an interval of a year at most (core/schedules.py Spec)
+
+
+def _schedule_schemas(reason: dict[str, Any], by: dict[str, Any]) -> dict[str, Any]:
+    """The schedules' request and response bodies (ops/schedules.py; `sfworkflow schedules`)."""
+    why = {"reason": {**reason, "pattern": anchored(WORDS), "description": "Why (kept with the schedule)."}, "by": by}
+    # What a new schedule says besides when it ticks. Only the shape is checked here: its cron expression, time
+    # zone, event type and data are checked as the schedule loop will use them (400 invalid_schedule says what).
+    what = {
+        "tenant": {**SCHEDULE_TENANT_FIELD, "description": "The tenant whose schedule it is (UUID)."},
+        "name": {
+            "type": "string", "minLength": 1, "maxLength": 100, "pattern": anchored(SCHEDULE_NAME),
+            "description": "Its name, unique within the tenant, e.g. daily-report.",
+        },
+        "kind": {
+            "type": "string", "enum": ["event", "tick"],
+            "description": "`event`: publish `event_type` into sfworkflow at each tick (a start event starts an "
+            "instance per tick; needs `entity_id`); `tick`: publish a tick with routing key `event_type` on the "
+            "exchange sfworkflow.schedules, for a SalesFlow job.",
+        },
+        "event_type": {
+            "type": "string", "minLength": 3, "maxLength": 100, "pattern": anchored(ROUTING),
+            "description": "kind event: an event type the loaded workflows take (its `data` must pass its "
+            "schema); kind tick: the tick's routing key, e.g. salesflow.daily_report.",
+        },
+        "entity_id": {
+            "type": "string", "minLength": 1, "maxLength": 200, "pattern": anchored(ENTITY),
+            "description": "kind event (required there): the entity id, a template naming {tick} (the tick's "
+            "instant), {date} (its date in the zone) or {schedule}, e.g. cycle-{tick}.",
+        },
+        "data": {"type": "object", "default": {}, "description": "The event's data, or the tick's (a JSON object)."},
+        "timezone": {
+            "type": "string", "minLength": 1, "maxLength": 64, "pattern": anchored(TEXT), "default": "UTC",
+            "description": "The IANA time zone a cron expression is read in, e.g. Asia/Riyadh.",
+        },
+        "jitter_s": {
+            "type": "number", "minimum": 0, "maximum": 3600, "default": 0,
+            "description": "Spread each tick over this many seconds (the same spread on every replica).",
+        },
+        "catch_up": {
+            "type": "string", "enum": ["skip", "once", "all"], "default": "once",
+            "description": "After downtime: skip the missed ticks, fire the latest once, or fire each up to "
+            "`max_catch_up`.",
+        },
+        "max_catch_up": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+        "description": {
+            "type": "string", "maxLength": 500, "pattern": anchored(LINE), "default": "",
+            "description": "What it is for.",
+        },
+        **why,
+    }  # fmt: skip
+    cron = {
+        "type": "string", "minLength": 1, "maxLength": 200, "pattern": anchored(TEXT),
+        "description": "A cron expression: minute hour day-of-month month day-of-week, e.g. `0 8 * * *`.",
+    }  # fmt: skip
+    every_s = {
+        "type": "integer", "minimum": 1, "maximum": MAX_EVERY_S,
+        "description": "An interval in seconds, counted from a round instant (every 900: at :00, :15, :30, :45).",
+    }  # fmt: skip
+    request_id = {
+        "type": "string", "minLength": 1, "maxLength": 100, "pattern": anchored(TEXT),
+        "description": "An id for this request (default: a new one): a retry with the same id fires nothing more.",
+    }  # fmt: skip
+    required = ["tenant", "name", "kind", "event_type", "reason"]
+    row = {
+        "tenant": {"type": "string", "format": "uuid", "description": "The nil UUID for a code-declared one."},
+        "name": {"type": "string"},
+        "kind": {"type": "string", "enum": ["event", "tick"]},
+        "event_type": {"type": "string"},
+        "entity_id": NULLABLE_STRING,
+        "data": JSON_OBJECT,
+        "cron": NULLABLE_STRING,
+        "every_s": {"type": ["integer", "null"]},
+        "timezone": {"type": "string"},
+        "jitter_s": {"type": "number"},
+        "catch_up": {"type": "string", "enum": ["skip", "once", "all"]},
+        "max_catch_up": {"type": "integer"},
+        "paused": {"type": "boolean"},
+        "next_tick_at": {**TIMESTAMP, "description": "Its first unfired tick (jitter not applied)."},
+        "last_tick_at": {**NULLABLE_TIMESTAMP, "description": "The latest tick fired by the schedule loop."},
+        "last_fired_at": NULLABLE_TIMESTAMP,
+        "fired": {"type": "integer", "description": "Ticks fired (by the loop and by trigger)."},
+        "missed": {"type": "integer", "description": "Ticks passed over under its catch-up policy."},
+        "source": {"type": "string", "enum": ["code", "api"]},
+        "workflow": {**NULLABLE_STRING, "description": "source code: the definition that declares it."},
+        "description": {"type": "string"},
+        "updated_by": {"type": "string"},
+        "reason": {"type": "string"},
+        "updated_at": TIMESTAMP,
+    }
+    return {
+        "Schedule": {"type": "object", "required": list(row), "properties": row},
+        "ScheduleList": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}},
+        },
+        "ScheduleRequest": {
+            "description": "A tenant's schedule: when it ticks, a cron expression (`cron`, read in `timezone`) or "
+            "an interval (`every_s`), and what it publishes at each tick.",
+            "type": "object",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "title": "On a cron expression",
+                    "required": ["cron", *required],
+                    "additionalProperties": False,
+                    "properties": {"cron": cron, **what},
+                },
+                {
+                    "type": "object",
+                    "title": "Every N seconds",
+                    "required": ["every_s", *required],
+                    "additionalProperties": False,
+                    "properties": {"every_s": every_s, **what},
+                },
+            ],
+        },
+        "ScheduleChangeRequest": {
+            "description": "Which schedule (`tenant`: leave it out for a code-declared one), and why.",
+            "type": "object",
+            "required": ["reason"],
+            "additionalProperties": False,
+            "properties": {"tenant": SCHEDULE_TENANT_FIELD, **why},
+        },
+        "ScheduleTriggerRequest": {
+            "description": "Which schedule (`tenant`: leave it out for a code-declared one), and the request's id.",
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "tenant": SCHEDULE_TENANT_FIELD,
+                "request_id": request_id,
+            },
+        },
+        "ScheduleTrigger": {
+            "type": "object",
+            "required": ["tenant", "schedule", "message_id", "request_id", "queued", "exchange", "routing_key"],
+            "properties": {
+                "tenant": {"type": "string", "format": "uuid"},
+                "schedule": {"type": "string"},
+                "message_id": {"type": "string", "format": "uuid", "description": "The extra tick's message id."},
+                "request_id": {"type": "string"},
+                "queued": {
+                    "type": "boolean",
+                    "description": "false: this request's tick was queued before (a retry); nothing more is sent.",
+                },
+                "exchange": {"type": "string"},
+                "routing_key": {"type": "string"},
+            },
+        },
+    }
 
 
 def _schemas() -> dict[str, Any]:
@@ -665,6 +853,7 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        **_schedule_schemas(filters["reason"], filters["by"]),
     }
 
 
@@ -678,7 +867,7 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions, set a "
-                "tenant's rate limits.\n\n"
+                "tenant's rate limits, list, add, pause, resume, delete and trigger schedules.\n\n"
                 "The API is off unless `SFWORKFLOW_ADMIN_TOKEN` is set (at least 16 characters); while it is off "
                 "every `/v1/` route answers 404. Send the token as `Authorization: Bearer <token>`; a missing or "
                 'wrong token gets 401. Errors are JSON: `{"error": code, "message": text}`.'
@@ -798,6 +987,102 @@ def document() -> dict[str, Any]:
                     operationId="unsetTenantLimit",
                 ),
             },
+            "/v1/schedules": {
+                "get": _op(
+                    "List schedules",
+                    "Same as `sfworkflow schedules list`: every schedule (of one tenant with `tenant`; the "
+                    "code-declared ones have the nil UUID), by tenant and name, with its next and last ticks and how "
+                    "many it fired and missed.",
+                    {"$ref": ref + "ScheduleList"},
+                    [TENANT_Q],
+                    operationId="listSchedules",
+                ),
+                "post": _op(
+                    "Add a tenant's schedule",
+                    "Same as `sfworkflow schedules add`: a schedule of `tenant` that publishes an event into "
+                    "sfworkflow (kind event) or a tick for a SalesFlow job (kind tick) at each tick of a cron "
+                    "expression in a time zone or of an interval, once per tick whatever the number of replicas. "
+                    "It fires first at its first tick after now. 400 invalid_schedule when the cron expression, the "
+                    "time zone, the event type or its data cannot be used (the message says why); 409 "
+                    "already_exists when the tenant has a schedule of that name.",
+                    {"$ref": ref + "Schedule"},
+                    [],
+                    status="201",
+                    conflict=True,
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": ref + "ScheduleRequest"}}},
+                    },
+                    operationId="addSchedule",
+                ),
+            },
+            "/v1/schedules/{name}": {
+                "get": _op(
+                    "Get a schedule",
+                    "Same as `sfworkflow schedules show`. 404 when there is no such schedule.",
+                    {"$ref": ref + "Schedule"},
+                    [SCHEDULE_P, SCHEDULE_TENANT_Q],
+                    operationId="getSchedule",
+                ),
+                "delete": _op(
+                    "Delete a tenant's schedule",
+                    "Same as `sfworkflow schedules delete`: the removed schedule (its ticks already queued still go "
+                    "out). 404 when there is no such schedule; 409 code_declared for one the workflow definitions "
+                    "declare, which would come back at the next start: pause it instead.",
+                    {"$ref": ref + "Schedule"},
+                    [SCHEDULE_P, SCHEDULE_TENANT_Q],
+                    conflict=True,
+                    operationId="deleteSchedule",
+                ),
+            },
+            "/v1/schedules/{name}/pause": {
+                "post": _op(
+                    "Pause a schedule",
+                    "Same as `sfworkflow schedules pause`: it fires nothing more until resumed (a tick being fired "
+                    "now still goes out), on every replica from its next round. 404 when there is no such schedule.",
+                    {"$ref": ref + "Schedule"},
+                    [SCHEDULE_P],
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": ref + "ScheduleChangeRequest"}}},
+                    },
+                    operationId="pauseSchedule",
+                )
+            },
+            "/v1/schedules/{name}/resume": {
+                "post": _op(
+                    "Resume a schedule",
+                    "Same as `sfworkflow schedules resume`: it fires again from its first tick after now; the ticks "
+                    "that fell while it was paused are not fired. 404 when there is no such schedule; 409 "
+                    "cannot_resume when its row describes no schedule any more (delete it and add it again).",
+                    {"$ref": ref + "Schedule"},
+                    [SCHEDULE_P],
+                    conflict=True,
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": ref + "ScheduleChangeRequest"}}},
+                    },
+                    operationId="resumeSchedule",
+                )
+            },
+            "/v1/schedules/{name}/trigger": {
+                "post": _op(
+                    "Fire one extra tick now",
+                    "Same as `sfworkflow schedules trigger`: one extra tick now, paused or not, besides the "
+                    "schedule's own. Its message id comes from `request_id` (default: a new one): a retry with the "
+                    "same `request_id` queues nothing more and answers `queued: false`. The body may be left out "
+                    "(a code-declared schedule, a new request id). 404 when there is no such schedule; 409 "
+                    "cannot_fire when its row describes no schedule any more.",
+                    {"$ref": ref + "ScheduleTrigger"},
+                    [SCHEDULE_P],
+                    conflict=True,
+                    requestBody={
+                        "required": False,
+                        "content": {"application/json": {"schema": {"$ref": ref + "ScheduleTriggerRequest"}}},
+                    },
+                    operationId="triggerSchedule",
+                )
+            },
             "/v1/definitions": {
                 "get": _op(
                     "List loaded definitions",
@@ -847,7 +1132,8 @@ def document() -> dict[str, Any]:
             "responses": {
                 "Error": {
                     "description": "An error: 400 bad parameter, 401 missing or wrong token (with "
-                    "`WWW-Authenticate: Bearer`), 404 unknown item or admin API off, 503 PostgreSQL unavailable.",
+                    "`WWW-Authenticate: Bearer`), 404 unknown item or admin API off, 409 the item's state refuses the "
+                    "change, 413 body too large, 503 PostgreSQL unavailable.",
                     "content": {"application/json": {"schema": {"$ref": ref + "Error"}}},
                 },
                 "Unauthorized": {

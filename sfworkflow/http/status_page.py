@@ -5,10 +5,12 @@ this replica's own counters over about the last minute (core/rates.py: the diffe
 taken closest to a minute before; each replica counts only what it consumed), and the age of the oldest
 unpublished outbox row (PostgreSQL: every replica's). Then instances by workflow and state, stuck instances
 (why, since when, the pending command), dead letters by reason (outbox rows of kind `dead_letter` within the
-retention period), the outbox backlog, the outbox rows the relay gave up, parked events, and each loaded
-workflow's state diagram: an inline SVG drawn on the server (core/svg.py, once per definition, in a thread at
+retention period), the outbox backlog, the outbox rows the relay gave up, parked events, the schedules (when each
+ticks, what it publishes, its next and last ticks, how many it fired and missed), and each loaded workflow's state
+diagram: an inline SVG drawn on the server (core/svg.py, once per definition, in a thread at
 the first view; the CSP allows no script), with its Mermaid source in a collapsed <details>. It needs no token:
-it shows ids, states and counts, never a message body or a context (no recipient address, no personal data).
+it shows ids, states and counts, never a message body, a context or a schedule's data (no recipient address, no
+personal data).
 It refreshes itself every 10 s.
 """
 
@@ -30,7 +32,7 @@ from sfworkflow.core.stuck import Filters, StuckInstance
 from sfworkflow.core.stuck import format_age as age
 from sfworkflow.db import operations, outbox
 from sfworkflow.http.admin import SERVICE
-from sfworkflow.ops import replay
+from sfworkflow.ops import replay, schedules
 from sfworkflow.ops.stuck import find_stuck
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ REFRESH_S = 10  # seconds between the page's own reloads
 CACHE_S = 3.0  # seconds one rendering is served to every viewer (bounds the load many open pages put on PostgreSQL)
 STUCK_SHOWN = 50
 FAILED_SHOWN = 50  # outbox rows given up listed at most
+SCHEDULES_SHOWN = 100  # schedules listed at most
 QUERY_TIMEOUT_S = 5.0
 HEADERS = {
     "Cache-Control": "no-store",
@@ -155,6 +158,7 @@ async def gather(service: Service) -> dict[str, Any]:
             "parked": await operations.parked_count(conn),
             "failed": await outbox.list_failed(conn, None, FAILED_SHOWN),
             "failed_total": await outbox.failed_count(conn),
+            "schedules": await schedules.list_(conn),
         }
 
 
@@ -264,6 +268,35 @@ def _stuck_rows(stuck: list[StuckInstance], service: Service, now: datetime) -> 
     return rows
 
 
+SCHEDULE_HEAD = ["name", "tenant", "when (zone)", "publishes", "state", "next tick", "last tick", "fired", "missed"]
+
+
+def _schedules(found: list[dict[str, Any]]) -> str:
+    """Each schedule: whose, when it ticks, what it publishes, paused or not, its next and last ticks, its counts."""
+
+    def at(t: datetime | None) -> str:
+        return "-" if t is None else f"{e(t.strftime('%Y-%m-%d %H:%M:%S'))} UTC"
+
+    rows = []
+    for r in found[:SCHEDULES_SHOWN]:
+        whose = (
+            '<span class="muted">code</span>' if r["source"] == "code" else f'<span class="id">{e(r["tenant"])}</span>'
+        )
+        when = f"cron <code>{e(r['cron'])}</code>" if r["cron"] else f"every {e(r['every_s'])} s"
+        paused = r["paused"]
+        rows.append(
+            [
+                f'<span class="id">{e(r["name"])}</span>', whose,
+                f'{when} <span class="muted">{e(r["timezone"])}</span>',
+                f"{e(r['kind'])} <code>{e(r['event_type'])}</code>",
+                '<span class="pill bad">paused</span>' if paused else '<span class="pill ok">active</span>',
+                '<span class="muted">-</span>' if paused else at(r["next_tick_at"]), at(r["last_tick_at"]),
+                e(r["fired"]), e(r["missed"]),
+            ]
+        )  # fmt: skip
+    return table(SCHEDULE_HEAD, rows, {7, 8}, "no schedules")
+
+
 def render_page(
     service: Service,
     data: dict[str, Any],
@@ -314,6 +347,8 @@ def render_page(
         "none: the relay gave nothing up",
     )  # fmt: skip
     diagrams = _diagrams(service, drawn, stuck)
+    n_schedules = len(data["schedules"])
+    first = f" (first {SCHEDULES_SHOWN} of {n_schedules} shown)" if n_schedules > SCHEDULES_SHOWN else ""
     stuck_table = table(
         ["workflow", "tenant", "entity", "state", "why", "stuck for", "pending command", "replay would"],
         _stuck_rows(stuck, service, now),
@@ -346,6 +381,10 @@ then without <code>--dry-run</code>; details: <code>sfworkflow inspect TENANT/WO
 <section id="outbox-failed"><h2>Outbox rows given up ({e(data["failed_total"])})</h2>{failed}
 <p class="muted">The broker refused them SFWORKFLOW_RELAY_MAX_ATTEMPTS times (unroutable or nacked); fix the cause,
 then <code>sfworkflow outbox republish --id ID</code> (or <code>--all</code>).</p></section>
+<section id="schedules"><h2>Schedules{e(first)}</h2>{_schedules(data["schedules"])}
+<p class="muted">Each tick is fired once whatever the number of replicas; <code>sfworkflow schedules pause NAME
+--reason TEXT</code> stops one (<code>--tenant T</code> for a tenant's), <code>resume</code> starts it again.</p>
+</section>
 <section id="diagrams"><h2>Workflow diagrams</h2>
 <p class="muted legend"><span>● start</span><span><b>bold green</b>: initial state</span>
 <span>double border: terminal</span><span>amber, dashed: waits for an operator</span>

@@ -9,12 +9,13 @@ do not delete them. A change applies to the next round of every replica (the loo
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from sfworkflow.contract import schemas
+from sfworkflow.contract.storable import clean_json
 from sfworkflow.core.engine import Engine
 from sfworkflow.core.schedules import (
     NIL_TENANT,
@@ -82,6 +83,10 @@ def build(
         s = Schedule(name, Kind(kind), event_type, spec, entity_id, data or {}, description, check_tenant(tenant))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if s.tenant_id == NIL_TENANT:
+        raise UsageError("the nil tenant is the code-declared schedules': name the tenant the schedule is for")
+    if clean_json(dict(s.data))[1]:
+        raise UsageError("data holds characters PostgreSQL cannot store (NUL, unpaired surrogates): remove them")
     if s.kind is Kind.EVENT:
         known = {cw.definition.event_type(e) for cw in engine.compiled.values() for e in cw.definition.events}
         if s.event_type not in known:
@@ -110,8 +115,9 @@ async def add(conn: asyncpg.Connection, s: Schedule, by: str, reason: str) -> di
     """Store a run-time schedule; it waits for its first tick after now. UsageError when the tenant has one of
     that name (delete it first, or pick another name)."""
     if not reason.strip():
-        raise UsageError("say why (--reason): it is kept with the schedule")
-    row = await store.insert(conn, s, first_tick(s, datetime.now(UTC)), by, reason)
+        raise UsageError("say why (a reason): it is kept with the schedule")
+    now: datetime = await conn.fetchval("SELECT clock_timestamp()")  # the database's clock, as the loop's
+    row = await store.insert(conn, s, first_tick(s, now), by, reason)
     if row is None:
         raise UsageError(f"tenant {s.tenant_id} has a schedule {s.name!r} already: delete it first or pick a name")
     return as_json(row)
@@ -131,7 +137,7 @@ async def _set_paused(
     conn: asyncpg.Connection, tenant: str | None, name: str, paused: bool, by: str, reason: str
 ) -> dict[str, Any]:
     if not reason.strip():
-        raise UsageError("say why (--reason): it is kept with the schedule")
+        raise UsageError("say why (a reason): it is kept with the schedule")
     t = check_tenant(tenant)
     async with conn.transaction():
         r = await store.lock(conn, t, name)
@@ -158,7 +164,7 @@ async def delete(conn: asyncpg.Connection, tenant: str | None, name: str) -> dic
     if r["source"] == "code":
         raise UsageError(
             f"schedule {name} is declared by the workflow {r['workflow']} and comes back at the next start: "
-            "pause it instead (sfworkflow schedules pause)"
+            "pause it instead"
         )
     removed = await store.delete(conn, t, name)
     if removed is None:
@@ -186,8 +192,8 @@ async def trigger(conn: asyncpg.Connection, tenant: str | None, name: str, reque
 
 
 def _missing(tenant: str | None, name: str) -> str:
-    whose = f"tenant {tenant}" if tenant else "the code-declared ones (no --tenant)"
-    return f"no schedule {name!r} among {whose}; `sfworkflow schedules list` lists them"
+    whose = f"tenant {tenant}'s" if tenant else "the code-declared ones (no tenant given)"
+    return f"no schedule {name!r} among {whose}; list them to see which there are"
 
 
 def as_json(r: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pytest
 
 from sfworkflow.core import svg
 from sfworkflow.http import status_page
+from sfworkflow.ops import schedules
 from sfworkflow.runtime.service import Service
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
@@ -143,6 +144,32 @@ async def test_the_status_page_shows_stuck_instances_dead_letters_and_diagrams(
     assert "this replica, since start: last" in html
     for address in addresses.values():  # ids only: no message body, no recipient address
         assert address not in html
+
+
+async def test_the_status_page_lists_the_schedules(settings: Settings, pg: asyncpg.Connection) -> None:
+    async with running_service(settings) as service, aiohttp.ClientSession() as http:
+        added = schedules.build(
+            service.engine, tenant=TENANT, name="daily-report", kind="tick", event_type="salesflow.daily_report",
+            cron="0 8 * * *", timezone="Asia/Riyadh",
+        )  # fmt: skip
+        await schedules.add(pg, added, "oncall", "SalesFlow's beat job")
+        await schedules.pause(pg, None, "follow_up.scan", "oncall", "INC-3 <b>scan</b> & co")
+        async with http.get(f"http://127.0.0.1:{service.http_port}/") as r:
+            assert r.status == 200
+            html = await r.text()
+    section = html.split('<section id="schedules">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Schedules</h2>" in section
+    rows = {re.sub(r"<[^>]+>", "", row.split("</td>", 1)[0]): row for row in section.split("<tr><td>")[1:]}
+    assert set(rows) == {"daily-report", "follow_up.scan", "sequence.tick"}, rows
+    report = rows["daily-report"]
+    for text in (TENANT, "cron <code>0 8 * * *</code>", "Asia/Riyadh", "tick <code>salesflow.daily_report</code>",
+                 '<span class="pill ok">active</span>', "05:00:00 UTC"):  # fmt: skip
+        assert text in report, (text, report)
+    assert re.search(r"<td class=num>0</td><td class=num>0</td></tr>", report), report  # fired, missed
+    tick = rows["sequence.tick"]
+    assert '<span class="muted">code</span>' in tick and "every 300 s" in tick and TENANT not in tick, tick
+    assert '<span class="pill bad">paused</span>' in rows["follow_up.scan"]
+    assert "INC-3" not in html  # a reason is not shown (free text)
 
 
 async def _run(*cmd: str) -> tuple[int, bytes, bytes]:

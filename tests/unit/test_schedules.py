@@ -219,6 +219,8 @@ def test_jitter_delays_when_the_loop_takes_a_schedule_not_the_tick_it_fires() ->
     ("kwargs", "message_part"),
     [
         ({"name": "Daily Report"}, "is not a schedule name"),
+        ({"name": "daily\n"}, "is not a schedule name"),
+        ({"event_type": "self_improvement.cycle_started\n"}, "is not a dotted event type"),
         ({"entity_id": None}, "needs an entity id"),
         ({"entity_id": "cycle-{when}"}, "only {tick}"),
         ({"entity_id": "cycle-{tick:%Y}"}, "only {tick}"),

@@ -95,8 +95,9 @@ WHERE tenant_id = $1::uuid AND name = $2
 RETURNING *
 
 -- delete_schedule --
--- Remove a schedule; the removed row (none when there was none). Its ticks already queued still go out.
-DELETE FROM sfworkflow.schedule WHERE tenant_id = $1::uuid AND name = $2 RETURNING *
+-- Remove a run-time schedule; the removed row (none when there was none, or it is code-declared). Its ticks
+-- already queued still go out.
+DELETE FROM sfworkflow.schedule WHERE tenant_id = $1::uuid AND name = $2 AND source = 'api' RETURNING *
 
 -- count_schedule_fired --
 -- A tick fired by hand: counted, and when.
