@@ -14,7 +14,7 @@ from typing import Any
 
 Handler = Callable[[Any, argparse.Namespace], Awaitable[int]]
 
-MODULES = ("dead_letters", "limits", "outbox", "parked", "replay", "schedules", "stuck", "versions", "worker")
+MODULES = ("compat", "dead_letters", "limits", "outbox", "parked", "replay", "schedules", "stuck", "versions", "worker")
 
 
 def register_all(sub: Any) -> dict[str, Handler]:

@@ -122,4 +122,4 @@ async def _cmd_migrate_instances(settings: Settings, args: argparse.Namespace) -
         return ExitCode.USAGE
     for line in report.summary():
         print(line)
-    return ExitCode.FAILED if report.refused else ExitCode.OK
+    return ExitCode.FAILED if report.refused or report.broken else ExitCode.OK

@@ -206,6 +206,7 @@ class HistoryEntry:
     to_state: str
     detail: dict[str, Any] | None
     trace_id: str | None = None  # the trace of what caused the entry
+    body: bytes | None = None  # an external event applied: its body as it came (replays: core/replay.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -568,7 +568,7 @@ class BatchPlan:
             return
         assert decision is not None
         if decision.outcome is Outcome.APPLIED:
-            self._absorb(run, decision, e.event_id, e.event_type)
+            self._absorb(run, decision, e.event_id, e.event_type, body=d.body)
             self._settle(run)
         elif decision.outcome is Outcome.IGNORED:
             self._ignored(run, decision, e)
@@ -635,8 +635,9 @@ class BatchPlan:
         self.report.dead[str(DeadReason.INTERNAL_ERROR)] += 1
 
     def _absorb(
-        self, run: _Run, d: Decision, event_id: str | None, event_type: str, internal: EngineEvent | None = None
-    ) -> None:
+        self, run: _Run, d: Decision, event_id: str | None, event_type: str, internal: EngineEvent | None = None,
+        body: bytes | None = None,
+    ) -> None:  # fmt: skip
         run.transitions += 1
         if run.transitions > MAX_TRANSITIONS_PER_INSTANCE:
             # Not one event's fault: the batch as a whole is too much for this instance (or its definition
@@ -664,7 +665,7 @@ class BatchPlan:
         recorded_id = event_id if event_id is not None else (internal.event_id if internal is not None else None)
         run.history.append(
             HistoryEntry(run.row_id, d.version, recorded_id, event_type, "applied", d.from_state, d.to_state, detail,
-                         _trace_id(d.trace))
+                         _trace_id(d.trace), body)
         )  # fmt: skip
         if d.cancel_all_timers:
             run.timer_ops.clear()
@@ -779,7 +780,7 @@ class BatchPlan:
                 assert decision is not None
                 if decision.outcome is Outcome.APPLIED:
                     p.done = True
-                    self._absorb(run, decision, p.event.event_id, p.event.event_type)
+                    self._absorb(run, decision, p.event.event_id, p.event.event_type, body=p.body)
                     entry = run.history[-1]
                     entry.detail = {**(entry.detail or {}), "unparked": True}
                     if p.db_id is not None:

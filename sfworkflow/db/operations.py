@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 
 import asyncpg
@@ -257,3 +258,24 @@ async def rate_buckets_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> li
 async def deferred_of_tenant(conn: asyncpg.Connection, tenant_id: str) -> list[asyncpg.Record]:
     """Per limit, a tenant's commands deferred to a time still ahead: how many, and the last one's slot."""
     return list(await conn.fetch(q("deferred_of_tenant"), tenant_id))
+
+
+# ---- definition-change safety (ops/compat.py) ------------------------------------------------------------------
+async def compat_instances(
+    conn: asyncpg.Connection, workflow: str, ended_too: bool, since: datetime | None, limit: int | None, sample: bool
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("compat_instances"), workflow, ended_too, since, limit, sample))
+
+
+async def corpus_instances(
+    conn: asyncpg.Connection, per_state: int, workflows: list[str] | None
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("corpus_instances"), per_state, workflows))
+
+
+async def histories_with_bodies(conn: asyncpg.Connection, ids: Sequence[int]) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("histories_with_bodies"), list(ids)))
+
+
+async def instances_by_ids(conn: asyncpg.Connection, ids: Sequence[int]) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q("instances_by_ids"), list(ids)))

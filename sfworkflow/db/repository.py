@@ -376,6 +376,7 @@ async def write(conn: asyncpg.Connection, ws: WriteSet, *, notify: bool = True) 
             [x.body for x in o],
             [{"bucket_key": b.bucket_key, "tat": b.tat, "cap_day": b.count.day, "cap_used": b.count.used,
               "cap_pushed": b.count.pushed} for b in ws.buckets],
+            [x.body for x in h],
         )  # fmt: skip
     if ws.slot_releases:
         await conn.execute(

@@ -36,6 +36,7 @@ from sfworkflow.core.plan import BatchPlan
 from sfworkflow.core.versions import check_map, check_versions, decide
 from sfworkflow.db import repository
 from sfworkflow.errors import VersionMigrationError
+from sfworkflow.ops import compat
 
 DEFAULT_BATCH_SIZE = 100
 
@@ -49,6 +50,7 @@ class InstanceResult:
     from_state: str
     to_state: str | None = None
     reason: str | None = None
+    replay: str | None = None  # a dry run: how its recorded history replays differently on the target version
 
 
 @dataclass(slots=True)
@@ -83,10 +85,16 @@ class MigrationReport:
         w, a, b = self.workflow, self.from_version, self.to_version
         ref = f"{r.tenant_id}/{w}/{r.entity_id}"
         if r.outcome == "migrated":
-            return f"{'would migrate' if self.dry_run else 'migrated'} {ref}: v{a} {r.from_state} -> v{b} {r.to_state}"
+            line = f"{'would migrate' if self.dry_run else 'migrated'} {ref}: v{a} {r.from_state} -> v{b} {r.to_state}"
+            return line if r.replay is None else f"{line}, but its history replays differently on v{b}:\n{r.replay}"
         if r.outcome == "refused":
             return f"{'would refuse' if self.dry_run else 'refused'} {ref} ({r.from_state}): {r.reason}"
         return f"skipped {ref} ({r.from_state}): {r.reason}"
+
+    @property
+    def broken(self) -> list[InstanceResult]:
+        """A dry run: instances it would move whose recorded histories the target version treats differently."""
+        return [r for r in self.results if r.replay is not None]
 
     def summary(self) -> list[str]:
         """The counts per outcome, and what to do about skipped instances."""
@@ -95,6 +103,7 @@ class MigrationReport:
             f"{self.workflow} v{self.from_version} -> v{self.to_version}"
             f"{' (dry run: nothing changed)' if self.dry_run else ''}: "
             f"{verb} {len(self.migrated)}, refused {len(self.refused)}, skipped {len(self.skipped)}"
+            + (f", would break {len(self.broken)} (their histories replay differently)" if self.dry_run else "")
         ]
         if self.skipped:
             out.append("skipped instances were busy or changed meanwhile: run the command again to take them")
@@ -193,6 +202,10 @@ async def _batch(
             continue
         res.outcome = "migrated"
         moving.append(res)
+    if moving and dry_run:  # replay what each would-be-moved instance did through the target version
+        broken = await compat.divergences(conn, engine, [m.instance_id for m in moving], target.definition.version)
+        for m in moving:
+            m.replay = broken.get(m.instance_id)
     if moving and not dry_run:  # the rows are locked and were re-checked: the plan writes, as for events
         moves = [(by_id[m.instance_id], m.to_state) for m in moving if m.to_state is not None]
         plan = BatchPlan(engine, timedelta(0))

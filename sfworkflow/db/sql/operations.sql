@@ -251,3 +251,30 @@ SELECT o.deferred_by, count(*) AS n, max(o.deferred_until) AS last
 FROM sfworkflow.outbox o JOIN sfworkflow.instance i ON i.id = o.instance_id
 WHERE o.published_at IS NULL AND o.failed_at IS NULL AND o.deferred_until > now() AND i.tenant_id = $1::uuid
 GROUP BY o.deferred_by
+
+-- compat_instances --
+-- Instances of a workflow whose histories to replay ($1): in flight only unless $2, updated since $3 when given,
+-- at most $4 (NULL: all), a random sample when $5, else the newest first.
+SELECT id, tenant_id, workflow, entity_id, definition_version, state, terminal
+FROM sfworkflow.instance
+WHERE workflow = $1 AND ($2::boolean OR NOT terminal) AND ($3::timestamptz IS NULL OR updated_at >= $3)
+ORDER BY CASE WHEN $5::boolean THEN random() END, id DESC
+LIMIT $4
+
+-- corpus_instances --
+-- For a corpus: per workflow and state, the newest $1 instances ($2: of these workflows, NULL: all).
+SELECT id, tenant_id, workflow, entity_id, definition_version, state, terminal
+FROM (SELECT i.*, row_number() OVER (PARTITION BY workflow, state ORDER BY id DESC) AS n
+      FROM sfworkflow.instance i WHERE $2::text[] IS NULL OR workflow = ANY($2::text[])) ranked
+WHERE n <= $1
+ORDER BY workflow, state, id
+
+-- histories_with_bodies --
+-- The histories of these instances, each in order, with the bodies of the external events they applied.
+SELECT instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail, body, created_at
+FROM sfworkflow.history WHERE instance_id = ANY($1::bigint[]) ORDER BY instance_id, id
+
+-- instances_by_ids --
+-- These instances (the ones that exist), by id.
+SELECT id, tenant_id, workflow, entity_id, definition_version, state, terminal
+FROM sfworkflow.instance WHERE id = ANY($1::bigint[]) ORDER BY id

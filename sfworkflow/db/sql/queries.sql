@@ -113,7 +113,8 @@ FOR UPDATE OF p
 --      (gate_key) is never due until the gate loop grants it a slot (grant_slots), nor is a message queued behind
 --      one of its instance (behind_gate, or check_gate and such a row waits from an earlier batch): it falls due
 --      with it, so the relay never finds it due behind a row that is not;
---   $7 capped rate-limit buckets the batch booked (take_rates locked them): their tat and daily count.
+--   $7 capped rate-limit buckets the batch booked (take_rates locked them): their tat and daily count;
+--   $8 the history entries' bodies, in the order of $2 (NULL but for an external event applied).
 WITH changed AS (
     UPDATE sfworkflow.instance AS i
     SET state = u.state,
@@ -137,10 +138,11 @@ WITH changed AS (
     WHERE i.id = u.id),
 history AS (
     INSERT INTO sfworkflow.history (instance_id, seq, event_id, event_type, outcome, from_state, to_state, detail,
-                                    trace_id)
-    SELECT * FROM jsonb_to_recordset($2::jsonb)
-         AS h(instance_id bigint, seq bigint, event_id uuid, event_type text, outcome text, from_state text,
-              to_state text, detail jsonb, trace_id text)),
+                                    trace_id, body)
+    SELECT * FROM ROWS FROM (jsonb_to_recordset($2::jsonb)
+                             AS (instance_id bigint, seq bigint, event_id uuid, event_type text, outcome text,
+                                 from_state text, to_state text, detail jsonb, trace_id text),
+                             unnest($8::bytea[]))),
 cancelled AS (
     DELETE FROM sfworkflow.timer t
     USING (SELECT unnest($3::bigint[]), NULL::text
