@@ -168,3 +168,9 @@ async def queue_manual(conn: asyncpg.Connection, tenant: str, name: str, m: Tick
     if queued:
         await conn.execute(q("count_schedule_fired"), tenant, name)
     return bool(queued)
+
+
+async def database_now(conn: asyncpg.Connection) -> datetime:
+    """The database's clock: where a new schedule starts waiting, as the loop would see it."""
+    now: datetime = await conn.fetchval(q("database_now"))
+    return now

@@ -116,8 +116,7 @@ async def add(conn: asyncpg.Connection, s: Schedule, by: str, reason: str) -> di
     that name (delete it first, or pick another name)."""
     if not reason.strip():
         raise UsageError("say why (a reason): it is kept with the schedule")
-    now: datetime = await conn.fetchval("SELECT clock_timestamp()")  # the database's clock, as the loop's
-    row = await store.insert(conn, s, first_tick(s, now), by, reason)
+    row = await store.insert(conn, s, first_tick(s, await store.database_now(conn)), by, reason)
     if row is None:
         raise UsageError(f"tenant {s.tenant_id} has a schedule {s.name!r} already: delete it first or pick a name")
     return as_json(row)

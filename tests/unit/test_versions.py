@@ -204,7 +204,8 @@ def test_report_lines() -> None:
         f"would migrate {tenant}/sequence/a: v1 waiting -> v2 waiting",
         f"would refuse {tenant}/sequence/b (paused): no map",
         f"skipped {tenant}/sequence/c (sending): busy (row locked)",
-        "sequence v1 -> v2 (dry run: nothing changed): would migrate 1, refused 1, skipped 1",
+        "sequence v1 -> v2 (dry run: nothing changed): would migrate 1, refused 1, skipped 1, would break 0 (their "
+        "histories replay differently)",
         "skipped instances were busy or changed meanwhile: run the command again to take them",
     ]
     real = MigrationReport("sequence", 1, 2, False, results[:1])

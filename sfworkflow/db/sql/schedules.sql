@@ -104,3 +104,7 @@ DELETE FROM sfworkflow.schedule WHERE tenant_id = $1::uuid AND name = $2 AND sou
 UPDATE sfworkflow.schedule SET fired = fired + 1, last_fired_at = clock_timestamp()
 WHERE tenant_id = $1::uuid AND name = $2
 RETURNING *
+
+-- database_now --
+-- The database's clock, the one the schedule loop fires by.
+SELECT clock_timestamp()
