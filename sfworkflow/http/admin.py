@@ -1,5 +1,5 @@
-"""The admin HTTP API under /v1/: instances, stuck instances, replay, rate limits, schedules, definitions, and its
-OpenAPI document.
+"""The admin HTTP API under /v1/: instances, stuck instances, replay, rate limits, schedules, definitions (and the
+definition-change check of ops/compat.py), and its OpenAPI document.
 
 Off unless SFWORKFLOW_ADMIN_TOKEN is set: then every /v1/ route answers 404 saying how to turn it on.
 On: every route but /v1/openapi.json wants `Authorization: Bearer <token>` (compared in constant time).
@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from sfworkflow import db
 from sfworkflow.contract.storable import clean_json
+from sfworkflow.core.compat import Checked
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.diagrams import render
 from sfworkflow.core.durations import parse_age
@@ -33,7 +35,7 @@ from sfworkflow.db import schedules as schedule_rows
 from sfworkflow.errors import UsageError
 from sfworkflow.http import openapi
 from sfworkflow.http.validation import Checks, Invalid
-from sfworkflow.ops import limits, replay, schedules
+from sfworkflow.ops import compat, limits, replay, schedules
 from sfworkflow.ops.inspect import load_instance
 from sfworkflow.ops.stuck import find_stuck
 
@@ -98,6 +100,7 @@ def mount(app: web.Application, service: Service) -> None:
     app.router.add_post(PREFIX + "/schedules/{name}/trigger", trigger_schedule)
     app.router.add_get(PREFIX + "/definitions", list_definitions)
     app.router.add_get(PREFIX + "/definitions/{workflow}", get_definition)
+    app.router.add_get(PREFIX + "/definitions/{workflow}/check", get_definition_check)
 
 
 # ---- authentication and errors --------------------------------------------------------------------------------
@@ -546,3 +549,58 @@ async def get_definition(request: web.Request) -> web.Response:
         loaded = sorted(v for n, v in engine.compiled if n == name)
         raise ApiError(404, "not_found", f"{name} v{version} is not loaded; loaded versions: {loaded}")
     return json_response(describe(cw, engine))
+
+
+# ---- definition-change safety (ops/compat.py; `sfworkflow check-definition`) ------------------------------------
+def _divergence(c: Checked) -> dict[str, Any]:
+    d = c.divergence
+    assert d is not None
+    step = d.step
+    return {
+        "instance": str(c.key),
+        "against": c.against,
+        "step": None if step is None else d.index + 1,  # as its text says it: 1-based, none when no step parts
+        "event_type": None if step is None else step.event_type,
+        "seq": None if step is None else step.seq,
+        "diff": list(d.lines),
+        "text": d.text(c.key, c.against),
+    }
+
+
+def check_report(report: compat.CheckReport) -> dict[str, Any]:
+    """A CheckReport as JSON: what `sfworkflow check-definition` prints (CheckReport.lines), item by item."""
+    return {
+        "workflow": report.workflow,
+        "version": report.version,
+        "instances": len(report.checked),
+        "steps": sum(c.steps for c in report.checked),
+        "diverging": len(report.diverged),
+        "divergences": [_divergence(c) for c in report.diverged],
+        "partial": [{"why": why, "instances": n} for why, n in report.partial()],
+    }
+
+
+async def get_definition_check(request: web.Request) -> web.Response:
+    p = params(request, "checkDefinition")
+    if p.get("all") and "sample" in p:
+        raise ApiError(400, "bad_request", "give sample=K or all=true, not both")
+    sample = None if p.get("all") else p.get("sample", openapi.DEFAULT_SAMPLE)
+    since = None
+    if "since" in p:
+        try:
+            age = parse_age(p["since"])
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", f"since: {exc}") from None
+        try:
+            since = datetime.now(UTC) - timedelta(seconds=age)
+        except OverflowError:  # further back than datetime reaches (thousands of years): every instance
+            since = None
+    engine = _engine(request)
+    async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        try:
+            report = await compat.check_definition(
+                conn, engine, p["workflow"], p.get("version"), sample=sample, ended_too=p["ended"], since=since
+            )
+        except UsageError as exc:  # no such workflow or version loaded by this service (sample < 1: the document's)
+            raise ApiError(400, "not_loaded", str(exc)) from None
+    return json_response(check_report(report))

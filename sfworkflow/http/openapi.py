@@ -38,6 +38,8 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 MAX_ID = 2**63 - 1
 MAX_VERSION = 1_000_000
+DEFAULT_SAMPLE = 100  # instances a definition check replays unless told (as `sfworkflow check-definition`)
+MAX_SAMPLE = 100_000
 
 ERROR = {"$ref": "#/components/responses/Error"}
 UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
@@ -853,6 +855,53 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
+        "DefinitionCheck": {
+            "type": "object",
+            "required": ["workflow", "version", "instances", "steps", "diverging", "divergences", "partial"],
+            "properties": {
+                "workflow": {"type": "string"},
+                "version": {"type": "integer", "description": "The version checked."},
+                "instances": {"type": "integer", "description": "Instances whose histories were replayed."},
+                "steps": {"type": "integer", "description": "Steps replayed, over all of them."},
+                "diverging": {"type": "integer", "description": "Instances whose replay diverges."},
+                "divergences": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["instance", "against", "step", "event_type", "seq", "diff", "text"],
+                        "properties": {
+                            "instance": {"type": "string", "description": "TENANT/WORKFLOW/ENTITY"},
+                            "against": {
+                                "type": "string",
+                                "description": "What was compared, e.g. `v2 against v1`, or `v1 replayed against "
+                                "its recorded history` (its own version no longer reproduces it).",
+                            },
+                            "step": {
+                                "type": ["integer", "null"],
+                                "description": "The step (1-based) where the replays part; null: one replay has "
+                                "steps the other has not.",
+                            },
+                            "event_type": {**NULLABLE_STRING, "description": "The event of that step."},
+                            "seq": {"type": ["integer", "null"], "description": "Its history entry's seq."},
+                            "diff": {
+                                **STRINGS,
+                                "description": "How they differ, e.g. `state: completed -> confirming`.",
+                            },
+                            "text": {"type": "string", "description": "All of it, as the CLI prints it."},
+                        },
+                    },
+                },
+                "partial": {
+                    "type": "array",
+                    "description": "Histories replayed only up to a step no definition can redo, per reason.",
+                    "items": {
+                        "type": "object",
+                        "required": ["why", "instances"],
+                        "properties": {"why": {"type": "string"}, "instances": {"type": "integer"}},
+                    },
+                },
+            },
+        },
         **_schedule_schemas(filters["reason"], filters["by"]),
     }
 
@@ -866,8 +915,9 @@ def document() -> dict[str, Any]:
             "title": "sfworkflow admin API",
             "version": __version__,
             "description": (
-                "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions, set a "
-                "tenant's rate limits, list, add, pause, resume, delete and trigger schedules.\n\n"
+                "Inspect workflow instances, find stuck ones and replay them, read the loaded definitions and check "
+                "a definition change against recorded histories, set a tenant's rate limits, list, add, pause, "
+                "resume, delete and trigger schedules.\n\n"
                 "The API is off unless `SFWORKFLOW_ADMIN_TOKEN` is set (at least 16 characters); while it is off "
                 "every `/v1/` route answers 404. Send the token as `Authorization: Bearer <token>`; a missing or "
                 'wrong token gets 401. Errors are JSON: `{"error": code, "message": text}`.'
@@ -1106,6 +1156,46 @@ def document() -> dict[str, Any]:
                         ),
                     ],
                     operationId="getDefinition",
+                )
+            },
+            "/v1/definitions/{workflow}/check": {
+                "get": _op(
+                    "Check a definition change against recorded histories",
+                    "Same as `sfworkflow check-definition`, read-only: the recorded histories of the workflow's "
+                    "instances (in flight; `ended`: ended ones too; `sample` of them at random, or `all`) replayed "
+                    "through their own definition version (which must reproduce the recorded states) and through "
+                    "`version` (default: the latest this service loads), and, for each instance whose replay "
+                    "diverges, the first step where it does: the outcome (an event now ignored or not allowed), the "
+                    "state, the commands (- before, + after), the timers. `version` must be one this service "
+                    "loaded (GET /v1/definitions/{workflow} lists them). 400 not_loaded when the workflow or the "
+                    "version is not loaded; 400 bad_request when both `sample` and `all=true` are given.",
+                    {"$ref": ref + "DefinitionCheck"},
+                    [
+                        WORKFLOW_P,
+                        _query(
+                            "version",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_VERSION},
+                            "The definition version to check (default: the latest loaded).",
+                        ),
+                        _query(
+                            "sample",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLE},
+                            f"Replay this many instances at random (1..{MAX_SAMPLE}, default {DEFAULT_SAMPLE}); "
+                            "leave it out with `all=true`.",
+                        ),
+                        _query("all", {"type": "boolean", "default": False}, "true: replay every instance."),
+                        _query(
+                            "ended",
+                            {"type": "boolean", "default": False},
+                            "true: ended instances too (their histories are whole).",
+                        ),
+                        _query(
+                            "since",
+                            {"type": "string", "maxLength": 16, "pattern": anchored(AGE)},
+                            f"Only instances changed within this long: {AGE_EXAMPLES}.",
+                        ),
+                    ],
+                    operationId="checkDefinition",
                 )
             },
             "/v1/openapi.json": {

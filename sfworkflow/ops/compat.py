@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
@@ -44,15 +45,17 @@ class CheckReport:
     def diverged(self) -> list[Checked]:
         return [c for c in self.checked if c.divergence is not None]
 
+    def partial(self) -> list[tuple[str, int]]:
+        """(why, how many instances) of the histories replayed only in part, by why."""
+        return sorted(Counter(c.cut.split(" at seq")[0] for c in self.checked if c.cut).items())
+
     def lines(self) -> list[str]:
         out = [c.divergence.text(c.key, c.against) for c in self.diverged if c.divergence is not None]
-        cut = Counter(c.cut.split(" at seq")[0] for c in self.checked if c.cut)
         out.append(
             f"{self.workflow} v{self.version}: {len(self.checked)} instance(s) replayed, "
             f"{sum(c.steps for c in self.checked)} step(s), {len(self.diverged)} diverging"
         )
-        for why, n in sorted(cut.items()):
-            out.append(f"  {n} replayed only up to {why}")
+        out.extend(f"  {n} replayed only up to {why}" for why, n in self.partial())
         return out
 
 
@@ -93,6 +96,7 @@ async def check_definition(
     report = CheckReport(workflow, v)
     for h in await load(conn, instances):
         report.checked.append(check(engine, h, v))
+        await asyncio.sleep(0)  # run from the admin API, a long check lets the service's batches in between
     return report
 
 

@@ -16,8 +16,10 @@ import pytest
 from sfworkflow.contract.topology import EVENTS_EXCHANGE, SCHEDULES_EXCHANGE
 from sfworkflow.core.schedules import NIL_TENANT
 from sfworkflow.settings import Settings
+from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
-from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of
+from tests.support import TENANT, Amqp, all_published, enrolled_data, event, running_service, state_of
+from tests.unit.test_versions import V2
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -261,6 +263,69 @@ async def test_definitions_with_their_diagrams(settings: Settings) -> None:
         assert status == 200 and v1["version"] == d["versions"][0]
         assert (await _call(http, "GET", f"{base}/definitions/nope"))[0] == 404
         assert (await _call(http, "GET", f"{base}/definitions/sequence?version=999"))[0] == 404
+
+
+# ---- definition-change safety (tests/integration/test_check_definition.py, through the API) ---------------------
+async def _recorded(settings: Settings, pg: asyncpg.Connection) -> None:
+    """`done`: a one-step sequence, sent and completed; `going`: a two-step one whose first step was sent (v1)."""
+    async with running_service(settings), Amqp(settings.amqp_url) as mq:
+        await mq.publish(event("sequence.enrolled", "done", enrolled_data(steps=1)))
+        await mq.publish(event("sequence.enrolled", "going", enrolled_data(steps=2, delay_s=3600)))
+        await wait_for(lambda: _state_is(pg, "done", "sending"), what="done: sending")
+        await mq.publish(event("sequence.step_sent", "done", {"step": 0, "provider_message_id": "p0"}))
+        await wait_for(lambda: _state_is(pg, "done", "completed"), what="done: completed")
+        await wait_for(lambda: _state_is(pg, "going", "waiting"), what="going: waiting")
+        await wait_for(lambda: all_published(pg), what="outbox drained")
+
+
+async def test_a_definition_check_reports_the_recorded_histories_a_version_would_treat_differently(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    await _recorded(_on(settings), pg)
+    history_before = await pg.fetchval("SELECT count(*) FROM sfworkflow.history")
+    # a release that loads sequence v2 (the last send now goes to `confirming`) beside v1
+    async with (
+        running_service(_on(settings), definitions=(*DEFINITIONS, V2)) as service,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{service.http_port}/v1/definitions/sequence/check"
+        status, report, _ = await _call(http, "GET", base, params={"version": "2", "ended": "true", "all": "true"})
+        assert status == 200, report
+        assert (report["workflow"], report["version"], report["instances"], report["diverging"]) == (
+            "sequence", 2, 2, 1,
+        ), report  # fmt: skip
+        assert report["steps"] == 4 and report["partial"] == []  # done: 3 steps, going: 1 (enrolled)
+        [bad] = report["divergences"]
+        assert bad["instance"] == f"{TENANT}/sequence/done" and bad["against"] == "v2 against v1", bad
+        assert (bad["step"], bad["event_type"]) == (3, "sequence.step_sent") and isinstance(bad["seq"], int), bad
+        assert "state: completed -> confirming" in bad["diff"], bad
+        assert "timers set: [] -> ['confirm_due']" in bad["diff"], bad
+        assert bad["text"].startswith(f"{TENANT}/sequence/done: v2 against v1 diverges at step 3, sequence.step_sent")
+        assert "state: completed -> confirming" in bad["text"]
+
+        # the default version is the latest loaded (2); in flight only by default: `going` has not reached its last send
+        status, in_flight, _ = await _call(http, "GET", base, params={"sample": "10"})
+        assert status == 200 and (in_flight["version"], in_flight["instances"], in_flight["diverging"]) == (2, 1, 0)
+        status, same, _ = await _call(http, "GET", base, params={"version": "1", "ended": "true", "since": "1h"})
+        assert status == 200 and (same["instances"], same["diverging"], same["divergences"]) == (2, 0, []), same
+        status, none, _ = await _call(http, "GET", base, params={"ended": "true", "since": "0s"})
+        assert status == 200 and none["instances"] == 0, none  # changed within no time at all: none
+
+        # bad parameters: 400 saying what to give
+        for query, code, words in [
+            ({"version": "9"}, "not_loaded", "no version 9"),
+            ({"sample": "0"}, "bad_request", "sample"),
+            ({"sample": "5", "all": "true"}, "bad_request", "not both"),
+            ({"since": "soon"}, "bad_request", "since"),
+            ({"version": "0"}, "bad_request", "version"),
+            ({"ended": "yes"}, "bad_request", "ended"),
+        ]:
+            status, body, _ = await _call(http, "GET", base, params=query)
+            assert status == 400 and body["error"] == code and words in body["message"], (query, body)
+        status, body, _ = await _call(http, "GET", f"{base.replace('/sequence/', '/nope/')}")
+        assert status == 400 and body["error"] == "not_loaded" and "'nope'" in body["message"], body
+        assert (await _call(http, "GET", base, headers=None))[0] == 401
+    assert await pg.fetchval("SELECT count(*) FROM sfworkflow.history") == history_before  # read-only
 
 
 async def test_pagination_with_limit_and_after(settings: Settings, pg: asyncpg.Connection) -> None:
@@ -526,13 +591,21 @@ def run_schemathesis(base: str) -> dict[str, Any]:
             "phases": {"stateful": {"enabled": False}},
             # A new schedule's cron expression, time zone, event type and data are checked as the schedule loop will
             # use them: no schema says every one of those it cannot use, so a body the document calls valid may be a
-            # 400 invalid_schedule naming what is wrong (every other operation: a valid request is never a 400).
+            # 400 invalid_schedule naming what is wrong (every operation but the two below: a valid request is never a
+            # 400).
             "operations": [
                 {
                     "include-path": "/v1/schedules",
                     "include-method": "POST",
                     "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404", "409"]}},
-                }
+                },
+                # A definition check names a workflow and a version the service must have loaded, and takes `sample`
+                # or `all=true`, not both: a request the document calls valid may be a 400 not_loaded or bad_request.
+                {
+                    "include-path": "/v1/definitions/{workflow}/check",
+                    "include-method": "GET",
+                    "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404"]}},
+                },
             ],
         }
     )
