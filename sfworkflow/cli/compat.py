@@ -48,6 +48,9 @@ def register(sub: Any) -> dict[str, Any]:
     ex.add_argument("--workflow", action="append", help="only this workflow (repeatable; default: all)")
     ex.add_argument("--per-state", type=int, default=5, help="instances per workflow and state (default 5)")
     ex.add_argument("--no-redact", action="store_true", help="keep ids, addresses and text as recorded")
+    ex.add_argument("--key", help="the secret pseudonyms are keyed with (default: a random one, never stored)")
+    ex.add_argument("--replace", action="store_true",
+                    help="replace each workflow's file instead of merging (after a deliberate change)")  # fmt: skip
     return {"check-definition": run_check, "export-histories": run_export}
 
 
@@ -72,11 +75,11 @@ async def run_export(settings: Settings, args: argparse.Namespace) -> int:
     conn = await connect_database(settings)
     try:
         corpus = await compat.collect_corpus(
-            conn, engine, workflows=args.workflow, per_state=args.per_state, redacted=not args.no_redact
+            conn, engine, workflows=args.workflow, per_state=args.per_state, redacted=not args.no_redact, key=args.key
         )
     finally:
         await conn.close()
-    paths = compat.write_corpus(corpus, Path(args.out))
+    paths = compat.write_corpus(corpus, Path(args.out), replace_files=args.replace)
     for workflow, n in sorted(corpus.counts.items()):
         print(f"{workflow}: {n['written']} history(ies) written, {n['skipped']} skipped (its own version did not "
               "reproduce its recorded states)")  # fmt: skip

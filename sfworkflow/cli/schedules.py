@@ -164,7 +164,7 @@ async def _run(conn: Any, settings: Settings, args: argparse.Namespace) -> int:
         row = await change(conn, args.tenant, args.name, by, args.reason)
         print(f"{cmd}d: {_line(row)}")
     elif cmd == "delete":
-        row = await schedules.delete(conn, args.tenant, args.name)
+        row = await schedules.delete(conn, Engine(DEFINITIONS), args.tenant, args.name)
         print(f"deleted: {_line(row)}")
     else:
         out = await schedules.trigger(conn, args.tenant, args.name, args.request_id)

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from sfworkflow.contract.envelope import parse_timestamp
 from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView
 from sfworkflow.core.engine import CompiledWorkflow, Engine, Outcome
 
@@ -66,6 +67,7 @@ class History:
     definition_version: int  # the version the instance ran on
     steps: list[Recorded]
     cut: str | None = None  # why the replay stops before the instance's end (None: the whole history)
+    cut_at: int | None = None  # the seq it stops at
 
 
 def from_rows(key: InstanceKey, definition_version: int, rows: list[Any]) -> History:
@@ -75,7 +77,10 @@ def from_rows(key: InstanceKey, definition_version: int, rows: list[Any]) -> His
     for r in rows:
         outcome, event_type = r["outcome"], r["event_type"]
         if outcome in OPERATOR_OUTCOMES:
-            return History(key, definition_version, steps, f"an operator's action ({outcome}) at seq {r['seq']}")
+            # The steps before a migration ran on the version it moved the instance from.
+            before = (r["detail"] or {}).get("from_version") if outcome == "migrated" else None
+            version = before if isinstance(before, int) else definition_version
+            return History(key, version, steps, f"an operator's action ({outcome})", r["seq"])
         if outcome != "applied":
             continue
         detail = r["detail"] or {}
@@ -87,16 +92,18 @@ def from_rows(key: InstanceKey, definition_version: int, rows: list[Any]) -> His
             )  # fmt: skip
             continue
         if r["body"] is None:
-            return History(
-                key, definition_version, steps,
-                f"{event_type} at seq {r['seq']} was recorded before event bodies were kept (migration 0017)",
-            )  # fmt: skip
-        envelope = orjson.loads(r["body"])
+            return History(key, definition_version, steps, "an event recorded before bodies were kept (migration 0017)",
+                           r["seq"])  # fmt: skip
+        try:
+            envelope = orjson.loads(r["body"])
+            timestamp = parse_timestamp(envelope["timestamp"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return History(key, definition_version, steps, "an event body that could not be read", r["seq"])
         steps.append(
             Recorded(
                 r["seq"], event_type, event_type.partition(".")[2], str(r["event_id"]), envelope.get("data") or {},
-                datetime.fromisoformat(envelope["timestamp"].replace("Z", "+00:00")), r["created_at"], False,
-                r["to_state"], envelope.get("correlation_id"), envelope.get("causation_id"),
+                timestamp, r["created_at"], False, r["to_state"], envelope.get("correlation_id"),
+                envelope.get("causation_id"),
             )
         )  # fmt: skip
     return History(key, definition_version, steps)
@@ -183,14 +190,14 @@ def align_answers(compiled: CompiledWorkflow, engine: Engine, history: History) 
         try:
             d = engine.step(compiled, history.key, view, event, r.at)
         except Exception:
-            return History(history.key, history.definition_version, steps + history.steps[len(steps) :], history.cut)
+            return replace(history, steps=steps + history.steps[len(steps) :])
         if d.outcome is not Outcome.APPLIED:
-            return History(history.key, history.definition_version, steps + history.steps[len(steps) :], history.cut)
+            return replace(history, steps=steps + history.steps[len(steps) :])
         lookups.extend(d.requests.lookups)
         claims.extend(d.requests.claims)
         effects.extend((m.routing_key, m.effect_key, m.message_id) for m in d.outgoing if m.effect_key is not None)
         view = InstanceView(history.key, d.to_state, d.context, d.version, compiled.definition.version)
-    return History(history.key, history.definition_version, steps, history.cut)
+    return replace(history, steps=steps)
 
 
 def _lasting(body: dict[str, Any]) -> dict[str, Any]:

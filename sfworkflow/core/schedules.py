@@ -25,7 +25,7 @@ import hashlib
 import re
 import string
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -38,7 +38,7 @@ from sfworkflow.contract.headers import SCHEDULE, TENANT
 from sfworkflow.contract.topology import EVENTS_EXCHANGE, SCHEDULES_EXCHANGE
 
 NAMESPACE = uuid.UUID("4b2f0c7e-5d51-4b8e-9a5c-3f6e0d1c2a90")  # the tick ids' uuid5 namespace
-MAX_SCAN = 100_000  # ticks counted at most as missed (a per-second schedule down for a day)
+MAX_SCAN = 10_000  # cron ticks counted at most as missed (intervals are counted by arithmetic, without a bound)
 MAX_CANDIDATES = 10_000  # cron wall times tried for one tick: one that only ever falls in skipped hours never ticks
 NIL_TENANT = "00000000-0000-0000-0000-000000000000"  # the tenant of code-declared schedules
 SOURCE = "sfworkflow.schedules"  # the `source` of the events schedules publish
@@ -69,9 +69,7 @@ class Spec:
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.every_s is None):
             raise ValueError("a schedule needs either a cron expression or an interval (every_s), not both")
-        if self.cron is not None and (
-            not croniter.is_valid(self.cron) or any(c in self.cron.upper() for c in ("R", "H"))
-        ):  # R and H are croniter's random and hashed fields: replicas would disagree on the ticks
+        if self.cron is not None and (not croniter.is_valid(self.cron) or _random_field(self.cron)):
             raise ValueError(f"{self.cron!r} is not a cron expression (minute hour day month weekday, e.g. 0 8 * * *)")
         if self.every_s is not None and (isinstance(self.every_s, bool) or not 1 <= self.every_s <= 366 * 86400):
             raise ValueError(f"every_s must be a whole number of seconds from 1 to a year, got {self.every_s!r}")
@@ -92,6 +90,29 @@ class Spec:
                 next_tick(self, self.anchor)
             except (CroniterError, ValueError, OverflowError):
                 raise ValueError(f"{self.cron!r} never ticks (in {self.timezone}): no date matches it") from None
+        _check_jitter(self)
+
+
+def _random_field(cron: str) -> bool:
+    """Whether a field is croniter's random (R) or hashed (H) one: replicas would disagree on the ticks. No month or
+    day name starts with either letter, so MAR and THU are names, not these."""
+    return any(token.upper().startswith(("R", "H")) for f in cron.split() for token in f.split(","))
+
+
+def _check_jitter(spec: Spec) -> None:
+    """A jitter shorter than half the gap between ticks, so a tick's jitter never carries it past the next tick."""
+    if spec.jitter_s <= 0:
+        return
+    t = next_tick(spec, spec.anchor)
+    gap = float("inf")
+    for _ in range(24):
+        u = next_tick(spec, t)
+        gap, t = min(gap, (u - t).total_seconds()), u
+    if spec.jitter_s > gap / 2:
+        raise ValueError(
+            f"jitter_s {spec.jitter_s:g} is more than half the {gap:g} s between ticks: a tick would be fired "
+            "after the next one; make it at most half"
+        )
 
 
 def next_tick(spec: Spec, after: datetime) -> datetime:
@@ -163,21 +184,39 @@ class Due:
     next_at: datetime  # the first tick after now: where the schedule waits next
 
 
-def due(spec: Spec, next_at: datetime, now: datetime) -> Due:
-    """What to fire at `now` for a schedule whose first unfired tick is `next_at`."""
-    if next_at > now:
+Jitter = Callable[[datetime], timedelta]  # a tick's jitter (jitter_of bound to a schedule)
+
+
+def _no_jitter(_tick: datetime) -> timedelta:
+    return timedelta(0)
+
+
+def due(spec: Spec, next_at: datetime, now: datetime, jitter: Jitter = _no_jitter) -> Due:
+    """What to fire at `now` for a schedule whose first unfired tick is `next_at`. A tick is due once its instant
+    plus its jitter has passed; one that has not stays unfired (the schedule waits for it), so a jitter never turns
+    a tick into a missed one."""
+    if next_at + jitter(next_at) > now:
         return Due([], 0, next_at)
     latest = max(next_at, prev_tick(spec, now))
-    passed = 1 + len(ticks(spec, next_at, now, limit=MAX_SCAN))  # next_at and those after it, counted up to a bound
+    while latest > next_at and latest + jitter(latest) > now:  # the latest tick may still wait for its jitter
+        latest = max(next_at, prev_tick(spec, latest - timedelta(microseconds=1)))
+    passed = _count(spec, next_at, latest)
     if spec.catch_up is CatchUp.ALL:
         fire = [latest]
         while len(fire) < spec.max_catch_up and fire[0] > next_at:
             fire.insert(0, max(next_at, prev_tick(spec, fire[0] - timedelta(microseconds=1))))
-    elif spec.catch_up is CatchUp.ONCE or (now - latest).total_seconds() <= spec.grace_s:
+    elif spec.catch_up is CatchUp.ONCE or (now - latest - jitter(latest)).total_seconds() <= spec.grace_s:
         fire = [latest]
     else:
         fire = []
-    return Due(fire, max(0, passed - len(fire)), next_tick(spec, now))
+    return Due(fire, max(0, passed - len(fire)), next_tick(spec, latest))
+
+
+def _count(spec: Spec, first: datetime, last: datetime) -> int:
+    """How many ticks from `first` to `last`, both ticks (a cron's counted up to MAX_SCAN)."""
+    if spec.every_s is not None:
+        return round((last - first).total_seconds() / spec.every_s) + 1
+    return 1 + len(ticks(spec, first, last, limit=MAX_SCAN))
 
 
 def tick_id(schedule_key: str, tick: datetime) -> str:
@@ -316,7 +355,7 @@ class Fire:
 def fire(schedule: Schedule, next_tick_at: datetime, now: datetime) -> Fire:
     """The ticks of `schedule` to fire at `now`, its first unfired tick being `next_tick_at` (the catch-up policy
     decides which of several missed ones), and its next wait."""
-    d = due(schedule.spec, next_tick_at, now)
+    d = due(schedule.spec, next_tick_at, now, lambda t: jitter_of(schedule.spec, schedule.key, t))
     messages = [message(schedule, t, tick_id(schedule.key, t)) for t in d.fire]
     late = 0.0
     if d.fire:

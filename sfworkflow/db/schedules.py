@@ -47,6 +47,14 @@ class Round:
     broken: list[tuple[str, str, str]] = field(default_factory=list)  # (tenant, name, why): paused by the round
 
 
+TENANT_LABEL = "(tenant)"  # the metrics' schedule label of every run-time schedule: tenants' names are unbounded
+
+
+def metric_label(r: Any) -> str:
+    """A schedule's `schedule` label: its name when code-declared (a bounded set), else TENANT_LABEL."""
+    return str(r["name"]) if r["source"] == "code" else TENANT_LABEL
+
+
 def from_row(r: Any) -> Schedule:
     """The schedule a row describes; ValueError when it describes none (a zone this machine does not know)."""
     spec = Spec(
@@ -76,8 +84,9 @@ async def fire_due(pool: asyncpg.Pool, limit: int, before_commit: Callable[[], N
         for r in rows:
             try:
                 fires.append((r, fire(from_row(r), r["next_tick_at"], now)))
-            except (ValueError, OverflowError) as exc:
-                why = f"paused by sfworkflow: its row describes no schedule any more ({exc}); fix it and resume"
+            except Exception as exc:  # one bad row must not stall every schedule behind it (rows come by due_at)
+                why = (f"paused by sfworkflow: firing it failed ({type(exc).__name__}: {str(exc)[:200]}); fix it "
+                       "and resume")  # fmt: skip
                 await conn.execute(q("pause_broken_schedule"), r["tenant_id"], r["name"], why)
                 out.broken.append((str(r["tenant_id"]), r["name"], why))
         owner = {m.message_id: (str(r["tenant_id"]), r["name"]) for r, f in fires for m in f.messages}
@@ -89,15 +98,16 @@ async def fire_due(pool: asyncpg.Pool, limit: int, before_commit: Callable[[], N
         moves = []
         for r, f in fires:
             key = (str(r["tenant_id"]), r["name"])
+            label = metric_label(r)
             moves.append(
                 {"tenant_id": key[0], "name": key[1], "next_tick_at": f.next_tick_at, "due_at": f.due_at,
                  "last_tick_at": f.ticks[-1] if f.ticks else None, "fired_at": now, "fired": queued[key],
                  "missed": f.missed}
             )  # fmt: skip
-            out.fired[r["name"]] += queued[key]
-            out.missed[r["name"]] += f.missed
+            out.fired[label] += queued[key]
+            out.missed[label] += f.missed
             if f.ticks:
-                out.lateness.append((r["name"], f.lateness_s))
+                out.lateness.append((label, f.lateness_s))
         if moves:
             await conn.execute(q("advance_schedules"), _json(moves))
         if before_commit is not None:
@@ -121,6 +131,11 @@ async def upsert_declared(conn: asyncpg.Connection, declared: Sequence[tuple[str
              "due_at": due_at(s, nxt), "workflow": workflow, "description": s.description}
         )  # fmt: skip
     await conn.execute(q("upsert_code_schedules"), _json(rows))
+
+
+async def pause_undeclared(conn: asyncpg.Connection, declared: Sequence[str]) -> list[str]:
+    """Pause the code-declared schedules no loaded definition declares any more; their names."""
+    return [r["name"] for r in await conn.fetch(q("pause_undeclared_schedules"), list(declared))]
 
 
 def _json(rows: list[dict[str, Any]]) -> str:
@@ -158,8 +173,9 @@ async def set_paused(
     return await conn.fetchrow(q("set_schedule_paused"), tenant, name, paused, next_at, due, by, reason)
 
 
-async def delete(conn: asyncpg.Connection, tenant: str, name: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(q("delete_schedule"), tenant, name)
+async def delete(conn: asyncpg.Connection, tenant: str, name: str, declared: Sequence[str]) -> asyncpg.Record | None:
+    """Remove a run-time schedule, or a code-declared one not in `declared` (what the loaded definitions declare)."""
+    return await conn.fetchrow(q("delete_schedule"), tenant, name, list(declared))
 
 
 async def queue_manual(conn: asyncpg.Connection, tenant: str, name: str, m: TickMessage) -> bool:

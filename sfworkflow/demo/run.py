@@ -112,7 +112,7 @@ async def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         await _wait_outbox_empty(settings, 10.0)
         await asyncio.sleep(0.5)  # let the worker take the last compensation commands
         summary = await _summary(settings, tenant)
-        schedule_lines = await demo_schedules.report(settings, tenant, ticks, triggered)
+        schedule_lines = await demo_schedules.report(settings, service.engine, tenant, ticks, triggered)
     finally:
         for task in pending:
             task.cancel()

@@ -89,7 +89,7 @@ async def install(settings: Settings, engine: Engine, tenant: str) -> str:
         await conn.close()
 
 
-async def report(settings: Settings, tenant: str, listener: TickListener, triggered: str) -> list[str]:
+async def report(settings: Settings, engine: Engine, tenant: str, listener: TickListener, triggered: str) -> list[str]:
     """Lines for the demo's summary: the schedules in force (the code's and the tenant's) and the ticks that
     arrived on the demo's queue. Then the tenant's schedules are removed (the demo's tenant is a fresh one)."""
     try:
@@ -100,7 +100,7 @@ async def report(settings: Settings, tenant: str, listener: TickListener, trigge
     try:
         rows = [r for r in await schedules.list_(conn) if r["tenant"] in (NIL_TENANT, tenant)]
         for s in ("daily-report", "self-improvement"):
-            await schedules.delete(conn, tenant, s)
+            await schedules.delete(conn, engine, tenant, s)
     finally:
         await conn.close()
     lines = ["schedules (sfworkflow schedules list):"]

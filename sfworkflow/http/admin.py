@@ -416,7 +416,7 @@ async def delete_schedule(request: web.Request) -> web.Response:
     tenant, name = _lower(p.get("tenant")), p["name"]
     async with _pool(request).acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         try:
-            row = await schedules.delete(conn, tenant, name)
+            row = await schedules.delete(conn, _engine(request), tenant, name)
         except UsageError as exc:  # not there, or declared by a definition (it would come back at the next start)
             raise await _refused(conn, tenant, name, exc, "code_declared") from None
     log.info("schedule deleted", tenant_id=row["tenant"], schedule=name)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import re
+import secrets
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -47,7 +49,7 @@ class CheckReport:
 
     def partial(self) -> list[tuple[str, int]]:
         """(why, how many instances) of the histories replayed only in part, by why."""
-        return sorted(Counter(c.cut.split(" at seq")[0] for c in self.checked if c.cut).items())
+        return sorted(Counter(c.cut for c in self.checked if c.cut).items())
 
     def lines(self) -> list[str]:
         out = [c.divergence.text(c.key, c.against) for c in self.diverged if c.divergence is not None]
@@ -62,7 +64,14 @@ class CheckReport:
 async def load(conn: asyncpg.Connection, instances: Sequence[asyncpg.Record]) -> list[History]:
     """The histories of these instance rows, in their order."""
     rows: dict[int, list[asyncpg.Record]] = defaultdict(list)
-    for r in await operations.histories_with_bodies(conn, [i["id"] for i in instances]):
+    try:
+        found = await operations.histories_with_bodies(conn, [i["id"] for i in instances])
+    except asyncpg.UndefinedColumnError:
+        raise UsageError(
+            "this database's history has no event bodies (it predates migration 0017): run `sfworkflow migrate` "
+            "(or start this release), then replay what is recorded from then on"
+        ) from None
+    for r in found:
         rows[r["instance_id"]].append(r)
     return [
         from_rows(InstanceKey(str(i["tenant_id"]), i["workflow"], i["entity_id"]), i["definition_version"],
@@ -94,20 +103,29 @@ async def check_definition(
         raise UsageError(f"--sample {sample}: give a positive number, or --all")
     instances = await operations.compat_instances(conn, workflow, ended_too, since, sample, sample is not None)
     report = CheckReport(workflow, v)
-    for h in await load(conn, instances):
-        report.checked.append(check(engine, h, v))
-        await asyncio.sleep(0)  # run from the admin API, a long check lets the service's batches in between
+    for chunk in _chunks(instances):  # a few hundred histories in memory at a time, whatever --all reads
+        for h in await load(conn, chunk):
+            report.checked.append(check(engine, h, v))
+            await asyncio.sleep(0)  # run from the admin API, a long check lets the service's batches in between
     return report
+
+
+CHUNK = 200  # instances whose histories are read at once
+
+
+def _chunks(rows: Sequence[asyncpg.Record]) -> list[Sequence[asyncpg.Record]]:
+    return [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
 
 
 async def divergences(conn: asyncpg.Connection, engine: Engine, ids: Sequence[int], version: int) -> dict[int, str]:
     """Of these instances, those whose history replays differently on `version`: instance id -> the diff."""
-    rows = [r for r in await operations.instances_by_ids(conn, list(ids))]
+    rows = await operations.instances_by_ids(conn, list(ids))
     out: dict[int, str] = {}
-    for r, h in zip(rows, await load(conn, rows), strict=True):
-        c = check(engine, h, version)
-        if c.divergence is not None:
-            out[r["id"]] = c.divergence.text(c.key, c.against)
+    for chunk in _chunks(rows):
+        for r, h in zip(chunk, await load(conn, chunk), strict=True):
+            c = check(engine, h, version)
+            if c.divergence is not None:
+                out[r["id"]] = c.divergence.text(c.key, c.against)
     return out
 
 
@@ -116,41 +134,58 @@ SENSITIVE = re.compile(r"(recipient|email|phone|address|name|text|body|subject|m
 LOOKS_PERSONAL = re.compile(r"@|^\+\d[\d\s()-]{6,}$|^https?://", re.I)  # an address, a phone number, a URL
 
 
-def _pseudonym(kind: str, value: str) -> str:
-    return hashlib.sha256(f"{kind}:{value}".encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class Redactor:
+    """Pseudonyms keyed by a secret (HMAC-SHA256): the same input, the same pseudonym within one key, so equality
+    still holds in a history, while a dictionary of phone numbers or addresses cannot undo them without the key.
+    The key is random per export unless given (--key): give the same one to keep pseudonyms across exports."""
+
+    key: bytes
+
+    def pseudonym(self, kind: str, value: str) -> str:
+        return hmac.new(self.key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    def uuid(self, value: str) -> str:
+        return str(uuid.UUID(hmac.new(self.key, f"id:{value}".encode(), hashlib.sha256).hexdigest()[:32], version=4))
+
+    def value(self, value: Any, key: str = "") -> Any:
+        """Strings under a key that names personal or free text, or that look like an address, a phone number or
+        a URL, become pseudonyms; the rest is kept."""
+        if isinstance(value, dict):
+            return {k: self.value(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(v, key) for v in value]
+        if isinstance(value, str) and (SENSITIVE.search(key) or LOOKS_PERSONAL.search(value)):
+            return f"redacted-{self.pseudonym('text', value)}"
+        return value
+
+    def entity(self, tenant: str, workflow: str, entity_id: str) -> str:
+        return f"entity-{self.pseudonym('entity', f'{tenant}/{workflow}/{entity_id}')}"
 
 
-def _uuid_pseudonym(value: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sfworkflow-corpus:{value}"))
-
-
-def redact_value(value: Any, key: str = "") -> Any:
-    """Strings under a key that names personal or free text, or that look like an address, a phone number or a URL,
-    become stable pseudonyms (the same input, the same pseudonym: equality still holds); the rest is kept."""
-    if isinstance(value, dict):
-        return {k: redact_value(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_value(v, key) for v in value]
-    if isinstance(value, str) and (SENSITIVE.search(key) or LOOKS_PERSONAL.search(value)):
-        return f"redacted-{_pseudonym('text', value)}"
-    return value
-
-
-def redact(h: History) -> History:
-    """A history with its tenant, entity, ids, and its events' addresses and free text replaced by stable pseudonyms.
-    Internal events (sfworkflow's own answers: a timer's payload, a lookup's key and value) are kept: the definition
-    compares them with what it asked."""
-    key = InstanceKey(CORPUS_TENANT, h.key.workflow, f"entity-{_pseudonym('entity', str(h.key))}")
+def redact(h: History, r: Redactor) -> History:
+    """A history with its tenant, entity, ids, and its events' addresses and free text replaced by pseudonyms.
+    Internal events (sfworkflow's own answers) keep their keys, which the definition compares with what it asked
+    (corpus_line re-aims them at the redacted replay's questions), but not another instance's entity id nor text."""
+    key = InstanceKey(CORPUS_TENANT, h.key.workflow, r.entity(h.key.tenant_id, h.key.workflow, h.key.entity_id))
 
     def ids(x: str | None) -> str | None:
-        return None if x is None else _uuid_pseudonym(x)
+        return None if x is None else r.uuid(x)
+
+    def internal(data: dict[str, Any]) -> dict[str, Any]:
+        out = {k: (v if k in ("key", "name", "effect_key", "command_type", "command_id") else r.value(v, k))
+               for k, v in data.items()}  # fmt: skip
+        if isinstance(data.get("holder_entity_id"), str):
+            out["holder_entity_id"] = r.entity(h.key.tenant_id, str(data.get("holder_workflow")),
+                                               data["holder_entity_id"])  # fmt: skip
+        return out
 
     steps = [
-        replace(r, event_id=ids(r.event_id) or "", data=r.data if r.internal else redact_value(r.data),
-                correlation_id=ids(r.correlation_id), causation_id=ids(r.causation_id))
-        for r in h.steps
+        replace(s, event_id=ids(s.event_id) or "", data=internal(s.data) if s.internal else r.value(s.data),
+                correlation_id=ids(s.correlation_id), causation_id=ids(s.causation_id))
+        for s in h.steps
     ]  # fmt: skip
-    return History(key, h.definition_version, steps, h.cut)
+    return replace(h, key=key, steps=steps)
 
 
 def corpus_line(engine: Engine, h: History) -> dict[str, Any] | None:
@@ -200,7 +235,7 @@ class Corpus:
 
 async def collect_corpus(
     conn: asyncpg.Connection, engine: Engine, *, workflows: list[str] | None = None, per_state: int = 5,
-    redacted: bool = True,
+    redacted: bool = True, key: str | None = None,
 ) -> Corpus:  # fmt: skip
     """Per workflow and state, the newest `per_state` instances' histories, as corpus lines."""
     if per_state < 1:
@@ -208,8 +243,9 @@ async def collect_corpus(
     for w in workflows or ():
         latest(engine, w, None)
     corpus = Corpus()
+    redactor = Redactor(key.encode() if key else secrets.token_bytes(32))
     for h in await load(conn, await operations.corpus_instances(conn, per_state, workflows)):
-        line = corpus_line(engine, redact(h) if redacted else h)
+        line = corpus_line(engine, redact(h, redactor) if redacted else h)
         if line is None:
             corpus.counts[h.key.workflow]["skipped"] += 1
             continue
@@ -218,13 +254,14 @@ async def collect_corpus(
     return corpus
 
 
-def write_corpus(corpus: Corpus, out: Path) -> list[Path]:
-    """<out>/<workflow>.jsonl, merged with what each file holds (a line per distinct history, sorted)."""
+def write_corpus(corpus: Corpus, out: Path, *, replace_files: bool = False) -> list[Path]:
+    """<out>/<workflow>.jsonl, merged with what each file holds (a line per distinct history, sorted), or replacing
+    it (`replace_files`: after a deliberate change, the old lines' `expected` is the old behaviour)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for workflow, lines in corpus.lines.items():
         path = out / f"{workflow}.jsonl"
-        if path.exists():
+        if path.exists() and not replace_files:
             for old in path.read_text().splitlines():
                 if old.strip():
                     lines.setdefault(_shape(orjson.loads(old)), old)

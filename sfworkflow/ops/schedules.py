@@ -142,6 +142,8 @@ async def _set_paused(
         r = await store.lock(conn, t, name)
         if r is None:
             raise UsageError(_missing(tenant, name))
+        if r["paused"] == paused:  # already so: nothing moves (a retried resume must not skip a due tick)
+            return as_json(r)
         next_at = due = None
         if not paused:
             try:
@@ -154,18 +156,20 @@ async def _set_paused(
     return as_json(row)
 
 
-async def delete(conn: asyncpg.Connection, tenant: str | None, name: str) -> dict[str, Any]:
-    """Remove a run-time schedule (its ticks already queued still go out)."""
+async def delete(conn: asyncpg.Connection, engine: Engine, tenant: str | None, name: str) -> dict[str, Any]:
+    """Remove a run-time schedule, or a code-declared one the loaded definitions no longer declare (its ticks already
+    queued still go out)."""
     t = check_tenant(tenant)
     r = await store.get(conn, t, name)
     if r is None:
         raise UsageError(_missing(tenant, name))
-    if r["source"] == "code":
+    names = [s.name for _w, s in declared(engine)]
+    if r["source"] == "code" and name in names:
         raise UsageError(
             f"schedule {name} is declared by the workflow {r['workflow']} and comes back at the next start: "
             "pause it instead"
         )
-    removed = await store.delete(conn, t, name)
+    removed = await store.delete(conn, t, name, names)
     if removed is None:
         raise UsageError(_missing(tenant, name))
     return as_json(removed)

@@ -18,7 +18,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -156,7 +155,11 @@ class Service:
         conn = await asyncpg.connect(s.database_url)
         try:
             applied = await migrate.migrate(conn)
-            await db_schedules.upsert_declared(conn, declared_schedules(self.engine), datetime.now(UTC))
+            code = declared_schedules(self.engine)
+            await db_schedules.upsert_declared(conn, code, await db_schedules.database_now(conn))
+            gone = await db_schedules.pause_undeclared(conn, [s.name for _w, s in code])
+            if gone:
+                log.warning("code-declared schedules no definition declares any more: paused", schedules=gone)
         finally:
             await conn.close()
         if applied:

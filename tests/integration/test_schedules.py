@@ -22,12 +22,13 @@ from sfworkflow.core.engine import Engine
 from sfworkflow.core.schedules import NIL_TENANT, Schedule, tick_id, ticks
 from sfworkflow.db import schedules as store
 from sfworkflow.demo import schedules as demo_schedules
+from sfworkflow.errors import UsageError
 from sfworkflow.ops import schedules
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
 from tests.integration.replicas import replicas, start_all
-from tests.support import TENANT
+from tests.support import TENANT, running_service
 
 ENGINE = Engine(DEFINITIONS)
 
@@ -47,15 +48,29 @@ class TickQueue:
         return out
 
 
-@pytest.fixture
-async def tick_queue(settings: Settings) -> AsyncIterator[TickQueue]:
+async def _tick_queue(settings: Settings, binding: str) -> AsyncIterator[TickQueue]:
     connection = await aio_pika.connect(settings.amqp_url)
     channel = await connection.channel()
     exchange = await channel.declare_exchange(SCHEDULES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue("test.ticks", durable=True)
-    await queue.bind(exchange, "#")
+    queue = await channel.declare_queue(f"test.ticks.{binding}", durable=True)
+    await queue.bind(exchange, binding)
     yield TickQueue(channel, queue)
     await connection.close()
+
+
+@pytest.fixture
+async def tick_queue(settings: Settings) -> AsyncIterator[TickQueue]:
+    """The ticks of the tests' own schedules (routing key salesflow.test): not the code-declared ones, which the
+    replicas store and which fire whenever a test runs across a five-minute mark."""
+    async for q in _tick_queue(settings, "salesflow.test"):
+        yield q
+
+
+@pytest.fixture
+async def every_tick(settings: Settings) -> AsyncIterator[TickQueue]:
+    """Every tick on sfworkflow.schedules."""
+    async for q in _tick_queue(settings, "#"):
+        yield q
 
 
 async def _add(pg: asyncpg.Connection, **kwargs: Any) -> Schedule:
@@ -65,9 +80,9 @@ async def _add(pg: asyncpg.Connection, **kwargs: Any) -> Schedule:
 
 
 async def _move_back(pg: asyncpg.Connection, tenant: str, name: str, to: datetime, catch_up: str) -> None:
-    """The service was down: the schedule's first unfired tick is `to`."""
+    """The service was down: the schedule's first unfired tick is `to` (its jitter off: the ticks are due now)."""
     await pg.execute(
-        "UPDATE sfworkflow.schedule SET next_tick_at = $3, due_at = $3, catch_up = $4"
+        "UPDATE sfworkflow.schedule SET next_tick_at = $3, due_at = $3, catch_up = $4, jitter_s = 0"
         " WHERE tenant_id = $1 AND name = $2",
         tenant, name, to, catch_up,
     )  # fmt: skip
@@ -78,7 +93,11 @@ async def _row(pg: asyncpg.Connection, tenant: str, name: str) -> asyncpg.Record
 
 
 async def _outbox(pg: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await pg.fetch("SELECT * FROM sfworkflow.outbox WHERE kind = 'schedule' ORDER BY id"))
+    """What the tests' own schedules queued (routing key salesflow.test)."""
+    return list(
+        await pg.fetch("SELECT * FROM sfworkflow.outbox WHERE kind = 'schedule' AND routing_key = 'salesflow.test'"
+                       " ORDER BY id")
+    )  # fmt: skip
 
 
 async def _all_published(pg: asyncpg.Connection) -> bool:
@@ -108,7 +127,7 @@ async def test_an_hour_down_fires_what_the_catch_up_policy_says(
     expected = ticks(s.spec, first_missed - timedelta(seconds=1), now)[6 - fired :] if fired else []
     rows = await _outbox(pg)
     assert [r["message_id"] for r in rows] == [tick_id(s.key, t) for t in expected]
-    assert (done.fired[s.name], done.missed[s.name], again.due) == (fired, missed, 0)
+    assert (done.fired[store.TENANT_LABEL], done.missed[store.TENANT_LABEL], again.due) == (fired, missed, 0)
     row = await _row(pg, TENANT, s.name)
     assert (row["fired"], row["missed"]) == (fired, missed)
     assert row["next_tick_at"] == anchor + timedelta(minutes=10)  # waits for the next tick after now
@@ -146,7 +165,7 @@ async def test_three_replicas_racing_on_a_one_second_schedule_fire_each_tick_onc
 
 
 async def test_two_replicas_running_the_demo_schedules_fire_each_tick_once(
-    settings: Settings, pg: asyncpg.Connection, tick_queue: TickQueue, tmp_path: Path
+    settings: Settings, pg: asyncpg.Connection, every_tick: TickQueue, tmp_path: Path
 ) -> None:
     mine = demo_schedules.for_tenant(ENGINE, TENANT)
     for s in mine:
@@ -170,9 +189,9 @@ async def test_two_replicas_running_the_demo_schedules_fire_each_tick_once(
             return all([(await _row(pg, *key))["next_tick_at"] > now for key in moved])
 
         await wait_for(caught_up, timeout=30, what="every demo schedule caught up")
-        await wait_for(lambda: _all_published(pg), what="every tick published")
-        for key in moved:
+        for key in moved:  # before counting: a real tick at a five-minute mark would come after the count
             await schedules.pause(pg, key[0], key[1], "test", "counted")
+        await wait_for(lambda: _all_published(pg), what="every tick published")
 
         cycles = (await _row(pg, TENANT, "self-improvement"))["fired"]
 
@@ -181,7 +200,7 @@ async def test_two_replicas_running_the_demo_schedules_fire_each_tick_once(
             return int(n) == cycles
 
         await wait_for(instances, what="a cycle started by each self-improvement tick")
-    got = await tick_queue.drain()
+    got = await every_tick.drain()
     per_schedule = Counter(t["schedule"] for t in got)
     ids = [t["message_id"] for t in got]
     assert len(ids) == len(set(ids))
@@ -233,3 +252,32 @@ async def test_a_replica_killed_at_the_tick_loses_it_not_and_fires_it_once(
     assert [t["message_id"] for t in got] == [tick_id(s.key, tick)]
     assert (await _row(pg, TENANT, s.name))["fired"] == 1
     assert await tick_queue.drain() == []
+
+
+# ---- code-declared schedules across releases; operators' changes -------------------------------------------------
+async def test_a_code_schedule_no_release_declares_is_paused_at_start_up_and_can_then_be_deleted(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """A definition that dropped (or renamed) a schedule must not leave the old one firing forever."""
+    await pg.execute(
+        "INSERT INTO sfworkflow.schedule (tenant_id, name, kind, event_type, every_s, next_tick_at, due_at, source,"
+        " workflow, updated_by) VALUES ($1, 'follow_up.old_scan', 'tick', 'follow_up.old_scan', 300, now(), now(),"
+        " 'code', 'follow_up', 'sfworkflow')",
+        NIL_TENANT,
+    )  # fmt: skip
+    async with running_service(settings):
+        row = await _row(pg, NIL_TENANT, "follow_up.old_scan")
+        assert row["paused"] and "no longer declared" in row["reason"]
+        assert not (await _row(pg, NIL_TENANT, "follow_up.scan"))["paused"]
+    with pytest.raises(UsageError, match="pause it instead"):
+        await schedules.delete(pg, ENGINE, None, "follow_up.scan")
+    removed = await schedules.delete(pg, ENGINE, None, "follow_up.old_scan")
+    assert removed["name"] == "follow_up.old_scan" and await _row(pg, NIL_TENANT, "follow_up.old_scan") is None
+
+
+async def test_resuming_a_schedule_that_is_not_paused_moves_nothing(pg: asyncpg.Connection) -> None:
+    s = await _add(pg, name="hourly", every_s=3600)
+    due: datetime = await pg.fetchval("SELECT now() - interval '1 second'")
+    await _move_back(pg, TENANT, s.name, due, "once")  # due now, not fired yet
+    after = await schedules.resume(pg, TENANT, s.name, "test", "a retried resume")
+    assert after["next_tick_at"] == due and (await _row(pg, TENANT, s.name))["next_tick_at"] == due

@@ -102,7 +102,7 @@ def test_a_tick_a_little_late_fires_under_every_policy_and_nothing_fires_early()
 
 @given(st.integers(0, 10**6), st.integers(1, 86_400))
 def test_tick_ids_and_jitter_are_the_same_on_every_try_and_jitter_stays_in_range(offset: int, jitter: int) -> None:
-    spec = Spec(**FIVE_MIN, jitter_s=min(jitter, 3600))  # type: ignore[arg-type]
+    spec = Spec(cron="0 8 * * *", timezone="Asia/Riyadh", jitter_s=min(jitter, 3600))
     tick = utc(2026, 12, 7) + timedelta(seconds=offset)
     assert tick_id("t/report", tick) == tick_id("t/report", tick.astimezone(RIYADH_0800.zone))
     assert tick_id("t/report", tick) != tick_id("t/other", tick)
@@ -116,6 +116,9 @@ def test_tick_ids_and_jitter_are_the_same_on_every_try_and_jitter_stays_in_range
         ({}, "either a cron expression or an interval"),
         ({"cron": "0 8 * * *", "every_s": 60}, "not both"),
         ({"cron": "61 * * * *"}, "not a cron expression"),
+        ({"cron": "H 8 * * *"}, "not a cron expression"),
+        ({"every_s": 300, "jitter_s": 151}, "more than half the 300 s between ticks"),
+        ({"cron": "*/5 * * * *", "jitter_s": 200}, "more than half the 300 s between ticks"),
         ({"every_s": 0}, "every_s must be"),
         ({"cron": "0 8 * * *", "timezone": "Mars/Olympus"}, "not an IANA time zone"),
         ({"every_s": 60, "anchor": datetime(2026, 1, 1)}, "aware"),
@@ -253,3 +256,29 @@ def test_a_tick_s_body_passes_the_tick_schema_salesflow_s_jobs_are_given() -> No
     for m in (message(s, tick, tick_id(s.key, tick)), message(s, tick, manual_tick_id(s.key, "r"), manual=True)):
         assert schemas.default().errors("envelope", "tick", m.body) == []
     assert schemas.default().errors("envelope", "tick", {**m.body, "tick_at": 5}) != []
+
+
+def test_cron_names_are_names_not_random_fields() -> None:
+    assert next_tick(Spec(cron="0 8 * MAR THU"), utc(2027, 3, 1)) == utc(2027, 3, 4, 8)
+    assert next_tick(Spec(cron="0 9 * * MON-FRI"), utc(2027, 3, 6)) == utc(2027, 3, 8, 9)  # a Saturday: Monday
+
+
+def test_a_tick_waiting_for_its_jitter_is_not_missed_and_fires_when_due() -> None:
+    """Every 60 s, jitter up to 30 s: the 00:01 tick is not due before its jitter has passed (and is not missed
+    meanwhile); under `skip` its lateness is counted from its jitter."""
+    spec = Spec(every_s=60, jitter_s=30, catch_up=CatchUp.SKIP, grace_s=40)
+    key = "t/jittered"
+
+    def j(t: datetime) -> timedelta:
+        return jitter_of(spec, key, t)
+
+    tick = utc(2027, 1, 1, 0, 1)
+    at = tick + j(tick)
+    d = due(spec, tick, at - timedelta(microseconds=1), j)
+    assert (d.fire, d.missed, d.next_at) == ([], 0, tick)  # not yet: waits for its jitter
+    d = due(spec, tick, at, j)
+    assert (d.fire, d.missed, d.next_at) == ([tick], 0, tick + timedelta(seconds=60))
+    later = due(spec, tick, at + timedelta(seconds=40), j)  # a poll late, within the grace counted from the jitter
+    assert (later.fire, later.missed) == ([tick], 0)
+    lost = due(spec, tick, at + timedelta(seconds=40, microseconds=1), j)  # past it, before the next tick is due
+    assert (lost.fire, lost.missed, lost.next_at) == ([], 1, tick + timedelta(seconds=60))

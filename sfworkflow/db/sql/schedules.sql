@@ -4,10 +4,11 @@
 
 -- lock_due_schedules --
 -- Up to $1 schedules due now (due_at: the next tick with its jitter), locked; rows another replica holds are
--- skipped. `now` is the database's clock, the one every replica shares.
+-- skipped. `now` is the database's clock, the one every replica shares. (now() is the transaction's start, a
+-- constant the index on due_at can be searched with; clock_timestamp() is volatile and could not.)
 SELECT s.*, clock_timestamp() AS now
 FROM sfworkflow.schedule s
-WHERE NOT s.paused AND s.due_at <= clock_timestamp()
+WHERE NOT s.paused AND s.due_at <= now()
 ORDER BY s.due_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -62,6 +63,16 @@ WHERE (s.kind, s.event_type, s.entity_id, s.data, s.cron, s.every_s, s.anchor, s
                         EXCLUDED.every_s, EXCLUDED.anchor, EXCLUDED.timezone, EXCLUDED.jitter_s, EXCLUDED.catch_up,
                         EXCLUDED.max_catch_up, 'code', EXCLUDED.workflow, EXCLUDED.description)
 
+-- pause_undeclared_schedules --
+-- Code-declared schedules the loaded definitions no longer declare ($1: the names they do): paused, saying why,
+-- rather than deleted (a replica of the previous release may still declare them during a rolling deploy). The
+-- names paused now.
+UPDATE sfworkflow.schedule
+SET paused = true, updated_by = 'sfworkflow', updated_at = now(),
+    reason = 'no longer declared by the loaded definitions: paused at start-up; delete it if it is gone for good'
+WHERE source = 'code' AND NOT paused AND NOT (name = ANY($1::text[]))
+RETURNING name
+
 -- list_schedules --
 -- Every schedule ($1: of one tenant, or NULL for all), by tenant and name.
 SELECT * FROM sfworkflow.schedule
@@ -95,9 +106,12 @@ WHERE tenant_id = $1::uuid AND name = $2
 RETURNING *
 
 -- delete_schedule --
--- Remove a run-time schedule; the removed row (none when there was none, or it is code-declared). Its ticks
--- already queued still go out.
-DELETE FROM sfworkflow.schedule WHERE tenant_id = $1::uuid AND name = $2 AND source = 'api' RETURNING *
+-- Remove a schedule: a run-time one, or a code-declared one the loaded definitions no longer declare ($3: the
+-- names they do); the removed row (none when there was none, or it is still declared). Its ticks already queued
+-- still go out.
+DELETE FROM sfworkflow.schedule
+WHERE tenant_id = $1::uuid AND name = $2 AND (source = 'api' OR NOT (name = ANY($3::text[])))
+RETURNING *
 
 -- count_schedule_fired --
 -- A tick fired by hand: counted, and when.
