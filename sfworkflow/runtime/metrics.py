@@ -182,7 +182,8 @@ class Metrics:
         self.schedule_ticks = Counter(
             "sfworkflow_schedule_ticks",
             "Schedule ticks by outcome: fired (queued in the outbox, once whatever the replicas), missed (passed over "
-            "after downtime under the schedule's catch-up policy), manual (`schedules trigger`, counted where run).",
+            "after downtime under the schedule's catch-up policy). Label schedule: a code-declared schedule's name, "
+            "(tenant) for every run-time one.",
             ["schedule", "outcome"],
             registry=r,
         )

@@ -20,7 +20,7 @@ import pytest
 from sfworkflow.db.pool import q
 
 # The tables that grow with the data: a sequential scan of any of them is a cost that grows too.
-GROWING = {"instance", "history", "inbox", "outbox", "timer", "effect", "claim", "parked"}
+GROWING = {"instance", "history", "inbox", "outbox", "timer", "effect", "claim", "parked", "schedule"}
 
 # (query name, sample arguments)
 STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
@@ -54,8 +54,11 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
                     "cap_used": 3,
                 }
             ],
+            [],
         ),
     ),
+    ("lock_due_schedules", (100,)),  # every round of every replica's schedule loop
+    ("histories_with_bodies", ([1, 2],)),  # check-definition, export-histories: a chunk of instances at a time
     ("lock_due_timer_instances_by_lane", (4, ["sequence"], [1])),
     ("lock_due_timer_instances", (256, ["sequence"], [1], [1, 2])),
     ("upsert_timers", ([1], ["step_due"], [datetime(2026, 12, 7, tzinfo=UTC)], [{}])),

@@ -132,7 +132,10 @@ async def test_migrate_instances_moves_in_flight_instances_to_v2(
             f"would refuse {ref}/enr-p (paused): state 'paused' does not exist in sequence v2 and no --map "
             "paused=STATE was given",
         ]
-        assert out[-1] == "sequence v1 -> v2 (dry run: nothing changed): would migrate 2, refused 1, skipped 0"
+        assert out[-1] == (
+            "sequence v1 -> v2 (dry run: nothing changed): would migrate 2, refused 1, skipped 0, would break 0 "
+            "(their histories replay differently)"
+        )
         full = out
         rc, out = await _migrate(settings, capsys, "--dry-run", "--limit", "2", "--batch-size", "1")
         assert out[:-1] == full[:2]  # the first two by id, in batches of one
