@@ -18,7 +18,8 @@ from sfworkflow.core.schedules import NIL_TENANT
 from sfworkflow.settings import Settings
 from sfworkflow.workflows import DEFINITIONS
 from tests.conftest import wait_for
-from tests.support import TENANT, Amqp, all_published, enrolled_data, event, running_service, state_of
+from tests.integration.test_check_definition import record_done_and_going
+from tests.support import TENANT, Amqp, enrolled_data, event, running_service, state_of
 from tests.unit.test_versions import V2
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -266,22 +267,12 @@ async def test_definitions_with_their_diagrams(settings: Settings) -> None:
 
 
 # ---- definition-change safety (tests/integration/test_check_definition.py, through the API) ---------------------
-async def _recorded(settings: Settings, pg: asyncpg.Connection) -> None:
-    """`done`: a one-step sequence, sent and completed; `going`: a two-step one whose first step was sent (v1)."""
-    async with running_service(settings), Amqp(settings.amqp_url) as mq:
-        await mq.publish(event("sequence.enrolled", "done", enrolled_data(steps=1)))
-        await mq.publish(event("sequence.enrolled", "going", enrolled_data(steps=2, delay_s=3600)))
-        await wait_for(lambda: _state_is(pg, "done", "sending"), what="done: sending")
-        await mq.publish(event("sequence.step_sent", "done", {"step": 0, "provider_message_id": "p0"}))
-        await wait_for(lambda: _state_is(pg, "done", "completed"), what="done: completed")
-        await wait_for(lambda: _state_is(pg, "going", "waiting"), what="going: waiting")
-        await wait_for(lambda: all_published(pg), what="outbox drained")
 
 
 async def test_a_definition_check_reports_the_recorded_histories_a_version_would_treat_differently(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    await _recorded(_on(settings), pg)
+    await record_done_and_going(_on(settings), pg)
     history_before = await pg.fetchval("SELECT count(*) FROM sfworkflow.history")
     # a release that loads sequence v2 (the last send now goes to `confirming`) beside v1
     async with (

@@ -22,7 +22,7 @@ async def _state_is(pg: asyncpg.Connection, entity: str, state: str) -> bool:
     return await state_of(pg, entity) == state
 
 
-async def _recorded(settings: Settings, pg: asyncpg.Connection) -> None:
+async def record_done_and_going(settings: Settings, pg: asyncpg.Connection) -> None:
     """`done`: a one-step sequence, sent and completed; `going`: a two-step one whose first step was sent."""
     async with running_service(settings), Amqp(settings.amqp_url) as mq:
         await mq.publish(event("sequence.enrolled", "done", enrolled_data(steps=1)))
@@ -37,7 +37,7 @@ async def _recorded(settings: Settings, pg: asyncpg.Connection) -> None:
 async def test_a_change_that_treats_a_recorded_history_differently_is_reported_with_its_diff(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    await _recorded(settings, pg)
+    await record_done_and_going(settings, pg)
     report = await compat.check_definition(pg, RELEASE_2, "sequence", 2, sample=None, ended_too=True)
     assert len(report.checked) == 2
     [bad] = report.diverged
@@ -57,7 +57,7 @@ async def test_a_change_that_treats_a_recorded_history_differently_is_reported_w
 async def test_migrate_instances_dry_run_says_which_instances_the_migration_would_break(
     settings: Settings, pg: asyncpg.Connection
 ) -> None:
-    await _recorded(settings, pg)
+    await record_done_and_going(settings, pg)
     report = await versions.migrate_instances(pg, RELEASE_2, "sequence", 1, 2, dry_run=True)
     assert [(r.entity_id, r.outcome, r.replay) for r in report.results] == [("going", "migrated", None)]
     # An in-flight instance whose history v2 would treat differently: `done`, brought back to life by hand.
