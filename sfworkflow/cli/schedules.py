@@ -14,15 +14,13 @@ from typing import Any
 
 import orjson
 
+from sfworkflow.cli.limits import engine_of
 from sfworkflow.core.durations import EXAMPLES, parse_age
-from sfworkflow.core.engine import Engine
-from sfworkflow.core.limits import parse_overrides
 from sfworkflow.core.schedules import Spec, next_tick
 from sfworkflow.errors import UsageError
 from sfworkflow.ops import schedules
 from sfworkflow.ops.dead_letters import connect_database
 from sfworkflow.settings import Settings
-from sfworkflow.workflows import DEFINITIONS
 
 MAX_COUNT = 1000
 
@@ -150,9 +148,8 @@ async def _run(conn: Any, settings: Settings, args: argparse.Namespace) -> int:
         if not isinstance(data, dict):
             raise UsageError("--data must be a JSON object, e.g. '{}'")
         every = None if args.every is None else _whole_seconds(args.every)
-        engine = Engine(DEFINITIONS, parse_overrides(settings.rate_limits))
         s = schedules.build(
-            engine, tenant=args.tenant, name=args.name, kind="event" if args.event else "tick",
+            engine_of(settings), tenant=args.tenant, name=args.name, kind="event" if args.event else "tick",
             event_type=args.event or args.tick, entity_id=args.entity, data=data, cron=args.cron, every_s=every,
             timezone=args.tz, jitter_s=args.jitter, catch_up=args.catch_up, max_catch_up=args.max_catch_up,
             description=args.description,
@@ -164,7 +161,7 @@ async def _run(conn: Any, settings: Settings, args: argparse.Namespace) -> int:
         row = await change(conn, args.tenant, args.name, by, args.reason)
         print(f"{cmd}d: {_line(row)}")
     elif cmd == "delete":
-        row = await schedules.delete(conn, Engine(DEFINITIONS), args.tenant, args.name)
+        row = await schedules.delete(conn, engine_of(settings), args.tenant, args.name)
         print(f"deleted: {_line(row)}")
     else:
         out = await schedules.trigger(conn, args.tenant, args.name, args.request_id)

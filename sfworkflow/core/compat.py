@@ -15,6 +15,7 @@ that would now apply one is not seen (its body was not kept).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -23,7 +24,7 @@ import orjson
 
 from sfworkflow.contract.envelope import parse_timestamp
 from sfworkflow.core.definition import EngineEvent, InstanceKey, InstanceView
-from sfworkflow.core.engine import CompiledWorkflow, Engine, Outcome
+from sfworkflow.core.engine import CompiledWorkflow, Decision, Engine, Outcome
 
 OPERATOR_OUTCOMES = frozenset({"replayed", "migrated"})  # history entries that change an instance outside a step
 
@@ -135,28 +136,42 @@ class Replayed:
         )  # fmt: skip
 
 
-def replay(compiled: CompiledWorkflow, engine: Engine, history: History) -> list[Replayed]:
-    """Each recorded step taken again under `compiled`, from a fresh instance; stops at the first that is not
-    applied (what follows depends on it)."""
+def _walk(
+    compiled: CompiledWorkflow, engine: Engine, history: History, answer: Callable[[Recorded], Recorded] | None = None
+) -> Iterator[tuple[Recorded, Decision | Exception, InstanceView | None]]:
+    """Step a fresh instance through the recorded steps (each through `answer` first, when given), yielding each
+    step, its decision (or what the definition raised) and the instance before it; stops after the first step that
+    is not applied (what follows depends on it)."""
     view: InstanceView | None = None
-    out: list[Replayed] = []
-    for r in history.steps:
+    for recorded in history.steps:
+        r = answer(recorded) if answer is not None else recorded
         event = EngineEvent(r.event_id, r.trigger, r.data, r.timestamp, r.correlation_id, r.causation_id, r.internal)
         try:
             d = engine.step(compiled, history.key, view, event, r.at)
         except Exception as exc:  # a definition's action raising is what the check is for
-            out.append(Replayed("raised", view.state if view else "", f"{type(exc).__name__}: {exc}"[:300]))
-            return out
+            yield r, exc, view
+            return
+        yield r, d, view
         if d.outcome is not Outcome.APPLIED:
-            out.append(Replayed(str(d.outcome), d.to_state or (view.state if view else ""), d.reason))
-            return out
-        commands = tuple(
-            (m.kind, m.routing_key, orjson.dumps(_lasting(m.body), option=orjson.OPT_SORT_KEYS).decode())
-            for m in d.outgoing
-        )
-        cancelled = ("*",) if d.cancel_all_timers else tuple(d.timers_cancelled)
-        out.append(Replayed("applied", d.to_state, None, commands, tuple(t.name for t in d.timers_set), cancelled))
+            return
         view = InstanceView(history.key, d.to_state, d.context, d.version, compiled.definition.version)
+
+
+def replay(compiled: CompiledWorkflow, engine: Engine, history: History) -> list[Replayed]:
+    """Each recorded step taken again under `compiled`, from a fresh instance, up to the first not applied."""
+    out: list[Replayed] = []
+    for _r, d, view in _walk(compiled, engine, history):
+        if isinstance(d, Exception):
+            out.append(Replayed("raised", view.state if view else "", f"{type(d).__name__}: {d}"[:300]))
+        elif d.outcome is not Outcome.APPLIED:
+            out.append(Replayed(str(d.outcome), d.to_state or (view.state if view else ""), d.reason))
+        else:
+            commands = tuple(
+                (m.kind, m.routing_key, orjson.dumps(_lasting(m.body), option=orjson.OPT_SORT_KEYS).decode())
+                for m in d.outgoing
+            )
+            cancelled = ("*",) if d.cancel_all_timers else tuple(d.timers_cancelled)
+            out.append(Replayed("applied", d.to_state, None, commands, tuple(t.name for t in d.timers_set), cancelled))
     return out
 
 
@@ -165,12 +180,11 @@ def align_answers(compiled: CompiledWorkflow, engine: Engine, history: History) 
     the replay asks: after redaction a lookup's key is derived from pseudonyms, and the recorded answer, which
     names the original key, would not be taken for its answer. Each answer is matched to the oldest open question
     of its kind (a lookup of the same name, a claim, an effect of the same command type)."""
-    view: InstanceView | None = None
     lookups: list[tuple[str, str]] = []
     claims: list[str] = []
     effects: list[tuple[str, str, str]] = []  # (command type, effect key, command id)
-    steps: list[Recorded] = []
-    for r in history.steps:
+
+    def answer(r: Recorded) -> Recorded:
         data = dict(r.data)
         if r.internal and r.trigger == "lookup_result":
             match = next((x for x in lookups if x[0] == data.get("name")), None)
@@ -184,20 +198,16 @@ def align_answers(compiled: CompiledWorkflow, engine: Engine, history: History) 
             if effect is not None:
                 effects.remove(effect)
                 data["effect_key"], data["command_id"] = effect[1], effect[2]
-        step = replace(r, data=data)
-        steps.append(step)
-        event = EngineEvent(r.event_id, r.trigger, data, r.timestamp, r.correlation_id, r.causation_id, r.internal)
-        try:
-            d = engine.step(compiled, history.key, view, event, r.at)
-        except Exception:
-            return replace(history, steps=steps + history.steps[len(steps) :])
-        if d.outcome is not Outcome.APPLIED:
-            return replace(history, steps=steps + history.steps[len(steps) :])
-        lookups.extend(d.requests.lookups)
-        claims.extend(d.requests.claims)
-        effects.extend((m.routing_key, m.effect_key, m.message_id) for m in d.outgoing if m.effect_key is not None)
-        view = InstanceView(history.key, d.to_state, d.context, d.version, compiled.definition.version)
-    return replace(history, steps=steps)
+        return replace(r, data=data)
+
+    steps: list[Recorded] = []
+    for r, d, _view in _walk(compiled, engine, history, answer):
+        steps.append(r)
+        if not isinstance(d, Exception):  # the questions it asked, for the answers that follow
+            lookups.extend(d.requests.lookups)
+            claims.extend(d.requests.claims)
+            effects.extend((m.routing_key, m.effect_key, m.message_id) for m in d.outgoing if m.effect_key is not None)
+    return replace(history, steps=steps + history.steps[len(steps) :])
 
 
 def _lasting(body: dict[str, Any]) -> dict[str, Any]:

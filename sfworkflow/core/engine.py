@@ -284,6 +284,10 @@ class Engine:
         except ValueError as exc:
             raise DefinitionError(f"SFWORKFLOW_RATE_LIMITS: {exc}") from None
 
+    def event_types(self) -> set[str]:
+        """Every external event type the loaded definitions take (sequence.enrolled, …)."""
+        return {cw.definition.event_type(e) for cw in self.compiled.values() for e in cw.definition.events}
+
     def limit_names(self) -> list[str]:
         """Every rate limit the loaded definitions declare, by full name."""
         return sorted({n for c in self.compiled.values() for ls in c.rate_limits.values() for n, _ in ls})

@@ -28,7 +28,17 @@ from typing import Any
 import asyncpg
 import orjson
 
-from sfworkflow.core.compat import Checked, History, Recorded, align_answers, check, compare, from_rows, replay
+from sfworkflow.core.compat import (
+    Checked,
+    History,
+    Recorded,
+    Replayed,
+    align_answers,
+    check,
+    compare,
+    from_rows,
+    replay,
+)
 from sfworkflow.core.definition import InstanceKey
 from sfworkflow.core.engine import Engine
 from sfworkflow.db import operations
@@ -213,8 +223,6 @@ def corpus_history(line: dict[str, Any]) -> History:
 def check_corpus_line(engine: Engine, line: dict[str, Any]) -> str | None:
     """Replay one corpus line against the current definition of its version: None when it does what it did when
     captured, else the readable diff."""
-    from sfworkflow.core.compat import Replayed
-
     h = corpus_history(line)
     compiled = engine.compiled.get((h.key.workflow, h.definition_version))
     if compiled is None:

@@ -88,7 +88,7 @@ def build(
     if clean_json(dict(s.data))[1]:
         raise UsageError("data holds characters PostgreSQL cannot store (NUL, unpaired surrogates): remove them")
     if s.kind is Kind.EVENT:
-        known = {cw.definition.event_type(e) for cw in engine.compiled.values() for e in cw.definition.events}
+        known = engine.event_types()
         if s.event_type not in known:
             raise UsageError(
                 f"{s.event_type!r} is not an event this deployment's workflows take; known: {', '.join(sorted(known))}"

@@ -59,7 +59,7 @@ STARTUP_RETRY_S = 30.0  # seconds start-up keeps retrying a dependency that is n
 
 
 def known_event_types(engine: Engine) -> set[str]:
-    return {cw.definition.event_type(e) for cw in engine.compiled.values() for e in cw.definition.events}
+    return engine.event_types()
 
 
 class Service:
