@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
+from sfworkflow.client.urls import split_urls
 from sfworkflow.core.limits import parse_overrides
 
 PREFIX = "SFWORKFLOW_"
@@ -195,19 +196,32 @@ def _one_of(choices: tuple[str, ...], *, any_case: bool = False) -> Rule:
     return Rule("one of " + ", ".join(choices) + (" (any case)" if any_case else ""), ok)
 
 
-def _url(*schemes: str) -> Rule:
-    def ok(v: object) -> bool:
-        if not isinstance(v, str):
-            return False
+def _url(*schemes: str, several: str = "") -> Rule:
+    """A URL of one of `schemes`; with `several` (what the list names), also a comma-separated list of them."""
+
+    def one(v: str) -> bool:
         try:
             parts = urlsplit(v)
-            parts.port  # noqa: B018 -- raises ValueError on a port that is not a number in 0..65535
+            # PostgreSQL's multi-host URL (a primary and its standbys): host[:port] pairs separated by commas.
+            userinfo, at, hosts = parts.netloc.rpartition("@")
+            for host in hosts.split(","):
+                urlsplit(f"{parts.scheme}://{userinfo}{at}{host}").port  # noqa: B018 -- ValueError: not 0..65535
         except ValueError:
             return False
         return parts.scheme.lower() in schemes
 
+    def ok(v: object) -> bool:
+        if not isinstance(v, str):
+            return False
+        try:
+            urls = split_urls(v) if several else [v]
+        except ValueError:
+            return False
+        return all(one(u) for u in urls)
+
     accepted = " or ".join(f"{s}://" for s in schemes)
-    return Rule(f"a URL starting with {accepted} (special characters in the password %-encoded)", ok)
+    also = f", or several separated by commas ({several})" if several else ""
+    return Rule(f"a URL starting with {accepted}{also} (special characters in the password %-encoded)", ok)
 
 
 def _host(v: object) -> bool:
@@ -228,7 +242,7 @@ def _token(v: object) -> bool:
 
 RULES: dict[str, Rule] = {  # one per Settings field, in field order
     "database_url": _url("postgresql", "postgres"),
-    "amqp_url": _url("amqp", "amqps"),
+    "amqp_url": _url("amqp", "amqps", several="the nodes of one RabbitMQ cluster, tried in turn"),
     "http_host": Rule("a host name or IP address to listen on (0.0.0.0: every interface)", _host),
     "http_port": Rule(f"a whole number from 0 to {MAX_PORT} (0: any free port)", _whole_in(0, MAX_PORT)),
     "prefetch": _count(MAX_PREFETCH, " (an AMQP prefetch count)"),
@@ -363,7 +377,15 @@ def log_unknown_variables(env: Mapping[str, str] | None = None) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`, safe for logs, errors and /readyz."""
+    """The URL with its password replaced by `***`, safe for logs, errors and /readyz; each URL of a comma-separated
+    list (a cluster's nodes) alike."""
+    urls = split_urls(url) if url.strip() else [url]
+    if len(urls) > 1:
+        return ",".join(_redact_one(u) for u in urls)
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
     try:

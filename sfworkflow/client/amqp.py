@@ -19,6 +19,13 @@ the same queue in 3 ms, and the closed loop ran at the relay's ~1,000 messages/s
 
 tests/integration/test_amqp_publishing.py holds these: 500 publishes on one channel are all queued in one turn,
 and a batch is confirmed, returned or failed message by message as single publishes are.
+
+A broker of several nodes is named by several URLs separated by commas (`amqp://…:5672/,amqp://…:5672/`, the
+nodes of one cluster; SFWORKFLOW_AMQP_URL takes the same). `connect_robust` then makes a `FailoverConnection`:
+every (re)connection attempt tries the nodes in turn, starting after the one it used last, so a replica whose
+node died reconnects to a live one at once, and aio-pika restores its channels, consumers and declarations there
+(quorum queues live on every node). `connect` (a one-shot connection, no reconnects) takes the first node that
+answers. tests/integration/test_amqp_failover.py holds these against the real cluster of scripts/rabbitmq-cluster.
 """
 
 from __future__ import annotations
@@ -32,9 +39,16 @@ from typing import Any
 import aio_pika
 import aiormq.abc
 import aiormq.connection
-from aio_pika.abc import AbstractRobustConnection
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
+from yarl import URL
+
+from sfworkflow.client.urls import split_urls
+
+log = structlog.get_logger("sfworkflow.amqp")
 
 PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
 WRITE_QUEUE_FRAMES = 4096  # frames a connection's writer may have waiting (aiormq's default: 10)
@@ -47,10 +61,78 @@ def deepen_write_queue() -> None:
 
 
 async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:
-    """aio-pika's robust connection (reconnects, restores channels and consumers), with a deep write queue."""
+    """aio-pika's robust connection (reconnects, restores channels and consumers), with a deep write queue; over
+    several nodes (a comma-separated `url`), a FailoverConnection."""
     deepen_write_queue()
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(url, **kwargs)
-    return connection
+    urls = split_urls(url)
+    if len(urls) == 1:
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(urls[0], **kwargs)
+        return connection
+    failover = FailoverConnection([URL(u) for u in urls], **kwargs)
+    await failover.connect(timeout=kwargs.get("timeout"))
+    return failover
+
+
+async def connect(url: str, **kwargs: Any) -> AbstractConnection:
+    """A one-shot connection (no reconnects) to the first node of `url` (comma-separated) that accepts one."""
+    failure: BaseException | None = None
+    for one in split_urls(url):
+        try:
+            connection: AbstractConnection = await aio_pika.connect(one, **kwargs)
+            return connection
+        except CONNECTION_EXCEPTIONS as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+_CONNECT_TRANSPORT = "_RobustConnection__connect_transport"  # aio-pika's one connection attempt (5.x to 10.x)
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over the nodes of a cluster: each (re)connection attempt tries every node once, starting
+    with the one after the node it used last, and fails only when none accepts (then aio-pika waits its reconnect
+    interval and tries again). aio-pika's robust connection reconnects to its one URL only; its attempt is the
+    private `__connect_transport`, which this class wraps (checked when a connection is made)."""
+
+    def __init__(self, urls: Sequence[URL], **kwargs: Any) -> None:
+        if not urls:
+            raise ValueError("FailoverConnection needs at least one URL")
+        if not hasattr(aio_pika.RobustConnection, _CONNECT_TRANSPORT):
+            raise RuntimeError(
+                f"this aio-pika ({aio_pika.__version__}) has no RobustConnection.{_CONNECT_TRANSPORT}: a connection "
+                "over several AMQP URLs cannot fail over; install an aio-pika that pyproject.toml allows"
+            )
+        super().__init__(urls[0], **kwargs)
+        self.urls = list(urls)
+        self._next = 0
+
+    def node_order(self) -> list[URL]:
+        """The nodes the next attempt tries, in order."""
+        n = len(self.urls)
+        return [self.urls[(self._next + i) % n] for i in range(n)]
+
+    async def _RobustConnection__connect_transport(self) -> None:  # aio-pika's private name: see the class
+        failure: BaseException | None = None
+        start, n = self._next, len(self.urls)
+        for i in range(n):
+            k = (start + i) % n
+            self._next = (k + 1) % n
+            url = self.url = self.urls[k]
+            try:
+                await getattr(super(), _CONNECT_TRANSPORT)()
+            except CONNECTION_EXCEPTIONS as exc:
+                failure = exc
+                log.warning("AMQP node refused a connection; trying the next", node=_host(url), error=repr(exc)[:200])
+                continue
+            log.info("connected to AMQP node", node=_host(url), nodes=len(self.urls))
+            return
+        assert failure is not None
+        raise failure
+
+
+def _host(url: URL) -> str:
+    return f"{url.host}:{url.port}"
 
 
 async def publish(

@@ -28,6 +28,7 @@ import pika.exceptions
 from sfworkflow.client import tracing
 from sfworkflow.client.amqp import PERSISTENT
 from sfworkflow.client.producer import validate_event
+from sfworkflow.client.urls import split_urls
 from sfworkflow.contract.headers import event_headers
 from sfworkflow.contract.topology import EVENTS_EXCHANGE
 
@@ -59,7 +60,9 @@ class SyncEventPublisher:
 
     def _open(self) -> None:
         self.close()
-        self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # Several URLs (the nodes of a cluster, comma-separated): pika tries each in turn.
+        nodes = [pika.URLParameters(url) for url in split_urls(self.amqp_url)]
+        self._connection = pika.BlockingConnection(nodes)
         channel = self._connection.channel()
         channel.confirm_delivery()
         self._channel = channel

@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from sfworkflow import db
+from sfworkflow.client import amqp
 from sfworkflow.contract.headers import (
     DEAD_LETTERED_AT,
     DETAIL,
@@ -141,7 +142,7 @@ class DeadLetterQueue:
 
     async def __aenter__(self) -> DeadLetterQueue:
         try:
-            self.connection = await aio_pika.connect(self.url, timeout=CONNECT_TIMEOUT_S)
+            self.connection = await amqp.connect(self.url, timeout=CONNECT_TIMEOUT_S)
         except Exception as exc:
             raise DeadLetterQueueError(
                 f"cannot connect to RabbitMQ at {redact_url(self.url)} ({describe(exc, self.url)}); "

@@ -9,6 +9,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
 
+from sfworkflow.client import amqp
 from sfworkflow.contract.headers import TENANT
 from sfworkflow.contract.topology import (
     COMMANDS_EXCHANGE,
@@ -94,7 +95,7 @@ async def _unbind_legacy_queue(amqp_url: str) -> bool:
     connection of its own: a passive declare of a missing queue closes its channel, which a robust connection would
     reopen. A replica of the earlier version binds it again while it runs: events then reach both, and the inbox
     drops the second copy."""
-    probe = await aio_pika.connect(amqp_url)
+    probe = await amqp.connect(amqp_url)
     try:
         channel = await probe.channel()
         try:

@@ -54,3 +54,19 @@ async def test_a_connection_lost_before_a_publish_is_reopened_and_the_event_conf
         async with Amqp(settings.amqp_url) as mq:
             got = await wait_for(lambda: mq.drain_events_json(), what="the event after the reconnect")
     assert [m["event_id"] for m in got] == [ev["event_id"]]
+
+
+async def test_a_cluster_s_node_list_is_tried_in_turn_from_sync_code(
+    settings: Settings, pg: asyncpg.Connection
+) -> None:
+    """Several URLs (a cluster's nodes): pika connects to the first one that answers."""
+    ev = event("sequence.enrolled", "enr-sync-nodes", enrolled_data(steps=1))
+    nodes = f"amqp://guest:guest@127.0.0.1:1/,{settings.amqp_url}"  # nothing listens on port 1
+
+    def celery_task() -> None:
+        with SyncEventPublisher.connect(nodes) as pub:
+            pub.publish(ev)
+
+    async with running_service(settings):
+        await asyncio.to_thread(celery_task)
+        await wait_for(lambda: state_of(pg, "enr-sync-nodes"), what="the instance published through the live node")
