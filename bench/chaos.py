@@ -24,6 +24,21 @@ publish_mark (a crash between publishing and marking published), rabbit_restart,
 (PostgreSQL restarted, and the service's backends killed with pg_terminate_backend), replicas
 (three replicas, one killed for good mid-run), sigterm (graceful stop under load: exit 0 within
 10 s, then restart). Prints one table.
+
+Past one machine, with three replicas each (bench/ha.py drives the scripts):
+
+  broker_node  a three-node RabbitMQ cluster (scripts/rabbitmq-cluster; every replica, the publisher and the
+               worker given all three nodes, each replica in another order): kill -9 the node leading the
+               event queue under load; once events flow again, kill a second node, so that no queue has its
+               quorum (two of three) and nothing moves, and read every replica's /readyz meanwhile; then
+               start both nodes again. Recovery: the first kill to events applied again ("quorum back" in the
+               notes: the restart to events applied again).
+  pg_failover  a PostgreSQL primary with a synchronous standby (scripts/pg-standby; the service given both
+               in a multi-host URL with target_session_attrs=read-write): kill -9 the primary (an immediate
+               stop, a crash) under load, promote the standby a second later. Then the former primary is
+               opened alone, read-only, and every event its inbox holds must be in the new primary's: an event
+               acked to RabbitMQ was committed there, and with a synchronous standby a commit returns only
+               once the standby has it ("failover missing", which must be 0).
 """
 
 from __future__ import annotations
@@ -47,13 +62,17 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import SETTLED, SETTLED_ARGS, _declare, _reset_database, _reset_vhost  # noqa: E402
+from bench import ha  # noqa: E402
+from bench.throughput import DB_NAME, SETTLED, SETTLED_ARGS, VHOST, _declare, _reset_database, _reset_vhost  # noqa: E402
 from sfworkflow.client.dedupe import PostgresDedupe  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 
 BASE_PORT = int(os.environ.get("SFWORKFLOW_CHAOS_PORT", "8130"))
 PG_VERSION = (os.listdir("/etc/postgresql") or ["15"])[0] if os.path.isdir("/etc/postgresql") else "15"
 SCENARIOS = ("kill9", "commit_ack", "publish_mark", "rabbit_restart", "pg_restart", "replicas", "sigterm")
+CLUSTER_SCENARIOS = ("broker_node", "pg_failover")  # need scripts/rabbitmq-cluster, scripts/pg-standby
+THREE_REPLICAS = ("replicas", *CLUSTER_SCENARIOS)
+FORMER_PRIMARY_PORT = 5449  # the failed primary, opened alone after the pg_failover scenario
 
 
 @dataclass
@@ -107,6 +126,7 @@ class Outcome:
     unsettled: int = 0
     faults: int = 0
     replay_mismatches: int = 0  # instances whose state differs from a serial replay of their history
+    failover_missing: int = 0  # events in the failed primary's inbox that the new primary lacks (pg_failover)
     recovery_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -119,6 +139,7 @@ class Outcome:
             or self.lost_timers
             or self.unsettled
             or self.replay_mismatches
+            or self.failover_missing
         )
 
 
@@ -154,23 +175,45 @@ async def _wait_ready(pg: asyncpg.Connection, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _reset_ha_database() -> str:
+    """A fresh primary and synchronous standby (scripts/pg-standby) holding a fresh database; its multi-host URL."""
+    ha.pg("stop")
+    url = ha.last_line(ha.pg("start", DB_NAME))
+    admin = url.replace(f"/{DB_NAME}?", "/postgres?")
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    finally:
+        await conn.close()
+    return url
+
+
 async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
     out = Outcome(name)
-    db_url = await _reset_database()
-    amqp_url = _reset_vhost()
+    db_url = await _reset_ha_database() if name == "pg_failover" else await _reset_database()
+    n_replicas = 3 if name in THREE_REPLICAS else 2
+    if name == "broker_node":
+        nodes = ha.cluster_urls(VHOST)
+        amqp_url = ",".join(nodes)
+        # Each replica lists the nodes in another order, so their connections spread over the cluster.
+        replica_urls = [",".join(nodes[i:] + nodes[:i]) for i in range(n_replicas)]
+        out.notes.append(f"event queue replicas on {len(ha.queue_members(VHOST, 'sfworkflow.dead'))} nodes")
+    else:
+        amqp_url = _reset_vhost()
+        replica_urls = [amqp_url] * n_replicas
     await _declare(db_url, amqp_url, "quorum")
     tenant = str(uuid.uuid4())
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"sfworkflow-chaos-{name}"
     logdir.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(seed)
-    n_replicas = 3 if name == "replicas" else 2
     extra: dict[str, str] = {}
     if name == "commit_ack":
         extra = {"SFWORKFLOW_FAULT_POINT": "after_commit_before_ack", "SFWORKFLOW_FAULT_AFTER": "40"}
     if name == "publish_mark":
         extra = {"SFWORKFLOW_FAULT_POINT": "after_publish_before_mark", "SFWORKFLOW_FAULT_AFTER": "15"}
     replicas = [
-        Replica(i, _env(db_url, amqp_url, BASE_PORT + i, extra), logdir / f"replica-{i}.log") for i in range(n_replicas)
+        Replica(i, _env(db_url, replica_urls[i], BASE_PORT + i, extra), logdir / f"replica-{i}.log")
+        for i in range(n_replicas)
     ]
     for r in replicas:
         r.start()
@@ -195,12 +238,15 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
     try:
         await _wait_ready(pg)
         await worker.start()
-        fault_task = asyncio.create_task(_inject(name, replicas, rnd, out, pg, quick))
+        fault_task = asyncio.create_task(_inject(name, replicas, rnd, out, pg, quick, db_url))
         while publisher.poll() is None:
             await asyncio.sleep(0.2)
             _restart_crashed(replicas, name, out)
         await fault_task
-        if pg.is_closed():  # PostgreSQL was restarted under us
+        try:
+            await pg.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):  # restarted, or failed over, under us
+            pg.terminate()
             pg = await asyncpg.connect(db_url)
         pub = json.loads((publisher.communicate(timeout=30)[0] or b"{}").decode().strip().splitlines()[-1])
         out.published = pub.get("published", 0)
@@ -223,6 +269,8 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
         await _check(pg, out, worker, expected_instances)
         published = {e["event_id"]: e for e in _read_jsonl(events_log)} | {e["event_id"]: e for e in worker_events}
         out.replay_mismatches = await serial_replay_mismatches(pg, published, out)
+        if name == "pg_failover":
+            await _compare_former_primary(pg, out)
     finally:
         await worker.stop()
         for r in replicas:
@@ -252,8 +300,18 @@ def _restart_crashed(replicas: list[Replica], name: str, out: Outcome) -> None:
 
 
 async def _inject(name: str, replicas: list[Replica], rnd: random.Random, out: Outcome, pg: asyncpg.Connection,
-                  quick: bool) -> None:  # fmt: skip
+                  quick: bool, db_url: str) -> None:  # fmt: skip
     await asyncio.sleep(1.0)
+    if name == "broker_node":
+        await _broker_node(replicas, out, pg, 500 if quick else 2000)
+    elif name == "pg_failover":
+        await _until_applied(pg, 500 if quick else 2000)  # mid-load: a fifth of the events applied
+        t = time.monotonic()
+        ha.pg("stop-primary", "--immediate")  # a crash: no shutdown checkpoint, sessions cut
+        out.faults += 1
+        await asyncio.sleep(1.0)  # a failover manager's detection delay
+        ha.pg("promote")
+        await _recovered(None, out, t, db_url=db_url)
     if name == "kill9":
         for _ in range(6):
             await asyncio.sleep(rnd.uniform(0.3, 1.2))
@@ -305,6 +363,75 @@ async def _inject(name: str, replicas: list[Replica], rnd: random.Random, out: O
                 out.notes.append(f"replica {r.index} exited {rc} after {took:.1f} s (want 0 within 10 s)")
             r.restarts += 1
             r.start()
+
+
+async def _broker_node(replicas: list[Replica], out: Outcome, pg: asyncpg.Connection, applied: int) -> None:
+    await _until_applied(pg, applied)
+    queue, leader = ha.busiest_queue_leader(VHOST, "sfworkflow.events.")
+    t = time.monotonic()
+    ha.rabbit("kill", str(leader))
+    out.faults += 1
+    out.notes.append(f"killed node {leader}, leader of {queue}")
+    await _recovered(pg, out, t)
+    await asyncio.sleep(2.0)
+    second = next(i for i in (1, 2, 3) if i != leader)
+    ha.rabbit("kill", str(second))
+    out.faults += 1
+    # One node of three: no queue has its quorum. Nothing is consumed or confirmed; what do the replicas say?
+    before = await _applied(pg)
+    await asyncio.sleep(6.0)
+    ready = [await _readyz(BASE_PORT + r.index) for r in replicas]
+    out.notes.append(
+        f"node {second} killed too (1 of 3 left): {await _applied(pg) - before} events applied in 6 s; "
+        f"/readyz: {'; '.join(ready)}"
+    )
+    t = time.monotonic()
+    for node in (second, leader):
+        ha.rabbit("start-node", str(node))
+    out.faults += 1
+    back = Outcome("quorum")
+    await _recovered(pg, back, t)
+    out.notes.append(f"nodes restarted: events applied again {back.recovery_s or 0:.1f} s after the restart began")
+
+
+async def _readyz(port: int) -> str:
+    """A replica's /readyz in a few words: its status and the checks that fail."""
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            body = await r.json()
+    except Exception as exc:
+        return f"{port}: no answer ({type(exc).__name__})"
+    failed = {k: c.get("error", "") for k, c in body.get("checks", {}).items() if not c.get("ok")}
+    return f"{r.status} {failed}" if failed else str(r.status)
+
+
+async def _compare_former_primary(pg: asyncpg.Connection, out: Outcome) -> None:
+    """Open the failed primary alone and read its inbox: every event it had committed must be on the new primary."""
+    ha.pg("open-former", str(FORMER_PRIMARY_PORT))
+    try:
+        former = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{FORMER_PRIMARY_PORT}/{DB_NAME}")
+        try:
+            rows = await former.fetch("SELECT tenant_id::text, event_id::text FROM sfworkflow.inbox")
+            last = await former.fetchval("SELECT max(received_at) FROM sfworkflow.inbox")
+            recent = await former.fetchval(
+                "SELECT count(*) FROM sfworkflow.inbox WHERE received_at > $1::timestamptz - interval '2 seconds'", last
+            )
+        finally:
+            await former.close()
+    finally:
+        ha.pg("close-former")
+    have = {(r[0], r[1]) for r in await pg.fetch("SELECT tenant_id::text, event_id::text FROM sfworkflow.inbox")}
+    missing = [r for r in rows if (r[0], r[1]) not in have]
+    out.failover_missing = len(missing)
+    out.notes.append(
+        f"former primary: {len(rows)} events committed, {recent} in its last 2 s; "
+        f"{len(missing)} missing on the new primary"
+    )
 
 
 def _dsn(pg: asyncpg.Connection) -> str:
@@ -446,11 +573,13 @@ async def serial_replay_mismatches(pg: asyncpg.Connection, published: dict[str, 
 
 def table(rows: list[Outcome]) -> str:
     head = ("scenario", "published", "applied", "duplicates", "dead-lettered", "parked", "lost", "dup effects",
-            "unpublished", "lost timers", "unsettled", "replay diffs", "faults", "recovery s", "ok")  # fmt: skip
+            "unpublished", "lost timers", "unsettled", "replay diffs", "failover missing", "faults", "recovery s",
+            "ok")  # fmt: skip
     lines = [head] + [
         (r.scenario, str(r.published), str(r.applied), str(r.duplicates), str(r.dead_lettered), str(r.parked),
          str(r.lost), str(r.duplicate_effects), str(r.unpublished), str(r.lost_timers), str(r.unsettled),
-         str(r.replay_mismatches), str(r.faults), f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-",
+         str(r.replay_mismatches), str(r.failover_missing), str(r.faults),
+         f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-",
          "yes" if r.ok else "NO")
         for r in rows
     ]  # fmt: skip
@@ -459,7 +588,7 @@ def table(rows: list[Outcome]) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    names = args.scenario or list(SCENARIOS)
+    names = args.scenario or [*SCENARIOS, *CLUSTER_SCENARIOS]
     rows = []
     for i, name in enumerate(names):
         t = time.monotonic()
@@ -473,7 +602,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
+    p.add_argument("--scenario", action="append", choices=SCENARIOS + CLUSTER_SCENARIOS,
+                   help="run only this scenario (repeatable)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smaller load (CI)")
     p.add_argument("--seed", type=int, default=5)
     raise SystemExit(asyncio.run(main_async(p.parse_args())))

@@ -405,8 +405,7 @@ def _publisher_cmd(args: argparse.Namespace, amqp_url: str, tenant: str) -> list
 
 async def _declare(db_url: str, amqp_url: str, queue_type: str, shards: int | None = None) -> None:
     """Schema and topology before the service starts, so the drain mode can preload the queue."""
-    import aio_pika
-
+    from sfworkflow.client import amqp
     from sfworkflow.db import migrate
     from sfworkflow.runtime.declare import declare
 
@@ -415,7 +414,7 @@ async def _declare(db_url: str, amqp_url: str, queue_type: str, shards: int | No
         await migrate.migrate(conn)
     finally:
         await conn.close()
-    connection = await aio_pika.connect(amqp_url)
+    connection = await amqp.connect(amqp_url)  # a cluster's nodes: the first that answers
     try:
         from sfworkflow.settings import DEFAULT_EVENT_SHARDS
         from sfworkflow.workflows import DEFINITIONS
