@@ -104,6 +104,12 @@ class Doorbell:
                 self._waiters.remove(waiter)
 
 
+# Publishes waiting this long for RabbitMQ's confirms make /readyz fail (Relay.confirms_stalled): the broker is
+# connected but takes nothing in, as a cluster that lost the majority of its nodes (its quorum queues have no
+# leader) or a broker under a memory or disk alarm does. Normal confirms take milliseconds, a few seconds under load.
+CONFIRM_STALL_S = 10.0
+
+
 class Relay:
     def __init__(
         self,
@@ -127,6 +133,7 @@ class Relay:
         self._handed: deque[dict[str, Any]] = deque()
         self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
         self._rounds_out = 0  # rounds between their claim and their commit
+        self._publishing: dict[int, float] = {}  # round -> loop time its publishes went out, until confirmed
         self._deferred: list[float] = []  # heap: loop times at which rows a rate limit deferred fall due
         self._deferred_set: set[float] = set()
         self._stop = asyncio.Event()
@@ -269,6 +276,22 @@ class Relay:
             until = self._until_deferred()
             poll = await self.doorbell.wait(poll_s if until is None else min(poll_s, until))
 
+    def unconfirmed_s(self) -> float:
+        """Seconds the oldest publish still waiting for its confirm has waited (0: none waits)."""
+        if not self._publishing:
+            return 0.0
+        return asyncio.get_running_loop().time() - min(self._publishing.values())
+
+    def confirms_stalled(self) -> str | None:
+        """Why /readyz fails when RabbitMQ has held a publish unconfirmed past CONFIRM_STALL_S; else None."""
+        waited = self.unconfirmed_s()
+        if waited < CONFIRM_STALL_S:
+            return None
+        return (
+            f"connected, but no confirm for {waited:.0f} s: RabbitMQ takes no message in (a cluster that lost the "
+            "majority of its nodes, or a memory or disk alarm; see the runbook: RabbitMQ node lost)"
+        )
+
     async def publish_round(self, poll: bool = True) -> int:
         """Publish a batch concurrently with confirms and mark the outcome; how many rows it took. The batch is
         the rows handed over in memory when there are any, else (with `poll`) due rows claimed from the outbox."""
@@ -298,12 +321,16 @@ class Relay:
             # building an aio_pika.Message per row, which was a tenth of the service's CPU.
             underlay = await self._channel.get_underlay_channel()
             spans = self._start_spans(rows) if self.tracer is not None else {}
+            key = id(rows)
+            self._publishing[key] = asyncio.get_running_loop().time()
             try:
                 results = await _publish_in_instance_order(underlay, rows, {i: h for i, (_s, h) in spans.items()})
             except BaseException as exc:
                 for span, _h in spans.values():
                     _end_span(span, exc)
                 raise
+            finally:
+                del self._publishing[key]
             for row_id, (span, _h) in spans.items():
                 _end_span(span, results.get(row_id))
             hooks.fault_point("after_publish_before_mark")

@@ -295,6 +295,8 @@ class Service:
         self.metrics.up.labels("postgres").set(1 if checks["postgres"]["ok"] else 0)
         amqp_ok = self.amqp is not None and not self.amqp.is_closed and self.amqp.connected.is_set()
         checks["rabbitmq"] = {"ok": amqp_ok} if amqp_ok else {"ok": False, "error": "not connected"}
+        if amqp_ok and self.relay is not None and (stalled := self.relay.confirms_stalled()) is not None:
+            amqp_ok, checks["rabbitmq"] = False, {"ok": False, "error": stalled}
         self.metrics.up.labels("rabbitmq").set(1 if amqp_ok else 0)
         checks["consumer"] = {"ok": True} if self.health.consuming else {"ok": False, "error": "not consuming"}
         if self.health.consuming and not self.health.db_ok:

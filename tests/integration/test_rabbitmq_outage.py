@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
+from sfworkflow.runtime import relay as relay_module
 from sfworkflow.settings import Settings
 from tests.conftest import wait_for
 from tests.support import Amqp, enrolled_data, event, running_service
@@ -60,3 +62,38 @@ async def _count(pg: asyncpg.Connection, state: str, n: int = 30) -> bool:
 
 async def _not(coro: asyncio.Future[bool] | object) -> bool:
     return not await coro  # type: ignore[misc]
+
+
+async def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.slow
+async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
+    settings: Settings, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connected, but nothing confirmed: a cluster that lost its quorum (bench/chaos.py broker_node) or a broker
+    alarm holds every publish. Here a memory alarm (a high watermark of 1 byte) blocks the relay's publishes; the
+    service must not go on answering 200."""
+    monkeypatch.setattr(relay_module, "CONFIRM_STALL_S", 1.0)
+    async with running_service(settings) as service:
+        assert service.http_port
+        async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
+            await mq.publish(event("sequence.enrolled", "held-1", enrolled_data(steps=1, delay_s=2)))
+        try:
+            _rabbit_ctl("set_vm_memory_high_watermark", "absolute", "1")
+
+            async def stalled() -> dict[str, Any] | None:
+                status, body = await _readyz(service.http_port)
+                return body if status == 503 and "rabbitmq" in body["failed"] else None
+
+            body = await wait_for(stalled, timeout=30, what="/readyz 503 while confirms are held")
+            assert "confirm" in body["checks"]["rabbitmq"]["error"]
+        finally:
+            _rabbit_ctl("set_vm_memory_high_watermark", "0.4")
+        await wait_for(lambda: _ready(service.http_port), timeout=60, what="/readyz 200 once confirms flow")
+
+
+def _rabbit_ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
