@@ -63,6 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import ha  # noqa: E402
+from sfworkflow.contract.topology import DEAD_QUEUE  # noqa: E402
+from sfworkflow.runtime.relay import CONFIRM_STALL_S  # noqa: E402
 from bench.throughput import DB_NAME, SETTLED, SETTLED_ARGS, VHOST, _declare, _reset_database, _reset_vhost  # noqa: E402
 from sfworkflow.client.dedupe import PostgresDedupe  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
@@ -197,11 +199,12 @@ async def run_scenario(name: str, quick: bool, seed: int) -> Outcome:
         amqp_url = ",".join(nodes)
         # Each replica lists the nodes in another order, so their connections spread over the cluster.
         replica_urls = [",".join(nodes[i:] + nodes[:i]) for i in range(n_replicas)]
-        out.notes.append(f"event queue replicas on {len(ha.queue_members(VHOST, 'sfworkflow.dead'))} nodes")
     else:
         amqp_url = _reset_vhost()
         replica_urls = [amqp_url] * n_replicas
     await _declare(db_url, amqp_url, "quorum")
+    if name == "broker_node":
+        out.notes.append(f"each queue on {len(ha.queue_members(VHOST, DEAD_QUEUE))} nodes")
     tenant = str(uuid.uuid4())
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"sfworkflow-chaos-{name}"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -379,15 +382,14 @@ async def _broker_node(replicas: list[Replica], out: Outcome, pg: asyncpg.Connec
     out.faults += 1
     # One node of three: no queue has its quorum. Nothing is consumed or confirmed; what do the replicas say?
     before = await _applied(pg)
-    await asyncio.sleep(6.0)
+    await asyncio.sleep(CONFIRM_STALL_S + 3.0)  # past the relay's confirm stall: /readyz fails then
     ready = [await _readyz(BASE_PORT + r.index) for r in replicas]
     out.notes.append(
-        f"node {second} killed too (1 of 3 left): {await _applied(pg) - before} events applied in 6 s; "
-        f"/readyz: {'; '.join(ready)}"
+        f"node {second} killed too (1 of 3 left): {await _applied(pg) - before} events applied in "
+        f"{CONFIRM_STALL_S + 3.0:.0f} s; /readyz: {'; '.join(ready)}"
     )
     t = time.monotonic()
-    for node in (second, leader):
-        ha.rabbit("start-node", str(node))
+    ha.rabbit("start")  # both nodes at once, as an operator (or the platform) restarts what died
     out.faults += 1
     back = Outcome("quorum")
     await _recovered(pg, back, t)
@@ -406,7 +408,7 @@ async def _readyz(port: int) -> str:
             body = await r.json()
     except Exception as exc:
         return f"{port}: no answer ({type(exc).__name__})"
-    failed = {k: c.get("error", "") for k, c in body.get("checks", {}).items() if not c.get("ok")}
+    failed = {k: c.get("error", "")[:40] for k, c in body.get("checks", {}).items() if not c.get("ok")}
     return f"{r.status} {failed}" if failed else str(r.status)
 
 
