@@ -63,11 +63,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import ha  # noqa: E402
-from sfworkflow.contract.topology import DEAD_QUEUE  # noqa: E402
-from sfworkflow.runtime.relay import CONFIRM_STALL_S  # noqa: E402
 from bench.throughput import DB_NAME, SETTLED, SETTLED_ARGS, VHOST, _declare, _reset_database, _reset_vhost  # noqa: E402
 from sfworkflow.client.dedupe import PostgresDedupe  # noqa: E402
+from sfworkflow.contract.topology import DEAD_QUEUE  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
+from sfworkflow.runtime.relay import CONFIRM_STALL_S  # noqa: E402
 
 BASE_PORT = int(os.environ.get("SFWORKFLOW_CHAOS_PORT", "8130"))
 PG_VERSION = (os.listdir("/etc/postgresql") or ["15"])[0] if os.path.isdir("/etc/postgresql") else "15"
