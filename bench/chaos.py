@@ -592,12 +592,19 @@ def table(rows: list[Outcome]) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     names = args.scenario or [*SCENARIOS, *CLUSTER_SCENARIOS]
     rows = []
-    for i, name in enumerate(names):
-        t = time.monotonic()
-        row = await run_scenario(name, args.quick, args.seed + i)
-        row.notes.append(f"{time.monotonic() - t:.0f} s")
-        rows.append(row)
-        print(f"{name}: {'ok' if row.ok else 'FAILED'} ({'; '.join(row.notes)})", flush=True)
+    try:
+        for i, name in enumerate(names):
+            t = time.monotonic()
+            row = await run_scenario(name, args.quick, args.seed + i)
+            row.notes.append(f"{time.monotonic() - t:.0f} s")
+            rows.append(row)
+            print(f"{name}: {'ok' if row.ok else 'FAILED'} ({'; '.join(row.notes)})", flush=True)
+    finally:  # the cluster and the standby pair are the suite's own: torn down (--keep-servers keeps them)
+        if not args.keep_servers:
+            if "broker_node" in names:
+                ha.rabbit("stop")
+            if "pg_failover" in names:
+                ha.pg("stop")
     print(table(rows))
     return 0 if all(r.ok for r in rows) else 1
 
@@ -607,6 +614,9 @@ def main() -> None:
     p.add_argument("--scenario", action="append", choices=SCENARIOS + CLUSTER_SCENARIOS,
                    help="run only this scenario (repeatable)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smaller load (CI)")
+    p.add_argument(
+        "--keep-servers", action="store_true", help="leave the RabbitMQ cluster and the PostgreSQL pair running"
+    )
     p.add_argument("--seed", type=int, default=5)
     raise SystemExit(asyncio.run(main_async(p.parse_args())))
 
