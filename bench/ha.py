@@ -35,6 +35,19 @@ def pg(*args: str, timeout: float = 300) -> str:
     return _run(PG, *args, timeout=timeout)
 
 
+def teardown(*, rabbit: bool = True, pg: bool = True) -> None:
+    """Stop the cluster and the standby pair and delete their data; each stop is tried even when the other fails."""
+    failures = []
+    for wanted, script in ((rabbit, RABBIT), (pg, PG)):
+        if wanted:
+            try:
+                _run(script, "stop")
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                failures.append(str(exc))
+    if failures:
+        raise RuntimeError("teardown failed: " + "; ".join(failures))
+
+
 def last_line(text: str) -> str:
     return text.splitlines()[-1].strip() if text else ""
 

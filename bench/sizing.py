@@ -69,10 +69,10 @@ from sfworkflow.settings import DEFAULT_RETENTION_DAYS  # noqa: E402
 
 PG_SERVER = os.environ.get("SFWORKFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672")
-MANAGEMENT = os.environ.get("SFWORKFLOW_SIZING_MANAGEMENT", "http://127.0.0.1:15672")
+MANAGEMENT = os.environ.get("SFWORKFLOW_BENCH_SIZING_MANAGEMENT", "http://127.0.0.1:15672")
 DB_NAME = "sfw_sizing"
 VHOST = "sfw-sizing"
-HTTP_PORT = int(os.environ.get("SFWORKFLOW_SIZING_HTTP_PORT", "8190"))
+HTTP_PORT = int(os.environ.get("SFWORKFLOW_BENCH_SIZING_HTTP_PORT", "8190"))
 PG_PORT = 5432
 AMQP_PORT = 5672
 KEY_TABLES = ("history", "inbox", "outbox", "instance", "timer")

@@ -202,9 +202,16 @@ def _url(*schemes: str, several: str = "") -> Rule:
     def one(v: str) -> bool:
         try:
             parts = urlsplit(v)
-            # PostgreSQL's multi-host URL (a primary and its standbys): host[:port] pairs separated by commas.
             userinfo, at, hosts = parts.netloc.rpartition("@")
-            for host in hosts.split(","):
+            if several:  # a list is of whole URLs: a comma in a host, or a ',' or '@' after it, is a mistake
+                items = [hosts]
+                if "," in hosts or "," in parts.path or "@" in parts.path:
+                    return False
+            else:  # PostgreSQL's multi-host URL (a primary and its standbys): host[:port] items separated by commas
+                items = hosts.split(",")
+                if len(items) > 1 and not all(items):
+                    return False
+            for host in items:
                 urlsplit(f"{parts.scheme}://{userinfo}{at}{host}").port  # noqa: B018 -- ValueError: not 0..65535
         except ValueError:
             return False
@@ -376,24 +383,38 @@ def log_unknown_variables(env: Mapping[str, str] | None = None) -> None:
         log.warning(_sentence(name, suggestion), variable=name, did_you_mean=suggestion)
 
 
+UNPARSEABLE = "<unparseable url>"
+
+
 def redact_url(url: str) -> str:
     """The URL with its password replaced by `***`, safe for logs, errors and /readyz; each URL of a comma-separated
     list (a cluster's nodes) alike."""
-    urls = split_urls(url) if url.strip() else [url]
+    try:
+        urls = split_urls(url)
+    except ValueError:  # nothing but commas and spaces
+        urls = [url]
     if len(urls) > 1:
-        return ",".join(_redact_one(u) for u in urls)
+        shown = [_redact_one(u) for u in urls]
+        # A part that does not parse is a list split inside a password: its neighbours may hold the rest of it.
+        return "<unparseable list of urls>" if UNPARSEABLE in shown else ",".join(shown)
     return _redact_one(url)
 
 
 def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
+    if rest.count("@") > 1:
+        # A second '@' (an unencoded one in a password, or a node listed without its scheme, whose user:password
+        # would stand in the path): hide everything between the scheme and the last '@'.
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     try:
         parts = urlsplit(url)
         password = parts.password
+        if not userinfo:
+            parts.port  # noqa: B018 -- ValueError: 'user:pass' read as host:port (a list split inside a password)
     except ValueError:
         # Unparseable: hide whatever stands before the '@' (it may hold a password).
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}" if userinfo else "<unparseable url>"
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}" if userinfo else UNPARSEABLE
     if password is not None and urlsplit(f"{scheme}://{userinfo}@x").password == password:
         netloc = parts.netloc.rsplit("@", 1)[1]
         return urlunsplit(

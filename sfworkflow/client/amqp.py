@@ -25,7 +25,11 @@ nodes of one cluster; SFWORKFLOW_AMQP_URL takes the same). `connect_robust` then
 every (re)connection attempt tries the nodes in turn, starting after the one it used last, so a replica whose
 node died reconnects to a live one at once, and aio-pika restores its channels, consumers and declarations there
 (quorum queues live on every node). `connect` (a one-shot connection, no reconnects) takes the first node that
-answers. tests/integration/test_amqp_failover.py holds these against the real cluster of scripts/rabbitmq-cluster.
+answers. Each attempt on one node is bounded by CONNECT_TIMEOUT_S, so a node whose host is gone (no refusal, packets
+dropped) costs that long, not the operating system's minutes of retries. Options in a URL's query (heartbeat, TLS
+files) are each node's own: give every node the ones it needs. tests/integration/test_amqp_failover.py holds the
+connecting (a node down, the next taken); the chaos suite's broker_node (bench/chaos.py) a node of a real cluster
+killed under load.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from sfworkflow.client.urls import split_urls
 log = structlog.get_logger("sfworkflow.amqp")
 
 PERSISTENT = 2  # AMQP delivery mode: the broker keeps the message on disk
+CONNECT_TIMEOUT_S = 10.0  # one connection attempt to one node: TCP, TLS and the AMQP handshake
 WRITE_QUEUE_FRAMES = 4096  # frames a connection's writer may have waiting (aiormq's default: 10)
 
 
@@ -60,25 +65,26 @@ def deepen_write_queue() -> None:
     cls.FRAME_BUFFER_SIZE = max(cls.FRAME_BUFFER_SIZE, WRITE_QUEUE_FRAMES)
 
 
-async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:
+async def connect_robust(url: str, *, timeout: float = CONNECT_TIMEOUT_S, **kwargs: Any) -> AbstractRobustConnection:
     """aio-pika's robust connection (reconnects, restores channels and consumers), with a deep write queue; over
-    several nodes (a comma-separated `url`), a FailoverConnection."""
+    several nodes (a comma-separated `url`), a FailoverConnection. `timeout` bounds each attempt on each node;
+    `kwargs` are aio-pika's URL options (they go into every node's URL, as aio_pika.connect_robust does)."""
     deepen_write_queue()
     urls = split_urls(url)
     if len(urls) == 1:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(urls[0], **kwargs)
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(urls[0], timeout=timeout, **kwargs)
         return connection
-    failover = FailoverConnection([URL(u) for u in urls], **kwargs)
-    await failover.connect(timeout=kwargs.get("timeout"))
+    failover = FailoverConnection([aio_pika.connection.make_url(u, **dict(kwargs)) for u in urls], **kwargs)
+    await failover.connect(timeout=timeout)
     return failover
 
 
-async def connect(url: str, **kwargs: Any) -> AbstractConnection:
+async def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S, **kwargs: Any) -> AbstractConnection:
     """A one-shot connection (no reconnects) to the first node of `url` (comma-separated) that accepts one."""
     failure: BaseException | None = None
     for one in split_urls(url):
         try:
-            connection: AbstractConnection = await aio_pika.connect(one, **kwargs)
+            connection: AbstractConnection = await aio_pika.connect(one, timeout=timeout, **kwargs)
             return connection
         except CONNECTION_EXCEPTIONS as exc:
             failure = exc
@@ -86,7 +92,19 @@ async def connect(url: str, **kwargs: Any) -> AbstractConnection:
     raise failure
 
 
-_CONNECT_TRANSPORT = "_RobustConnection__connect_transport"  # aio-pika's one connection attempt (5.x to 10.x)
+_CONNECT_TRANSPORT = "_RobustConnection__connect_transport"  # aio-pika's one connection attempt (10.x)
+
+
+def can_fail_over() -> bool:
+    """Whether this aio-pika's reconnect loop makes its attempts through `_CONNECT_TRANSPORT`, the method
+    FailoverConnection wraps (tests/unit/test_cluster_urls.py checks it for the installed version)."""
+    factory = getattr(aio_pika.RobustConnection, "_RobustConnection__connection_factory", None)
+    code = getattr(factory, "__code__", None)
+    return (
+        hasattr(aio_pika.RobustConnection, _CONNECT_TRANSPORT)
+        and code is not None
+        and (_CONNECT_TRANSPORT in code.co_names)
+    )
 
 
 class FailoverConnection(aio_pika.RobustConnection):
@@ -98,7 +116,7 @@ class FailoverConnection(aio_pika.RobustConnection):
     def __init__(self, urls: Sequence[URL], **kwargs: Any) -> None:
         if not urls:
             raise ValueError("FailoverConnection needs at least one URL")
-        if not hasattr(aio_pika.RobustConnection, _CONNECT_TRANSPORT):
+        if not can_fail_over():
             raise RuntimeError(
                 f"this aio-pika ({aio_pika.__version__}) has no RobustConnection.{_CONNECT_TRANSPORT}: a connection "
                 "over several AMQP URLs cannot fail over; install an aio-pika that pyproject.toml allows"

@@ -33,7 +33,7 @@ import contextlib
 import heapq
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -277,7 +277,8 @@ class Relay:
             poll = await self.doorbell.wait(poll_s if until is None else min(poll_s, until))
 
     def unconfirmed_s(self) -> float:
-        """Seconds the oldest publish still waiting for its confirm has waited (0: none waits)."""
+        """Seconds the oldest publish still waiting for its confirm has waited (0: none waits): since its round's
+        current wave went out (a round of long instance chains confirms wave after wave, each a round trip)."""
         if not self._publishing:
             return 0.0
         return asyncio.get_running_loop().time() - min(self._publishing.values())
@@ -288,8 +289,9 @@ class Relay:
         if waited < CONFIRM_STALL_S:
             return None
         return (
-            f"connected, but no confirm for {waited:.0f} s: RabbitMQ takes no message in (a cluster that lost the "
-            "majority of its nodes, or a memory or disk alarm; see the runbook: RabbitMQ node lost)"
+            f"connected, but no confirm for {waited:.0f} s: RabbitMQ takes no message in (a cluster that lost "
+            "the majority of its nodes, runbook: RabbitMQ node lost; or a memory or disk alarm: "
+            "rabbitmq-diagnostics alarms)"
         )
 
     async def publish_round(self, poll: bool = True) -> int:
@@ -322,9 +324,16 @@ class Relay:
             underlay = await self._channel.get_underlay_channel()
             spans = self._start_spans(rows) if self.tracer is not None else {}
             key = id(rows)
-            self._publishing[key] = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            self._publishing[key] = loop.time()
+
+            def confirmed() -> None:  # a wave confirmed: the round's wait starts again with the next one
+                self._publishing[key] = loop.time()
+
             try:
-                results = await _publish_in_instance_order(underlay, rows, {i: h for i, (_s, h) in spans.items()})
+                results = await _publish_in_instance_order(
+                    underlay, rows, {i: h for i, (_s, h) in spans.items()}, on_wave=confirmed
+                )
             except BaseException as exc:
                 for span, _h in spans.values():
                     _end_span(span, exc)
@@ -418,12 +427,13 @@ async def _publish_in_instance_order(
     channel: aiormq.abc.AbstractChannel,
     rows: Sequence[Mapping[str, Any]],
     headers: Mapping[int, dict[str, Any]] | None = None,
+    on_wave: Callable[[], None] | None = None,
 ) -> dict[int, object]:
     """Publish every row, an instance's rows one after the other (each confirmed before the next; a failure
     leaves its later rows unattempted), different instances' rows together: in waves, each the next row of every
     instance still going, published as one batch (client/amqp.py publish_many). Returns id -> confirmation or
     exception; rows held back behind a failure are absent. `headers`: row id -> the headers to publish it with,
-    instead of the row's (its trace context, when spans are on)."""
+    instead of the row's (its trace context, when spans are on). `on_wave` is called as each wave is answered."""
     headers = headers or {}
     chains: dict[object, deque[Mapping[str, Any]]] = {}
     for r in rows:  # in id order
@@ -436,6 +446,8 @@ async def _publish_in_instance_order(
         outcomes = await amqp.publish_many(channel, [_outgoing(r, headers.get(r["id"])) for r in wave])
         for r, outcome in zip(wave, outcomes, strict=True):
             results[r["id"]] = outcome
+        if on_wave is not None:
+            on_wave()
         going = [c for c, outcome in zip(going, outcomes, strict=True) if c and not isinstance(outcome, BaseException)]
     return results
 

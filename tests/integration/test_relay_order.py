@@ -248,11 +248,13 @@ async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_
     held, release = asyncio.Event(), asyncio.Event()
     publish = relay_module._publish_in_instance_order
 
-    async def slow_first_round(channel: Any, rows: list[asyncpg.Record], headers: Any = None) -> dict[int, object]:
+    async def slow_first_round(
+        channel: Any, rows: list[asyncpg.Record], headers: Any = None, on_wave: Any = None
+    ) -> dict[int, object]:
         if not held.is_set():  # the first round waits for its confirms until the test says
             held.set()
             await release.wait()
-        return await publish(channel, rows, headers)
+        return await publish(channel, rows, headers, on_wave=on_wave)
 
     async def holding() -> bool:
         return held.is_set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from sfworkflow.client import amqp
 from sfworkflow.client.urls import split_urls
 from sfworkflow.settings import Settings, SettingsError, redact_url
 
@@ -51,3 +52,34 @@ def test_redaction_hides_every_node_s_password() -> None:
 def test_the_database_setting_takes_a_multi_host_url() -> None:
     assert Settings.from_env({"SFWORKFLOW_DATABASE_URL": PG_HA}).database_url == PG_HA
     assert redact_url(PG_HA) == "postgresql://app:***@pg-a:5432,pg-b:5432/wf?target_session_attrs=read-write"
+
+
+def test_the_installed_aio_pika_reconnects_through_the_attempt_failover_wraps() -> None:
+    """FailoverConnection overrides aio-pika's private one-attempt method: its reconnect loop must call it, or a
+    cluster's node list would silently stay on one node (an aio-pika upgrade that renames it fails here)."""
+    assert amqp.can_fail_over()
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        ("amqp://u:hunter2@h1:5672,h2:5672/", ["hunter2"]),  # hosts listed PostgreSQL's way: one URL per node
+        ("amqp://u:hunter2@h1/,u:s3cret@h2/", ["hunter2", "s3cret"]),  # the second node without its scheme
+        ("amqp://u:abc,amqp://def@h/", ["abc", "def"]),  # a password with ',amqp://' in it, not %-encoded
+    ],
+)
+def test_a_malformed_node_list_is_refused_without_any_password(url: str, secrets: list[str]) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"SFWORKFLOW_AMQP_URL": url})
+    assert not [s for s in secrets if s in str(caught.value)]
+
+
+def test_an_empty_host_in_postgresql_s_list_is_refused() -> None:
+    with pytest.raises(SettingsError):
+        Settings.from_env({"SFWORKFLOW_DATABASE_URL": "postgresql://app@pg-a:5432,/wf"})
+
+
+@pytest.mark.parametrize("var", ["SFWORKFLOW_AMQP_URL", "SFWORKFLOW_DATABASE_URL"])
+def test_a_value_of_only_commas_is_a_settings_error(var: str) -> None:
+    with pytest.raises(SettingsError):
+        Settings.from_env({var: " , "})
