@@ -67,8 +67,6 @@ from bench import throughput as tp  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 from sfworkflow.settings import DEFAULT_RETENTION_DAYS  # noqa: E402
 
-PG_SERVER = os.environ.get("SFWORKFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 MANAGEMENT = os.environ.get("SFWORKFLOW_BENCH_SIZING_MANAGEMENT", "http://127.0.0.1:15672")
 DB_NAME = "sfw_sizing"
 VHOST = "sfw-sizing"
@@ -85,24 +83,11 @@ SLOT = "sfw_sizing_wal"
 
 # ---- database and vhost of our own -------------------------------------------------------------
 async def reset_database() -> str:
-    conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    finally:
-        await conn.close()
-    return f"{PG_SERVER}/{DB_NAME}"
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True, timeout=60)
+    return await tp._reset_database(DB_NAME)
 
 
 def reset_vhost() -> str:
-    _rabbitmqctl("delete_vhost", VHOST)
-    _rabbitmqctl("add_vhost", VHOST)
-    _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    return f"{AMQP_SERVER}/{VHOST}"
+    return tp._reset_vhost(VHOST)
 
 
 def management(path: str) -> Any:
@@ -503,7 +488,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tp.stop_replicas([service], 15)
         log.close()
         if not args.keep_vhost:  # idle quorum queues cost the broker CPU: leave none behind
-            _rabbitmqctl("delete_vhost", VHOST)
+            tp._rabbitmqctl("delete_vhost", VHOST)
 
     await asyncio.sleep(1.0)  # the service's last statistics reach pg_stat_user_tables
     as_written = await tables(mon_conn, live=True)

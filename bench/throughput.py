@@ -75,21 +75,23 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=False, capture_output=True, timeout=60)
 
 
-async def _reset_database() -> str:
+async def _reset_database(name: str = DB_NAME) -> str:
+    """A fresh, empty database `name` on the benchmarks' PostgreSQL; its URL."""
     conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return f"{PG_SERVER}/{DB_NAME}"
+    return f"{PG_SERVER}/{name}"
 
 
-def _reset_vhost() -> str:
-    _rabbitmqctl("delete_vhost", VHOST)
-    _rabbitmqctl("add_vhost", VHOST)
-    _rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    return f"{AMQP_SERVER}/{VHOST}"
+def _reset_vhost(name: str = VHOST) -> str:
+    """A fresh, empty vhost `name` on the benchmarks' RabbitMQ; its URL."""
+    _rabbitmqctl("delete_vhost", name)
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return f"{AMQP_SERVER}/{name}"
 
 
 # ---- publisher process ------------------------------------------------------------------------
