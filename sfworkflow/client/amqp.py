@@ -185,13 +185,21 @@ _INTERNALS = ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag"
               "publisher_confirms", "_split_body", "create_future")  # fmt: skip
 
 
-async def publish_many(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> list[object]:
+class ConfirmTimeout(TimeoutError):
+    """RabbitMQ neither confirmed nor refused a publish in time: the message may or may not be in its queue."""
+
+
+async def publish_many(
+    channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing], *, timeout: float | None = None
+) -> list[object]:
     """Publish `messages` in order, in one write; each one's confirmation (Basic.Ack), or the exception its
-    single publish would raise (returned: PublishError; nacked: DeliveryError; the channel closed)."""
+    single publish would raise (returned: PublishError; nacked: DeliveryError; the channel closed), or, past
+    `timeout` seconds without an answer, ConfirmTimeout (the confirmation is left to the channel: a late answer is
+    ignored; publish again on another channel)."""
     if not messages:
         return []
     if not isinstance(channel, aiormq.Channel) or not all(hasattr(channel, a) for a in _INTERNALS):
-        return await _one_by_one(channel, messages)
+        return await _one_by_one(channel, messages, timeout)
     if not channel.publisher_confirms:
         raise ValueError("publish_many needs a channel with publisher confirms")
     confirmations: list[asyncio.Future[Any]] = []
@@ -212,7 +220,25 @@ async def publish_many(channel: aiormq.abc.AbstractChannel, messages: Sequence[O
             frames.append(ContentHeader(properties=m.properties, body_size=len(m.body)))
             frames += channel._split_body(m.body)
         await channel.write_queue.put(aiormq.abc.ChannelFrame.marshall(frames=frames, channel_number=channel.number))
-    return list(await asyncio.gather(*confirmations, return_exceptions=True))
+    return await _outcomes(confirmations, timeout)
+
+
+async def _outcomes(pending: Sequence[asyncio.Future[Any]], timeout: float | None) -> list[object]:
+    """Each future's result or exception, in order; ConfirmTimeout for one still pending after `timeout` seconds
+    (not cancelled: the channel still holds it, and a late confirm finds it done and is ignored)."""
+    if timeout is not None:
+        await asyncio.wait(pending, timeout=timeout)
+    else:
+        await asyncio.gather(*pending, return_exceptions=True)
+    out: list[object] = []
+    for f in pending:
+        if not f.done():
+            out.append(ConfirmTimeout(f"no confirm from RabbitMQ within {timeout:g} s"))
+        elif f.cancelled():
+            out.append(asyncio.CancelledError())
+        else:
+            out.append(f.exception() or f.result())
+    return out
 
 
 def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
@@ -220,10 +246,12 @@ def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> No
         channel.message_id_delivery_tag.pop(message_id)
 
 
-async def _one_by_one(channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing]) -> list[object]:
+async def _one_by_one(
+    channel: aiormq.abc.AbstractChannel, messages: Sequence[Outgoing], timeout: float | None = None
+) -> list[object]:
     singles = [
-        publish(channel, m.body, exchange=m.exchange, routing_key=m.routing_key, mandatory=m.mandatory,
-                properties=m.properties)
+        asyncio.ensure_future(publish(channel, m.body, exchange=m.exchange, routing_key=m.routing_key,
+                                      mandatory=m.mandatory, properties=m.properties))
         for m in messages
     ]  # fmt: skip
-    return list(await asyncio.gather(*singles, return_exceptions=True))
+    return await _outcomes(singles, timeout)

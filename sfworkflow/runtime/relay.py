@@ -108,6 +108,11 @@ class Doorbell:
 # connected but takes nothing in, as a cluster that lost the majority of its nodes (its quorum queues have no
 # leader) or a broker under a memory or disk alarm does. Normal confirms take milliseconds, a few seconds under load.
 CONFIRM_STALL_S = 10.0
+# A publish RabbitMQ has neither confirmed nor refused after this long goes back to the outbox (ConfirmTimeout, with
+# a back-off, never given up for it) and the relay opens a fresh channel for the next round: a quorum queue whose
+# leader was lost may never answer a publish made meanwhile, and a round waiting for it would hold its rows forever.
+# Publishing again may deliver a message twice: workers dedupe on command_id (README: Writing a worker).
+CONFIRM_TIMEOUT_S = 30.0
 
 
 class Relay:
@@ -134,6 +139,10 @@ class Relay:
         self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
         self._rounds_out = 0  # rounds between their claim and their commit
         self._publishing: dict[int, float] = {}  # round -> loop time its publishes went out, until confirmed
+        self._confirmed_at: float | None = None  # loop time of the last round with a publish confirmed
+        self._timed_out_at: float | None = None  # loop time of the last round with a ConfirmTimeout
+        self._channel_stale = False  # a confirm timed out on it: open another before the next round
+        self._closing: set[asyncio.Task[None]] = set()
         self._deferred: list[float] = []  # heap: loop times at which rows a rate limit deferred fall due
         self._deferred_set: set[float] = set()
         self._stop = asyncio.Event()
@@ -284,12 +293,19 @@ class Relay:
         return asyncio.get_running_loop().time() - min(self._publishing.values())
 
     def confirms_stalled(self) -> str | None:
-        """Why /readyz fails when RabbitMQ has held a publish unconfirmed past CONFIRM_STALL_S; else None."""
+        """Why /readyz fails when RabbitMQ has held a publish unconfirmed past CONFIRM_STALL_S, or the last round's
+        publishes timed out with none confirmed since; else None."""
         waited = self.unconfirmed_s()
-        if waited < CONFIRM_STALL_S:
+        timed_out = self._timed_out_at is not None and (
+            self._confirmed_at is None or self._confirmed_at < self._timed_out_at
+        )
+        if waited < CONFIRM_STALL_S and not timed_out:
             return None
+        what = f"no confirm for {waited:.0f} s" if waited >= CONFIRM_STALL_S else (
+            f"no confirm within {CONFIRM_TIMEOUT_S:g} s at the last attempt"
+        )  # fmt: skip
         return (
-            f"connected, but no confirm for {waited:.0f} s: RabbitMQ takes no message in (a cluster that lost "
+            f"connected, but {what}: RabbitMQ takes no message in (a cluster that lost "
             "the majority of its nodes, runbook: RabbitMQ node lost; or a memory or disk alarm: "
             "rabbitmq-diagnostics alarms)"
         )
@@ -306,7 +322,22 @@ class Relay:
         finally:
             self._rounds_out -= 1
 
+    async def _fresh_channel(self) -> None:
+        """Replace a channel a confirm timed out on (outside any transaction); the old one is closed in the
+        background (a broker that holds confirms may hold its close too)."""
+        old = self._channel
+        self._channel = await asyncio.wait_for(
+            self.connection.channel(publisher_confirms=True, on_return_raises=True), CONFIRM_TIMEOUT_S
+        )
+        self._channel_stale = False
+        if old is not None and not old.is_closed:
+            task = asyncio.create_task(_close_quietly(old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def _round(self, handed: list[dict[str, Any]]) -> int:
+        if self._channel_stale:  # failing here, the handed rows are left to the polling claim, as on any failure
+            await self._fresh_channel()
         async with self.pool.acquire() as conn, conn.transaction():
             if handed:
                 claimed = await outbox.claim_handed(conn, [r["id"] for r in handed])
@@ -332,7 +363,11 @@ class Relay:
 
             try:
                 results = await _publish_in_instance_order(
-                    underlay, rows, {i: h for i, (_s, h) in spans.items()}, on_wave=confirmed
+                    underlay,
+                    rows,
+                    {i: h for i, (_s, h) in spans.items()},
+                    on_wave=confirmed,
+                    timeout=CONFIRM_TIMEOUT_S,
                 )
             except BaseException as exc:
                 for span, _h in spans.values():
@@ -354,6 +389,10 @@ class Relay:
                 else:
                     ok.append(r["id"])
                     self.metrics.published.labels(r["kind"]).inc()
+            if ok:
+                self._confirmed_at = loop.time()
+            if any(isinstance(res, amqp.ConfirmTimeout) for res in results.values()):
+                self._timed_out_at, self._channel_stale = loop.time(), True
             if ok:
                 await outbox.mark_published(conn, ok)
             if failed:
@@ -414,6 +453,13 @@ class Relay:
         return r["id"], error, delay, give_up
 
 
+async def _close_quietly(channel: AbstractChannel) -> None:
+    try:
+        await asyncio.wait_for(channel.close(), CONFIRM_TIMEOUT_S)
+    except Exception as exc:  # the broker that held its confirms, or a connection already gone
+        log.debug("closing the relay's abandoned channel failed", error=repr(exc)[:200])
+
+
 def _end_span(span: Any, outcome: object) -> None:
     if outcome is None:
         span.set_attribute("sfworkflow.outbox.held_back", True)  # behind an earlier row of its instance that failed
@@ -428,6 +474,7 @@ async def _publish_in_instance_order(
     rows: Sequence[Mapping[str, Any]],
     headers: Mapping[int, dict[str, Any]] | None = None,
     on_wave: Callable[[], None] | None = None,
+    timeout: float | None = None,
 ) -> dict[int, object]:
     """Publish every row, an instance's rows one after the other (each confirmed before the next; a failure
     leaves its later rows unattempted), different instances' rows together: in waves, each the next row of every
@@ -443,7 +490,7 @@ async def _publish_in_instance_order(
     going = list(chains.values())
     while going:
         wave = [c.popleft() for c in going]
-        outcomes = await amqp.publish_many(channel, [_outgoing(r, headers.get(r["id"])) for r in wave])
+        outcomes = await amqp.publish_many(channel, [_outgoing(r, headers.get(r["id"])) for r in wave], timeout=timeout)
         for r, outcome in zip(wave, outcomes, strict=True):
             results[r["id"]] = outcome
         if on_wave is not None:

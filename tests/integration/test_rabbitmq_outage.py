@@ -97,3 +97,36 @@ async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
 
 def _rabbit_ctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+async def test_a_publish_rabbitmq_never_confirms_is_given_back_to_the_outbox_and_retried(
+    settings: Settings, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirm that never comes (a quorum queue that lost its leader may never answer a publish made meanwhile,
+    seen under the chaos suite's broker_node) must not hold the relay's round, and the rows it claimed, forever: past
+    CONFIRM_TIMEOUT_S the rows go back to the outbox with the reason, on a fresh channel they are published again."""
+    monkeypatch.setattr(relay_module, "CONFIRM_STALL_S", 1.0)
+    monkeypatch.setattr(relay_module, "CONFIRM_TIMEOUT_S", 2.0, raising=False)
+    async with running_service(settings) as service:
+        assert service.http_port
+        async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
+            await mq.publish(event("sequence.enrolled", "never-confirmed", enrolled_data(steps=1, delay_s=2)))
+        try:
+            _rabbit_ctl("set_vm_memory_high_watermark", "absolute", "1")
+            error = await wait_for(
+                lambda: pg.fetchval("SELECT last_error FROM sfworkflow.outbox WHERE last_error IS NOT NULL LIMIT 1"),
+                timeout=30,
+                what="the row given back with the reason while the confirm is held",
+            )
+            assert "confirm" in error
+            status, body = await _readyz(service.http_port)
+            assert status == 503 and "rabbitmq" in body["failed"]  # between attempts too
+        finally:
+            _rabbit_ctl("set_vm_memory_high_watermark", "0.4")
+        await wait_for(
+            lambda: pg.fetchval("SELECT count(*) = 0 FROM sfworkflow.outbox WHERE published_at IS NULL"),
+            timeout=60,
+            what="the row published once RabbitMQ confirms again",
+        )
+        await wait_for(lambda: _ready(service.http_port), timeout=60, what="/readyz 200 once confirms flow")

@@ -249,12 +249,12 @@ async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_
     publish = relay_module._publish_in_instance_order
 
     async def slow_first_round(
-        channel: Any, rows: list[asyncpg.Record], headers: Any = None, on_wave: Any = None
+        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
     ) -> dict[int, object]:
         if not held.is_set():  # the first round waits for its confirms until the test says
             held.set()
             await release.wait()
-        return await publish(channel, rows, headers, on_wave=on_wave)
+        return await publish(channel, rows, headers, **kw)
 
     async def holding() -> bool:
         return held.is_set()
