@@ -389,11 +389,10 @@ class Relay:
                 else:
                     ok.append(r["id"])
                     self.metrics.published.labels(r["kind"]).inc()
-            if ok:
-                self._confirmed_at = loop.time()
             if any(isinstance(res, amqp.ConfirmTimeout) for res in results.values()):
                 self._timed_out_at, self._channel_stale = loop.time(), True
             if ok:
+                self._confirmed_at = loop.time()
                 await outbox.mark_published(conn, ok)
             if failed:
                 log.warning("messages not published; will retry", count=len(failed), first_error=failed[0][1])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -16,8 +18,18 @@ from tests.conftest import wait_for
 from tests.support import Amqp, enrolled_data, event, running_service
 
 
-def _rabbit(action: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True, timeout=120)
+def _rabbit(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def _memory_alarm() -> Iterator[None]:
+    """A memory alarm (a high watermark of 1 byte): RabbitMQ blocks every publishing connection, confirms nothing."""
+    _rabbit("set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        yield
+    finally:
+        _rabbit("set_vm_memory_high_watermark", "0.4")
 
 
 async def _ready(port: int) -> bool:
@@ -81,8 +93,7 @@ async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
         assert service.http_port
         async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
             await mq.publish(event("sequence.enrolled", "held-1", enrolled_data(steps=1, delay_s=2)))
-        try:
-            _rabbit_ctl("set_vm_memory_high_watermark", "absolute", "1")
+        with _memory_alarm():
 
             async def stalled() -> dict[str, Any] | None:
                 status, body = await _readyz(service.http_port)
@@ -90,13 +101,7 @@ async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
 
             body = await wait_for(stalled, timeout=30, what="/readyz 503 while confirms are held")
             assert "confirm" in body["checks"]["rabbitmq"]["error"]
-        finally:
-            _rabbit_ctl("set_vm_memory_high_watermark", "0.4")
         await wait_for(lambda: _ready(service.http_port), timeout=60, what="/readyz 200 once confirms flow")
-
-
-def _rabbit_ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.slow
@@ -107,13 +112,12 @@ async def test_a_publish_rabbitmq_never_confirms_is_given_back_to_the_outbox_and
     seen under the chaos suite's broker_node) must not hold the relay's round, and the rows it claimed, forever: past
     CONFIRM_TIMEOUT_S the rows go back to the outbox with the reason, on a fresh channel they are published again."""
     monkeypatch.setattr(relay_module, "CONFIRM_STALL_S", 1.0)
-    monkeypatch.setattr(relay_module, "CONFIRM_TIMEOUT_S", 2.0, raising=False)
+    monkeypatch.setattr(relay_module, "CONFIRM_TIMEOUT_S", 2.0)
     async with running_service(settings) as service:
         assert service.http_port
         async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
             await mq.publish(event("sequence.enrolled", "never-confirmed", enrolled_data(steps=1, delay_s=2)))
-        try:
-            _rabbit_ctl("set_vm_memory_high_watermark", "absolute", "1")
+        with _memory_alarm():
             error = await wait_for(
                 lambda: pg.fetchval("SELECT last_error FROM sfworkflow.outbox WHERE last_error IS NOT NULL LIMIT 1"),
                 timeout=30,
@@ -122,8 +126,6 @@ async def test_a_publish_rabbitmq_never_confirms_is_given_back_to_the_outbox_and
             assert "confirm" in error
             status, body = await _readyz(service.http_port)
             assert status == 503 and "rabbitmq" in body["failed"]  # between attempts too
-        finally:
-            _rabbit_ctl("set_vm_memory_high_watermark", "0.4")
         await wait_for(
             lambda: pg.fetchval("SELECT count(*) = 0 FROM sfworkflow.outbox WHERE published_at IS NULL"),
             timeout=60,
