@@ -2,6 +2,7 @@
 
     python bench/fairness.py --mode burst                 # A's 100,000 at once beside B and C at 20/s each
     python bench/fairness.py --mode burst --shards 1      # the same on one events queue (no fair admission)
+    python bench/fairness.py --mode burst --queue-type classic   # the event queues classic, not quorum
     python bench/fairness.py --mode limit                 # 50 sends/s per tenant, 3 replicas, one minute
     python bench/fairness.py --mode limit --replicas 2 --seconds 30
 
@@ -10,7 +11,9 @@ a second (open loop) until A's last one is applied; then, in another run on a fr
 The runs alternate, ROUNDS times each. Figures: B's and C's event age p50/p99 during A's backlog, from publish to
 the applying transaction's start (`inbox.received_at`; the commit follows within that batch, whose p99 is printed
 beside from sfworkflow_batch_seconds), A's drain time (first publish to its last enrollment applied) with B and C and
-alone, and their ratio. The targets: p99 <= 250 ms, and the drain with B and C within 10 % of A alone. B and C are
+alone, and their ratio; beside them the broker's own part of that age (a probe message published on B's schedule to
+a queue of the same type, consumed at once by this process: what any consumer of this broker would see under the
+same load). The targets: p99 <= 250 ms, and the drain with B and C within 10 % of A alone. B and C are
 drawn on shards other than A's (probed before the run), as most tenants are (15 in 16 with 16 shards); a tenant
 hashed to the burst's shard shares its wait (the README says so). Rate limits off: it measures admission.
 
@@ -228,6 +231,51 @@ async def shard_of(amqp_url: str, tenant: str, shards: int) -> int:
         await connection.close()
 
 
+PROBE_QUEUE = "sfworkflow.bench.probe"
+
+
+class BrokerProbe:
+    """What any consumer of this broker sees under the same load: a message of an event's size published on B's
+    schedule (confirms, persistent) to a queue of the event queues' type, consumed and acked by this process at
+    once. Its publish-to-delivery time is the broker's and the machine's part of B's and C's event age; the rest is
+    the service's (buffered behind a batch, then applied)."""
+
+    def __init__(self, amqp_url: str, queue_type: str) -> None:
+        self.amqp_url, self.queue_type = amqp_url, queue_type
+        self.sent: dict[str, float] = {}
+        self.ages_ms: list[tuple[float, float]] = []  # (publish time, publish to delivery in ms)
+
+    async def start(self) -> None:
+        self.pub = await aio_pika.connect(self.amqp_url)
+        self.sub = await aio_pika.connect(self.amqp_url)
+        self.pub_channel = await self.pub.channel(publisher_confirms=True)
+        channel = await self.sub.channel()
+        await channel.set_qos(prefetch_count=64)
+        queue = await channel.declare_queue(PROBE_QUEUE, durable=True, arguments={"x-queue-type": self.queue_type})
+
+        async def on_message(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+            at = self.sent.get(m.message_id or "")
+            if at is not None:
+                self.ages_ms.append((at, (time.time() - at) * 1000))
+            await m.ack()
+
+        await queue.consume(on_message)
+
+    async def publish(self, body: bytes) -> None:
+        mid = str(uuid.uuid4())
+        self.sent[mid] = time.time()
+        message = aio_pika.Message(body, message_id=mid, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self.pub_channel.default_exchange.publish(message, routing_key=PROBE_QUEUE)
+
+    async def close(self) -> None:
+        for _ in range(100):  # the last ones in flight
+            if len(self.ages_ms) >= len(self.sent):
+                break
+            await asyncio.sleep(0.05)
+        await self.sub.close()
+        await self.pub.close()
+
+
 def enrolled(tenant: str, entity: str) -> dict[str, Any]:
     data = {
         "sequence_id": "seq-burst",
@@ -242,7 +290,7 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
     """One run on a fresh database and vhost: A's burst, with B and C steady beside it or not."""
     db_url = await throughput._reset_database()
     amqp_url = throughput._reset_vhost()
-    await throughput._declare(db_url, amqp_url, "quorum", args.shards)
+    await throughput._declare(db_url, amqp_url, args.queue_type, args.shards)
     a = str(uuid.uuid4())
     shard_a = await shard_of(amqp_url, a, args.shards)
     steady: list[str] = []
@@ -254,6 +302,7 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
     env.update(
         SFWORKFLOW_DATABASE_URL=db_url, SFWORKFLOW_AMQP_URL=amqp_url, SFWORKFLOW_LOG_LEVEL="warning",
         SFWORKFLOW_HTTP_HOST="127.0.0.1", SFWORKFLOW_PROCESSES="1", SFWORKFLOW_EVENT_SHARDS=str(args.shards),
+        SFWORKFLOW_QUEUE_TYPE=args.queue_type,
         SFWORKFLOW_RATE_LIMITS="sequence.send_step/per_sender=off",
         **({"SFWORKFLOW_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}),
     )  # fmt: skip
@@ -265,8 +314,17 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
         for p, s in zip(ports, services, strict=True):
             await throughput.wait_ready(p, s)
         steady_pub = await EventPublisher.connect(amqp_url)
+        probe = BrokerProbe(amqp_url, args.queue_type)
+        await probe.start()
         pg = await asyncpg.connect(db_url)
         done = asyncio.Event()
+
+        async def probe_publisher() -> None:
+            start, i, body = time.time(), 0, orjson.dumps(enrolled("probe", "p"))
+            while not done.is_set():
+                await probe.publish(body)
+                i += 1
+                await asyncio.sleep(max(0.0, start + i / STEADY_PER_S - time.time()))
 
         async def steady_tenant(tenant: str) -> None:
             start, i = time.time(), 0
@@ -278,6 +336,8 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
                 await asyncio.sleep(max(0.0, start + i / STEADY_PER_S - time.time()))  # open loop: on schedule
 
         tasks = [asyncio.create_task(steady_tenant(t)) for t in steady]
+        if steady:
+            tasks.append(asyncio.create_task(probe_publisher()))
         await asyncio.sleep(2.0 if steady else 0.0)  # B and C steady before the burst
         started = time.time()
         # A's producer is a process of its own, as it would be: publishing 100,000 events from this one would hold
@@ -317,6 +377,7 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
         }
         await pg.close()
         await steady_pub.close()
+        await probe.close()
     finally:
         throughput.stop_replicas(services)
         log.close()
@@ -353,6 +414,8 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
                       if started <= at <= started + published_s and e in received]  # fmt: skip
         backlog = [(received[e] - at) * 1000 for e, (_t, at) in published.items()
                    if started + published_s < at <= a_done and e in received]  # fmt: skip
+        probed = [ms for at, ms in probe.ages_ms if started <= at <= a_done]
+        out["broker_probe_p50_p99_ms"] = [round(percentile(probed, q) or 0, 1) for q in (0.5, 0.99)]
         out["steady_while_a_publishes_p50_p99_ms"] = [round(percentile(publishing, q) or 0, 1) for q in (0.5, 0.99)]
         out["steady_after_a_published_p50_p99_ms"] = [round(percentile(backlog, q) or 0, 1) for q in (0.5, 0.99)]
     return out
@@ -406,6 +469,7 @@ def main() -> None:
     p.add_argument("--tenant", help=argparse.SUPPRESS)
     p.add_argument("--replicas", type=int, default=None, help="service processes (default: 1 for burst, 3 for limit)")
     p.add_argument("--enrollments", type=int, default=100_000, help="tenant A's burst (burst mode)")
+    p.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"), help="the event queues' type")
     p.add_argument("--rounds", type=int, default=2, help="runs with and without B and C, alternating (burst mode)")
     p.add_argument("--shards", type=int, default=16, help="event shard queues (burst mode; 1: one queue)")
     p.add_argument("--batch-size", type=int, default=None, help="the replicas' SFWORKFLOW_BATCH_SIZE (default: theirs)")
