@@ -147,6 +147,31 @@ def min_age_s(engine: Engine, default_after_s: float, no_progress_s: float | Non
     return min(ages)
 
 
+def state_ages(
+    engine: Engine, default_after_s: float, no_progress_s: float | None = None
+) -> tuple[list[str], list[str], list[float | None]]:
+    """Each (workflow, state) of the loaded definitions with the time in it after which an instance there can count
+    as stuck by no progress (None: never by age), as three parallel lists for the stuck query: the shortest over the
+    loaded versions, None only where every version says never. The query judges a state none of them has by
+    `min_age_s`. Final states are left out (an ended instance is never stuck)."""
+    ages: dict[tuple[str, str], float | None] = {}
+    for cw in engine.compiled.values():
+        d = cw.definition
+        for state in (str(s) for s in d.states):
+            if state in d.terminal:
+                continue
+            after = d.stuck_after_s.get(state, default_after_s)
+            if after is not None and no_progress_s is not None:
+                after = no_progress_s
+            key = (d.name, state)
+            if key not in ages or ages[key] is None:
+                ages[key] = after
+            elif after is not None:
+                ages[key] = min(after, ages[key])  # type: ignore[type-var]
+    keys = sorted(ages)
+    return [w for w, _ in keys], [s for _, s in keys], [ages[k] for k in keys]
+
+
 @dataclass(frozen=True)
 class Rule:
     """When its definition counts an instance as stuck, for the state the instance is in."""

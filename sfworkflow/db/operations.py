@@ -58,8 +58,11 @@ async def stuck_candidates(
     operator_workflows: Sequence[str],
     operator_states: Sequence[str],
     limit: int,
+    state_ages: tuple[Sequence[str], Sequence[str], Sequence[float | None]] = ((), (), ()),
 ) -> list[asyncpg.Record]:
-    """Active instances that may be stuck, the longest in their state first (core/stuck.py decides which are)."""
+    """Active instances that may be stuck, the longest in their state first (core/stuck.py decides which are).
+    `state_ages`: (workflows, states, ages) each state's own no-progress age (core/stuck.py state_ages); a state not
+    named there is judged by `min_age_s`."""
     return list(
         await conn.fetch(
             q("stuck_candidates"),
@@ -72,6 +75,7 @@ async def stuck_candidates(
             list(operator_workflows),
             list(operator_states),
             limit,
+            *(list(a) for a in state_ages),
         )
     )
 

@@ -18,6 +18,7 @@ from sfworkflow.core.stuck import (
     classify,
     min_age_s,
     operator_states,
+    state_ages,
     stuck_instance,
     stuck_rule,
 )
@@ -55,6 +56,7 @@ async def find_stuck(conn: asyncpg.Connection, engine: Engine, f: Filters) -> li
         operator_workflows=ws,
         operator_states=ss,
         limit=max(f.limit * 4, f.limit),
+        state_ages=state_ages(engine, f.default_after_s, f.no_progress_s),
     )
     now = datetime.now(UTC)
     out = []

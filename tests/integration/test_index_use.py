@@ -74,7 +74,23 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
         "inbox_state_of_event",
         ("0e4a3b4c-8a54-4c5e-9b7a-3c1d2e4f5a6b", "5f0c6a1e-2b3d-4e5f-8a9b-0c1d2e3f4a5b", "sequence", "enr-1"),
     ),
-    ("stuck_candidates", (None, None, None, None, 900.0, 60.0, ["partner_approval"], ["pending_review"], 100_000)),
+    (
+        "stuck_candidates",
+        (
+            None,
+            None,
+            None,
+            None,
+            60.0,
+            60.0,
+            ["partner_approval"],
+            ["pending_review"],
+            100_000,
+            ["sequence", "sequence"],
+            ["sending", "paused"],
+            [900.0, None],
+        ),
+    ),
 ]
 
 

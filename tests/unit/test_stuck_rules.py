@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sfworkflow.core.engine import Engine
-from sfworkflow.core.stuck import classify, min_age_s, stuck_rule, when
+from sfworkflow.core.stuck import classify, min_age_s, state_ages, stuck_rule, when
 from sfworkflow.workflows import DEFINITIONS
 
 ENGINE = Engine(DEFINITIONS)
@@ -78,6 +78,19 @@ def test_an_operator_s_no_progress_age_replaces_every_state_s_threshold() -> Non
     timer = _row("partner_approval", "in_review", 3600, next_due_in_s=3600)
     assert classify(ENGINE, timer, now, no_progress_s=30) is None  # its timer is its deadline
     assert min_age_s(ENGINE, 900.0, no_progress_s=30) == 30
+
+
+def test_the_stuck_query_takes_each_states_own_age() -> None:
+    """What the stuck query is given to pick candidates by (tests/integration/test_stuck_candidates.py): each
+    active state with its own threshold, never for a state that waits without a deadline, no final state."""
+    ages = {(w, s): a for w, s, a in zip(*state_ages(ENGINE, 900.0), strict=True)}
+    assert ages[("sequence", "sending")] == 900.0
+    assert ages[("sequence", "paused")] is None
+    assert ages[("notification", "checking")] == 60.0
+    assert ("sequence", "completed") not in ages
+    assert min(a for a in ages.values() if a is not None) == min_age_s(ENGINE, 900.0)
+    overridden = {(w, s): a for w, s, a in zip(*state_ages(ENGINE, 900.0, no_progress_s=30), strict=True)}
+    assert overridden[("sequence", "sending")] == 30 and overridden[("sequence", "paused")] is None
 
 
 def test_a_command_a_rate_limit_deferred_starts_the_clock_at_its_slot() -> None:
