@@ -483,7 +483,10 @@ ORDER BY id
 -- deferred); the polling claim takes those later.
 WITH mine AS (
     SELECT o.id, o.instance_id FROM sfworkflow.outbox o
-    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL AND o.next_attempt_at <= now()
+    -- "due" as a test of each row found by id, never an index condition: outbox_due_idx keeps an entry for every
+    -- row published since the last vacuum, and a bitmap scan of it beside the ids read them all on every claim
+    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL
+      AND (o.next_attempt_at <= now()) IS TRUE
     FOR UPDATE SKIP LOCKED)
 SELECT id FROM mine
 WHERE instance_id IS NULL OR NOT EXISTS (
