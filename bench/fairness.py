@@ -274,8 +274,9 @@ class BrokerProbe:
             if len(self.ages_ms) >= len(self.sent):
                 break
             await asyncio.sleep(0.05)
-        await self.sub.close()
-        await self.pub.close()
+        for connection in (getattr(self, "sub", None), getattr(self, "pub", None)):
+            if connection is not None:
+                await connection.close()
 
 
 def enrolled(tenant: str, entity: str) -> dict[str, Any]:
@@ -312,11 +313,11 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
     ports = [BASE_PORT + k for k in range(args.replicas)]
     services = throughput.start_replicas(env, ports, log)
     published: dict[str, tuple[str, float]] = {}  # steady event id -> (tenant, publish time)
+    probe = BrokerProbe(amqp_url, args.queue_type) if args.probe else None
     try:
         for p, s in zip(ports, services, strict=True):
             await throughput.wait_ready(p, s)
         steady_pub = await EventPublisher.connect(amqp_url)
-        probe = BrokerProbe(amqp_url, args.queue_type) if args.probe else None
         if probe is not None:
             await probe.start()
         pg = await asyncpg.connect(db_url)
@@ -387,9 +388,9 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
         }
         await pg.close()
         await steady_pub.close()
+    finally:
         if probe is not None:
             await probe.close()
-    finally:
         throughput.stop_replicas(services)
         log.close()
     during = [
@@ -459,6 +460,8 @@ async def burst_mode(args: argparse.Namespace) -> dict[str, Any]:
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "replicas": args.replicas,
         "shards": args.shards,
+        "queue_type": args.queue_type,
+        "probe": args.probe,
         "batch_size": args.batch_size,
         "enrollments": args.enrollments,
         "steady_per_s": STEADY_PER_S,

@@ -13,8 +13,11 @@ the same queue in 3 ms, and the closed loop ran at the relay's ~1,000 messages/s
   and waits while that queue is full, so one channel whose reader falls behind (a consumer channel with hundreds
   of deliveries prefetched, on a busy event loop) holds every other channel's deliveries and confirms in the
   socket. Under the fairness benchmark's burst a quiet tenant's event waited 68 ms (p50) to 279 ms (p99) there,
-  behind the burst's channel. `connect_robust` makes channels (those aio-pika reopens too) take every frame:
-  what a channel can be sent is bounded already, by its prefetch and by the publishes it has in flight;
+  behind the burst's channel. `connect_robust` and `connect` make channels (those aio-pika reopens too) take every
+  frame: what a channel can be sent is bounded already, by its prefetch and by the publishes it has in flight, so
+  every consumer of sfworkflow's sets a prefetch. The change is aiormq's, so it holds for every channel of the
+  process once sfworkflow connected: an application that imports the client and consumes without a prefetch (or
+  with `no_ack`) on its own connections gets no backpressure from aiormq's queue of 10 there either;
 - `publish` hands a message to the writer without waiting for the socket (`wait=False`) and returns the
   broker's confirmation: the channel's lock is held only to queue the frames, which keeps the channel's order;
 - `publish_many` publishes a batch as one write: the channel's lock taken once, one delivery tag and one
@@ -84,7 +87,10 @@ def deepen_queues() -> None:
         timeout: Any = None,
         **kwargs: Any,
     ) -> aiormq.abc.AbstractChannel:
-        return await bounded(self, channel_number, publisher_confirms, frame_buffer_size, timeout, **kwargs)
+        return await bounded(
+            self, channel_number=channel_number, publisher_confirms=publisher_confirms,
+            frame_buffer_size=frame_buffer_size, timeout=timeout, **kwargs,
+        )  # fmt: skip
 
     channel._sfworkflow_unbounded = True  # type: ignore[attr-defined]
     cls.channel = channel  # type: ignore[method-assign]

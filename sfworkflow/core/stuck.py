@@ -149,13 +149,13 @@ def min_age_s(engine: Engine, default_after_s: float, no_progress_s: float | Non
 
 def state_ages(
     engine: Engine, default_after_s: float, no_progress_s: float | None = None
-) -> tuple[list[str], list[str], list[float | None]]:
-    """Each (workflow, state) of the loaded definitions with the time in it after which an instance there can count
-    as stuck by no progress (None: never by age), as three parallel lists for the stuck query: the shortest over the
-    loaded versions, None only where every version says never. The query judges a state none of them has by
-    `min_age_s`. Final states are left out (an ended instance is never stuck)."""
-    ages: dict[tuple[str, str], float | None] = {}
-    for cw in engine.compiled.values():
+) -> tuple[list[str], list[int], list[str], list[float | None]]:
+    """Each (workflow, definition version, state) loaded, with the time in it after which an instance there can count
+    as stuck by no progress (None: never by age), as four parallel lists for the stuck query. The query judges a
+    state of a version not loaded (stuck at once by its rule, `stuck_rule`) or not known by `min_age_s`. Final
+    states are left out (an ended instance is never stuck)."""
+    rows: list[tuple[str, int, str, float | None]] = []
+    for (name, version), cw in sorted(engine.compiled.items()):
         d = cw.definition
         for state in (str(s) for s in d.states):
             if state in d.terminal:
@@ -163,13 +163,8 @@ def state_ages(
             after = d.stuck_after_s.get(state, default_after_s)
             if after is not None and no_progress_s is not None:
                 after = no_progress_s
-            key = (d.name, state)
-            if key not in ages or ages[key] is None:
-                ages[key] = after
-            elif after is not None:
-                ages[key] = min(after, ages[key])  # type: ignore[type-var]
-    keys = sorted(ages)
-    return [w for w, _ in keys], [s for _, s in keys], [ages[k] for k in keys]
+            rows.append((name, version, state, after))
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,11 @@ async def stuck_candidates(
     operator_workflows: Sequence[str],
     operator_states: Sequence[str],
     limit: int,
-    state_ages: tuple[Sequence[str], Sequence[str], Sequence[float | None]] = ((), (), ()),
+    state_ages: tuple[Sequence[str], Sequence[int], Sequence[str], Sequence[float | None]] = ((), (), (), ()),
 ) -> list[asyncpg.Record]:
     """Active instances that may be stuck, the longest in their state first (core/stuck.py decides which are).
-    `state_ages`: (workflows, states, ages) each state's own no-progress age (core/stuck.py state_ages); a state not
-    named there is judged by `min_age_s`."""
+    `state_ages`: (workflows, versions, states, ages) each loaded state's own no-progress age (core/stuck.py
+    state_ages); a state not named there is judged by `min_age_s`."""
     return list(
         await conn.fetch(
             q("stuck_candidates"),

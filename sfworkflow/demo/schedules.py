@@ -58,14 +58,16 @@ class TickListener:
     async def start(self, amqp_url: str) -> None:
         self._connection = await amqp.connect_robust(amqp_url)
         channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=64)  # channels take every frame sent (client/amqp.py): bound what is
         exchange = await channel.declare_exchange(SCHEDULES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(TICKS_QUEUE, auto_delete=True)
         await queue.bind(exchange, "#")
-        await queue.consume(self._on_tick, no_ack=True)
+        await queue.consume(self._on_tick)
 
     async def _on_tick(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.received.append(orjson.loads(message.body))
         self.arrived.set()
+        await message.ack()
 
     async def stop(self) -> None:
         if self._connection is not None:

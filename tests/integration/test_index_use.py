@@ -87,6 +87,7 @@ STATEMENTS: list[tuple[str, tuple[Any, ...]]] = [
             ["pending_review"],
             100_000,
             ["sequence", "sequence"],
+            [1, 1],
             ["sending", "paused"],
             [900.0, None],
         ),

@@ -24,13 +24,13 @@ from tests.support import TENANT
 
 async def _waiting(
     pg: asyncpg.Connection, entity: str, entered_ago_s: float, due_in_s: float | None,
-    state: str = "waiting", workflow: str = "sequence",
+    state: str = "waiting", workflow: str = "sequence", definition_version: int = 1,
 ) -> None:  # fmt: skip
     iid = await pg.fetchval(
         "INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, version,"
-        " state_entered_at) VALUES ($1, $4, $2, 1, $5, 1, now() - make_interval(secs => $3))"
+        " state_entered_at) VALUES ($1, $4, $2, $6, $5, 1, now() - make_interval(secs => $3))"
         " RETURNING id",
-        TENANT, entity, entered_ago_s, workflow, state,
+        TENANT, entity, entered_ago_s, workflow, state, definition_version,
     )  # fmt: skip
     if due_in_s is not None:
         await pg.execute(
@@ -60,6 +60,9 @@ async def test_an_instance_is_no_candidate_before_its_own_states_threshold(
     await _waiting(pg, "paused-10d", 10 * 86400, None, state="paused")  # never stuck by age
     await _waiting(pg, "checking-2m", 120, None, state="checking", workflow="notification")  # 60 s
     await _waiting(pg, "unknown-2m", 120, None, state="no_such_state")  # no loaded definition has it: the shortest
+    # a version not loaded here (a rolling deploy): stuck at once by its rule, so a candidate from the shortest age,
+    # whatever the loaded versions say of the same state
+    await _waiting(pg, "unloaded-paused-2m", 120, None, state="paused", definition_version=99)
     shipped: list[str] = []
     candidates = operations.stuck_candidates
 
@@ -70,5 +73,5 @@ async def test_an_instance_is_no_candidate_before_its_own_states_threshold(
 
     monkeypatch.setattr(operations, "stuck_candidates", spy)
     stuck = await find_stuck(pg, Engine(DEFINITIONS), Filters(limit=100, default_after_s=900))
-    assert sorted(shipped) == ["checking-2m", "sending-20m", "unknown-2m"]
-    assert sorted(s.entity_id for s in stuck) == ["checking-2m", "sending-20m"]
+    assert sorted(shipped) == ["checking-2m", "sending-20m", "unknown-2m", "unloaded-paused-2m"]
+    assert sorted(s.entity_id for s in stuck) == ["checking-2m", "sending-20m", "unloaded-paused-2m"]

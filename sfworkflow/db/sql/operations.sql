@@ -10,7 +10,8 @@ SELECT 1
 -- Active instances that may be stuck (in their state a while without a pending timer, a timer overdue, or
 -- waiting for an operator), with their earliest timer and latest command; optional filters are NULL when not
 -- given. $5: the shortest no-progress age, $6: the timer grace (seconds), $7/$8: the (workflow, state) pairs that
--- wait for an operator, $10/$11/$12: each (workflow, state) with its own no-progress age (core/stuck.py state_ages). An instance with a pending timer counts by that timer only (core/stuck.py), so one
+-- wait for an operator, $10-$13: each (workflow, version, state) loaded with its own no-progress age (core/stuck.py
+-- state_ages). An instance with a pending timer counts by that timer only (core/stuck.py), so one
 -- waiting for a timer not yet overdue is never a candidate, however long it has been in its state. The
 -- candidates are found through indexes (overdue timers, the operator states, and an index-only scan of active
 -- instances anti-joined with the timers), never by reading every active instance's row.
@@ -22,10 +23,10 @@ WITH candidate AS (
     WHERE NOT a.terminal AND (a.workflow, a.state) IN (SELECT * FROM unnest($7::text[], $8::text[]))
     UNION
     SELECT a.id FROM sfworkflow.instance a
-    LEFT JOIN unnest($10::text[], $11::text[], $12::float8[]) AS r(workflow, state, after_s)
-      ON r.workflow = a.workflow AND r.state = a.state
-    WHERE NOT a.terminal
-      -- past its own state's threshold (r.after_s NULL: never by age); a state no loaded definition has: past $5
+    LEFT JOIN unnest($10::text[], $11::int[], $12::text[], $13::float8[]) AS r(workflow, version, state, after_s)
+      ON r.workflow = a.workflow AND r.version = a.definition_version AND r.state = a.state
+    WHERE NOT a.terminal AND a.state_entered_at < now() - make_interval(secs => $5)
+      -- past its own state's threshold (r.after_s NULL: never by age); a version or state not loaded: past $5
       AND a.state_entered_at < now() - make_interval(secs => CASE WHEN r.state IS NULL THEN $5 ELSE r.after_s END)
       AND NOT EXISTS (SELECT 1 FROM sfworkflow.timer t WHERE t.instance_id = a.id)
       -- its messages waited for a rate limit's slot until less than the shortest age ago: not stuck yet, and not
