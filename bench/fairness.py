@@ -40,7 +40,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -313,7 +315,7 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
     ports = [BASE_PORT + k for k in range(args.replicas)]
     services = throughput.start_replicas(env, ports, log)
     published: dict[str, tuple[str, float]] = {}  # steady event id -> (tenant, publish time)
-    probe = BrokerProbe(amqp_url, args.queue_type) if args.probe else None
+    probe = BrokerProbe(amqp_url, args.queue_type) if args.probe and with_steady else None
     try:
         for p, s in zip(ports, services, strict=True):
             await throughput.wait_ready(p, s)
@@ -323,26 +325,23 @@ async def burst_run(args: argparse.Namespace, with_steady: bool) -> dict[str, An
         pg = await asyncpg.connect(db_url)
         done = asyncio.Event()
 
-        async def probe_publisher() -> None:
-            start, i, body = time.time(), 0, orjson.dumps(enrolled("probe", "p"))
+        async def on_schedule(send: Callable[[int], Awaitable[None]]) -> None:
+            """send(0), send(1), ... STEADY_PER_S a second until A is done (open loop: on schedule, not after)."""
+            start, i = time.time(), 0
             while not done.is_set():
-                assert probe is not None
-                await probe.publish(body)
+                await send(i)
                 i += 1
                 await asyncio.sleep(max(0.0, start + i / STEADY_PER_S - time.time()))
 
-        async def steady_tenant(tenant: str) -> None:
-            start, i = time.time(), 0
-            while not done.is_set():
-                ev = enrolled(tenant, f"s-{i}")
-                published[ev["event_id"]] = (tenant, time.time())
-                await steady_pub.publish(ev, validate=False)
-                i += 1
-                await asyncio.sleep(max(0.0, start + i / STEADY_PER_S - time.time()))  # open loop: on schedule
+        async def steady_event(tenant: str, i: int) -> None:
+            ev = enrolled(tenant, f"s-{i}")
+            published[ev["event_id"]] = (tenant, time.time())
+            await steady_pub.publish(ev, validate=False)
 
-        tasks = [asyncio.create_task(steady_tenant(t)) for t in steady]
-        if steady and probe is not None:
-            tasks.append(asyncio.create_task(probe_publisher()))
+        tasks = [asyncio.create_task(on_schedule(partial(steady_event, t))) for t in steady]
+        if probe is not None:
+            body = orjson.dumps(enrolled("probe", "p"))
+            tasks.append(asyncio.create_task(on_schedule(lambda _i: probe.publish(body))))
         await asyncio.sleep(2.0 if steady else 0.0)  # B and C steady before the burst
         started = time.time()
         # A's producer is a process of its own, as it would be: publishing 100,000 events from this one would hold

@@ -34,8 +34,7 @@ def _memory_alarm() -> Iterator[None]:
 
 async def _ready(port: int) -> bool:
     try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
-            return r.status == 200
+        return (await _readyz(port))[0] == 200
     except aiohttp.ClientError:
         return False
 
@@ -81,6 +80,12 @@ async def _readyz(port: int) -> tuple[int, dict[str, Any]]:
         return r.status, await r.json()
 
 
+async def _enroll_send_due_soon(settings: Settings, entity: str) -> None:
+    """An enrollment whose first send is due by a timer 2 s later: published by the relay after the test acts."""
+    async with Amqp(settings.amqp_url) as mq:
+        await mq.publish(event("sequence.enrolled", entity, enrolled_data(steps=1, delay_s=2)))
+
+
 @pytest.mark.slow
 async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
     settings: Settings, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
@@ -91,8 +96,7 @@ async def test_readyz_says_so_when_rabbitmq_holds_every_confirm(
     monkeypatch.setattr(relay_module, "CONFIRM_STALL_S", 1.0)
     async with running_service(settings) as service:
         assert service.http_port
-        async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
-            await mq.publish(event("sequence.enrolled", "held-1", enrolled_data(steps=1, delay_s=2)))
+        await _enroll_send_due_soon(settings, "held-1")
         with _memory_alarm():
 
             async def stalled() -> dict[str, Any] | None:
@@ -115,8 +119,7 @@ async def test_a_publish_rabbitmq_never_confirms_is_given_back_to_the_outbox_and
     monkeypatch.setattr(relay_module, "CONFIRM_TIMEOUT_S", 2.0)
     async with running_service(settings) as service:
         assert service.http_port
-        async with Amqp(settings.amqp_url) as mq:  # its first send is due by a timer, 2 s later
-            await mq.publish(event("sequence.enrolled", "never-confirmed", enrolled_data(steps=1, delay_s=2)))
+        await _enroll_send_due_soon(settings, "never-confirmed")
         with _memory_alarm():
             error = await wait_for(
                 lambda: pg.fetchval("SELECT last_error FROM sfworkflow.outbox WHERE last_error IS NOT NULL LIMIT 1"),
