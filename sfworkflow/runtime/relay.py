@@ -88,8 +88,8 @@ class Doorbell:
             if not waiter.done():
                 waiter.set_result(True)
 
-    async def wait(self, timeout: float) -> bool:
-        """Until a ring (or one kept from before), or `timeout` seconds; whether to poll (True after a timeout)."""
+    async def wait(self, timeout: float) -> bool | None:
+        """Until a ring (or one kept from before): whether to poll; or `timeout` seconds: None."""
         if self._kept is not None:
             poll, self._kept = self._kept, None
             return poll
@@ -98,7 +98,7 @@ class Doorbell:
         try:
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
-            return True
+            return None
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -138,6 +138,10 @@ class Relay:
         self._handed: deque[dict[str, Any]] = deque()
         self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
         self._rounds_out = 0  # rounds between their claim and their commit
+        # Loop time of the relay's next poll of the outbox when nothing rings: one deadline for all its rounds, taken
+        # by the first round to time out (each round timing out on its own polled SFWORKFLOW_RELAY_ROUNDS times an
+        # interval) and moved on by every poll.
+        self._next_poll = 0.0
         self._publishing: dict[int, float] = {}  # round -> loop time its publishes went out, until confirmed
         self._confirmed_at: float | None = None  # loop time of the last round with a publish confirmed
         self._timed_out_at: float | None = None  # loop time of the last round with a ConfirmTimeout
@@ -252,7 +256,6 @@ class Relay:
 
     async def _run(self) -> None:
         """One of the relay's rounds, again and again: at once while there is more, else after a wake-up."""
-        poll_s = self.settings.relay_poll_ms / 1000.0
         backoff = 0.2
         poll = True  # the first round looks for rows committed before this relay started
         while True:
@@ -283,7 +286,17 @@ class Relay:
             if n >= self.settings.relay_batch and poll:
                 continue  # a full polling round: more is waiting
             until = self._until_deferred()
-            poll = await self.doorbell.wait(poll_s if until is None else min(poll_s, until))
+            wait_s = max(0.0, self._next_poll - asyncio.get_running_loop().time())
+            rung = await self.doorbell.wait(wait_s if until is None else min(wait_s, until))
+            poll = rung if rung is not None else self._poll_is_due() or self._until_deferred() == 0.0
+
+    def _poll_is_due(self) -> bool:
+        """Whether the relay's polling interval has passed since its last poll (then this round takes the poll)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_poll:
+            return False  # another round polled meanwhile
+        self._next_poll = now + self.settings.relay_poll_ms / 1000.0
+        return True
 
     def unconfirmed_s(self) -> float:
         """Seconds the oldest publish still waiting for its confirm has waited (0: none waits): since its round's
@@ -345,6 +358,7 @@ class Relay:
                 if len(rows) < len(handed):  # another relay's, or behind an earlier row of their instance
                     self.doorbell.ring(poll=True)
             else:
+                self._next_poll = asyncio.get_running_loop().time() + self.settings.relay_poll_ms / 1000.0
                 rows = await outbox.claim_due(conn, self.settings.relay_batch)
             if not rows:
                 return len(handed)

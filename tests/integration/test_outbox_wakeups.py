@@ -6,14 +6,21 @@ operator's command: replay, migrate-instances) NOTIFYs, so the service's relays 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 
-from sfworkflow.db.outbox import Queued
+from sfworkflow import db
+from sfworkflow.db import outbox
+from sfworkflow.db.outbox import Queued, claim_due
 from sfworkflow.db.repository import Store
-from sfworkflow.runtime.relay import NOTIFY_CHANNEL
+from sfworkflow.runtime.metrics import Metrics
+from sfworkflow.runtime.relay import NOTIFY_CHANNEL, Relay
+from sfworkflow.settings import Settings
+from tests.conftest import wait_for
 from tests.integration.storekit import delivery, direct_store
 from tests.support import enrolled_data, event
 
@@ -78,3 +85,38 @@ async def test_a_process_without_a_relay_notifies(database_url: str) -> None:
         assert heard == [NOTIFY_CHANNEL]
     finally:
         await listener.close()
+
+
+async def test_a_relay_polls_the_outbox_once_per_poll_interval_whatever_its_number_of_rounds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SFWORKFLOW_RELAY_POLL_MS is the relay's polling interval, not each of its SFWORKFLOW_RELAY_ROUNDS loops':
+    an idle replica with 4 rounds searched the outbox 4 times an interval (12 ms a search 20 s into a drain, the
+    outbox's due index full of rows published since the last vacuum). Timers only fire late, so an idle relay
+    can poll at most once per interval (and once more at its start) however slow the machine is."""
+    polls: list[float] = []
+
+    async def counted(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        polls.append(asyncio.get_running_loop().time())
+        return await claim_due(conn, limit)
+
+    monkeypatch.setattr(outbox, "claim_due", counted)
+    s = dataclasses.replace(settings, relay_rounds=4, relay_poll_ms=100)
+    pool = await db.create_pool(s.database_url, 6)
+    amqp = await aio_pika.connect_robust(s.amqp_url)
+    relay = Relay(s, pool, amqp, Metrics())
+    await relay.start()
+    try:
+
+        async def polled_a_while() -> bool:
+            return len(polls) >= 6
+
+        await wait_for(polled_a_while, what="the relay's first polls")
+        start = asyncio.get_running_loop().time()
+        await asyncio.sleep(1.0)
+        window = [t for t in polls if t >= start]
+        assert len(window) <= 1.0 / 0.1 + 1, f"{len(window)} searches of the outbox in 1 s at one per 100 ms"
+    finally:
+        await relay.stop(timeout=2.0)
+        await amqp.close()
+        await pool.close()
