@@ -62,6 +62,7 @@ NOTIFY_CHANNEL = "sfworkflow_outbox"
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 DEFERRED_WAKE_CAP = 4096  # slots of deferred rows a relay wakes for; later ones wait for a polling round
+HANDED_TRIES = 3  # claims of a handed row that another row holds back before it is left to the polling claim
 
 
 class Doorbell:
@@ -138,6 +139,10 @@ class Relay:
         self._handed: deque[dict[str, Any]] = deque()
         self._handed_cap = settings.relay_batch * settings.relay_rounds * 4
         self._rounds_out = 0  # rounds between their claim and their commit
+        self._round_seq = 0  # rounds started so far
+        # Handed rows a round could not claim (an earlier row of their instance unpublished, in a round still out),
+        # with the round that set each aside: handed again when another round ends (or this one, none being out).
+        self._aside: list[tuple[int, dict[str, Any]]] = []
         # Loop time of the relay's next poll of the outbox when nothing rings: one deadline for all its rounds, taken
         # by the first round to time out (each round timing out on its own polled SFWORKFLOW_RELAY_ROUNDS times an
         # interval) and moved on by every poll.
@@ -330,10 +335,35 @@ class Relay:
         if not handed and not poll:
             return 0
         self._rounds_out += 1
+        self._round_seq += 1
+        seq = self._round_seq
         try:
-            return await self._round(handed)
+            return await self._round(handed, seq)
         finally:
             self._rounds_out -= 1
+            self._hand_aside_again(seq)
+
+    def _set_aside(self, rows: list[dict[str, Any]], seq: int) -> None:
+        """Handed rows round `seq` could not claim: tried again after another round, HANDED_TRIES times at most,
+        then left to the polling claim (held by another relay, deferred, or behind a row backing off)."""
+        poll = False
+        for r in rows:
+            r["handed_tries"] = r.get("handed_tries", 0) + 1
+            if r["handed_tries"] > HANDED_TRIES:
+                poll = True
+            else:
+                self._aside.append((seq, r))
+        if poll:
+            self.doorbell.ring(poll=True)
+
+    def _hand_aside_again(self, seq: int) -> None:
+        """Round `seq` ended: the rows other rounds set aside (and its own, when no round is out) are handed again;
+        the loop that ran it takes them next."""
+        if not self._aside:
+            return
+        again = [r for s, r in self._aside if s != seq or self._rounds_out == 0]
+        self._aside = [(s, r) for s, r in self._aside if s == seq and self._rounds_out > 0]
+        self._handed.extend(again)
 
     async def _fresh_channel(self) -> None:
         """Replace a channel a confirm timed out on (outside any transaction); the old one is closed in the
@@ -348,15 +378,15 @@ class Relay:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _round(self, handed: list[dict[str, Any]]) -> int:
+    async def _round(self, handed: list[dict[str, Any]], seq: int = 0) -> int:
         if self._channel_stale:  # failing here, the handed rows are left to the polling claim, as on any failure
             await self._fresh_channel()
         async with self.pool.acquire() as conn, conn.transaction():
             if handed:
                 claimed = await outbox.claim_handed(conn, [r["id"] for r in handed])
                 rows: list[Any] = [r for r in handed if r["id"] in claimed]
-                if len(rows) < len(handed):  # another relay's, or behind an earlier row of their instance
-                    self.doorbell.ring(poll=True)
+                if len(rows) < len(handed):  # behind an earlier row of their instance, or another relay's
+                    self._set_aside([r for r in handed if r["id"] not in claimed], seq)
             else:
                 self._next_poll = asyncio.get_running_loop().time() + self.settings.relay_poll_ms / 1000.0
                 rows = await outbox.claim_due(conn, self.settings.relay_batch)
