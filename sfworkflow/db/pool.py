@@ -141,7 +141,12 @@ async def create_pool(url: str, size: int) -> asyncpg.Pool:
             statement_cache_size=256,
             # No JIT compilation: the event path's statements are short, and JIT only ever triggered on the
             # large estimates of the stuck count, adding 0.4 s of compiling to a 0.25 s query.
-            server_settings={"application_name": "sfworkflow", "jit": "off"},
+            # Every execution planned for its parameters and the tables as they are (force_custom_plan): a statement
+            # is prepared once per connection, and after 5 runs PostgreSQL may keep a generic plan until an ANALYZE
+            # (autovacuum's) replaces it; one made while the tables were small hashes them whole on every batch as
+            # they grow (write_batch's instance update; tests/integration/test_index_use.py). Planning costs ~1 ms
+            # of PostgreSQL CPU per batch.
+            server_settings={"application_name": "sfworkflow", "jit": "off", "plan_cache_mode": "force_custom_plan"},
         )
     except Exception as exc:
         if not is_transient(exc):

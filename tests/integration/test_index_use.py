@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
+from sfworkflow import db
 from sfworkflow.db.pool import q
 
 # The tables that grow with the data: a sequential scan of any of them is a cost that grows too.
@@ -208,3 +209,134 @@ async def test_a_handed_claim_reads_only_the_rows_handed_over(pg: asyncpg.Connec
     text = await pg.fetchval(f"EXPLAIN (FORMAT JSON) {q('claim_handed')}", ids)
     used = {n.get("Index Name") for n in _nodes(orjson.loads(text)[0]["Plan"])}
     assert "outbox_due_idx" not in used, used
+
+
+SCANS = {"Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan"}
+
+
+def _literal(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def _rows_read_by_a_plan_made_young(
+    pg: asyncpg.Connection, query: str, arg: str, grow: list[str], then: str
+) -> tuple[dict[str, int], int]:
+    """What `query` reads once the tables grew, with the plan it got while they were empty: prepared and run first
+    with a generic plan (a service's pool connections prepare each statement once, and after 5 runs PostgreSQL may
+    keep a generic plan for the connection's lifetime: nothing but an ANALYZE or a schema change makes it plan
+    again; with autovacuum off, as on this project's CI machine, nothing does), then the `grow` statements, then
+    run with `then` for real, rolled back. Rows read per table scanned (returned or filtered
+    out) and the buffers the whole plan read (`buffers`: index entries of dead rows count there only); rows returned."""
+    await pg.execute("SET plan_cache_mode = force_generic_plan")  # the plan PostgreSQL may keep after 5 runs
+    await pg.execute(f"PREPARE young AS {q(query)}")
+    tr = pg.transaction()
+    await tr.start()
+    await pg.execute(f"EXECUTE young({arg})")  # planned now, on the young tables' statistics
+    await tr.rollback()
+    for statement in grow:
+        await pg.execute(statement)
+    tr = pg.transaction()
+    await tr.start()
+    try:
+        text = await pg.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE young({then})")
+    finally:
+        await tr.rollback()
+    plan = orjson.loads(text)[0]["Plan"]
+    read: dict[str, int] = {"buffers": plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]}
+    for n in _nodes(plan):
+        if n["Node Type"] in SCANS and n.get("Relation Name"):
+            rows = (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+            read[n["Relation Name"]] = read.get(n["Relation Name"], 0) + rows
+    return read, plan["Actual Rows"]
+
+
+TENANT = "6a0c6a1e-2b3d-4e5f-8a9b-0c1d2e3f4a5b"
+# 20,000 instances of one tenant (e1..e20000), each changed twice since (dead versions: no vacuum between).
+MANY_INSTANCES = [
+    "INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, context) "
+    f"SELECT '{TENANT}', 'sequence', 'e' || g, 1, 'sending', '{{\"step\": 1}}' FROM generate_series(1, 20000) g",
+    "UPDATE sfworkflow.instance SET version = version + 1, updated_at = now()",
+    "UPDATE sfworkflow.instance SET version = version + 1, updated_at = now()",
+]
+
+
+def _keys(entities: range, **extra: Any) -> str:
+    return _literal([{"tenant_id": TENANT, "workflow": "sequence", "entity_id": f"e{g}", **extra} for g in entities])
+
+
+async def test_a_batch_locks_its_instances_reading_only_their_rows(pg: asyncpg.Connection) -> None:
+    """Every batch locks its instances by key. Joined to the batch's keys, whose number the planner guesses at 100
+    (a set-returning function's estimate), the instance table was hashed whole by a plan made while it was small and
+    kept by the connection: 11,452 rows and 15 ms a batch 20 s into the drain benchmark, growing with every instance
+    created. Each key is looked up in the key's index instead, whatever the planner thinks of the table."""
+    keys = range(1, 20_000, 157)  # 128 keys spread over the table
+    read, locked = await _rows_read_by_a_plan_made_young(pg, "lock_instances", _keys(keys), MANY_INSTANCES, _keys(keys))
+    assert locked == len(keys)
+    assert read.get("instance", 0) <= 2 * len(keys), f"locking {len(keys)} instances read {read}"
+
+
+async def test_a_batch_creates_its_new_instances_reading_only_their_keys(pg: asyncpg.Connection) -> None:
+    """The same for the instances a batch names that may not exist yet: each key is looked up, not the table hashed
+    (an anti-join that read every instance, 15,891 rows and 15 ms a batch in the drain benchmark)."""
+    new = dict(definition_version=1, state="sending", correlation_id=None)
+    keys = [*range(1, 20_000, 313), *range(30_000, 30_064)]
+    args = _literal([{"tenant_id": TENANT, "workflow": "sequence", "entity_id": f"e{g}", **new} for g in keys])
+    read, _ = await _rows_read_by_a_plan_made_young(pg, "create_instances", args, MANY_INSTANCES, args)
+    assert read.get("instance", 0) <= 2 * len(keys), f"creating among {len(keys)} keys read {read}"
+
+
+async def test_a_handed_claim_reads_a_bounded_number_of_outbox_rows(pg: asyncpg.Connection) -> None:
+    """The relay's claim of the rows handed to it finds them by id. With a plan made while the outbox was small it
+    read a whole index of unpublished rows instead (outbox_unpublished_instance_idx: every row waiting, and every
+    row published since the last vacuum), filtering it by id: 15,000 buffers and 38 ms a claim in the drain."""
+    grow = [
+        "INSERT INTO sfworkflow.outbox (message_id, kind, exchange, routing_key, instance_id, body) "
+        "SELECT gen_random_uuid(), 'command', 'x', 'y', g / 2, '\\x7b7d' FROM generate_series(1, 20000) g",
+        "UPDATE sfworkflow.outbox SET published_at = now() WHERE id <= 10000",  # published, unvacuumed
+    ]  # and 10,000 waiting: the relay behind a burst
+    ids = _literal("{" + ",".join(str(i) for i in range(10_001, 10_251)) + "}")
+    read, claimed = await _rows_read_by_a_plan_made_young(pg, "claim_handed", _literal("{1,2,3}"), grow, ids)
+    assert claimed == 250
+    assert read.get("outbox", 0) <= 4 * 250, f"claiming 250 handed rows read {read}"
+
+
+async def test_the_service_plans_each_batch_statement_for_the_tables_as_they_are(database_url: str) -> None:
+    """A connection of the service's pool runs a statement with the plan made for it there and then (plan_cache_mode
+    = force_custom_plan), never a generic plan kept from when the tables were small: write_batch updates its
+    instances joined to the batch's rows, and a generic plan made on a young table hashed the table whole (the
+    instance table read on 616 of 973 batches 30 s into the drain benchmark, its ~3,000 pages each time; PostgreSQL
+    CPU per event 326 against 259 us at batches of 64). Each execution is planned (~1 ms of PostgreSQL CPU per batch
+    for all its statements); an ANALYZE, which would replace a kept plan, is autovacuum's, and here it is off."""
+    pool = await db.create_pool(database_url, 1)
+    try:
+        async with pool.acquire() as conn:
+            instances = [
+                {"id": n, "state": "s", "context": {}, "version": 3, "terminal": False, "parked_count": 0,
+                 "last_event_type": "e", "definition_version": 1, "restart_clock": False}
+                for n in range(100, 20_000, 311)
+            ]  # fmt: skip
+            args = f"{_literal(instances)}, '[]', '{{}}', '[]', '[]', '{{}}', '[]', '{{}}'"
+            await conn.execute(f"PREPARE young AS {q('write_batch')}")
+            for _ in range(6):  # the 5 runs after which PostgreSQL may keep a generic plan, on an empty table
+                tr = conn.transaction()
+                await tr.start()
+                await conn.execute(f"EXECUTE young({args})")
+                await tr.rollback()
+            for statement in MANY_INSTANCES:
+                await conn.execute(statement)
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE young({args})")
+            finally:
+                await tr.rollback()
+        plan = orjson.loads(text)[0]["Plan"]
+        read = sum(
+            (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+            for n in _nodes(plan)
+            if n["Node Type"] in SCANS and n.get("Relation Name") == "instance"
+        )
+        assert read <= 2 * len(instances), f"updating {len(instances)} instances read {read} instance rows"
+    finally:
+        await pool.close()

@@ -18,13 +18,17 @@ RETURNING tenant_id, event_id
 -- order given ($1: [{tenant_id, workflow, entity_id, definition_version, state, correlation_id}], sorted by key:
 -- the first lock of a batch is taken in key order). Existing keys are skipped before the insert is tried, so
 -- they take no identity value and no lock.
+-- Each key is looked up on its own (LATERAL ... LIMIT 1: a probe of instance_key per key, never an anti-join that
+-- hashes the table, which a plan made while the table was small did on every batch, reading every instance).
 INSERT INTO sfworkflow.instance (tenant_id, workflow, entity_id, definition_version, state, correlation_id)
 SELECT k.tenant_id, k.workflow, k.entity_id, k.definition_version, k.state, k.correlation_id
-FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(doc, n),
-     jsonb_to_record(a.doc) AS k(tenant_id uuid, workflow text, entity_id text, definition_version int, state text,
-                                 correlation_id text)
-WHERE NOT EXISTS (SELECT 1 FROM sfworkflow.instance i
-                  WHERE (i.tenant_id, i.workflow, i.entity_id) = (k.tenant_id, k.workflow, k.entity_id))
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(doc, n)
+CROSS JOIN LATERAL jsonb_to_record(a.doc) AS k(tenant_id uuid, workflow text, entity_id text, definition_version int,
+                                               state text, correlation_id text)
+LEFT JOIN LATERAL (SELECT true AS found FROM sfworkflow.instance i
+                   WHERE (i.tenant_id, i.workflow, i.entity_id) = (k.tenant_id, k.workflow, k.entity_id)
+                   LIMIT 1) e ON true
+WHERE e.found IS NULL
 ORDER BY a.n
 ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 
@@ -33,17 +37,24 @@ ON CONFLICT ON CONSTRAINT instance_key DO NOTHING
 -- concurrent batches cannot deadlock). `parked_for_key`: a row created by this transaction (version 0) whose key
 -- has events parked before it existed (its parked_count does not count them), so the plan reads parked events
 -- only for instances that have some. Nobody can park under the key meanwhile: that needs the key's row, which
--- this transaction holds from create_instances on.
+-- this transaction holds from create_instances on. Each key's id is looked up in instance_key, and each row locked by
+-- its id, one probe each (LATERAL ... LIMIT 1): a join of the keys to the table was hashed by a plan made while the
+-- table was small and kept by the connection, reading every instance on every batch.
+WITH ids AS MATERIALIZED (
+    SELECT f.id
+    FROM jsonb_to_recordset($1::jsonb) AS k(tenant_id uuid, workflow text, entity_id text)
+    CROSS JOIN LATERAL (SELECT x.id FROM sfworkflow.instance x
+                        WHERE (x.tenant_id, x.workflow, x.entity_id) = (k.tenant_id, k.workflow, k.entity_id)
+                        LIMIT 1) f
+    ORDER BY f.id)
 SELECT i.id, i.tenant_id, i.workflow, i.entity_id, i.definition_version, i.state, i.context,
        i.version, i.parked_count, i.correlation_id, i.trace_id, i.traceparent, i.tracestate, i.terminal, i.deferred_until,
        i.version = 0 AND EXISTS (SELECT 1 FROM sfworkflow.parked p
                                  WHERE (p.tenant_id, p.workflow, p.entity_id) = (i.tenant_id, i.workflow, i.entity_id))
          AS parked_for_key
-FROM sfworkflow.instance i
-JOIN jsonb_to_recordset($1::jsonb) AS k(tenant_id uuid, workflow text, entity_id text)
-  USING (tenant_id, workflow, entity_id)
+FROM ids
+CROSS JOIN LATERAL (SELECT * FROM sfworkflow.instance x WHERE x.id = ids.id FOR UPDATE) i  -- locked in id order
 ORDER BY i.id
-FOR UPDATE OF i
 
 -- lock_instance --
 -- Lock one instance by id (an operator action: replay); the columns of lock_instances.
@@ -482,12 +493,16 @@ ORDER BY id
 -- earlier unpublished row of its instance that is not locked here (held by another relay, backing off,
 -- deferred); the polling claim takes those later.
 WITH mine AS (
-    SELECT o.id, o.instance_id FROM sfworkflow.outbox o
-    -- "due" as a test of each row found by id, never an index condition: outbox_due_idx keeps an entry for every
-    -- row published since the last vacuum, and a bitmap scan of it beside the ids read them all on every claim
-    WHERE o.id = ANY($1::bigint[]) AND o.published_at IS NULL AND o.failed_at IS NULL
-      AND (o.next_attempt_at <= now()) IS TRUE
-    FOR UPDATE SKIP LOCKED)
+    SELECT o.id, o.instance_id
+    FROM unnest($1::bigint[]) AS h(id)
+    -- each row found by its id in the primary key (LATERAL: a probe per id), and "unpublished" and "due" tested on
+    -- the row found, never index conditions: outbox_due_idx and outbox_unpublished_instance_idx keep an entry for
+    -- every row waiting and every row published since the last vacuum, and plans that scanned either beside the
+    -- ids (a bitmap scan; a plan made while the outbox was small, kept by the connection) read them all on every claim
+    CROSS JOIN LATERAL (SELECT x.id, x.instance_id FROM sfworkflow.outbox x
+                        WHERE x.id = h.id AND (x.published_at IS NULL) IS TRUE AND x.failed_at IS NULL
+                          AND (x.next_attempt_at <= now()) IS TRUE
+                        FOR UPDATE SKIP LOCKED) o)
 SELECT id FROM mine
 WHERE instance_id IS NULL OR NOT EXISTS (
     SELECT 1 FROM sfworkflow.outbox e
