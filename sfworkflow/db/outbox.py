@@ -30,11 +30,11 @@ async def claim_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record
     return list(await conn.fetch(q("claim_outbox"), limit))
 
 
-async def claim_handed(conn: asyncpg.Connection, ids: Sequence[int]) -> set[int]:
-    """Of these rows (committed by this process), those locked here for publishing now; call inside the
-    transaction that marks them. The others are another relay's, or wait behind an earlier row of their
-    instance: claim_due takes them once they are due."""
-    return {r["id"] for r in await conn.fetch(q("claim_handed"), list(ids))}
+async def claim_handed(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, int]:
+    """Of these rows (committed by this process), those locked here for publishing now, with their publish attempts
+    so far; call inside the transaction that marks them. The others are another relay's, or wait behind an earlier
+    row of their instance: claim_due takes them once they are due."""
+    return {r["id"]: r["publish_attempts"] for r in await conn.fetch(q("claim_handed"), list(ids))}
 
 
 async def mark_published(conn: asyncpg.Connection, ids: Sequence[int]) -> None:

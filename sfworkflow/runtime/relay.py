@@ -147,6 +147,9 @@ class Relay:
         # by the first round to time out (each round timing out on its own polled SFWORKFLOW_RELAY_ROUNDS times an
         # interval) and moved on by every poll.
         self._next_poll = 0.0
+        # A poll some round decided on (the deadline, a ring asking for one, a deferred row due) that no round has made
+        # yet: a round taking handed rows does not search the outbox, so the poll stays owed until one does.
+        self._poll_owed = False
         self._publishing: dict[int, float] = {}  # round -> loop time its publishes went out, until confirmed
         self._confirmed_at: float | None = None  # loop time of the last round with a publish confirmed
         self._timed_out_at: float | None = None  # loop time of the last round with a ConfirmTimeout
@@ -291,6 +294,11 @@ class Relay:
             if n >= self.settings.relay_batch and poll:
                 continue  # a full polling round: more is waiting
             until = self._until_deferred()
+            if until == 0.0 or self._poll_owed:
+                poll = (
+                    True  # a deferred row fell due during the round (its slot is off the list now), or a poll is owed
+                )
+                continue
             wait_s = max(0.0, self._next_poll - asyncio.get_running_loop().time())
             rung = await self.doorbell.wait(wait_s if until is None else min(wait_s, until))
             poll = rung if rung is not None else self._poll_is_due() or self._until_deferred() == 0.0
@@ -332,8 +340,12 @@ class Relay:
         """Publish a batch concurrently with confirms and mark the outcome; how many rows it took. The batch is
         the rows handed over in memory when there are any, else (with `poll`) due rows claimed from the outbox."""
         handed = self._take_handed()
-        if not handed and not poll:
-            return 0
+        if handed:
+            self._poll_owed = self._poll_owed or poll  # the next round without handed rows makes it
+        else:
+            poll, self._poll_owed = poll or self._poll_owed, False
+            if not poll:
+                return 0
         self._rounds_out += 1
         self._round_seq += 1
         seq = self._round_seq
@@ -344,8 +356,12 @@ class Relay:
             self._hand_aside_again(seq)
 
     def _set_aside(self, rows: list[dict[str, Any]], seq: int) -> None:
-        """Handed rows round `seq` could not claim: tried again after another round, HANDED_TRIES times at most,
-        then left to the polling claim (held by another relay, deferred, or behind a row backing off)."""
+        """Handed rows round `seq` could not claim while other rounds were out (one may hold an earlier row of their
+        instance): tried again after another round, HANDED_TRIES times at most, then left to the polling claim (held
+        by another relay, deferred, or behind a row backing off). With no other round out, left to it at once."""
+        if self._rounds_out <= 1:
+            self.doorbell.ring(poll=True)
+            return
         poll = False
         for r in rows:
             r["handed_tries"] = r.get("handed_tries", 0) + 1
@@ -385,6 +401,8 @@ class Relay:
             if handed:
                 claimed = await outbox.claim_handed(conn, [r["id"] for r in handed])
                 rows: list[Any] = [r for r in handed if r["id"] in claimed]
+                for r in rows:  # a row handed again may have been refused meanwhile by a polling round
+                    r["publish_attempts"] = claimed[r["id"]]
                 if len(rows) < len(handed):  # behind an earlier row of their instance, or another relay's
                     self._set_aside([r for r in handed if r["id"] not in claimed], seq)
             else:

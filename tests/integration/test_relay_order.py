@@ -318,10 +318,6 @@ async def test_a_handed_row_behind_an_earlier_row_held_elsewhere_is_left_for_the
         rig.relay.hand([second])
         assert await rig.relay.publish_round(poll=False) == 1
         assert not await published(pg, second.id)  # it would overtake the first row
-    for _ in range(relay_module.HANDED_TRIES):  # taken again by id, behind the first row each time
-        assert await rig.relay.publish_round(poll=False) == 1
-    assert await rig.relay.publish_round(poll=False) == 0  # then left to the polling claim
-    assert not await published(pg, second.id)
     await rig.relay.publish_round()  # the polling claim finds both, in order
     assert await received(rig.queue, 2) == ["first", "second"]
 
@@ -369,3 +365,56 @@ async def test_a_handed_row_behind_its_instances_row_in_a_round_still_out_goes_w
     finally:
         release.set()
         await first_round
+
+
+async def test_a_deferred_row_falling_due_during_a_round_is_published_after_it_not_at_the_next_poll(
+    rig: Rig, pg: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row a rate limit deferred is not handed over: the relay wakes at its slot and polls. When the slot passes
+    while the relay's one round is out waiting for its confirms, the round that ends after it polls at once; it
+    waited for the next polling interval (here a minute) when a poll had been made shortly before."""
+    held, release = asyncio.Event(), asyncio.Event()
+    publish = relay_module._publish_in_instance_order
+
+    async def slow_first_round(
+        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
+    ) -> dict[int, object]:
+        if not held.is_set():  # the first round waits for its confirms until the test says
+            held.set()
+            await release.wait()
+        return await publish(channel, rows, headers, **kw)
+
+    async def holding() -> bool:
+        return held.is_set()
+
+    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
+    s = dataclasses.replace(settings, relay_rounds=1, relay_poll_ms=60_000)
+    relay = Relay(s, rig.pool, rig.amqp, rig.metrics)
+    await relay.start()
+    try:
+
+        async def polled_once() -> bool:
+            return relay._next_poll > 0  # the first round searched the outbox: the next poll is a minute away
+
+        await wait_for(polled_once, what="the relay's first poll")
+        first = await handed_row(pg, 60, ROUTED, "first")
+        relay.hand([first])
+        await wait_for(holding, what="the round publishing the first row")
+        deferred = await handed_row(pg, 61, ROUTED, "deferred")
+        due = await pg.fetchval(
+            "UPDATE sfworkflow.outbox SET next_attempt_at = now() + interval '300 ms', "
+            "deferred_until = now() + interval '300 ms' WHERE id = $1 RETURNING deferred_until",
+            deferred.id,
+        )
+        relay.hand([Queued(deferred.id, dataclasses.replace(deferred.row, deferred_until=due))])
+
+        async def slot_passed() -> bool:
+            return bool(await pg.fetchval("SELECT next_attempt_at <= now() FROM sfworkflow.outbox WHERE id = $1",
+                                          deferred.id))  # fmt: skip
+
+        await wait_for(slot_passed, what="the deferred row's slot")
+        release.set()
+        await wait_for(lambda: published(pg, deferred.id), timeout=10.0, what="the deferred row, after the round")
+    finally:
+        release.set()
+        await relay.stop(timeout=2.0)

@@ -493,17 +493,17 @@ ORDER BY id
 -- earlier unpublished row of its instance that is not locked here (held by another relay, backing off,
 -- deferred); the polling claim takes those later.
 WITH mine AS (
-    SELECT o.id, o.instance_id
+    SELECT o.id, o.instance_id, o.publish_attempts
     FROM unnest($1::bigint[]) AS h(id)
     -- each row found by its id in the primary key (LATERAL: a probe per id), and "unpublished" and "due" tested on
     -- the row found, never index conditions: outbox_due_idx and outbox_unpublished_instance_idx keep an entry for
     -- every row waiting and every row published since the last vacuum, and plans that scanned either beside the
     -- ids (a bitmap scan; a plan made while the outbox was small, kept by the connection) read them all on every claim
-    CROSS JOIN LATERAL (SELECT x.id, x.instance_id FROM sfworkflow.outbox x
+    CROSS JOIN LATERAL (SELECT x.id, x.instance_id, x.publish_attempts FROM sfworkflow.outbox x
                         WHERE x.id = h.id AND (x.published_at IS NULL) IS TRUE AND x.failed_at IS NULL
                           AND (x.next_attempt_at <= now()) IS TRUE
                         FOR UPDATE SKIP LOCKED) o)
-SELECT id FROM mine
+SELECT id, publish_attempts FROM mine
 WHERE instance_id IS NULL OR NOT EXISTS (
     SELECT 1 FROM sfworkflow.outbox e
     WHERE e.instance_id = mine.instance_id AND e.id < mine.id AND e.published_at IS NULL AND e.failed_at IS NULL
