@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,21 +245,7 @@ async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_
     """Rounds overlap: a round holds its rows until the broker confirmed them, and rows a poll finds meanwhile go
     out in another round instead of queueing behind it (SFWORKFLOW_RELAY_ROUNDS)."""
     await rig.queue.bind(COMMANDS_EXCHANGE, UNROUTED)
-    held, release = asyncio.Event(), asyncio.Event()
-    publish = relay_module._publish_in_instance_order
-
-    async def slow_first_round(
-        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
-    ) -> dict[int, object]:
-        if not held.is_set():  # the first round waits for its confirms until the test says
-            held.set()
-            await release.wait()
-        return await publish(channel, rows, headers, **kw)
-
-    async def holding() -> bool:
-        return held.is_set()
-
-    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
+    release, holding = hold_the_first_round(monkeypatch)
     relay = Relay(settings, rig.pool, rig.amqp, rig.metrics)
     await relay.start()
     try:
@@ -275,6 +261,29 @@ async def test_a_round_waiting_for_its_confirms_does_not_hold_up_rows_committed_
     finally:
         release.set()
         await relay.stop(timeout=2.0)
+
+
+def hold_the_first_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[asyncio.Event, Callable[[], Awaitable[bool]]]:
+    """The relay's first round waits for its confirms until the test sets `release`; `holding` (for wait_for) is
+    true once it publishes."""
+    held, release = asyncio.Event(), asyncio.Event()
+    publish = relay_module._publish_in_instance_order
+
+    async def slow_first_round(
+        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
+    ) -> dict[int, object]:
+        if not held.is_set():
+            held.set()
+            await release.wait()
+        return await publish(channel, rows, headers, **kw)
+
+    async def holding() -> bool:
+        return held.is_set()
+
+    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
+    return release, holding
 
 
 def ring(relay: Relay) -> None:
@@ -329,24 +338,11 @@ async def test_a_handed_row_behind_its_instances_row_in_a_round_still_out_goes_w
     confirm in another round of this relay. It cannot overtake it; it is set aside and taken again once that round
     is done, by id, instead of being left to the polling claim (a search of the outbox: 12-15 ms during a drain,
     its due index holding every row published since the last vacuum, and ~5 % of the drain's rows went that way)."""
-    held, release = asyncio.Event(), asyncio.Event()
-    publish = relay_module._publish_in_instance_order
-
-    async def slow_first_round(
-        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
-    ) -> dict[int, object]:
-        if not held.is_set():  # the first round waits for its confirms until the test says
-            held.set()
-            await release.wait()
-        return await publish(channel, rows, headers, **kw)
-
-    async def holding() -> bool:
-        return held.is_set()
+    release, holding = hold_the_first_round(monkeypatch)
 
     async def no_search(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
         raise AssertionError("the outbox was searched for a row the relay was handed")
 
-    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
     monkeypatch.setattr(outbox, "claim_due", no_search)
     first = await handed_row(pg, 40, ROUTED, "first")
     rig.relay.hand([first])
@@ -373,21 +369,7 @@ async def test_a_deferred_row_falling_due_during_a_round_is_published_after_it_n
     """A row a rate limit deferred is not handed over: the relay wakes at its slot and polls. When the slot passes
     while the relay's one round is out waiting for its confirms, the round that ends after it polls at once; it
     waited for the next polling interval (here a minute) when a poll had been made shortly before."""
-    held, release = asyncio.Event(), asyncio.Event()
-    publish = relay_module._publish_in_instance_order
-
-    async def slow_first_round(
-        channel: Any, rows: list[asyncpg.Record], headers: Any = None, **kw: Any
-    ) -> dict[int, object]:
-        if not held.is_set():  # the first round waits for its confirms until the test says
-            held.set()
-            await release.wait()
-        return await publish(channel, rows, headers, **kw)
-
-    async def holding() -> bool:
-        return held.is_set()
-
-    monkeypatch.setattr(relay_module, "_publish_in_instance_order", slow_first_round)
+    release, holding = hold_the_first_round(monkeypatch)
     s = dataclasses.replace(settings, relay_rounds=1, relay_poll_ms=60_000)
     relay = Relay(s, rig.pool, rig.amqp, rig.metrics)
     await relay.start()
