@@ -2,9 +2,12 @@
 
 Two ways in. Rows this process commits are handed over in memory after the commit (`hand`, the store's
 on_commit): a round locks them by id (claim_handed) and publishes them from memory, so no query searches the
-outbox for them. Rows anyone else queued (an operator's command: NOTIFY sfworkflow_outbox), rows backing off
-after a failed publish, rows left by a process that stopped, and handed rows a round could not take are
-found by polling the outbox (claim_due) on a NOTIFY, every SFWORKFLOW_RELAY_POLL_MS, and after a full round.
+outbox for them; a handed row an earlier row of its instance holds back while another round is out is claimed
+again by id when a round ends (HANDED_TRIES times). Rows anyone else queued (an operator's command: NOTIFY
+sfworkflow_outbox), rows backing off after a failed publish, rows left by a process that stopped, and handed
+rows a round could not take are found by polling the outbox (claim_due) on a NOTIFY, once every
+SFWORKFLOW_RELAY_POLL_MS (one deadline for all the relay's rounds), when a rate limit's slot falls due, and
+after a full round.
 
 Rounds. A round holds its rows until the broker confirmed them, then marks them in the same transaction.
 Rows handed over while a round is out gather for the next one, so a relay under load publishes in big
