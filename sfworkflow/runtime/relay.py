@@ -298,9 +298,8 @@ class Relay:
                 continue  # a full polling round: more is waiting
             until = self._until_deferred()
             if until == 0.0 or self._poll_owed:
-                poll = (
-                    True  # a deferred row fell due during the round (its slot is off the list now), or a poll is owed
-                )
+                # a deferred row fell due during the round (its slot is off the list now), or a poll is owed
+                poll = True
                 continue
             wait_s = max(0.0, self._next_poll - asyncio.get_running_loop().time())
             rung = await self.doorbell.wait(wait_s if until is None else min(wait_s, until))
@@ -308,11 +307,13 @@ class Relay:
 
     def _poll_is_due(self) -> bool:
         """Whether the relay's polling interval has passed since its last poll (then this round takes the poll)."""
-        now = asyncio.get_running_loop().time()
-        if now < self._next_poll:
+        if asyncio.get_running_loop().time() < self._next_poll:
             return False  # another round polled meanwhile
-        self._next_poll = now + self.settings.relay_poll_ms / 1000.0
+        self._push_poll_deadline()
         return True
+
+    def _push_poll_deadline(self) -> None:
+        self._next_poll = asyncio.get_running_loop().time() + self.settings.relay_poll_ms / 1000.0
 
     def unconfirmed_s(self) -> float:
         """Seconds the oldest publish still waiting for its confirm has waited (0: none waits): since its round's
@@ -397,7 +398,7 @@ class Relay:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _round(self, handed: list[dict[str, Any]], seq: int = 0) -> int:
+    async def _round(self, handed: list[dict[str, Any]], seq: int) -> int:
         if self._channel_stale:  # failing here, the handed rows are left to the polling claim, as on any failure
             await self._fresh_channel()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -409,7 +410,7 @@ class Relay:
                 if len(rows) < len(handed):  # behind an earlier row of their instance, or another relay's
                     self._set_aside([r for r in handed if r["id"] not in claimed], seq)
             else:
-                self._next_poll = asyncio.get_running_loop().time() + self.settings.relay_poll_ms / 1000.0
+                self._push_poll_deadline()
                 rows = await outbox.claim_due(conn, self.settings.relay_batch)
             if not rows:
                 return len(handed)

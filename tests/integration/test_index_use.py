@@ -220,20 +220,23 @@ def _literal(value: Any) -> str:
 
 
 async def _rows_read_by_a_plan_made_young(
-    pg: asyncpg.Connection, query: str, arg: str, grow: list[str], then: str
+    pg: asyncpg.Connection, query: str, arg: str, grow: list[str], then: str, *, runs: int = 1, generic: bool = True
 ) -> tuple[dict[str, int], int]:
-    """What `query` reads once the tables grew, with the plan it got while they were empty: prepared and run first
-    with a generic plan (a service's pool connections prepare each statement once, and after 5 runs PostgreSQL may
-    keep a generic plan for the connection's lifetime: nothing but an ANALYZE or a schema change makes it plan
-    again; with autovacuum off, as on this project's CI machine, nothing does), then the `grow` statements, then
-    run with `then` for real, rolled back. Rows read per table scanned (returned or filtered
-    out) and the buffers the whole plan read (`buffers`: index entries of dead rows count there only); rows returned."""
-    await pg.execute("SET plan_cache_mode = force_generic_plan")  # the plan PostgreSQL may keep after 5 runs
+    """What `query` reads once the tables grew, with the plan it got while they were empty: prepared and run `runs`
+    times first (with `generic`, with a generic plan: a service's pool connections prepare each statement once, and
+    after 5 runs PostgreSQL may keep a generic plan for the connection's lifetime: nothing but an ANALYZE or a schema
+    change makes it plan again; with autovacuum off, as on this project's CI machine, nothing does; without, as the
+    connection's own plan_cache_mode decides), then the `grow` statements, then run with `then` for real, rolled
+    back. Rows read per table scanned (returned or filtered out) and the buffers the whole plan read (`buffers`:
+    index entries of dead rows count there only); rows returned."""
+    if generic:
+        await pg.execute("SET plan_cache_mode = force_generic_plan")  # the plan PostgreSQL may keep after 5 runs
     await pg.execute(f"PREPARE young AS {q(query)}")
-    tr = pg.transaction()
-    await tr.start()
-    await pg.execute(f"EXECUTE young({arg})")  # planned now, on the young tables' statistics
-    await tr.rollback()
+    for _ in range(runs):  # planned on the young tables' statistics
+        tr = pg.transaction()
+        await tr.start()
+        await pg.execute(f"EXECUTE young({arg})")
+        await tr.rollback()
     for statement in grow:
         await pg.execute(statement)
     tr = pg.transaction()
@@ -325,21 +328,11 @@ async def test_the_service_plans_each_batch_statement_for_the_tables_as_they_are
                 for n in range(100, 20_000, 311)
             ]  # fmt: skip
             args = f"{_literal(instances)}, '[]', '{{}}', '[]', '[]', '{{}}', '[]', '{{}}'"
-            await conn.execute(f"PREPARE young AS {q('write_batch')}")
-            for _ in range(6):  # the 5 runs after which PostgreSQL may keep a generic plan, on an empty table
-                tr = conn.transaction()
-                await tr.start()
-                await conn.execute(f"EXECUTE young({args})")
-                await tr.rollback()
-            for statement in MANY_INSTANCES:
-                await conn.execute(statement)
-            tr = conn.transaction()
-            await tr.start()
-            try:
-                text = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE young({args})")
-            finally:
-                await tr.rollback()
-        read = _read_by(orjson.loads(text)[0]["Plan"]).get("instance", 0)
+            # the 5 runs after which PostgreSQL may keep a generic plan, on an empty table
+            scanned, _ = await _rows_read_by_a_plan_made_young(
+                conn, "write_batch", args, MANY_INSTANCES, args, runs=6, generic=False
+            )
+        read = scanned.get("instance", 0)
         assert read <= 2 * len(instances), f"updating {len(instances)} instances read {read} instance rows"
     finally:
         await pool.close()
