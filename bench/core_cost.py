@@ -32,13 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import plan_drain  # noqa: E402
+from sfworkflow.client import memory  # noqa: E402
 from sfworkflow.client.producer import build_event  # noqa: E402
 from sfworkflow.contract import schemas  # noqa: E402
 from sfworkflow.contract.envelope import EventParser  # noqa: E402
 from sfworkflow.core.batch import Delivery  # noqa: E402
 from sfworkflow.core.engine import Engine  # noqa: E402
 from sfworkflow.core.plan import BatchPlan  # noqa: E402
-from sfworkflow.runtime import logs, memory  # noqa: E402
+from sfworkflow.runtime import logs  # noqa: E402
 from sfworkflow.runtime.service import known_event_types  # noqa: E402
 from sfworkflow.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PARK_TIMEOUT_S  # noqa: E402
 from sfworkflow.workflows import DEFINITIONS  # noqa: E402

@@ -48,6 +48,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sfworkflow.client import memory  # noqa: E402
 from sfworkflow.client.producer import EventPublisher, build_event  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
 
@@ -481,6 +482,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
                 )
             worker = SimulatedWorker(amqp_url, profile, workflows=None if args.mode == "mix" else ("sequence",))
             await worker.start()
+            memory.settle_heap()  # this process is the worker's: tuned as CommandWorker.run() tunes its own
             publisher = subprocess.Popen(_publisher_cmd(args, amqp_url, tenant), stdout=subprocess.PIPE, cwd=ROOT)
         assert publisher is not None
         # (t, applied, batches, service cpu seconds, cpu seconds of PostgreSQL, RabbitMQ and the machine)

@@ -8,6 +8,7 @@ import contextlib
 import signal
 from typing import Any
 
+from sfworkflow.client import memory
 from sfworkflow.errors import UsageError
 from sfworkflow.settings import Settings
 
@@ -44,6 +45,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         settings.amqp_url, Profile(failure_rate=args.failure_rate, seed=args.seed), args.workflow or None
     )
     await worker.start()
+    memory.settle_heap()  # this process is the worker's, as CommandWorker.run() would tune it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

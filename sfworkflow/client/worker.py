@@ -53,7 +53,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sfworkflow.client import amqp, tracing
+from sfworkflow.client import amqp, memory, tracing
 from sfworkflow.client.dedupe import DedupeStore, MemoryDedupe, PostgresDedupe
 from sfworkflow.client.producer import build_event, validate_event
 from sfworkflow.contract import headers as wire
@@ -377,12 +377,14 @@ class CommandWorker:
         await self.store.close()
 
     async def run(self) -> None:
-        """start(), then run until SIGTERM or SIGINT, then stop()."""
+        """start(), then run until SIGTERM or SIGINT, then stop(). It owns its process: once started it tunes the
+        garbage collector for a long-running process (client/memory.py), as the service does."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        memory.settle_heap()
         try:
             await stop.wait()
         finally:
@@ -440,33 +442,36 @@ class CommandWorker:
             self._executing.discard(cmd.command_id)
 
     async def _bound(self, message: AbstractIncomingMessage, cmd: Command, registration: Registration) -> None:
-        with structlog.contextvars.bound_contextvars(
+        # Each delivery is handled in a task of its own (aio-pika's consumer starts one per message), whose
+        # context is a copy that ends with it: the command's log context is bound once and needs no undoing
+        # (structlog's bound_contextvars, which saves and restores every variable, cost 3x as much per command).
+        structlog.contextvars.bind_contextvars(
             command_id=cmd.command_id, command_type=cmd.command_type, tenant_id=cmd.tenant_id, entity_id=cmd.entity_id,
             correlation_id=cmd.correlation_id, attempt=cmd.attempt, trace_id=cmd.trace_id,
-        ):  # fmt: skip
-            if self.tracer is None:
-                await self._handle(message, cmd, registration)
-                return
-            parent = tracing.parent_context(cmd.traceparent, cmd.trace_headers.get(TRACESTATE))
-            with self.tracer.start_as_current_span(
-                f"process {message.routing_key}",
-                context=tracing.start_context(parent),
-                kind=tracing.span_kind("CONSUMER"),
-                attributes={
-                    "messaging.system": "rabbitmq",
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": message.exchange or "",
-                    "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
-                    "messaging.message.id": cmd.command_id,
-                    "sfworkflow.command.attempt": cmd.attempt,
-                },
-            ) as span:
-                # The handler runs in this span (its own spans are children); the answers name it as their parent,
-                # unless the command came without trace context: a span of a new trace must not become its trace.
-                if parent is not None:
-                    cmd = dataclasses.replace(cmd, trace_headers=tracing.headers_of(span))
-                await self._handle(message, cmd, registration)
+        )  # fmt: skip
+        if self.tracer is None:
+            await self._handle(message, cmd, registration)
+            return
+        parent = tracing.parent_context(cmd.traceparent, cmd.trace_headers.get(TRACESTATE))
+        with self.tracer.start_as_current_span(
+            f"process {message.routing_key}",
+            context=tracing.start_context(parent),
+            kind=tracing.span_kind("CONSUMER"),
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": message.exchange or "",
+                "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+                "messaging.message.id": cmd.command_id,
+                "sfworkflow.command.attempt": cmd.attempt,
+            },
+        ) as span:
+            # The handler runs in this span (its own spans are children); the answers name it as their parent,
+            # unless the command came without trace context: a span of a new trace must not become its trace.
+            if parent is not None:
+                cmd = dataclasses.replace(cmd, trace_headers=tracing.headers_of(span))
+            await self._handle(message, cmd, registration)
 
     def _errors(self, envelope: Any) -> list[str]:
         if not isinstance(envelope, dict):

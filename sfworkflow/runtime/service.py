@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from sfworkflow import db
-from sfworkflow.client import amqp, tracing
+from sfworkflow.client import amqp, memory, tracing
 from sfworkflow.contract import schemas
 from sfworkflow.contract.envelope import EventParser
 from sfworkflow.core.definition import WorkflowDefinition
@@ -39,7 +39,7 @@ from sfworkflow.db.repository import Store
 from sfworkflow.errors import ConfigurationError, StoreUnavailable
 from sfworkflow.http.app import build_app
 from sfworkflow.ops.schedules import declared as declared_schedules
-from sfworkflow.runtime import hooks, memory
+from sfworkflow.runtime import hooks
 from sfworkflow.runtime.consumer import Consumer, Health
 from sfworkflow.runtime.declare import declare
 from sfworkflow.runtime.gates import GateLoop

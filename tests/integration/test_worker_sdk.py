@@ -13,6 +13,7 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
+import structlog
 
 from sfworkflow.client.worker import (
     ANSWER_NAMESPACE,
@@ -122,6 +123,44 @@ async def test_a_command_delivered_twice_runs_its_handler_once_and_is_answered_t
     assert answers[0] == answers[1]
     assert answers[0]["causation_id"] == cmd["command_id"]
     assert worker.outcomes[("sequence.send_step", "repeated")] == 1
+
+
+async def test_handlers_running_at_once_each_log_with_their_own_command_s_context(settings: Settings) -> None:
+    """The context a handler's log lines carry is its own command's, while other commands run beside it, and none
+    of it is left in the context of the code that runs the worker."""
+    worker = CommandWorker(settings.amqp_url, store=MemoryDedupe(), source="tests.worker")
+    seen: dict[str, dict[str, Any]] = {}
+    all_in = asyncio.Event()
+
+    @worker.handler("sequence.send_step", failure="sequence.step_failed")
+    async def send_step(cmd: Command) -> Answer:
+        seen[cmd.command_id] = {}
+        if len(seen) == 3:
+            all_in.set()
+        await all_in.wait()  # every command is being handled before any reads its context
+        seen[cmd.command_id] = structlog.contextvars.get_contextvars()
+        return cmd.answer("sequence.step_sent", {"step": cmd.data["step"], "provider_message_id": "p"})
+
+    commands = [_send_step(step=k, entity=f"enr-ctx-{k}") for k in range(3)]
+    async with running_service(settings, consume=False), Amqp(settings.amqp_url) as mq:
+        await worker.start()
+        try:
+            for c in commands:
+                await _send_command(mq, orjson.dumps(c), commands_queue("sequence"), c["command_id"])
+            await wait_for(lambda: _answered(worker, 3), what="three commands answered")
+        finally:
+            await worker.stop()
+    for c in commands:
+        context = seen[c["command_id"]]
+        assert {k: context.get(k) for k in ("command_id", "entity_id", "command_type", "correlation_id")} == {
+            "command_id": c["command_id"], "entity_id": c["entity_id"], "command_type": "sequence.send_step",
+            "correlation_id": "corr-1",
+        }  # fmt: skip
+    assert "command_id" not in structlog.contextvars.get_contextvars()
+
+
+async def _answered(worker: CommandWorker, n: int) -> bool:
+    return worker.outcomes[("sequence.send_step", "answered")] >= n
 
 
 async def test_a_fatal_failure_is_answered_with_the_declared_failure_event(settings: Settings, store: Any) -> None:
