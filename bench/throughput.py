@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from sfworkflow.client import memory  # noqa: E402
 from sfworkflow.client.producer import EventPublisher, build_event  # noqa: E402
 from sfworkflow.demo.worker import SimulatedWorker, WorkerProfile  # noqa: E402
+from sfworkflow.runtime.metrics import OUTCOMES  # noqa: E402
 
 PG_SERVER = os.environ.get("SFWORKFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP_SERVER = os.environ.get("SFWORKFLOW_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672")
@@ -69,7 +70,6 @@ def _settled() -> tuple[str, list[list[str]]]:
 
 
 SETTLED, SETTLED_ARGS = _settled()
-OUTCOMES = ("applied", "duplicate", "parked", "ignored", "dead_lettered")  # every event published ends as one
 HTTP_PORT = int(os.environ.get("SFWORKFLOW_BENCH_HTTP_PORT", "8097"))
 
 
@@ -532,6 +532,7 @@ async def run(args: argparse.Namespace, db_url: str | None = None) -> dict[str, 
     finally:
         if worker:
             await worker.stop()
+            memory.unsettle_heap()  # bench/growth.py runs several workloads in this process
         stop_replicas(services, 15)
         log.close()
 

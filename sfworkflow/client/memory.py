@@ -22,7 +22,15 @@ GEN2_THRESHOLD = 20  # middle collections between full ones (default 10)
 
 
 def settle_heap() -> None:
-    """Freeze what exists now (call once the service has started) and collect less often from now on."""
+    """Freeze what exists now (call once the process, the service or a worker, has started) and collect less often
+    from now on."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GEN0_THRESHOLD, GEN1_THRESHOLD, GEN2_THRESHOLD)
+
+
+def unsettle_heap() -> None:
+    """Undo settle_heap: what was frozen is seen by the collector again, at CPython's default thresholds (a process
+    that runs several workloads one after the other, as bench/growth.py does)."""
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)

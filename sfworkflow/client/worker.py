@@ -19,7 +19,8 @@ from it; client/dedupe.py says why):
 2. claim its `command_id` in the dedupe store; a command answered before is answered again from the store
    (its recorded events, the same event ids) without running the handler;
 3. run the handler (at most `concurrency` at once, each within `handler_timeout_s`), structlog's context bound
-   to the command (command_id, command_type, tenant_id, entity_id, correlation_id, attempt);
+   to the command for the rest of its delivery (command_id, command_type, tenant_id, entity_id, correlation_id,
+   attempt, trace_id);
 4. map an exception to the declared failure event (`failure=`) by the FailurePolicy: `Retryable` / `Fatal`
    (with an error code) say it themselves, declared exception types are retryable or fatal, anything else is
    retryable by default (sfworkflow bounds the retries). A handler without a failure event that fails
